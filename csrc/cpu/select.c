@@ -1,0 +1,297 @@
+/*
+ * select.c -- MS attention selection on the CPU (DESIGN section 1, steps 1-5).
+ *
+ * For every (batch, KV head, query group) it writes the key regions the group attends to besides
+ * its own tokens: int32 (B, Hkv, G, T), ascending, padded with -1.
+ *
+ *   msattn_region_means_cpu  pass 1: key-region means kbar (over valid keys) and query-region means
+ *                            qbar (over valid queries of the call), summed over the GQA group.
+ *   msattn_select_cpu        pass 2: per group, candidates; if more than T, each query region ranks
+ *                            them by qbar_a . kbar_j (descending, ties to the lower j), keeps its top
+ *                            T, and the lists are interleaved rank by rank without duplicates.
+ *   msattn_select_ref_cpu    the naive twin: recomputes each mean it needs and sorts every list.
+ *
+ * Scores are computed in double whatever the input dtype, so the ranking is that of the exact
+ * scores up to 1e-16 and does not depend on the instruction set or on the order of summation.
+ * Ranking keys map a double to an unsigned integer with the same order (NaN above +inf, as
+ * torch.sort puts it), so ranking is a total order and never misbehaves on NaN input.
+ *
+ * Legend: B batch, Hq/Hkv heads, N keys, Nq queries (the last Nq positions), D head dim,
+ * CQ/CK block_q/block_k, NK key regions, NA query regions of the call, G groups of the call, T topk.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "../msattn_regions.h"
+#include "simd.h"
+
+// ----------------------------------------------------------------------------------------------
+// ranking
+
+typedef struct {
+    uint64_t key; /* order-preserving image of the score */
+    int32_t j;    /* key region */
+} ms_rank;
+
+static inline uint64_t ms_order_key(double s) {
+    union { double d; uint64_t u; } x;
+    x.d = s;
+    return (x.u >> 63) ? ~x.u : (x.u | 0x8000000000000000ull);
+}
+
+/* a ranks before b: higher score first, then lower region */
+static inline int ms_before(ms_rank a, ms_rank b) {
+    return a.key > b.key || (a.key == b.key && a.j < b.j);
+}
+
+static void ms_sort_ranks(ms_rank *x, int64_t n) {
+    /* insertion sort for short runs, else quicksort on the middle-of-three pivot (keys are all
+     * distinct since regions are, so this terminates and partitions evenly in expectation) */
+    while (n > 24) {
+        ms_rank a = x[0], b = x[n / 2], c = x[n - 1];
+        ms_rank pivot = ms_before(a, b) ? (ms_before(b, c) ? b : (ms_before(a, c) ? c : a))
+                                        : (ms_before(a, c) ? a : (ms_before(b, c) ? c : b));
+        int64_t i = 0, j = n - 1;
+        for (;;) {
+            while (ms_before(x[i], pivot)) ++i;
+            while (ms_before(pivot, x[j])) --j;
+            if (i >= j) break;
+            ms_rank t = x[i]; x[i] = x[j]; x[j] = t;
+            ++i; --j;
+        }
+        /* recurse into the smaller side, loop on the larger */
+        if (j + 1 < n - j - 1) {
+            ms_sort_ranks(x, j + 1);
+            x += j + 1; n -= j + 1;
+        } else {
+            ms_sort_ranks(x + j + 1, n - j - 1);
+            n = j + 1;
+        }
+    }
+    for (int64_t i = 1; i < n; ++i) {
+        ms_rank v = x[i];
+        int64_t k = i - 1;
+        while (k >= 0 && ms_before(v, x[k])) { x[k + 1] = x[k]; --k; }
+        x[k + 1] = v;
+    }
+}
+
+/* move the top t of x[0..n) to x[0..t), sorted; quickselect then sort of the head */
+static void ms_top_ranks(ms_rank *x, int64_t n, int64_t t) {
+    int64_t lo = 0, hi = n - 1;
+    while (hi - lo > 24) {
+        ms_rank a = x[lo], b = x[lo + (hi - lo) / 2], c = x[hi];
+        ms_rank pivot = ms_before(a, b) ? (ms_before(b, c) ? b : (ms_before(a, c) ? c : a))
+                                        : (ms_before(a, c) ? a : (ms_before(b, c) ? c : b));
+        int64_t i = lo, j = hi;
+        for (;;) {
+            while (ms_before(x[i], pivot)) ++i;
+            while (ms_before(pivot, x[j])) --j;
+            if (i >= j) break;
+            ms_rank tmp = x[i]; x[i] = x[j]; x[j] = tmp;
+            ++i; --j;
+        }
+        /* x[lo..j] rank before x[j+1..hi] */
+        if (t <= j) hi = j;
+        else lo = j + 1;
+    }
+    ms_sort_ranks(x, hi + 1 < n ? hi + 1 : n);
+}
+
+static int ms_cmp_int32(const void *a, const void *b) {
+    int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* interleave nl sorted lists of t regions each (list l at lists + l*t) rank by rank, skipping
+ * duplicates, until t distinct regions are in out; then sort out ascending and pad with -1.
+ * seen: NK bytes, all zero on entry and on return. */
+static void ms_interleave(int32_t *out, const int32_t *lists, int nl, int t, uint8_t *seen) {
+    int n = 0;
+    for (int r = 0; r < t && n < t; ++r)
+        for (int l = 0; l < nl && n < t; ++l) {
+            int32_t j = lists[(int64_t)l * t + r];
+            if (!seen[j]) { seen[j] = 1; out[n++] = j; }
+        }
+    for (int i = 0; i < n; ++i) seen[out[i]] = 0;
+    qsort(out, (size_t)n, sizeof(int32_t), ms_cmp_int32);
+    for (int i = n; i < t; ++i) out[i] = -1;
+}
+
+static inline int ms_key_valid(const msattn_select_params *p, int64_t b, int64_t t) {
+    return p->key_mask == NULL || p->key_mask[b * p->mask_sb + t] != 0;
+}
+
+// ----------------------------------------------------------------------------------------------
+// pass 1: region means
+
+int msattn_region_means_cpu(const msattn_select_params *p, int64_t begin, int64_t end) {
+    const int64_t N = p->N, Nq = p->Nq, D = p->D, hg = p->Hq / p->Hkv;
+    const int64_t NK = msattn_num_key_regions(N, p->block_k);
+    const int64_t NA = msattn_num_query_regions(N, Nq, p->block_q);
+    const int64_t a0 = msattn_first_query_region(N, Nq, p->block_q);
+    for (int64_t w = begin; w < end; ++w) {
+        const int64_t r = w % (NK + NA), bh = w / (NK + NA), b = bh / p->Hkv, h = bh % p->Hkv;
+        double *acc;
+        int32_t count = 0;
+        if (r < NK) { /* key region r of head h */
+            acc = p->kbar + (bh * NK + r) * D;
+            memset(acc, 0, (size_t)D * sizeof(double));
+            msattn_range tok = msattn_key_region(r, p->block_k, N);
+            const char *kh = (const char *)p->k.data;
+            for (int64_t t = tok.begin; t < tok.end; ++t) {
+                if (!ms_key_valid(p, b, t)) continue;
+                ++count;
+                const int64_t off = b * p->k.sb + h * p->k.sh + t * p->k.sn;
+                for (int64_t d = 0; d < D; ++d) acc[d] += msattn_load_f64(kh, off + d * p->k.sd, p->dtype);
+            }
+            p->kcount[bh * NK + r] = count;
+        } else { /* query region a0 + (r - NK), summed over the query heads of KV head h */
+            const int64_t a = r - NK;
+            acc = p->qbar + (bh * NA + a) * D;
+            memset(acc, 0, (size_t)D * sizeof(double));
+            msattn_range pos = msattn_query_region(a0 + a, p->block_q, N, Nq);
+            for (int64_t t = pos.begin; t < pos.end; ++t) {
+                if (!ms_key_valid(p, b, t)) continue;
+                ++count;
+                for (int64_t hq = h * hg; hq < (h + 1) * hg; ++hq) {
+                    const int64_t off = b * p->q.sb + hq * p->q.sh + (t - (N - Nq)) * p->q.sn;
+                    for (int64_t d = 0; d < D; ++d)
+                        acc[d] += msattn_load_f64(p->q.data, off + d * p->q.sd, p->dtype);
+                }
+            }
+            p->qcount[bh * NA + a] = count;
+        }
+        if (count > 0)
+            for (int64_t d = 0; d < D; ++d) acc[d] /= count;
+    }
+    return MSATTN_OK;
+}
+
+// ----------------------------------------------------------------------------------------------
+// pass 2: selection per group
+
+/* scratch layout: ranks (NK) | lists (merge * T int32) | candidates (NK int32) | seen (NK bytes) */
+size_t msattn_select_scratch_bytes(const msattn_select_params *p) {
+    const int64_t NK = msattn_num_key_regions(p->N, p->block_k);
+    return (size_t)NK * sizeof(ms_rank) + (size_t)p->merge * p->topk * sizeof(int32_t) +
+           (size_t)NK * sizeof(int32_t) + (size_t)NK + 64;
+}
+
+int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end, void *scratch) {
+    const msattn_simd_ops *ops = msattn_simd();
+    const int64_t N = p->N, Nq = p->Nq, D = p->D, T = p->topk;
+    const int64_t span = msattn_span(p->block_q, p->merge);
+    const int64_t NK = msattn_num_key_regions(N, p->block_k);
+    const int64_t NA = msattn_num_query_regions(N, Nq, p->block_q);
+    const int64_t a0 = msattn_first_query_region(N, Nq, p->block_q);
+    const int64_t g0 = msattn_first_group(N, Nq, span), G = msattn_num_groups(N, Nq, span);
+    ms_rank *ranks = (ms_rank *)scratch;
+    int32_t *lists = (int32_t *)(ranks + NK);
+    int32_t *cand = lists + (int64_t)p->merge * T;
+    uint8_t *seen = (uint8_t *)(cand + NK);
+    memset(seen, 0, (size_t)NK);
+
+    for (int64_t w = begin; w < end; ++w) {
+        const int64_t gi = w % G, bh = w / G, ga = g0 + gi;
+        int32_t *out = p->index + w * T;
+        const int32_t *kcount = p->kcount + bh * NK;
+        int64_t nc = 0;
+        for (int64_t j = 0; j < NK; ++j)
+            if (kcount[j] > 0 && msattn_is_candidate(j, ga, span, p->block_k, N, p->causal))
+                cand[nc++] = (int32_t)j;
+        if (nc <= T) { /* few enough: take them all (dense) */
+            memcpy(out, cand, (size_t)nc * sizeof(int32_t));
+            for (int64_t i = nc; i < T; ++i) out[i] = -1;
+            continue;
+        }
+        int nl = 0;
+        const int64_t abeg = msattn_max64(ga * p->merge, a0);
+        const int64_t aend = msattn_min64((ga + 1) * p->merge, a0 + NA);
+        for (int64_t a = abeg; a < aend; ++a) {
+            if (p->qcount[bh * NA + (a - a0)] == 0) continue; /* no valid query ranks anything */
+            const double *qb = p->qbar + (bh * NA + (a - a0)) * D;
+            for (int64_t c = 0; c < nc; ++c) {
+                ranks[c].key = ms_order_key(ops->dot64(qb, p->kbar + (bh * NK + cand[c]) * D, (int)D));
+                ranks[c].j = cand[c];
+            }
+            ms_top_ranks(ranks, nc, T);
+            for (int64_t r = 0; r < T; ++r) lists[(int64_t)nl * T + r] = ranks[r].j;
+            ++nl;
+        }
+        ms_interleave(out, lists, nl, (int)T, seen);
+    }
+    return MSATTN_OK;
+}
+
+// ----------------------------------------------------------------------------------------------
+// the naive twin
+
+int msattn_select_ref_cpu(const msattn_select_params *p, int64_t begin, int64_t end) {
+    const int64_t N = p->N, Nq = p->Nq, D = p->D, T = p->topk, hg = p->Hq / p->Hkv;
+    const int64_t span = msattn_span(p->block_q, p->merge);
+    const int64_t NK = msattn_num_key_regions(N, p->block_k);
+    const int64_t g0 = msattn_first_group(N, Nq, span), G = msattn_num_groups(N, Nq, span);
+    double *kbar = (double *)malloc((size_t)(NK * D) * sizeof(double));
+    int32_t *kcnt = (int32_t *)malloc((size_t)NK * sizeof(int32_t));
+    double *qbar = (double *)malloc((size_t)D * sizeof(double));
+    ms_rank *ranks = (ms_rank *)malloc((size_t)NK * sizeof(ms_rank));
+    int32_t *lists = (int32_t *)malloc((size_t)(p->merge * T) * sizeof(int32_t));
+    uint8_t *seen = (uint8_t *)calloc((size_t)NK, 1);
+    int status = MSATTN_OK;
+    if (!kbar || !kcnt || !qbar || !ranks || !lists || !seen) { status = MSATTN_ERR_NOMEM; goto done; }
+
+    for (int64_t w = begin; w < end; ++w) {
+        const int64_t gi = w % G, bh = w / G, b = bh / p->Hkv, h = bh % p->Hkv, ga = g0 + gi;
+        int32_t *out = p->index + w * T;
+        for (int64_t j = 0; j < NK; ++j) { /* every key-region mean, from scratch */
+            kcnt[j] = 0;
+            for (int64_t d = 0; d < D; ++d) kbar[j * D + d] = 0.0;
+            for (int64_t t = j * p->block_k; t < (j + 1) * p->block_k && t < N; ++t) {
+                if (!ms_key_valid(p, b, t)) continue;
+                kcnt[j]++;
+                for (int64_t d = 0; d < D; ++d)
+                    kbar[j * D + d] += msattn_load_f64(
+                        p->k.data, b * p->k.sb + h * p->k.sh + t * p->k.sn + d * p->k.sd, p->dtype);
+            }
+            for (int64_t d = 0; d < D; ++d) kbar[j * D + d] /= kcnt[j] > 0 ? kcnt[j] : 1;
+        }
+        int64_t nc = 0;
+        for (int64_t j = 0; j < NK; ++j) {
+            int cand = p->causal ? (j + 1) * p->block_k <= ga * span
+                                 : (j + 1) * p->block_k <= ga * span || j * p->block_k >= (ga + 1) * span;
+            if (cand && kcnt[j] > 0) ranks[nc++].j = (int32_t)j;
+        }
+        if (nc <= T) {
+            for (int64_t i = 0; i < T; ++i) out[i] = i < nc ? ranks[i].j : -1;
+            continue;
+        }
+        int nl = 0;
+        for (int64_t a = ga * p->merge; a < (ga + 1) * p->merge; ++a) {
+            int64_t cnt = 0;
+            for (int64_t d = 0; d < D; ++d) qbar[d] = 0.0;
+            for (int64_t t = a * p->block_q; t < (a + 1) * p->block_q && t < N; ++t) {
+                if (t < N - Nq || !ms_key_valid(p, b, t)) continue;
+                ++cnt;
+                for (int64_t hq = h * hg; hq < (h + 1) * hg; ++hq)
+                    for (int64_t d = 0; d < D; ++d)
+                        qbar[d] += msattn_load_f64(p->q.data, b * p->q.sb + hq * p->q.sh +
+                                                                  (t - (N - Nq)) * p->q.sn + d * p->q.sd,
+                                                   p->dtype);
+            }
+            if (cnt == 0) continue;
+            for (int64_t c = 0; c < nc; ++c) {
+                double s = 0.0;
+                for (int64_t d = 0; d < D; ++d) s += (qbar[d] / cnt) * kbar[ranks[c].j * D + d];
+                ranks[c].key = ms_order_key(s);
+            }
+            ms_sort_ranks(ranks, nc);
+            for (int64_t r = 0; r < T; ++r) lists[(int64_t)nl * T + r] = ranks[r].j;
+            ++nl;
+        }
+        ms_interleave(out, lists, nl, (int)T, seen);
+    }
+done:
+    free(kbar); free(kcnt); free(qbar); free(ranks); free(lists); free(seen);
+    return status;
+}

@@ -1,0 +1,144 @@
+/*
+ * msattn.h -- the C ABI of msattn's kernels.
+ *
+ * Everything a kernel needs arrives in one params struct per op: raw data pointers, strides in
+ * elements, sizes and flags. No torch, no CUDA types: the CPU kernels (csrc/cpu), the CUDA kernels
+ * (csrc/cuda) and the ATen glue (csrc/torch) all include this file and nothing else of each other.
+ *
+ * Kernels never thread on their own. Each CPU entry point takes a work range [begin, end) over the
+ * items its comment names; the caller (at::parallel_for in the glue, or a test harness) spreads the
+ * ranges over threads. Every entry point returns MSATTN_OK or an error code and never aborts.
+ *
+ * Dimension legend
+ *   B    batch                     Hq   query heads          Hkv  key/value heads (Hq % Hkv == 0)
+ *   N    key length (positions 0..N-1)                       Nq   query length: the last Nq positions
+ *   D    head dim                  CQ   block_q              CK   block_k
+ *   G    query groups holding at least one query of the call (msattn_num_groups)
+ *   NK   key regions, ceil(N / CK)  NA  query regions holding a query of the call
+ *   T    topk (selected key regions per group)
+ */
+#ifndef MSATTN_H
+#define MSATTN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// ----------------------------------------------------------------------------------------------
+// common types
+
+enum {
+    MSATTN_OK = 0,
+    MSATTN_ERR_ARG = 1,    /* a size or flag outside what the kernel supports */
+    MSATTN_ERR_DTYPE = 2,  /* a dtype the kernel was not built for */
+    MSATTN_ERR_NOMEM = 3,  /* a scratch buffer too small */
+};
+
+typedef enum {
+    MSATTN_F32 = 0,
+    MSATTN_F64 = 1,
+    MSATTN_BF16 = 2,
+    MSATTN_F16 = 3,
+} msattn_dtype;
+
+/* A strided 4-D view (batch, head, token, dim); strides in elements. */
+typedef struct {
+    void *data;
+    int64_t sb, sh, sn, sd;
+} msattn_view;
+
+/* RoPE applied inside a kernel: cos/sin tables of shape (len, dim/2) as fp32, rows contiguous.
+ * Pairs are (x[i], x[i + dim/2]) like HuggingFace's rotate_half; dims >= dim pass through.
+ * cos == NULL means no rotation. */
+typedef struct {
+    const float *cos, *sin;
+    int len, dim;
+} msattn_rope;
+
+// ----------------------------------------------------------------------------------------------
+// MS attention: selection (DESIGN section 1, steps 1-5)
+
+typedef struct {
+    int B, Hq, Hkv, Nq, N, D;
+    int block_q, block_k, merge, topk, causal;
+    msattn_dtype dtype;
+    msattn_view q;                /* (B, Hq, Nq, D) */
+    msattn_view k;                /* (B, Hkv, N, D) */
+    const uint8_t *key_mask;      /* (B, N) at row stride mask_sb, 1 = real token; NULL: all real */
+    int64_t mask_sb;
+    /* workspaces, written by msattn_region_means_cpu and read by msattn_select_cpu */
+    double *kbar;                 /* (B, Hkv, NK, D) key-region means, 0 for an empty region */
+    int32_t *kcount;              /* (B, Hkv, NK)    valid keys per key region */
+    double *qbar;                 /* (B, Hkv, NA, D) query-region means summed over the GQA group */
+    int32_t *qcount;              /* (B, Hkv, NA)    valid queries per query region */
+    /* output */
+    int32_t *index;               /* (B, Hkv, G, T) ascending, -1 padded, contiguous */
+} msattn_select_params;
+
+/* items: (b, h, region) for b < B, h < Hkv, region < NK + NA (key regions first) */
+int msattn_region_means_cpu(const msattn_select_params *p, int64_t begin, int64_t end);
+/* items: (b, h, g) for b < B, h < Hkv, g < G */
+int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end, void *scratch);
+size_t msattn_select_scratch_bytes(const msattn_select_params *p);
+/* naive twin: items (b, h, g); needs no workspace, computes every mean it uses */
+int msattn_select_ref_cpu(const msattn_select_params *p, int64_t begin, int64_t end);
+
+// ----------------------------------------------------------------------------------------------
+// MS attention: forward and backward over a selection (DESIGN section 1, steps 6-7)
+
+typedef struct {
+    int B, Hq, Hkv, Nq, N, D;
+    int block_q, block_k, merge, topk, causal;
+    double scale;                 /* softmax scale, usually 1/sqrt(D) */
+    msattn_dtype dtype;           /* of q, k, v, out, dout, dq, dk, dv */
+    msattn_view q;                /* (B, Hq, Nq, D) */
+    msattn_view k, v;             /* (B, Hkv, N, D) */
+    msattn_view out;              /* (B, Hq, Nq, D) forward output, backward input */
+    void *lse;                    /* (B, Hq, Nq) contiguous, float (double for F64); -inf: no key */
+    const int32_t *index;         /* (B, Hkv, G, T) from msattn_select_cpu */
+    const uint8_t *key_mask;      /* (B, N) at row stride mask_sb, or NULL */
+    int64_t mask_sb;
+    msattn_rope rope;             /* rope="selected": rotate with compact positions, else cos NULL */
+    /* backward only */
+    msattn_view dout;             /* (B, Hq, Nq, D) */
+    msattn_view dq;               /* (B, Hq, Nq, D) */
+    msattn_view dk, dv;           /* (B, Hkv, N, D) */
+    const void *dlse;             /* (B, Hq, Nq) contiguous gradient of lse, lse's dtype, or NULL */
+    float *delta;                 /* (B, Hq, Nq) workspace: rowsum(dout * out) - dlse, by pass 1 */
+    const int32_t *inv_offsets;   /* (B, Hkv, NK + 1) workspace: CSR offsets of the inverted index */
+    const int32_t *inv_groups;    /* (B, Hkv, G * T) workspace: choosing groups, ascending per region */
+    int kv_blocks;                /* key blocks per (b, h) for backward pass 2, >= 1 */
+} msattn_ms_params;
+
+/* forward; items: (b, h, g) for b < B, h < Hkv, g < G */
+int msattn_ms_fwd_cpu(const msattn_ms_params *p, int64_t begin, int64_t end, void *scratch);
+size_t msattn_ms_fwd_scratch_bytes(const msattn_ms_params *p);
+/* inverted index for backward pass 2; items: (b, h); writes inv_offsets and inv_groups */
+int msattn_ms_invert_cpu(const msattn_ms_params *p, int32_t *inv_offsets, int32_t *inv_groups,
+                         int64_t begin, int64_t end);
+/* backward pass 1: delta and dq; items: (b, h, g) */
+int msattn_ms_bwd_dq_cpu(const msattn_ms_params *p, int64_t begin, int64_t end, void *scratch);
+/* backward pass 2: dk and dv; items: (b, h, key block) for key block < kv_blocks */
+int msattn_ms_bwd_dkv_cpu(const msattn_ms_params *p, int64_t begin, int64_t end, void *scratch);
+size_t msattn_ms_bwd_scratch_bytes(const msattn_ms_params *p);
+/* naive twins, accumulating in double. fwd items: (b, h, g); bwd items: (b, h) and it writes
+ * dq, dk, dv of those heads in full (no delta or inverted index needed). */
+int msattn_ms_fwd_ref_cpu(const msattn_ms_params *p, int64_t begin, int64_t end);
+int msattn_ms_bwd_ref_cpu(const msattn_ms_params *p, int64_t begin, int64_t end);
+
+// ----------------------------------------------------------------------------------------------
+// SIMD dispatch (csrc/cpu/simd.c)
+
+/* "avx512", "avx2" or "scalar": the instruction set the CPU kernels use now. */
+const char *msattn_isa_name(void);
+/* Force an instruction set ("avx512", "avx2", "scalar", or "auto" for the best this CPU has).
+ * Returns MSATTN_ERR_ARG for an unknown name or one this CPU cannot run. */
+int msattn_isa_set(const char *name);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* MSATTN_H */

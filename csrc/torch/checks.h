@@ -1,0 +1,129 @@
+// checks.h -- argument checks at the boundary, shared by the CPU and CUDA glue. Every message
+// names the argument, what was expected and what came.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+
+#include "../msattn.h"
+#include "../msattn_regions.h"
+
+namespace msattn {
+
+inline std::string shape_str(const at::Tensor &t) {
+    std::string s = "(";
+    for (int64_t i = 0; i < t.dim(); ++i) s += (i ? ", " : "") + std::to_string(t.size(i));
+    return s + ")";
+}
+
+inline msattn_dtype dtype_of(const at::Tensor &t) {
+    switch (t.scalar_type()) {
+    case at::kFloat: return MSATTN_F32;
+    case at::kDouble: return MSATTN_F64;
+    case at::kBFloat16: return MSATTN_BF16;
+    case at::kHalf: return MSATTN_F16;
+    default: TORCH_CHECK(false, "msattn: unsupported dtype ", t.scalar_type());
+    }
+}
+
+inline msattn_view view_of(const at::Tensor &t) {
+    return msattn_view{t.data_ptr(), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+// q (B, Hq, Nq, D), k (B, Hkv, N, D), and v like k when given
+inline void check_qkv(const at::Tensor &q, const at::Tensor &k, const at::Tensor *v) {
+    TORCH_CHECK(q.dim() == 4, "msattn: q must be 4-D (B, Hq, Nq, D), got shape ", shape_str(q));
+    TORCH_CHECK(k.dim() == 4, "msattn: k must be 4-D (B, Hkv, N, D), got shape ", shape_str(k));
+    const auto dt = q.scalar_type();
+    TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
+                "msattn: q must be float32, float64, bfloat16 or float16, got ", dt);
+    TORCH_CHECK(k.scalar_type() == dt, "msattn: k must have q's dtype ", dt, ", got ", k.scalar_type());
+    TORCH_CHECK(k.device() == q.device(), "msattn: k must be on q's device ", q.device(), ", got ", k.device());
+    TORCH_CHECK(k.size(0) == q.size(0), "msattn: k must have q's batch size ", q.size(0), ", got k of shape ",
+                shape_str(k));
+    TORCH_CHECK(k.size(3) == q.size(3), "msattn: k must have q's head dim ", q.size(3), ", got k of shape ",
+                shape_str(k));
+    TORCH_CHECK(q.size(3) >= 1 && q.size(3) <= 256, "msattn: head dim must be in [1, 256], got q of shape ",
+                shape_str(q));
+    TORCH_CHECK(k.size(1) >= 1 && q.size(1) % k.size(1) == 0,
+                "msattn: q heads must be a multiple of k heads (GQA), got q ", shape_str(q), " and k ",
+                shape_str(k));
+    TORCH_CHECK(q.size(2) <= k.size(2), "msattn: q may not be longer than k (queries are the last Nq of N "
+                "positions), got q ", shape_str(q), " and k ", shape_str(k));
+    TORCH_CHECK(k.size(2) < (int64_t(1) << 31), "msattn: k longer than 2^31 - 1 tokens: ", shape_str(k));
+    if (v) {
+        TORCH_CHECK(v->dim() == 4 && v->sizes() == k.sizes(), "msattn: v must have k's shape ", shape_str(k),
+                    ", got ", shape_str(*v));
+        TORCH_CHECK(v->scalar_type() == dt, "msattn: v must have q's dtype ", dt, ", got ", v->scalar_type());
+        TORCH_CHECK(v->device() == q.device(), "msattn: v must be on q's device ", q.device(), ", got ",
+                    v->device());
+    }
+}
+
+inline void check_blocks(int64_t block_q, int64_t block_k, int64_t merge, int64_t topk) {
+    TORCH_CHECK(block_q >= 1, "msattn: block_q must be >= 1, got ", block_q);
+    TORCH_CHECK(block_k >= 1, "msattn: block_k must be >= 1, got ", block_k);
+    TORCH_CHECK(merge >= 1, "msattn: merge must be >= 1, got ", merge);
+    TORCH_CHECK(topk >= 1, "msattn: topk must be >= 1, got ", topk);
+    TORCH_CHECK(block_q * merge <= (int64_t(1) << 24) && block_k <= (int64_t(1) << 20) && topk <= (int64_t(1) << 20),
+                "msattn: block_q * merge, block_k or topk out of range: ", block_q, " * ", merge, ", ", block_k,
+                ", ", topk);
+    TORCH_CHECK((merge * block_q) % block_k == 0, "msattn: merge * block_q must be a multiple of block_k, got ",
+                merge, " * ", block_q, " and ", block_k);
+}
+
+// key_padding_mask: bool (B, N), True = real token. Returns a contiguous bool tensor or undefined.
+inline at::Tensor check_mask(const c10::optional<at::Tensor> &mask, const at::Tensor &k) {
+    if (!mask.has_value()) return at::Tensor();
+    const at::Tensor &m = *mask;
+    TORCH_CHECK(m.scalar_type() == at::kBool, "msattn: key_padding_mask must be bool (True = real token), got ",
+                m.scalar_type());
+    TORCH_CHECK(m.dim() == 2 && m.size(0) == k.size(0) && m.size(1) == k.size(2),
+                "msattn: key_padding_mask must have shape (B, N) = (", k.size(0), ", ", k.size(2), "), got ",
+                shape_str(m));
+    TORCH_CHECK(m.device() == k.device(), "msattn: key_padding_mask must be on ", k.device(), ", got ",
+                m.device());
+    return m.contiguous();
+}
+
+// rope tables for rope="selected": float32 (len, dim/2) each, len covering every compact position
+inline msattn_rope check_rope(const c10::optional<at::Tensor> &cos, const c10::optional<at::Tensor> &sin,
+                              const at::Tensor &q, int64_t needed_len, at::Tensor &cos_c, at::Tensor &sin_c) {
+    msattn_rope r{nullptr, nullptr, 0, 0};
+    TORCH_CHECK(cos.has_value() == sin.has_value(), "msattn: rope_cos and rope_sin must be given together");
+    if (!cos.has_value()) return r;
+    TORCH_CHECK(cos->dim() == 2 && sin->sizes() == cos->sizes(),
+                "msattn: rope_cos and rope_sin must be 2-D (len, rotary_dim / 2) of one shape, got ",
+                shape_str(*cos), " and ", shape_str(*sin));
+    TORCH_CHECK(cos->scalar_type() == at::kFloat && sin->scalar_type() == at::kFloat,
+                "msattn: rope_cos and rope_sin must be float32, got ", cos->scalar_type(), " and ",
+                sin->scalar_type());
+    TORCH_CHECK(cos->device() == q.device() && sin->device() == q.device(),
+                "msattn: rope_cos and rope_sin must be on q's device ", q.device());
+    TORCH_CHECK(2 * cos->size(1) <= q.size(3) && cos->size(1) >= 1,
+                "msattn: rotary dim 2 * ", cos->size(1), " exceeds head dim ", q.size(3));
+    TORCH_CHECK(cos->size(0) >= needed_len, "msattn: rope tables must cover the compact positions 0..",
+                needed_len - 1, " (topk * block_k + merge * block_q), got ", cos->size(0), " rows");
+    cos_c = cos->contiguous();
+    sin_c = sin->contiguous();
+    r.cos = cos_c.data_ptr<float>();
+    r.sin = sin_c.data_ptr<float>();
+    r.len = (int)cos->size(0);
+    r.dim = (int)(2 * cos->size(1));
+    return r;
+}
+
+// index: int32 (B, Hkv, G, topk) from ms_select for these shapes
+inline void check_index(const at::Tensor &index, const at::Tensor &q, const at::Tensor &k, int64_t span) {
+    const int64_t G = msattn_num_groups(k.size(2), q.size(2), span);
+    TORCH_CHECK(index.scalar_type() == at::kInt, "msattn: index must be int32 (from ms_select), got ",
+                index.scalar_type());
+    TORCH_CHECK(index.dim() == 4 && index.size(0) == k.size(0) && index.size(1) == k.size(1) &&
+                    index.size(2) == G && index.size(3) >= 1,
+                "msattn: index must have shape (B, Hkv, G, topk) = (", k.size(0), ", ", k.size(1), ", ", G,
+                ", topk), got ", shape_str(index));
+    TORCH_CHECK(index.device() == q.device(), "msattn: index must be on q's device ", q.device());
+}
+
+}  // namespace msattn

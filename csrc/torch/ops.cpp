@@ -1,0 +1,25 @@
+// ops.cpp -- the schemas of torch.ops.msattn, declared once; devices add implementations in
+// their own files (ms_attention_cpu.cpp, ms_attention_cuda.cpp). Fake kernels and autograd live in
+// msattn/ops.py. The module init is empty: importing msattn._C only runs these registrations.
+#include <Python.h>
+#include <torch/library.h>
+
+PyMODINIT_FUNC PyInit__C(void) {
+    static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+    return PyModule_Create(&module);
+}
+
+TORCH_LIBRARY(msattn, m) {
+    // selection (DESIGN 1.1-1.5) -> int32 (B, Hkv, G, topk), ascending, -1 padded
+    m.def("ms_select(Tensor q, Tensor k, Tensor? key_padding_mask, int block_q, int block_k, "
+          "int merge, int topk, bool causal) -> Tensor");
+    // attention over a selection (DESIGN 1.6) -> out (B, Hq, Nq, D), lse (B, Hq, Nq)
+    m.def("ms_fwd(Tensor q, Tensor k, Tensor v, Tensor index, Tensor? key_padding_mask, "
+          "Tensor? rope_cos, Tensor? rope_sin, int block_q, int block_k, int merge, bool causal, "
+          "float scale) -> (Tensor, Tensor)");
+    // its backward (DESIGN 1.7) -> dq, dk, dv
+    // dlse (B, Hq, Nq), when given, is the gradient flowing into lse
+    m.def("ms_bwd(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor index, "
+          "Tensor? key_padding_mask, Tensor? rope_cos, Tensor? rope_sin, int block_q, int block_k, "
+          "int merge, bool causal, float scale) -> (Tensor, Tensor, Tensor)");
+}

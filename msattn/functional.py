@@ -1,0 +1,106 @@
+"""Public functions of msattn. Layout ``(B, H, N, D)`` as in ``scaled_dot_product_attention``."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .ops import ops
+
+__all__ = ["ms_attention", "ms_select"]
+
+
+def ms_select(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    block_q: int = 16,
+    block_k: int = 16,
+    merge: int = 64,
+    topk: int = 448,
+    causal: bool = True,
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The key regions each query group of MS attention attends to (DESIGN section 1, steps 1-5).
+
+    Query region ``a`` holds positions ``[a*block_q, (a+1)*block_q)``, key region ``j`` positions
+    ``[j*block_k, (j+1)*block_k)``, query group ``g`` the regions ``[g*merge, (g+1)*merge)``. Each
+    region is represented by the mean of its vectors (valid ones only under a padding mask); the
+    score of key region ``j`` for query region ``a`` of KV head ``h`` is the sum over ``h``'s query
+    heads of ``qbar_a . kbar_j``. A group whose candidates (causal: regions ending before the group;
+    non-causal: regions outside it) number at most ``topk`` takes them all; otherwise each of its query
+    regions ranks the candidates (descending, ties to the lower ``j``), keeps ``topk``, and the lists
+    are interleaved rank by rank, skipping duplicates, until ``topk`` regions are collected.
+
+    Args:
+        q: ``(B, Hq, Nq, D)``, the queries at the last ``Nq`` of the ``N`` positions.
+        k: ``(B, Hkv, N, D)``, ``Hq % Hkv == 0`` (GQA/MQA: one selection per KV head).
+        block_q, block_k: query and key region sizes; ``(merge * block_q) % block_k == 0``.
+        merge: query regions per group.
+        topk: key regions selected per group besides its own tokens.
+        causal: candidates lie before the group (else anywhere outside it).
+        key_padding_mask: bool ``(B, N)``, True for real tokens (HF's ``attention_mask``). Padded
+            keys do not count in means; padded queries do not rank; empty regions are never chosen.
+
+    Returns:
+        int32 ``(B, Hkv, G, topk)``: for each group holding a query of the call (first to last), its
+        regions ascending, padded with -1.
+    """
+    return ops.ms_select(q, k, key_padding_mask, block_q, block_k, merge, topk, causal)
+
+
+def ms_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    block_q: int = 16,
+    block_k: int = 16,
+    merge: int = 64,
+    topk: int = 448,
+    causal: bool = True,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    return_lse: bool = False,
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+    index: torch.Tensor | None = None,
+):
+    """Correlation-aware select-and-merge (MS) sparse attention (DESIGN section 1).
+
+    Each query group (``merge * block_q`` consecutive queries) attends to the ``topk`` key regions of
+    ``block_k`` tokens that :func:`ms_select` chose for it, plus its own tokens under the usual causal
+    mask. Short sequences, and every group with at most ``topk`` candidate regions, are exactly dense.
+    Softmax over exactly that key set, flash-style; differentiable in ``q``, ``k``, ``v``; GQA without
+    copying K/V; deterministic (the same call gives bit-identical outputs and gradients).
+
+    Args:
+        q: ``(B, Hq, Nq, D)``. The queries are the **last** ``Nq`` of the ``N`` key positions (causal
+            mask aligned bottom-right, as in FlashAttention): ``Nq < N`` is chunked prefill or decoding
+            against a cache. Any strides; float32, float64, bfloat16 or float16 (16-bit inputs
+            accumulate in float32); head dim 1..256.
+        k, v: ``(B, Hkv, N, D)`` with ``Hq % Hkv == 0``.
+        block_q, block_k, merge, topk, causal: see :func:`ms_select` (defaults: the authors').
+        scale: softmax scale, default ``1 / sqrt(D)``.
+        key_padding_mask: bool ``(B, N)``, True for real tokens. Padded keys are never attended; a
+            query with no visible key outputs zeros (and lse ``-inf``).
+        return_lse: also return the log-sum-exp of each query's scaled scores.
+        rotary: ``(cos, sin)``, each float32 ``(L, rotary_dim / 2)`` with
+            ``L >= topk * block_k + merge * block_q``: RoPE on selected tokens only
+            (``rope="selected"``, DESIGN section 3). ``q`` and ``k`` are then un-rotated; selection uses
+            the un-rotated means and the kernel rotates with compact positions (the i-th selected
+            region's tokens at ``i*block_k + t``, the group's own tokens after them), pairs
+            ``(x[i], x[i + rotary_dim/2])`` as in HuggingFace.
+        index: a selection from :func:`ms_select` for these shapes, to reuse instead of recomputing.
+
+    Returns:
+        ``out (B, Hq, Nq, D)`` in q's dtype, and with ``return_lse`` also ``lse (B, Hq, Nq)`` in
+        float32 (float64 for float64 inputs).
+    """
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    cos, sin = rotary if rotary is not None else (None, None)
+    if index is None:
+        index = ops.ms_select(q, k, key_padding_mask, block_q, block_k, merge, topk, causal)
+    out, lse = ops.ms_fwd(q, k, v, index, key_padding_mask, cos, sin, block_q, block_k, merge, causal, float(scale))
+    return (out, lse) if return_lse else out

@@ -1,0 +1,71 @@
+"""Thin wrappers over ``torch.ops.msattn``: fake kernels for tracing and the autograd formula.
+
+The schemas and the device kernels live in C++ (``csrc/torch``); this module registers what
+``torch.compile`` and autograd need: a fake (meta) implementation of every op, and the backward of
+``ms_fwd``, which is itself the custom op ``ms_bwd``. The selection is piecewise constant and passes
+no gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _C  # noqa: F401  (loads the library: registers torch.ops.msattn.*)
+
+ops = torch.ops.msattn
+
+
+def num_groups(n: int, nq: int, span: int) -> int:
+    """Query groups of span tokens holding at least one of the last ``nq`` of ``n`` positions."""
+    return 0 if nq == 0 else (n - 1) // span - (n - nq) // span + 1
+
+
+@torch.library.register_fake("msattn::ms_select")
+def _ms_select_fake(q, k, key_padding_mask, block_q, block_k, merge, topk, causal):
+    g = num_groups(k.shape[2], q.shape[2], block_q * merge)
+    return q.new_empty((k.shape[0], k.shape[1], g, topk), dtype=torch.int32)
+
+
+def _lse_dtype(q: torch.Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("msattn::ms_fwd")
+def _ms_fwd_fake(q, k, v, index, key_padding_mask, rope_cos, rope_sin, block_q, block_k, merge, causal, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=_lse_dtype(q))
+
+
+@torch.library.register_fake("msattn::ms_bwd")
+def _ms_bwd_fake(dout, dlse, q, k, v, out, lse, index, key_padding_mask, rope_cos, rope_sin, block_q, block_k,
+                 merge, causal, scale):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format))
+
+
+def _ms_fwd_setup(ctx, inputs, output):
+    q, k, v, index, mask, rope_cos, rope_sin, block_q, block_k, merge, causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, index, mask, rope_cos, rope_sin, out, lse)
+    ctx.params = (block_q, block_k, merge, causal, scale)
+
+
+def _ms_fwd_backward(ctx, dout, dlse):
+    q, k, v, index, mask, rope_cos, rope_sin, out, lse = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = ops.ms_bwd(dout, dlse, q, k, v, out, lse, index, mask, rope_cos, rope_sin, *ctx.params)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("msattn::ms_fwd", _ms_fwd_backward, setup_context=_ms_fwd_setup)
+
+
+def isa() -> str:
+    """The instruction set the CPU kernels use: ``"avx512"``, ``"avx2"`` or ``"scalar"``."""
+    return ops.isa()
+
+
+def set_isa(name: str) -> None:
+    """Force the CPU kernels' instruction set (``"auto"``, ``"avx512"``, ``"avx2"``, ``"scalar"``)."""
+    ops.set_isa(name)
