@@ -24,7 +24,10 @@ CU_SOURCES = sorted(glob.glob("csrc/cuda/*.cu"))
 DEBUG = os.environ.get("MSATTN_DEBUG", "0") == "1"
 OPT = ["-O0", "-g"] if DEBUG else ["-O3"]
 C_FLAGS = ["-std=c11", "-fPIC", "-fvisibility=hidden", "-fno-math-errno", "-Wall", "-Wextra", *OPT]
-CXX_FLAGS = ["-fvisibility=hidden", "-Wall", *OPT]
+# ATen's parallel_for is header-inline: without -fopenmp it compiles to a serial loop. Linking
+# -fopenmp adds libgomp.so.1, which resolves to the copy torch already loaded (one OpenMP runtime).
+CXX_FLAGS = ["-fvisibility=hidden", "-fopenmp", "-Wall", *OPT]
+LINK_FLAGS = ["-fopenmp"]
 NVCC_FLAGS = [
     "-O3", "-std=c++17", "--use_fast_math",
     "-gencode=arch=compute_80,code=sm_80",
@@ -58,9 +61,10 @@ if want_cuda():
         "msattn._C",
         CPU_GLUE + CUDA_GLUE + CU_SOURCES,
         extra_compile_args={"cxx": CXX_FLAGS + ["-DMSATTN_WITH_CUDA"], "nvcc": NVCC_FLAGS},
+        extra_link_args=LINK_FLAGS,
     )
 else:
-    ext = CppExtension("msattn._C", CPU_GLUE, extra_compile_args={"cxx": CXX_FLAGS})
+    ext = CppExtension("msattn._C", CPU_GLUE, extra_compile_args={"cxx": CXX_FLAGS}, extra_link_args=LINK_FLAGS)
 
 setup(
     packages=find_packages(include=["msattn", "msattn.*"]),

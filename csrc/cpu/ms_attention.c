@@ -50,20 +50,24 @@ static inline const int32_t *ms_index_row(const msattn_ms_params *p, const ms_di
     return p->index + (bh * d->G + gi) * d->T;
 }
 
-/* pack the keys of a group: kt (D, Lp) transposed, and either V rows (Lp, Dp) or V transposed
- * (D, Lp) and K rows (Lp, Dp); columns / rows past L are zero. */
+/* pack the keys of a group, converted to fp32 (and rotated for rope="selected"):
+ *   kt    K transposed, tile-major: tile i (64 keys) is a contiguous (D, 64) block at kt + i*D*64
+ *   vt    V transposed, the same layout (backward), or NULL
+ *   krows K as rows (Lp, Dp) (backward), or NULL;  vrows V as rows (Lp, Dp) (forward), or NULL
+ * keys past L are zero. */
 static void ms_pack_keys(const msattn_ms_params *p, const msattn_simd_ops *ops, const ms_dims *d,
                          int64_t b, int64_t h, const int32_t *kpos, const int32_t *kcomp, int64_t L,
                          int64_t Lp, float *kt, float *vrows, float *vt, float *krows, float *tmp) {
     const int rope = p->rope.cos != NULL;
     for (int64_t t = 0; t < Lp; ++t) {
+        float *ktile = kt + (t / MSATTN_TILE) * d->D * MSATTN_TILE + t % MSATTN_TILE;
         if (t < L) {
             ms_load_row(tmp, ops, &p->k, p->dtype, b, h, kpos[t], (int)d->D, 1.0f);
             if (rope) ms_rope_rotate(tmp, &p->rope, kcomp[t], 1.0f);
         } else {
             memset(tmp, 0, (size_t)d->D * sizeof(float));
         }
-        for (int64_t i = 0; i < d->D; ++i) kt[i * Lp + t] = tmp[i];
+        for (int64_t i = 0; i < d->D; ++i) ktile[i * MSATTN_TILE] = tmp[i];
         if (krows) {
             memcpy(krows + t * d->Dp, tmp, (size_t)d->D * sizeof(float));
             memset(krows + t * d->Dp + d->D, 0, (size_t)(d->Dp - d->D) * sizeof(float));
@@ -74,8 +78,10 @@ static void ms_pack_keys(const msattn_ms_params *p, const msattn_simd_ops *ops, 
             memcpy(vrows + t * d->Dp, tmp, (size_t)d->D * sizeof(float));
             memset(vrows + t * d->Dp + d->D, 0, (size_t)(d->Dp - d->D) * sizeof(float));
         }
-        if (vt)
-            for (int64_t i = 0; i < d->D; ++i) vt[i * Lp + t] = tmp[i];
+        if (vt) {
+            float *vtile = vt + (t / MSATTN_TILE) * d->D * MSATTN_TILE + t % MSATTN_TILE;
+            for (int64_t i = 0; i < d->D; ++i) vtile[i * MSATTN_TILE] = tmp[i];
+        }
     }
 }
 
@@ -98,13 +104,16 @@ static inline void ms_mask_causal(float *s, int rows, int nc, const int32_t *kpo
             if (kpos[c] > qpos0 + r) s[r * MSATTN_TILE + c] = -INFINITY;
 }
 
+/* queries per block: each packed 64-key tile is read from L1 by QBLOCK/4 register tiles */
+#define MS_QBLOCK 16
+
 // ----------------------------------------------------------------------------------------------
 // forward
 
 size_t msattn_ms_fwd_scratch_bytes(const msattn_ms_params *p) {
     ms_dims d = ms_dims_of(p);
     return 2 * (size_t)d.Lmax * 4 + (size_t)(d.D * d.Lpmax + d.Lpmax * d.Dp) * 4 +
-           (size_t)(3 * MSATTN_ROWS * d.Dp + MSATTN_ROWS * MSATTN_TILE) * 4 + 8 * 64;
+           (size_t)(3 * MS_QBLOCK * d.Dp + MSATTN_ROWS * MSATTN_TILE) * 4 + 8 * 64;
 }
 
 int msattn_ms_fwd_cpu(const msattn_ms_params *p, int64_t begin, int64_t end, void *scratch) {
@@ -116,9 +125,9 @@ int msattn_ms_fwd_cpu(const msattn_ms_params *p, int64_t begin, int64_t end, voi
     int32_t *kcomp = (int32_t *)ms_carve(&cur, (size_t)d.Lmax, 4);
     float *kt = (float *)ms_carve(&cur, (size_t)(d.D * d.Lpmax), 4);
     float *vr = (float *)ms_carve(&cur, (size_t)(d.Lpmax * d.Dp), 4);
-    float *qb = (float *)ms_carve(&cur, (size_t)(MSATTN_ROWS * d.Dp), 4);
-    float *ob = (float *)ms_carve(&cur, (size_t)(MSATTN_ROWS * d.Dp), 4);
-    float *tmp = (float *)ms_carve(&cur, (size_t)(MSATTN_ROWS * d.Dp), 4);
+    float *qb = (float *)ms_carve(&cur, (size_t)(MS_QBLOCK * d.Dp), 4);
+    float *ob = (float *)ms_carve(&cur, (size_t)(MS_QBLOCK * d.Dp), 4);
+    float *tmp = (float *)ms_carve(&cur, (size_t)(MS_QBLOCK * d.Dp), 4);
     float *s = (float *)ms_carve(&cur, MSATTN_ROWS * MSATTN_TILE, 4);
     float *lse = (float *)p->lse;
     const int rope = p->rope.cos != NULL;
@@ -133,38 +142,32 @@ int msattn_ms_fwd_cpu(const msattn_ms_params *p, int64_t begin, int64_t end, voi
         const msattn_range qr = msattn_group_queries(ga, d.span, d.N, d.Nq);
 
         for (int64_t hq = h * d.hg; hq < (h + 1) * d.hg; ++hq) {
-            for (int64_t i0 = qr.begin; i0 < qr.end; i0 += MSATTN_ROWS) {
-                const int rows = (int)msattn_min64(MSATTN_ROWS, qr.end - i0);
+            for (int64_t i0 = qr.begin; i0 < qr.end; i0 += MS_QBLOCK) {
+                const int qrows = (int)msattn_min64(MS_QBLOCK, qr.end - i0);
                 const int64_t rope0 = rope ? msattn_compact_own(n_sel, p->block_k, i0, ga, d.span) : -1;
-                ms_load_rows(qb, d.Dp, p, ops, &p->q, &d, b, hq, i0, rows, d.c, rope0);
-                float m[MSATTN_ROWS], l[MSATTN_ROWS];
-                for (int r = 0; r < MSATTN_ROWS; ++r) { m[r] = -INFINITY; l[r] = 0.0f; }
-                memset(ob, 0, (size_t)(MSATTN_ROWS * d.Dp) * sizeof(float));
-                /* causal: keys after the last query of the tile are never visible */
-                const int64_t kend = p->causal ? ms_upper_bound(kpos, L, i0 + rows - 1) : L;
+                ms_load_rows(qb, d.Dp, p, ops, &p->q, &d, b, hq, i0, qrows, d.c, rope0);
+                float m[MS_QBLOCK], l[MS_QBLOCK];
+                for (int r = 0; r < MS_QBLOCK; ++r) { m[r] = -INFINITY; l[r] = 0.0f; }
+                memset(ob, 0, (size_t)(MS_QBLOCK * d.Dp) * sizeof(float));
+                /* causal: keys after the last query of the block are never visible */
+                const int64_t kend = p->causal ? ms_upper_bound(kpos, L, i0 + qrows - 1) : L;
                 for (int64_t t0 = 0; t0 < kend; t0 += MSATTN_TILE) {
                     const int nc = (int)msattn_min64(MSATTN_TILE, kend - t0);
-                    ops->qk(s, qb, d.Dp, rows, kt + t0, Lp, (int)d.D);
-                    if (p->causal && kpos[t0 + nc - 1] > i0) ms_mask_causal(s, rows, nc, kpos + t0, i0);
-                    for (int r = 0; r < rows; ++r) {
-                        float *sr = s + r * MSATTN_TILE;
-                        const float mx = ops->max(sr, nc);
-                        const float mnew = mx > m[r] ? mx : m[r];
-                        if (mnew == -INFINITY) { /* nothing visible yet */
-                            memset(sr, 0, (size_t)nc * sizeof(float));
-                            continue;
-                        }
-                        const float alpha = exp2f(m[r] - mnew);
-                        l[r] = l[r] * alpha + ops->exp2_sum(sr, nc, mnew);
-                        if (alpha != 1.0f) ops->scale(ob + r * d.Dp, (int)d.Dp, alpha);
-                        m[r] = mnew;
+                    const float *ktile = kt + (t0 / MSATTN_TILE) * d.D * MSATTN_TILE;
+                    for (int r0 = 0; r0 < qrows; r0 += MSATTN_ROWS) {
+                        const int rows = (int)msattn_min64(MSATTN_ROWS, qrows - r0);
+                        const int64_t q0 = i0 + r0;
+                        if (p->causal && kpos[t0] > q0 + rows - 1) continue; /* not yet visible to these rows */
+                        ops->qk(s, qb + r0 * d.Dp, d.Dp, rows, ktile, MSATTN_TILE, (int)d.D);
+                        if (p->causal && kpos[t0 + nc - 1] > q0) ms_mask_causal(s, rows, nc, kpos + t0, q0);
+                        ops->softmax_update(s, rows, nc, m + r0, l + r0, ob + r0 * d.Dp, d.Dp, (int)d.Dp);
+                        ops->pv(ob + r0 * d.Dp, d.Dp, s, rows, nc, vr + t0 * d.Dp, d.Dp, (int)d.Dp);
                     }
-                    ops->pv(ob, d.Dp, s, rows, nc, vr + t0 * d.Dp, d.Dp, (int)d.Dp);
                 }
-                for (int r = 0; r < rows; ++r) {
+                for (int r = 0; r < qrows; ++r) {
                     const int64_t i = i0 + r - (d.N - d.Nq);
                     float *o = ob + r * d.Dp;
-                    if (l[r] > 0.0f) {
+                    if (l[r] != 0.0f) { /* NaN included: NaN in, NaN out */
                         ops->scale(o, (int)d.D, 1.0f / l[r]);
                         lse[(b * p->Hq + hq) * d.Nq + i] = (float)((m[r] + log2((double)l[r])) * MS_LN2);
                     } else { /* no visible key (padding): 0, and lse -inf */
@@ -209,7 +212,7 @@ int msattn_ms_invert_cpu(const msattn_ms_params *p, int32_t *inv_offsets, int32_
 
 static size_t ms_bwd_dq_bytes(const ms_dims *d) {
     return 2 * (size_t)d->Lmax * 4 + (size_t)(2 * d->D * d->Lpmax + d->Lpmax * d->Dp) * 4 +
-           (size_t)(5 * MSATTN_ROWS * d->Dp + 2 * MSATTN_ROWS * MSATTN_TILE) * 4 + 12 * 64;
+           (size_t)(5 * MS_QBLOCK * d->Dp + 2 * MSATTN_ROWS * MSATTN_TILE) * 4 + 12 * 64;
 }
 
 int msattn_ms_bwd_dq_cpu(const msattn_ms_params *p, int64_t begin, int64_t end, void *scratch) {
@@ -222,11 +225,11 @@ int msattn_ms_bwd_dq_cpu(const msattn_ms_params *p, int64_t begin, int64_t end, 
     float *kt = (float *)ms_carve(&cur, (size_t)(d.D * d.Lpmax), 4);
     float *vt = (float *)ms_carve(&cur, (size_t)(d.D * d.Lpmax), 4);
     float *kr = (float *)ms_carve(&cur, (size_t)(d.Lpmax * d.Dp), 4);
-    float *qb = (float *)ms_carve(&cur, (size_t)(MSATTN_ROWS * d.Dp), 4);
-    float *dob = (float *)ms_carve(&cur, (size_t)(MSATTN_ROWS * d.Dp), 4);
-    float *ob = (float *)ms_carve(&cur, (size_t)(MSATTN_ROWS * d.Dp), 4);
-    float *dqb = (float *)ms_carve(&cur, (size_t)(MSATTN_ROWS * d.Dp), 4);
-    float *tmp = (float *)ms_carve(&cur, (size_t)(MSATTN_ROWS * d.Dp), 4);
+    float *qb = (float *)ms_carve(&cur, (size_t)(MS_QBLOCK * d.Dp), 4);
+    float *dob = (float *)ms_carve(&cur, (size_t)(MS_QBLOCK * d.Dp), 4);
+    float *ob = (float *)ms_carve(&cur, (size_t)(MS_QBLOCK * d.Dp), 4);
+    float *dqb = (float *)ms_carve(&cur, (size_t)(MS_QBLOCK * d.Dp), 4);
+    float *tmp = (float *)ms_carve(&cur, (size_t)(MS_QBLOCK * d.Dp), 4);
     float *s = (float *)ms_carve(&cur, MSATTN_ROWS * MSATTN_TILE, 4);
     float *dp = (float *)ms_carve(&cur, MSATTN_ROWS * MSATTN_TILE, 4);
     const float *lse = (const float *)p->lse;
@@ -242,36 +245,38 @@ int msattn_ms_bwd_dq_cpu(const msattn_ms_params *p, int64_t begin, int64_t end, 
         const msattn_range qr = msattn_group_queries(ga, d.span, d.N, d.Nq);
 
         for (int64_t hq = h * d.hg; hq < (h + 1) * d.hg; ++hq) {
-            for (int64_t i0 = qr.begin; i0 < qr.end; i0 += MSATTN_ROWS) {
-                const int rows = (int)msattn_min64(MSATTN_ROWS, qr.end - i0);
+            for (int64_t i0 = qr.begin; i0 < qr.end; i0 += MS_QBLOCK) {
+                const int qrows = (int)msattn_min64(MS_QBLOCK, qr.end - i0);
                 const int64_t row0 = (b * p->Hq + hq) * d.Nq + (i0 - (d.N - d.Nq));
                 const int64_t rope0 = rope ? msattn_compact_own(n_sel, p->block_k, i0, ga, d.span) : -1;
-                ms_load_rows(qb, d.Dp, p, ops, &p->q, &d, b, hq, i0, rows, d.c, rope0);
-                ms_load_rows(dob, d.Dp, p, ops, &p->dout, &d, b, hq, i0, rows, 1.0f, -1);
-                ms_load_rows(ob, d.Dp, p, ops, &p->out, &d, b, hq, i0, rows, 1.0f, -1);
-                float delta[MSATTN_ROWS], lse2[MSATTN_ROWS];
-                for (int r = 0; r < rows; ++r) {
+                ms_load_rows(qb, d.Dp, p, ops, &p->q, &d, b, hq, i0, qrows, d.c, rope0);
+                ms_load_rows(dob, d.Dp, p, ops, &p->dout, &d, b, hq, i0, qrows, 1.0f, -1);
+                ms_load_rows(ob, d.Dp, p, ops, &p->out, &d, b, hq, i0, qrows, 1.0f, -1);
+                float delta[MS_QBLOCK], lse2[MS_QBLOCK];
+                for (int r = 0; r < qrows; ++r) {
                     delta[r] = ops->dot(dob + r * d.Dp, ob + r * d.Dp, (int)d.D);
                     if (p->dlse) delta[r] -= ((const float *)p->dlse)[row0 + r];
                     p->delta[row0 + r] = delta[r];
-                    lse2[r] = (float)(lse[row0 + r] * MS_LOG2E_D);
+                    /* a query without keys: +inf makes every probability 0 */
+                    lse2[r] = lse[row0 + r] == -INFINITY ? INFINITY : (float)(lse[row0 + r] * MS_LOG2E_D);
                 }
-                memset(dqb, 0, (size_t)(MSATTN_ROWS * d.Dp) * sizeof(float));
-                const int64_t kend = p->causal ? ms_upper_bound(kpos, L, i0 + rows - 1) : L;
+                memset(dqb, 0, (size_t)(MS_QBLOCK * d.Dp) * sizeof(float));
+                const int64_t kend = p->causal ? ms_upper_bound(kpos, L, i0 + qrows - 1) : L;
                 for (int64_t t0 = 0; t0 < kend; t0 += MSATTN_TILE) {
                     const int nc = (int)msattn_min64(MSATTN_TILE, kend - t0);
-                    ops->qk(s, qb, d.Dp, rows, kt + t0, Lp, (int)d.D);
-                    if (p->causal && kpos[t0 + nc - 1] > i0) ms_mask_causal(s, rows, nc, kpos + t0, i0);
-                    ops->qk(dp, dob, d.Dp, rows, vt + t0, Lp, (int)d.D);
-                    for (int r = 0; r < rows; ++r) {
-                        float *sr = s + r * MSATTN_TILE;
-                        if (lse2[r] == -INFINITY) { memset(sr, 0, (size_t)nc * sizeof(float)); continue; }
-                        ops->exp2_sum(sr, nc, lse2[r]);                          /* P  */
-                        ops->mul_sub(sr, dp + r * MSATTN_TILE, delta[r], nc);    /* dS */
+                    const int64_t toff = (t0 / MSATTN_TILE) * d.D * MSATTN_TILE;
+                    for (int r0 = 0; r0 < qrows; r0 += MSATTN_ROWS) {
+                        const int rows = (int)msattn_min64(MSATTN_ROWS, qrows - r0);
+                        const int64_t q0 = i0 + r0;
+                        if (p->causal && kpos[t0] > q0 + rows - 1) continue;
+                        ops->qk(s, qb + r0 * d.Dp, d.Dp, rows, kt + toff, MSATTN_TILE, (int)d.D);
+                        if (p->causal && kpos[t0 + nc - 1] > q0) ms_mask_causal(s, rows, nc, kpos + t0, q0);
+                        ops->qk(dp, dob + r0 * d.Dp, d.Dp, rows, vt + toff, MSATTN_TILE, (int)d.D);
+                        ops->probs_ds_rows(s, dp, rows, nc, lse2 + r0, delta + r0);
+                        ops->pv(dqb + r0 * d.Dp, d.Dp, s, rows, nc, kr + t0 * d.Dp, d.Dp, (int)d.Dp);
                     }
-                    ops->pv(dqb, d.Dp, s, rows, nc, kr + t0 * d.Dp, d.Dp, (int)d.Dp);
                 }
-                for (int r = 0; r < rows; ++r) {
+                for (int r = 0; r < qrows; ++r) {
                     float *g = dqb + r * d.Dp;
                     ops->scale(g, (int)d.D, (float)p->scale);
                     if (rope) ms_rope_rotate(g, &p->rope, rope0 + r, -1.0f);
@@ -303,13 +308,13 @@ static int64_t ms_block_regions(const msattn_ms_params *p, const ms_dims *d) {
 }
 
 static size_t ms_bwd_dkv_bytes(const msattn_ms_params *p, const ms_dims *d) {
-    const int64_t RB = ms_block_regions(p, d), CK = p->block_k;
+    const int64_t RB = ms_block_regions(p, d), CK = p->block_k, CKp = ms_round_up(CK, MSATTN_ROWS);
     const int64_t ncp = ms_round_up(d->hg * d->span, MSATTN_TILE);
     const int64_t npairs = msattn_min64(RB * (d->G + 1), d->G * d->T + RB);
     return (size_t)npairs * sizeof(ms_pair) + (size_t)(2 * d->D * ncp + 2 * ncp * d->Dp) * 4 +
-           (size_t)(3 * ncp) * 4 + 2 * (size_t)(RB * CK * d->Dp) * 4 + 2 * (size_t)(CK * d->Dp) * 4 +
-           2 * (size_t)CK * 4 + (size_t)(5 * MSATTN_ROWS * d->Dp + 2 * MSATTN_ROWS * MSATTN_TILE) * 4 +
-           (size_t)(ncp / MSATTN_TILE + 1) * 8 + 20 * 64;
+           (size_t)(3 * ncp) * 4 + 2 * (size_t)(RB * CK * d->Dp) * 4 + 4 * (size_t)(CKp * d->Dp) * 4 +
+           2 * (size_t)CKp * 4 + (size_t)(MSATTN_ROWS * d->Dp + 2 * MSATTN_ROWS * MSATTN_TILE) * 4 +
+           (size_t)(2 * (ncp / MSATTN_TILE + 1)) * 4 + 24 * 64;
 }
 
 size_t msattn_ms_bwd_scratch_bytes(const msattn_ms_params *p) {
@@ -318,19 +323,71 @@ size_t msattn_ms_bwd_scratch_bytes(const msattn_ms_params *p) {
     return a > b ? a : b;
 }
 
+/* the columns of group gi for pass 2: its queries of every head of the GQA group, packed as
+ * qt, dot: q * c and dO transposed, tile-major (64 columns a tile, (D, 64) each)
+ * qrow, dorow: q and dO as rows (ncp, Dp); lse2, delta, qpos per column; tmin/tmax per tile */
+static int64_t ms_pack_columns(const msattn_ms_params *p, const msattn_simd_ops *ops, const ms_dims *d,
+                               int64_t b, int64_t h, int64_t ga, int64_t n_sel, float *qt, float *dot,
+                               float *qrow, float *dorow, float *lse2, float *delta, int32_t *qpos,
+                               int32_t *tmin, int32_t *tmax, float *tmp) {
+    const float *lse = (const float *)p->lse;
+    const msattn_range qr = msattn_group_queries(ga, d->span, d->N, d->Nq);
+    const int64_t nq = qr.end - qr.begin, ncol = d->hg * nq;
+    const int64_t ncp = ms_round_up(ncol, MSATTN_TILE);
+    for (int64_t col = 0; col < ncp; ++col) {
+        float *qtc = qt + (col / MSATTN_TILE) * d->D * MSATTN_TILE + col % MSATTN_TILE;
+        float *dotc = dot + (col / MSATTN_TILE) * d->D * MSATTN_TILE + col % MSATTN_TILE;
+        if (col < ncol) {
+            const int64_t hq = h * d->hg + col / nq, pos = qr.begin + col % nq;
+            const int64_t i = pos - (d->N - d->Nq), row = (b * p->Hq + hq) * d->Nq + i;
+            ms_load_row(tmp, ops, &p->q, p->dtype, b, hq, i, (int)d->D, 1.0f);
+            if (p->rope.cos)
+                ms_rope_rotate(tmp, &p->rope, msattn_compact_own(n_sel, p->block_k, pos, ga, d->span), 1.0f);
+            for (int64_t k = 0; k < d->D; ++k) qtc[k * MSATTN_TILE] = tmp[k] * d->c;
+            memcpy(qrow + col * d->Dp, tmp, (size_t)d->D * sizeof(float));
+            ms_load_row(tmp, ops, &p->dout, p->dtype, b, hq, i, (int)d->D, 1.0f);
+            for (int64_t k = 0; k < d->D; ++k) dotc[k * MSATTN_TILE] = tmp[k];
+            memcpy(dorow + col * d->Dp, tmp, (size_t)d->D * sizeof(float));
+            lse2[col] = lse[row] == -INFINITY ? INFINITY : (float)(lse[row] * MS_LOG2E_D);
+            delta[col] = p->delta[row];
+            qpos[col] = (int32_t)pos;
+        } else { /* padding columns: zero q, p = 0 */
+            for (int64_t k = 0; k < d->D; ++k) qtc[k * MSATTN_TILE] = dotc[k * MSATTN_TILE] = 0.0f;
+            memset(qrow + col * d->Dp, 0, (size_t)d->D * sizeof(float));
+            memset(dorow + col * d->Dp, 0, (size_t)d->D * sizeof(float));
+            lse2[col] = INFINITY;
+            delta[col] = 0.0f;
+            qpos[col] = INT32_MAX;
+        }
+        memset(qrow + col * d->Dp + d->D, 0, (size_t)(d->Dp - d->D) * sizeof(float));
+        memset(dorow + col * d->Dp + d->D, 0, (size_t)(d->Dp - d->D) * sizeof(float));
+    }
+    for (int64_t c0 = 0; c0 < ncp; c0 += MSATTN_TILE) {
+        int32_t lo = INT32_MAX, hi = -1;
+        for (int64_t c = c0; c < c0 + MSATTN_TILE && c < ncol; ++c) {
+            lo = qpos[c] < lo ? qpos[c] : lo;
+            hi = qpos[c] > hi ? qpos[c] : hi;
+        }
+        tmin[c0 / MSATTN_TILE] = lo;
+        tmax[c0 / MSATTN_TILE] = hi;
+    }
+    return ncol;
+}
+
 int msattn_ms_bwd_dkv_cpu(const msattn_ms_params *p, int64_t begin, int64_t end, void *scratch) {
     if (p->dtype == MSATTN_F64) return MSATTN_ERR_DTYPE;
     const msattn_simd_ops *ops = msattn_simd();
     const ms_dims d = ms_dims_of(p);
     const int64_t RB = ms_block_regions(p, &d), CK = p->block_k, KB = p->kv_blocks;
+    const int64_t CKp = ms_round_up(CK, MSATTN_ROWS);
     const int64_t ncp_max = ms_round_up(d.hg * d.span, MSATTN_TILE);
     const int64_t npairs_max = msattn_min64(RB * (d.G + 1), d.G * d.T + RB);
     char *cur = (char *)scratch;
     ms_pair *pairs = (ms_pair *)ms_carve(&cur, (size_t)npairs_max, sizeof(ms_pair));
-    float *qt = (float *)ms_carve(&cur, (size_t)(d.D * ncp_max), 4);   /* (D, ncp) q * c    */
-    float *dot = (float *)ms_carve(&cur, (size_t)(d.D * ncp_max), 4);  /* (D, ncp) dO       */
-    float *qrow = (float *)ms_carve(&cur, (size_t)(ncp_max * d.Dp), 4); /* (ncp, Dp) q       */
-    float *dorow = (float *)ms_carve(&cur, (size_t)(ncp_max * d.Dp), 4); /* (ncp, Dp) dO     */
+    float *qt = (float *)ms_carve(&cur, (size_t)(d.D * ncp_max), 4);
+    float *dot = (float *)ms_carve(&cur, (size_t)(d.D * ncp_max), 4);
+    float *qrow = (float *)ms_carve(&cur, (size_t)(ncp_max * d.Dp), 4);
+    float *dorow = (float *)ms_carve(&cur, (size_t)(ncp_max * d.Dp), 4);
     float *lse2 = (float *)ms_carve(&cur, (size_t)ncp_max, 4);
     float *delta = (float *)ms_carve(&cur, (size_t)ncp_max, 4);
     int32_t *qpos = (int32_t *)ms_carve(&cur, (size_t)ncp_max, 4);
@@ -338,16 +395,15 @@ int msattn_ms_bwd_dkv_cpu(const msattn_ms_params *p, int64_t begin, int64_t end,
     int32_t *tmax = (int32_t *)ms_carve(&cur, (size_t)(ncp_max / MSATTN_TILE + 1), 4);
     float *dkacc = (float *)ms_carve(&cur, (size_t)(RB * CK * d.Dp), 4);
     float *dvacc = (float *)ms_carve(&cur, (size_t)(RB * CK * d.Dp), 4);
-    float *kr = (float *)ms_carve(&cur, (size_t)(CK * d.Dp), 4);
-    float *vr = (float *)ms_carve(&cur, (size_t)(CK * d.Dp), 4);
-    int32_t *kp = (int32_t *)ms_carve(&cur, (size_t)CK, 4);
-    int32_t *kc = (int32_t *)ms_carve(&cur, (size_t)CK, 4);
-    float *dk4 = (float *)ms_carve(&cur, (size_t)(MSATTN_ROWS * d.Dp), 4);
-    float *dv4 = (float *)ms_carve(&cur, (size_t)(MSATTN_ROWS * d.Dp), 4);
+    float *kr = (float *)ms_carve(&cur, (size_t)(CKp * d.Dp), 4);   /* region keys as rows */
+    float *vr = (float *)ms_carve(&cur, (size_t)(CKp * d.Dp), 4);
+    float *dkr = (float *)ms_carve(&cur, (size_t)(CKp * d.Dp), 4);  /* their gradients, this group */
+    float *dvr = (float *)ms_carve(&cur, (size_t)(CKp * d.Dp), 4);
+    int32_t *kp = (int32_t *)ms_carve(&cur, (size_t)CKp, 4);
+    int32_t *kc = (int32_t *)ms_carve(&cur, (size_t)CKp, 4);
     float *tmp = (float *)ms_carve(&cur, (size_t)(MSATTN_ROWS * d.Dp), 4);
     float *s = (float *)ms_carve(&cur, MSATTN_ROWS * MSATTN_TILE, 4);
     float *dp = (float *)ms_carve(&cur, MSATTN_ROWS * MSATTN_TILE, 4);
-    const float *lse = (const float *)p->lse;
     const int rope = p->rope.cos != NULL;
 
     for (int64_t w = begin; w < end; ++w) {
@@ -380,49 +436,12 @@ int msattn_ms_bwd_dkv_cpu(const msattn_ms_params *p, int64_t begin, int64_t end,
             const int32_t *sel = ms_index_row(p, &d, bh, gi);
             int64_t n_sel = 0;
             while (n_sel < d.T && sel[n_sel] >= 0) ++n_sel;
-
-            /* pack the group's queries of every head of the GQA group as columns */
-            const msattn_range qr = msattn_group_queries(ga, d.span, d.N, d.Nq);
-            const int64_t nq = qr.end - qr.begin, ncol = d.hg * nq;
-            const int64_t ncp = ms_round_up(ncol, MSATTN_TILE);
-            for (int64_t col = 0; col < ncp; ++col) {
-                if (col < ncol) {
-                    const int64_t hq = h * d.hg + col / nq, pos = qr.begin + col % nq;
-                    const int64_t i = pos - (d.N - d.Nq), row = (b * p->Hq + hq) * d.Nq + i;
-                    ms_load_row(tmp, ops, &p->q, p->dtype, b, hq, i, (int)d.D, 1.0f);
-                    if (rope) ms_rope_rotate(tmp, &p->rope, msattn_compact_own(n_sel, p->block_k, pos, ga, d.span), 1.0f);
-                    for (int64_t k = 0; k < d.D; ++k) qt[k * ncp + col] = tmp[k] * d.c;
-                    memcpy(qrow + col * d.Dp, tmp, (size_t)d.D * sizeof(float));
-                    ms_load_row(tmp, ops, &p->dout, p->dtype, b, hq, i, (int)d.D, 1.0f);
-                    for (int64_t k = 0; k < d.D; ++k) dot[k * ncp + col] = tmp[k];
-                    memcpy(dorow + col * d.Dp, tmp, (size_t)d.D * sizeof(float));
-                    lse2[col] = lse[row] == -INFINITY ? INFINITY : (float)(lse[row] * MS_LOG2E_D);
-                    delta[col] = p->delta[row];
-                    qpos[col] = (int32_t)pos;
-                } else { /* padding columns: zero q, p = 0 */
-                    for (int64_t k = 0; k < d.D; ++k) qt[k * ncp + col] = dot[k * ncp + col] = 0.0f;
-                    memset(qrow + col * d.Dp, 0, (size_t)d.D * sizeof(float));
-                    memset(dorow + col * d.Dp, 0, (size_t)d.D * sizeof(float));
-                    lse2[col] = INFINITY;
-                    delta[col] = 0.0f;
-                    qpos[col] = INT32_MAX;
-                }
-                memset(qrow + col * d.Dp + d.D, 0, (size_t)(d.Dp - d.D) * sizeof(float));
-                memset(dorow + col * d.Dp + d.D, 0, (size_t)(d.Dp - d.D) * sizeof(float));
-            }
-            for (int64_t c0 = 0; c0 < ncp; c0 += MSATTN_TILE) {
-                int32_t lo = INT32_MAX, hi = -1;
-                for (int64_t c = c0; c < c0 + MSATTN_TILE && c < ncol; ++c) {
-                    lo = qpos[c] < lo ? qpos[c] : lo;
-                    hi = qpos[c] > hi ? qpos[c] : hi;
-                }
-                tmin[c0 / MSATTN_TILE] = lo;
-                tmax[c0 / MSATTN_TILE] = hi;
-            }
+            const int64_t ncol = ms_pack_columns(p, ops, &d, b, h, ga, n_sel, qt, dot, qrow, dorow, lse2, delta,
+                                                 qpos, tmin, tmax, tmp);
 
             for (int64_t e = e0; e < e1; ++e) {
                 const int64_t j = pairs[e].j, own = pairs[e].own;
-                /* the region's valid keys and their positions as this group sees them */
+                /* the region's valid keys, rotated to the positions this group gives them */
                 msattn_range tok = msattn_key_region(j, p->block_k, d.N);
                 int64_t rank = 0;
                 if (rope && !own)
@@ -438,32 +457,36 @@ int msattn_ms_bwd_dkv_cpu(const msattn_ms_params *p, int64_t begin, int64_t end,
                     ms_load_row(vr + nk * d.Dp, ops, &p->v, p->dtype, b, h, t, (int)d.D, 1.0f);
                     ++nk;
                 }
-                for (int64_t r0 = 0; r0 < nk; r0 += MSATTN_ROWS) {
-                    const int rows = (int)msattn_min64(MSATTN_ROWS, nk - r0);
-                    const int32_t kmin = kp[r0], kmax = kp[r0 + rows - 1];
-                    memset(dk4, 0, (size_t)(MSATTN_ROWS * d.Dp) * sizeof(float));
-                    memset(dv4, 0, (size_t)(MSATTN_ROWS * d.Dp) * sizeof(float));
-                    for (int64_t c0 = 0; c0 < ncol; c0 += MSATTN_TILE) {
-                        const int nc = (int)msattn_min64(MSATTN_TILE, ncol - c0);
-                        if (p->causal && own && tmax[c0 / MSATTN_TILE] < kmin) continue; /* all masked */
-                        ops->qk(s, kr + r0 * d.Dp, d.Dp, rows, qt + c0, ncp, (int)d.D);
+                if (nk == 0) continue;
+                memset(dkr, 0, (size_t)(nk * d.Dp) * sizeof(float));
+                memset(dvr, 0, (size_t)(nk * d.Dp) * sizeof(float));
+                const int masked = p->causal && own;
+                /* column tiles outer: each tile's packed queries stay in L1 for every key chunk */
+                for (int64_t c0 = 0; c0 < ncol; c0 += MSATTN_TILE) {
+                    const int nc = (int)msattn_min64(MSATTN_TILE, ncol - c0);
+                    const int64_t toff = (c0 / MSATTN_TILE) * d.D * MSATTN_TILE;
+                    const int32_t tlo = tmin[c0 / MSATTN_TILE], thi = tmax[c0 / MSATTN_TILE];
+                    for (int64_t r0 = 0; r0 < nk; r0 += MSATTN_ROWS) {
+                        const int rows = (int)msattn_min64(MSATTN_ROWS, nk - r0);
+                        if (masked && thi < kp[r0]) continue; /* every query of the tile precedes */
+                        ops->qk(s, kr + r0 * d.Dp, d.Dp, rows, qt + toff, MSATTN_TILE, (int)d.D);
                         for (int r = 0; r < rows; ++r) ops->exp2_sub(s + r * MSATTN_TILE, lse2 + c0, nc);
-                        if (p->causal && own && tmin[c0 / MSATTN_TILE] < kmax)
+                        if (masked && tlo < kp[r0 + rows - 1])
                             for (int r = 0; r < rows; ++r)
                                 for (int c = 0; c < nc; ++c)
                                     if (qpos[c0 + c] < kp[r0 + r]) s[r * MSATTN_TILE + c] = 0.0f;
-                        ops->pv(dv4, d.Dp, s, rows, nc, dorow + c0 * d.Dp, d.Dp, (int)d.Dp);
-                        ops->qk(dp, vr + r0 * d.Dp, d.Dp, rows, dot + c0, ncp, (int)d.D);
+                        ops->pv(dvr + r0 * d.Dp, d.Dp, s, rows, nc, dorow + c0 * d.Dp, d.Dp, (int)d.Dp);
+                        ops->qk(dp, vr + r0 * d.Dp, d.Dp, rows, dot + toff, MSATTN_TILE, (int)d.D);
                         for (int r = 0; r < rows; ++r)
                             ops->mul_sub_vec(s + r * MSATTN_TILE, dp + r * MSATTN_TILE, delta + c0, nc);
-                        ops->pv(dk4, d.Dp, s, rows, nc, qrow + c0 * d.Dp, d.Dp, (int)d.Dp);
+                        ops->pv(dkr + r0 * d.Dp, d.Dp, s, rows, nc, qrow + c0 * d.Dp, d.Dp, (int)d.Dp);
                     }
-                    for (int r = 0; r < rows; ++r) {
-                        float *gk = dk4 + r * d.Dp, *gv = dv4 + r * d.Dp;
-                        if (rope) ms_rope_rotate(gk, &p->rope, kc[r0 + r], -1.0f);
-                        float *ak = dkacc + (kp[r0 + r] - tb) * d.Dp, *av = dvacc + (kp[r0 + r] - tb) * d.Dp;
-                        for (int64_t k = 0; k < d.D; ++k) { ak[k] += gk[k]; av[k] += gv[k]; }
-                    }
+                }
+                for (int64_t r = 0; r < nk; ++r) {
+                    float *gk = dkr + r * d.Dp, *gv = dvr + r * d.Dp;
+                    if (rope) ms_rope_rotate(gk, &p->rope, kc[r], -1.0f);
+                    float *ak = dkacc + (kp[r] - tb) * d.Dp, *av = dvacc + (kp[r] - tb) * d.Dp;
+                    for (int64_t k = 0; k < d.D; ++k) { ak[k] += gk[k]; av[k] += gv[k]; }
                 }
             }
             e0 = e1;

@@ -31,6 +31,14 @@ typedef struct {
      * o rows at stride ldo; rows <= 4; dp % MSATTN_DPAD == 0 */
     void (*pv)(float *o, int64_t ldo, const float *p, int rows, int ncols, const float *b,
                int64_t ldb, int dp);
+    /* online-softmax update of a score tile s (rows, 64) in log2 units, nc valid columns: per row
+     * mnew = max(m, max s[:nc]); s = exp2(s - mnew); l = l * exp2(m - mnew) + sum s; the o row
+     * (dp floats at stride ldo) *= exp2(m - mnew); m = mnew. A row with nothing visible yet gets
+     * s = 0 (and l = NaN if a score was NaN). */
+    void (*softmax_update)(float *s, int rows, int nc, float *m, float *l, float *o, int64_t ldo, int dp);
+    /* s[r][c] = exp2(s[r][c] - sub[r]) * (y[r][c] - c0[r]): P and dS of a tile (sub = lse2 per row;
+     * a row with sub = +inf gives 0) */
+    void (*probs_ds_rows)(float *s, const float *y, int rows, int nc, const float *sub, const float *c0);
     /* max of x[0..n), -inf for n == 0 */
     float (*max)(const float *x, int n);
     /* x[i] = exp2(x[i] - sub); returns the sum of the new x */

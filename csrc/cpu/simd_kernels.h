@@ -132,6 +132,67 @@ static void MS_SUFFIX(pv)(float *o, int64_t ldo, const float *p, int rows, int n
 // ----------------------------------------------------------------------------------------------
 // row operations of the online softmax and its backward
 
+static void MS_SUFFIX(softmax_update)(float *s, int rows, int nc, float *m, float *l, float *o, int64_t ldo,
+                                      int dp) {
+    for (int r = 0; r < rows; ++r) {
+        float *x = s + r * MSATTN_TILE;
+        /* row max */
+        int i = 0;
+        float mx = -INFINITY;
+#if VL > 1
+        if (nc >= VL) {
+            vf vm = vf_load(x);
+            for (i = VL; i + VL <= nc; i += VL) vm = vf_max(vm, vf_load(x + i));
+            mx = vf_hmax(vm);
+        }
+#endif
+        for (; i < nc; ++i) mx = x[i] > mx ? x[i] : mx;
+        const float mnew = mx > m[r] ? mx : m[r];
+        if (mnew == -INFINITY) { /* nothing visible yet, or only NaN scores */
+            for (int c = 0; c < nc; ++c)
+                if (x[c] != x[c]) l[r] = NAN;
+            memset(x, 0, (size_t)nc * sizeof(float));
+            continue;
+        }
+        /* p = exp2(s - mnew) and its sum */
+        vf acc = vf_zero(), vs = vf_set1(mnew);
+        for (i = 0; i + VL <= nc; i += VL) {
+            vf e = vf_exp2(vf_sub(vf_load(x + i), vs));
+            vf_store(x + i, e);
+            acc = vf_add(acc, e);
+        }
+        float sum = vf_hsum(acc);
+        for (; i < nc; ++i) {
+            x[i] = exp2f(x[i] - mnew);
+            sum += x[i];
+        }
+        /* rescale what was accumulated under the old max */
+        if (mnew != m[r]) {
+            const float alpha = exp2f(m[r] - mnew);
+            float *orow = o + r * ldo;
+            vf va = vf_set1(alpha);
+            for (i = 0; i + VL <= dp; i += VL) vf_store(orow + i, vf_mul(vf_load(orow + i), va));
+            for (; i < dp; ++i) orow[i] *= alpha;
+            l[r] *= alpha;
+        }
+        l[r] += sum;
+        m[r] = mnew;
+    }
+}
+
+static void MS_SUFFIX(probs_ds_rows)(float *s, const float *y, int rows, int nc, const float *sub,
+                                     const float *c0) {
+    for (int r = 0; r < rows; ++r) {
+        float *x = s + r * MSATTN_TILE;
+        const float *yr = y + r * MSATTN_TILE;
+        vf vs = vf_set1(sub[r]), vc = vf_set1(c0[r]);
+        int i = 0;
+        for (; i + VL <= nc; i += VL)
+            vf_store(x + i, vf_mul(vf_exp2(vf_sub(vf_load(x + i), vs)), vf_sub(vf_load(yr + i), vc)));
+        for (; i < nc; ++i) x[i] = exp2f(x[i] - sub[r]) * (yr[i] - c0[r]);
+    }
+}
+
 static float MS_SUFFIX(max)(const float *x, int n) {
     int i = 0;
     float m = -INFINITY;
@@ -271,6 +332,8 @@ const msattn_simd_ops MS_SUFFIX(msattn_simd) = {
 #endif
     MS_SUFFIX(qk),
     MS_SUFFIX(pv),
+    MS_SUFFIX(softmax_update),
+    MS_SUFFIX(probs_ds_rows),
     MS_SUFFIX(max),
     MS_SUFFIX(exp2_sum),
     MS_SUFFIX(exp2_sub),

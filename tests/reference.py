@@ -1,0 +1,129 @@
+"""Pure-PyTorch references for MS attention, written from DESIGN section 1 independently of the C code.
+
+Everything is float64 and loops over (batch, KV head, group) in Python: slow, small, obviously right.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def groups_of_call(n: int, nq: int, span: int) -> range:
+    """Absolute groups holding one of the last nq of n positions."""
+    return range((n - nq) // span, (n - 1) // span + 1) if nq > 0 else range(0)
+
+
+def select_ref(q, k, *, block_q, block_k, merge, topk, causal=True, key_padding_mask=None):
+    """DESIGN 1.1-1.5 -> int32 (B, Hkv, G, topk), ascending, -1 padded."""
+    q, k = q.double(), k.double()
+    B, Hq, Nq, D = q.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    hg, span = Hq // Hkv, block_q * merge
+    nk = math.ceil(N / block_k)
+    mask = key_padding_mask if key_padding_mask is not None else torch.ones(B, N, dtype=torch.bool)
+    groups = groups_of_call(N, Nq, span)
+    out = torch.full((B, Hkv, len(groups), topk), -1, dtype=torch.int32)
+    qsum = q.view(B, Hkv, hg, Nq, D).sum(2)  # (B, Hkv, Nq, D), summed over the GQA group
+    for b in range(B):
+        kcount = [int(mask[b, j * block_k:(j + 1) * block_k].sum()) for j in range(nk)]
+        for h in range(Hkv):
+            kbar = torch.stack([
+                (k[b, h, j * block_k:(j + 1) * block_k] * mask[b, j * block_k:(j + 1) * block_k, None]).sum(0)
+                / max(kcount[j], 1) for j in range(nk)])
+            for gi, g in enumerate(groups):
+                s_g, e_g = g * span, (g + 1) * span
+                if causal:
+                    cand = [j for j in range(nk) if (j + 1) * block_k <= s_g and kcount[j] > 0]
+                else:
+                    cand = [j for j in range(nk)
+                            if ((j + 1) * block_k <= s_g or j * block_k >= e_g) and kcount[j] > 0]
+                if len(cand) <= topk:
+                    out[b, h, gi, :len(cand)] = torch.tensor(cand, dtype=torch.int32)
+                    continue
+                cand_t = torch.tensor(cand)
+                lists = []
+                for a in range(g * merge, (g + 1) * merge):
+                    pos = [t for t in range(a * block_q, (a + 1) * block_q) if N - Nq <= t < N and mask[b, t]]
+                    if not pos:
+                        continue
+                    qbar = qsum[b, h, [t - (N - Nq) for t in pos]].mean(0)
+                    scores = kbar[cand_t] @ qbar
+                    order = torch.sort(scores, descending=True, stable=True).indices  # ties: lower j first
+                    lists.append(cand_t[order[:topk]].tolist())
+                chosen: list[int] = []
+                for r in range(topk):
+                    for lst in lists:
+                        if len(chosen) < topk and lst[r] not in chosen:
+                            chosen.append(lst[r])
+                chosen.sort()
+                out[b, h, gi, :len(chosen)] = torch.tensor(chosen, dtype=torch.int32)
+    return out
+
+
+def rotate(x, cos, sin, pos):
+    """HF-style RoPE of x (..., L, D) at positions pos (L,), tables (P, rotary_dim/2)."""
+    half = cos.shape[1]
+    c, s = cos[pos].double(), sin[pos].double()
+    x1, x2 = x[..., :half], x[..., half:2 * half]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s, x[..., 2 * half:]], dim=-1)
+
+
+def ms_attention_ref(q, k, v, index, *, block_q, block_k, merge, causal=True, scale=None,
+                     key_padding_mask=None, rotary=None):
+    """DESIGN 1.6 by gathering each group's keys -> (out, lse) in float64, differentiable."""
+    q, k, v = q.double(), k.double(), v.double()
+    B, Hq, Nq, D = q.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    hg, span = Hq // Hkv, block_q * merge
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    mask = key_padding_mask if key_padding_mask is not None else torch.ones(B, N, dtype=torch.bool)
+    out = q.new_zeros(B, Hq, Nq, D)
+    lse = q.new_full((B, Hq, Nq), -math.inf)
+    for b in range(B):
+        for h in range(Hkv):
+            for gi, g in enumerate(groups_of_call(N, Nq, span)):
+                sel = [int(j) for j in index[b, h, gi] if j >= 0]
+                keys, comp = [], []
+                for i, j in enumerate(sel):
+                    for t in range(j * block_k, min((j + 1) * block_k, N)):
+                        keys.append(t)
+                        comp.append(i * block_k + t - j * block_k)
+                for t in range(g * span, min((g + 1) * span, N)):
+                    keys.append(t)
+                    comp.append(len(sel) * block_k + t - g * span)
+                qpos = torch.arange(max(g * span, N - Nq), min((g + 1) * span, N))
+                keys_t = torch.tensor(keys, dtype=torch.long)
+                Q = q[b, h * hg:(h + 1) * hg, qpos - (N - Nq)]
+                K, V = k[b, h, keys_t], v[b, h, keys_t]
+                if rotary is not None:
+                    cos, sin = rotary
+                    Q = rotate(Q, cos, sin, len(sel) * block_k + qpos - g * span)
+                    K = rotate(K, cos, sin, torch.tensor(comp))
+                allowed = mask[b, keys_t][None, :].expand(len(qpos), -1)
+                if causal:
+                    allowed = allowed & (keys_t[None, :] <= qpos[:, None])
+                S = (Q @ K.transpose(-1, -2) * scale).masked_fill(~allowed, -math.inf)
+                L = torch.logsumexp(S, dim=-1)
+                P = torch.exp(S - L[..., None]).nan_to_num(0.0)
+                out[b, h * hg:(h + 1) * hg, qpos - (N - Nq)] = P @ V
+                lse[b, h * hg:(h + 1) * hg, qpos - (N - Nq)] = L
+    return out, lse
+
+
+def sdpa_ref(q, k, v, *, causal=True, key_padding_mask=None, scale=None):
+    """Dense attention in float64 with bottom-right causal mask and key padding; rows without any
+    visible key give zeros. Returns (out, has_key) with has_key (B, 1, Nq) bool."""
+    q, k, v = q.double(), k.double(), v.double()
+    B, Hq, Nq, D = q.shape
+    N, hg = k.shape[2], Hq // k.shape[1]
+    k, v = k.repeat_interleave(hg, 1), v.repeat_interleave(hg, 1)
+    allowed = torch.ones(B, 1, Nq, N, dtype=torch.bool)
+    if causal:
+        allowed = allowed & (torch.arange(N)[None, :] <= torch.arange(N - Nq, N)[:, None])
+    if key_padding_mask is not None:
+        allowed = allowed & key_padding_mask[:, None, None, :]
+    has_key = allowed.any(-1)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+    return out.nan_to_num(0.0) * has_key[..., None], has_key

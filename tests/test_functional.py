@@ -1,0 +1,403 @@
+"""msattn.ms_attention and msattn.ms_select against independent references (tests/reference.py)."""
+
+import math
+
+import pytest
+import torch
+
+import msattn
+from reference import ms_attention_ref, sdpa_ref, select_ref
+
+
+def make_qkv(B, Hq, Hkv, Nq, N, D, dtype=torch.float64, requires_grad=False):
+    q = torch.randn(B, Hq, Nq, D, dtype=dtype, requires_grad=requires_grad)
+    k = torch.randn(B, Hkv, N, D, dtype=dtype, requires_grad=requires_grad)
+    v = torch.randn(B, Hkv, N, D, dtype=dtype, requires_grad=requires_grad)
+    return q, k, v
+
+
+def make_mask(B, N, kind):
+    """None, or bool (B, N) with left or right padding of random lengths (row 0 unpadded)."""
+    if kind is None:
+        return None
+    mask = torch.ones(B, N, dtype=torch.bool)
+    for b in range(1, B):
+        pad = int(torch.randint(1, max(2, N // 2 + 1), ()))
+        if kind == "left":
+            mask[b, :pad] = False
+        else:
+            mask[b, N - pad:] = False
+    return mask
+
+
+def rel_err(x, ref):
+    return ((x.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. topk covering every region: exactly dense attention
+
+DENSE_SHAPES = [  # (B, Hq, Hkv, Nq, N, D)
+    (1, 1, 1, 1, 1, 8),
+    (2, 4, 2, 97, 97, 59),
+    (1, 4, 1, 33, 97, 8),
+    (2, 2, 2, 1, 130, 16),
+    (1, 2, 1, 1025, 1025, 128),
+]
+
+
+@pytest.mark.parametrize("shape", DENSE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("pad", [None, "left", "right"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_covering_topk_equals_sdpa(shape, causal, pad, dtype):
+    B, Hq, Hkv, Nq, N, D = shape
+    q, k, v = make_qkv(B, Hq, Hkv, Nq, N, D, dtype)
+    mask = make_mask(B, N, pad)
+    block_q, block_k, merge = (16, 16, 4) if N > 200 else (4, 8, 4)
+    topk = math.ceil(N / block_k)
+    out = msattn.ms_attention(q, k, v, block_q=block_q, block_k=block_k, merge=merge, topk=topk,
+                              causal=causal, key_padding_mask=mask)
+    ref, _ = sdpa_ref(q, k, v, causal=causal, key_padding_mask=mask)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert rel_err(out, ref) <= (1e-10 if dtype == torch.float64 else 1e-5)
+
+
+def test_default_parameters_equal_sdpa_up_to_topk_regions():
+    # with the authors' defaults (topk=448, block_k=16), 1500 tokens are far below 448 regions: dense
+    q, k, v = make_qkv(1, 2, 1, 1500, 1500, 32, torch.float32)
+    ref, _ = sdpa_ref(q, k, v)
+    assert rel_err(msattn.ms_attention(q, k, v), ref) <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. the selection equals the reference of DESIGN 1.5, exactly
+
+SELECT_CASES = [  # (B, Hq, Hkv, Nq, N, D, block_q, block_k, merge, topk, causal)
+    (2, 4, 2, 200, 200, 16, 4, 4, 2, 3, True),
+    (1, 2, 2, 97, 97, 59, 4, 8, 4, 2, True),
+    (1, 4, 1, 57, 301, 8, 8, 4, 3, 5, True),
+    (2, 2, 1, 1, 257, 16, 16, 16, 4, 4, True),
+    (1, 3, 3, 130, 130, 12, 4, 8, 2, 4, False),
+    (1, 2, 1, 40, 321, 8, 8, 8, 2, 6, False),
+]
+
+
+@pytest.mark.parametrize("case", SELECT_CASES, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("pad", [None, "left", "right"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["f64", "f32", "bf16"])
+def test_select_equals_reference(case, pad, dtype):
+    B, Hq, Hkv, Nq, N, D, bq, bk, merge, topk, causal = case
+    q, k, _ = make_qkv(B, Hq, Hkv, Nq, N, D, dtype)
+    mask = make_mask(B, N, pad)
+    got = msattn.ms_select(q, k, block_q=bq, block_k=bk, merge=merge, topk=topk, causal=causal,
+                           key_padding_mask=mask)
+    want = select_ref(q, k, block_q=bq, block_k=bk, merge=merge, topk=topk, causal=causal, key_padding_mask=mask)
+    assert got.dtype == torch.int32 and got.shape == want.shape
+    assert torch.equal(got, want)
+
+
+def test_select_breaks_ties_to_the_lower_region():
+    # key regions 0..7 in pairs of identical content: every score ties with its twin
+    bk, D = 4, 8
+    base = torch.randn(1, 1, 4, bk, D).repeat_interleave(2, dim=2).reshape(1, 1, 8 * bk, D)
+    k = torch.cat([base, torch.randn(1, 1, 32, D)], dim=2)  # 64 tokens
+    q = torch.randn(1, 1, 64, D)
+    got = msattn.ms_select(q, k, block_q=4, block_k=bk, merge=8, topk=3)
+    assert torch.equal(got, select_ref(q, k, block_q=4, block_k=bk, merge=8, topk=3))
+    assert (got[0, 0, 1] >= 0).all()
+    # group 1 sees regions 0..7: whatever it picks, it never takes a twin without the lower one
+    picked = set(got[0, 0, 1].tolist())
+    for j in picked:
+        if j % 2 == 1 and j < 8:
+            assert j - 1 in picked
+
+
+def test_select_small_groups_take_every_candidate():
+    q, k, _ = make_qkv(1, 2, 1, 64, 64, 8)
+    got = msattn.ms_select(q, k, block_q=4, block_k=4, merge=2, topk=4)
+    # group g (8 tokens) has 2g candidate regions: all taken while 2g <= 4
+    assert got[0, 0, 0].tolist() == [-1] * 4
+    assert got[0, 0, 1].tolist() == [0, 1, -1, -1]
+    assert got[0, 0, 2].tolist() == [0, 1, 2, 3]
+
+
+def test_select_never_chooses_an_empty_region():
+    q, k, _ = make_qkv(1, 2, 1, 128, 128, 8)
+    mask = torch.ones(1, 128, dtype=torch.bool)
+    mask[0, 8:40] = False  # key regions 1..4 (block_k 8) fully padded
+    got = msattn.ms_select(q, k, block_q=8, block_k=8, merge=2, topk=3, key_padding_mask=mask)
+    assert not any(j in (1, 2, 3, 4) for j in got.flatten().tolist())
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. sparse configurations equal the gather reference
+
+SPARSE_CASES = [  # (B, Hq, Hkv, Nq, N, D, block_q, block_k, merge, topk, causal)
+    (2, 4, 2, 200, 200, 16, 4, 4, 2, 3, True),
+    (1, 2, 1, 97, 97, 59, 4, 8, 4, 2, True),
+    (1, 4, 1, 57, 301, 8, 8, 4, 3, 5, True),   # chunked prefill
+    (2, 2, 1, 1, 257, 16, 16, 16, 4, 4, True),  # decode
+    (1, 3, 3, 130, 130, 12, 4, 8, 2, 4, False),
+    (1, 2, 1, 40, 321, 8, 8, 8, 2, 6, False),
+    (1, 2, 2, 300, 300, 64, 16, 16, 1, 3, True),  # merge 1, D 64
+]
+
+
+@pytest.mark.parametrize("case", SPARSE_CASES, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("pad", [None, "left", "right"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_sparse_equals_gather_reference(case, pad, dtype):
+    B, Hq, Hkv, Nq, N, D, bq, bk, merge, topk, causal = case
+    q, k, v = make_qkv(B, Hq, Hkv, Nq, N, D, dtype)
+    mask = make_mask(B, N, pad)
+    kw = dict(block_q=bq, block_k=bk, merge=merge, causal=causal, key_padding_mask=mask)
+    index = msattn.ms_select(q, k, topk=topk, **kw)
+    out, lse = msattn.ms_attention(q, k, v, topk=topk, return_lse=True, **kw)
+    ref, ref_lse = ms_attention_ref(q, k, v, index, **kw)
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert rel_err(out, ref) <= tol
+    finite = ref_lse.isfinite()
+    assert torch.equal(lse.isfinite(), finite)
+    assert (lse.double() - ref_lse)[finite].abs().max() <= tol * 10
+
+
+@pytest.mark.parametrize("case", SPARSE_CASES[:3] + SPARSE_CASES[4:5], ids=lambda c: "-".join(map(str, c)))
+def test_fast_kernels_on_every_isa(case, isa):
+    B, Hq, Hkv, Nq, N, D, bq, bk, merge, topk, causal = case
+    q, k, v = make_qkv(B, Hq, Hkv, Nq, N, D, torch.float32, requires_grad=True)
+    mask = make_mask(B, N, "left")
+    kw = dict(block_q=bq, block_k=bk, merge=merge, causal=causal, key_padding_mask=mask)
+    index = msattn.ms_select(q, k, topk=topk, **kw)
+    out = msattn.ms_attention(q, k, v, topk=topk, **kw)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref, _ = ms_attention_ref(q, k, v, index, **kw)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), dout.double())
+    assert rel_err(out, ref) <= 1e-5
+    for g, r in zip(grads, ref_grads):
+        assert rel_err(g, r) <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. gradients
+
+GRAD_CASES = [  # (B, Hq, Hkv, Nq, N, D, block_q, block_k, merge, topk, causal, pad)
+    (1, 2, 1, 23, 23, 5, 2, 2, 2, 2, True, None),       # sparse, GQA, partial regions
+    (2, 2, 2, 19, 19, 4, 2, 4, 2, 1, True, "left"),      # padding
+    (1, 2, 1, 7, 21, 3, 2, 2, 3, 2, True, "right"),      # Nq < N
+    (1, 2, 1, 17, 17, 4, 2, 2, 2, 2, False, None),      # non-causal
+]
+
+
+@pytest.mark.parametrize("case", GRAD_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_gradcheck_float64(case):
+    B, Hq, Hkv, Nq, N, D, bq, bk, merge, topk, causal, pad = case
+    q, k, v = make_qkv(B, Hq, Hkv, Nq, N, D, torch.float64, requires_grad=True)
+    mask = make_mask(B, N, pad)
+    # fix the selection so finite differences do not cross a selection boundary
+    index = msattn.ms_select(q, k, block_q=bq, block_k=bk, merge=merge, topk=topk, causal=causal,
+                             key_padding_mask=mask)
+
+    def f(q, k, v):
+        out, lse = msattn.ms_attention(q, k, v, block_q=bq, block_k=bk, merge=merge, topk=topk, causal=causal,
+                                       key_padding_mask=mask, index=index, return_lse=True)
+        return out, lse.masked_fill(lse.isinf(), 0.0)
+
+    assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+@pytest.mark.parametrize("case", SPARSE_CASES, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("pad", [None, "right"])
+def test_float32_gradients_equal_reference(case, pad):
+    B, Hq, Hkv, Nq, N, D, bq, bk, merge, topk, causal = case
+    q, k, v = make_qkv(B, Hq, Hkv, Nq, N, D, torch.float32, requires_grad=True)
+    mask = make_mask(B, N, pad)
+    kw = dict(block_q=bq, block_k=bk, merge=merge, causal=causal, key_padding_mask=mask)
+    index = msattn.ms_select(q, k, topk=topk, **kw)
+    out, lse = msattn.ms_attention(q, k, v, topk=topk, return_lse=True, **kw)
+    ref, ref_lse = ms_attention_ref(q, k, v, index, **kw)
+    dout, dlse = torch.randn_like(out), torch.randn_like(lse)
+    finite = ref_lse.isfinite()
+    loss = (out * dout).sum() + (lse * dlse).masked_fill(~finite, 0.0).sum()
+    ref_loss = (ref * dout.double()).sum() + (ref_lse * dlse.double()).masked_fill(~finite, 0.0).sum()
+    grads = torch.autograd.grad(loss, (q, k, v))
+    ref_grads = torch.autograd.grad(ref_loss, (q, k, v))
+    for g, r in zip(grads, ref_grads):
+        assert rel_err(g, r) <= 2e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. 16-bit inputs: error at most twice SDPA's own in the same dtype
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_half_precision_error_within_twice_sdpa(dtype, causal):
+    B, Hq, Hkv, N, D = 2, 4, 2, 257, 64
+    q, k, v = make_qkv(B, Hq, Hkv, N, N, D, torch.float32)
+    qh, kh, vh = q.to(dtype), k.to(dtype), v.to(dtype)
+    ref, _ = sdpa_ref(qh, kh, vh, causal=causal)  # the reference sees the same rounded inputs
+    topk = math.ceil(N / 16)
+    out = msattn.ms_attention(qh, kh, vh, block_q=16, block_k=16, merge=4, topk=topk, causal=causal)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        qh, kh.repeat_interleave(2, 1), vh.repeat_interleave(2, 1), is_causal=causal)
+    assert out.dtype == dtype
+    ours, theirs = (out.double() - ref).abs().max().item(), (sdpa.double() - ref).abs().max().item()
+    assert ours <= 2 * theirs
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_half_precision_gradients(dtype):
+    B, Hq, Hkv, N, D = 1, 4, 2, 200, 32
+    q, k, v = (t.to(dtype).requires_grad_() for t in make_qkv(B, Hq, Hkv, N, N, D, torch.float32))
+    kw = dict(block_q=4, block_k=8, merge=4, topk=3)
+    index = msattn.ms_select(q, k, **kw)
+    out = msattn.ms_attention(q, k, v, **kw)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref, _ = ms_attention_ref(q, k, v, index, block_q=4, block_k=8, merge=4)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), dout.double())
+    # 16-bit outputs: judged against the precision of the dtype itself
+    eps = torch.finfo(dtype).eps
+    assert rel_err(out, ref) <= 4 * eps
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == dtype and rel_err(g, r) <= 8 * eps
+
+
+# ---------------------------------------------------------------------------------------------
+# padding, strides, determinism, rope
+
+def test_padded_keys_never_change_the_result():
+    B, Hq, Hkv, N, D = 2, 4, 2, 150, 16
+    q, k, v = make_qkv(B, Hq, Hkv, N, N, D, torch.float32, requires_grad=True)
+    mask = make_mask(B, N, "left")
+    kw = dict(block_q=4, block_k=8, merge=2, topk=3, key_padding_mask=mask)
+    out = msattn.ms_attention(q, k, v, **kw)
+    dq, = torch.autograd.grad(out.sum(), q)
+    k2, v2 = k.detach().clone(), v.detach().clone()
+    k2[~mask[:, None, :].expand_as(k2[..., 0])] = 1e4
+    v2[~mask[:, None, :].expand_as(v2[..., 0])] = -7.0
+    out2 = msattn.ms_attention(q, k2, v2, **kw)
+    dq2, = torch.autograd.grad(out2.sum(), q)
+    assert torch.equal(out, out2) and torch.equal(dq, dq2)
+
+
+def test_any_strides():
+    B, Hq, Hkv, N, D = 2, 4, 2, 100, 24
+    base = torch.randn(B, N, Hq + 2 * Hkv, D)  # a fused qkv projection, (B, N, H, D) layout
+    q, k, v = (x.transpose(1, 2) for x in base.split([Hq, Hkv, Hkv], dim=2))
+    assert not q.is_contiguous()
+    kw = dict(block_q=4, block_k=4, merge=2, topk=3)
+    out = msattn.ms_attention(q, k, v, **kw)
+    contiguous = msattn.ms_attention(q.contiguous(), k.contiguous(), v.contiguous(), **kw)
+    assert torch.equal(out, contiguous)
+    # a head dim that is not unit-stride
+    wide = torch.randn(B, Hq, N, 2 * D)[..., ::2]
+    out = msattn.ms_attention(wide, k, v, **kw)
+    assert torch.equal(out, msattn.ms_attention(wide.contiguous(), k, v, **kw))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["f32", "bf16", "f64"])
+def test_deterministic_forward_and_backward(dtype):
+    B, Hq, Hkv, N, D = 2, 8, 2, 700, 32
+    q, k, v = make_qkv(B, Hq, Hkv, N, N, D, dtype, requires_grad=True)
+    kw = dict(block_q=8, block_k=8, merge=4, topk=6)
+    runs = []
+    for threads in (torch.get_num_threads(), 1, torch.get_num_threads()):
+        torch.set_num_threads(threads)
+        out = msattn.ms_attention(q, k, v, **kw)
+        runs.append((out, *torch.autograd.grad(out, (q, k, v), torch.ones_like(out))))
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+
+
+def rope_tables(length, rotary_dim, theta=10000.0):
+    inv = 1.0 / theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
+    ang = torch.arange(length, dtype=torch.float64)[:, None] * inv[None, :]
+    return ang.cos().float(), ang.sin().float()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("rotary_dim", [16, 12])
+def test_rope_on_selected_tokens_equals_reference(dtype, rotary_dim):
+    B, Hq, Hkv, N, D = 1, 4, 2, 160, 16
+    bq, bk, merge, topk = 4, 8, 2, 3
+    q, k, v = make_qkv(B, Hq, Hkv, N, N, D, dtype, requires_grad=True)
+    rotary = rope_tables(topk * bk + merge * bq, rotary_dim)
+    kw = dict(block_q=bq, block_k=bk, merge=merge)
+    index = msattn.ms_select(q, k, topk=topk, **kw)
+    out = msattn.ms_attention(q, k, v, topk=topk, rotary=rotary, **kw)
+    ref, _ = ms_attention_ref(q, k, v, index, rotary=rotary, **kw)
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert rel_err(out, ref) <= tol
+    dout = torch.randn_like(out)
+    for g, r in zip(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(ref, (q, k, v), dout.double())):
+        assert rel_err(g, r) <= 10 * tol
+
+
+def test_rope_tables_too_short_is_an_error():
+    q, k, v = make_qkv(1, 2, 1, 64, 64, 8)
+    with pytest.raises(RuntimeError, match="rope tables must cover"):
+        msattn.ms_attention(q, k, v, block_q=4, block_k=4, merge=2, topk=3, rotary=rope_tables(10, 8))
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. bad input: the message names the argument and what was expected
+
+BAD = [
+    ("q must be 4-D", lambda q, k, v: msattn.ms_attention(q[0], k, v)),
+    ("multiple of k heads", lambda q, k, v: msattn.ms_attention(q[:, :3], k, v)),
+    ("v must have k's shape", lambda q, k, v: msattn.ms_attention(q, k, v[:, :, :5])),
+    ("k must have q's head dim", lambda q, k, v: msattn.ms_attention(q, k[..., :4], v[..., :4])),
+    ("k must have q's dtype", lambda q, k, v: msattn.ms_attention(q, k.double(), v)),
+    ("v must have q's dtype", lambda q, k, v: msattn.ms_attention(q, k, v.double())),
+    ("q may not be longer than k", lambda q, k, v: msattn.ms_attention(q, k[:, :, :10], v[:, :, :10])),
+    ("block_q must be >= 1", lambda q, k, v: msattn.ms_attention(q, k, v, block_q=0)),
+    ("block_k must be >= 1", lambda q, k, v: msattn.ms_attention(q, k, v, block_k=-2)),
+    ("merge must be >= 1", lambda q, k, v: msattn.ms_attention(q, k, v, merge=0)),
+    ("topk must be >= 1", lambda q, k, v: msattn.ms_attention(q, k, v, topk=0)),
+    ("multiple of block_k", lambda q, k, v: msattn.ms_attention(q, k, v, block_q=3, block_k=8, merge=1)),
+    ("key_padding_mask must be bool", lambda q, k, v: msattn.ms_attention(
+        q, k, v, key_padding_mask=torch.ones(2, 40))),
+    ("key_padding_mask must have shape", lambda q, k, v: msattn.ms_attention(
+        q, k, v, key_padding_mask=torch.ones(2, 39, dtype=torch.bool))),
+    ("must be float32, float64, bfloat16 or float16", lambda q, k, v: msattn.ms_attention(
+        q.int(), k.int(), v.int())),
+    ("head dim must be in", lambda q, k, v: msattn.ms_attention(
+        torch.randn(2, 4, 40, 300), torch.randn(2, 2, 40, 300), torch.randn(2, 2, 40, 300))),
+    ("k must have q's batch size", lambda q, k, v: msattn.ms_attention(q[:1], k, v)),
+    ("index must have shape", lambda q, k, v: msattn.ms_attention(
+        q, k, v, index=torch.zeros(2, 2, 3, 4, dtype=torch.int32))),
+    ("index must be int32", lambda q, k, v: msattn.ms_attention(
+        q, k, v, block_q=4, block_k=4, merge=2, index=torch.zeros(2, 2, 5, 4, dtype=torch.int64))),
+    ("strictly ascending", lambda q, k, v: msattn.ms_attention(
+        q, k, v, block_q=4, block_k=4, merge=2,
+        index=torch.tensor([[-1] * 4] * 4 + [[3, 1, -1, -1]], dtype=torch.int32).expand(2, 2, 5, 4).contiguous())),
+    ("may not attend", lambda q, k, v: msattn.ms_attention(
+        q, k, v, block_q=4, block_k=4, merge=2,
+        index=torch.tensor([5, -1, -1, -1], dtype=torch.int32).expand(2, 2, 5, 4).contiguous())),
+]
+
+
+@pytest.mark.parametrize("message,call", BAD, ids=[m for m, _ in BAD])
+def test_bad_input_is_a_clear_error(message, call):
+    q, k, v = make_qkv(2, 4, 2, 40, 40, 8, torch.float32)
+    with pytest.raises(RuntimeError, match=message):
+        call(q, k, v)
+
+
+def test_empty_inputs():
+    q, k, v = make_qkv(2, 4, 2, 0, 0, 8, torch.float32, requires_grad=True)
+    out = msattn.ms_attention(q, k, v)
+    assert out.shape == q.shape
+    out.sum().backward()
+    assert q.grad.shape == q.shape and k.grad.shape == k.shape
+
+
+def test_nan_in_nan_out():
+    q, k, v = make_qkv(1, 2, 1, 64, 64, 8, torch.float32)
+    q[0, 0, 10, 3] = math.nan
+    out = msattn.ms_attention(q, k, v, block_q=4, block_k=4, merge=2, topk=2)
+    assert out[0, 0, 10].isnan().all()
+    assert out[0, 1].isfinite().all()
