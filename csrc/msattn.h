@@ -130,6 +130,18 @@ int msattn_ms_fwd_ref_cpu(const msattn_ms_params *p, int64_t begin, int64_t end)
 int msattn_ms_bwd_ref_cpu(const msattn_ms_params *p, int64_t begin, int64_t end);
 
 // ----------------------------------------------------------------------------------------------
+// CUDA launchers (csrc/cuda): the same params with device pointers; `stream` is a cudaStream_t.
+// Each launches over all items (the grid spreads them) and returns a status, never aborts.
+
+int msattn_region_means_cuda(const msattn_select_params *p, void *stream);
+int msattn_select_cuda(const msattn_select_params *p, void *stream);
+int msattn_ms_fwd_cuda(const msattn_ms_params *p, void *stream);
+int msattn_ms_invert_cuda(const msattn_ms_params *p, int32_t *inv_offsets, int32_t *inv_groups,
+                          void *stream);
+int msattn_ms_bwd_dq_cuda(const msattn_ms_params *p, void *stream);
+int msattn_ms_bwd_dkv_cuda(const msattn_ms_params *p, void *stream);
+
+// ----------------------------------------------------------------------------------------------
 // SIMD dispatch (csrc/cpu/simd.c)
 
 /* "avx512", "avx2" or "scalar": the instruction set the CPU kernels use now. */

@@ -1,7 +1,13 @@
-"""msattn: correlation-aware select-and-merge attention for long contexts."""
+"""msattn: correlation-aware select-and-merge attention for long contexts.
 
+The op and its configuration are imported here; the HuggingFace integration (``msattn.hf``), the
+positions (``msattn.rope``), reduced LoRA (``msattn.lora``) and the models (``msattn.models``) are
+imported on use, so that the op needs nothing beyond torch.
+"""
+
+from .config import MSConfig
 from .functional import ms_attention, ms_select
 from .ops import isa, set_isa
 
 __version__ = "0.1.0"
-__all__ = ["isa", "ms_attention", "ms_select", "set_isa"]
+__all__ = ["MSConfig", "isa", "ms_attention", "ms_select", "set_isa"]
