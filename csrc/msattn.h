@@ -35,6 +35,8 @@ enum {
     MSATTN_ERR_ARG = 1,    /* a size or flag outside what the kernel supports */
     MSATTN_ERR_DTYPE = 2,  /* a dtype the kernel was not built for */
     MSATTN_ERR_NOMEM = 3,  /* a scratch buffer too small */
+    /* [CUDA addition] a CUDA call or launch failed; cudaGetLastError() holds the reason */
+    MSATTN_ERR_CUDA = 4,
 };
 
 typedef enum {
@@ -61,6 +63,16 @@ typedef struct {
 // ----------------------------------------------------------------------------------------------
 // MS attention: selection (DESIGN section 1, steps 1-5)
 
+/* Key-region summaries: per (b, h, region) the sum of the valid keys in double, added token by token
+ * in position order (so a cache that appends tokens reproduces the from-scratch sums bit for bit),
+ * and their number. A region's score for query region a is (qbar_a . ksum_j) / kcount_j. */
+typedef struct {
+    double *sum;                  /* (B, Hkv, NKcap, D): region stride D, dim stride 1 */
+    int64_t sum_sb, sum_sh;
+    int32_t *count;               /* (B, Hkv, NKcap) */
+    int64_t count_sb, count_sh;
+} msattn_region_sums;
+
 typedef struct {
     int B, Hq, Hkv, Nq, N, D;
     int block_q, block_k, merge, topk, causal;
@@ -69,17 +81,28 @@ typedef struct {
     msattn_view k;                /* (B, Hkv, N, D) */
     const uint8_t *key_mask;      /* (B, N) at row stride mask_sb, 1 = real token; NULL: all real */
     int64_t mask_sb;
+    msattn_region_sums ksum;      /* the N keys' region sums: a workspace, or a cache's */
+    int sums_given;               /* 1: ksum already holds the sums of all N keys (a cache's) */
     /* workspaces, written by msattn_region_means_cpu and read by msattn_select_cpu */
-    double *kbar;                 /* (B, Hkv, NK, D) key-region means, 0 for an empty region */
-    int32_t *kcount;              /* (B, Hkv, NK)    valid keys per key region */
     double *qbar;                 /* (B, Hkv, NA, D) query-region means summed over the GQA group */
     int32_t *qcount;              /* (B, Hkv, NA)    valid queries per query region */
     /* output */
     int32_t *index;               /* (B, Hkv, G, T) ascending, -1 padded, contiguous */
+    /* [CUDA addition] msattn_select_cuda only, ignored by the CPU kernels: cuda_slots blocks share
+     * the (b, h, g) items, block i using msattn_select_cuda_slot_bytes(p) bytes of device memory
+     * at cuda_scratch + i * that (candidate scores, per-region lists, sort buffer) */
+    void *cuda_scratch;
+    int cuda_slots;
 } msattn_select_params;
 
-/* items: (b, h, region) for b < B, h < Hkv, region < NK + NA (key regions first) */
+/* items: (b, h, region) for b < B, h < Hkv, region < NK + NA (key regions first; skipped when
+ * sums_given) */
 int msattn_region_means_cpu(const msattn_select_params *p, int64_t begin, int64_t end);
+/* Append tokens [t0, t1) of k (B, Hkv, t1 - t0, D), whose padding mask (B, t1 - t0) is `mask` (NULL:
+ * all real), to the region sums; the sums must hold exactly tokens [0, t0). items: (b, h) */
+int msattn_region_sums_append_cpu(msattn_region_sums s, msattn_view k, msattn_dtype dtype,
+                                  const uint8_t *mask, int64_t mask_sb, int Hkv, int D, int block_k,
+                                  int64_t t0, int64_t t1, int64_t begin, int64_t end);
 /* items: (b, h, g) for b < B, h < Hkv, g < G */
 int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end, void *scratch);
 size_t msattn_select_scratch_bytes(const msattn_select_params *p);
@@ -135,6 +158,8 @@ int msattn_ms_bwd_ref_cpu(const msattn_ms_params *p, int64_t begin, int64_t end)
 
 int msattn_region_means_cuda(const msattn_select_params *p, void *stream);
 int msattn_select_cuda(const msattn_select_params *p, void *stream);
+/* [CUDA addition] device workspace of one selection block (see cuda_scratch) */
+size_t msattn_select_cuda_slot_bytes(const msattn_select_params *p);
 int msattn_ms_fwd_cuda(const msattn_ms_params *p, void *stream);
 int msattn_ms_invert_cuda(const msattn_ms_params *p, int32_t *inv_offsets, int32_t *inv_groups,
                           void *stream);

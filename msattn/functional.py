@@ -47,7 +47,7 @@ def ms_select(
         int32 ``(B, Hkv, G, topk)``: for each group holding a query of the call (first to last), its
         regions ascending, padded with -1.
     """
-    return ops.ms_select(q, k, key_padding_mask, block_q, block_k, merge, topk, causal)
+    return ops.ms_select(q, k, key_padding_mask, None, None, block_q, block_k, merge, topk, causal)
 
 
 def ms_attention(
@@ -101,6 +101,6 @@ def ms_attention(
         scale = 1.0 / math.sqrt(q.shape[-1])
     cos, sin = rotary if rotary is not None else (None, None)
     if index is None:
-        index = ops.ms_select(q, k, key_padding_mask, block_q, block_k, merge, topk, causal)
+        index = ops.ms_select(q, k, key_padding_mask, None, None, block_q, block_k, merge, topk, causal)
     out, lse = ops.ms_fwd(q, k, v, index, key_padding_mask, cos, sin, block_q, block_k, merge, causal, float(scale))
     return (out, lse) if return_lse else out

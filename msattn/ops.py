@@ -21,9 +21,14 @@ def num_groups(n: int, nq: int, span: int) -> int:
 
 
 @torch.library.register_fake("msattn::ms_select")
-def _ms_select_fake(q, k, key_padding_mask, block_q, block_k, merge, topk, causal):
+def _ms_select_fake(q, k, key_padding_mask, key_sums, key_counts, block_q, block_k, merge, topk, causal):
     g = num_groups(k.shape[2], q.shape[2], block_q * merge)
     return q.new_empty((k.shape[0], k.shape[1], g, topk), dtype=torch.int32)
+
+
+@torch.library.register_fake("msattn::ms_region_sums_append_")
+def _ms_region_sums_append_fake(key_sums, key_counts, k, key_padding_mask, start, block_k):
+    return None
 
 
 def _lse_dtype(q: torch.Tensor) -> torch.dtype:

@@ -21,8 +21,8 @@ def _inputs(dtype=torch.float32, N=70, Nq=70, requires_grad=False):
 def test_opcheck_every_op(dtype, nq):
     q, k, v, mask = _inputs(dtype, Nq=nq, requires_grad=True)
     params = (4, 4, 2)  # block_q, block_k, merge
-    torch.library.opcheck(ops.ms_select, (q, k, mask, *params, 3, True))
-    index = ops.ms_select(q, k, mask, *params, 3, True)
+    torch.library.opcheck(ops.ms_select, (q, k, mask, None, None, *params, 3, True))
+    index = ops.ms_select(q, k, mask, None, None, *params, 3, True)
     fwd_args = (q, k, v, index, mask, None, None, *params, True, 0.25)
     torch.library.opcheck(ops.ms_fwd, fwd_args)
     out, lse = ops.ms_fwd(*fwd_args)
@@ -35,7 +35,7 @@ def test_opcheck_every_op(dtype, nq):
 def test_opcheck_with_rotary():
     q, k, v, mask = _inputs(requires_grad=True)
     ang = torch.arange(64, dtype=torch.float32)[:, None] * torch.rand(8)[None, :]
-    index = ops.ms_select(q, k, mask, 4, 4, 2, 3, True)
+    index = ops.ms_select(q, k, mask, None, None, 4, 4, 2, 3, True)
     torch.library.opcheck(ops.ms_fwd, (q, k, v, index, mask, ang.cos(), ang.sin(), 4, 4, 2, True, 0.25))
 
 

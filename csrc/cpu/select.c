@@ -4,8 +4,10 @@
  * For every (batch, KV head, query group) it writes the key regions the group attends to besides
  * its own tokens: int32 (B, Hkv, G, T), ascending, padded with -1.
  *
- *   msattn_region_means_cpu  pass 1: key-region means kbar (over valid keys) and query-region means
- *                            qbar (over valid queries of the call), summed over the GQA group.
+ *   msattn_region_means_cpu  pass 1: key-region sums (over valid keys, token by token in order;
+ *                            skipped when a cache keeps them) and query-region means qbar (over
+ *                            valid queries of the call), summed over the GQA group.
+ *   msattn_region_sums_append_cpu  adds new tokens to a cache's region sums, exactly as pass 1 would.
  *   msattn_select_cpu        pass 2: per group, candidates; if more than T, each query region ranks
  *                            them by qbar_a . kbar_j (descending, ties to the lower j), keeps its top
  *                            T, and the lists are interleaved rank by rank without duplicates.
@@ -123,7 +125,41 @@ static inline int ms_key_valid(const msattn_select_params *p, int64_t b, int64_t
 }
 
 // ----------------------------------------------------------------------------------------------
-// pass 1: region means
+// pass 1: region sums and query means
+
+/* add the valid tokens [tb, te) of key head (b, h), all in region j, to that region's sum and count,
+ * in position order; a region's first token resets it */
+static void ms_add_tokens(msattn_region_sums s, const msattn_view *k, msattn_dtype dt, const uint8_t *mask,
+                          int64_t mask_sb, int64_t mask_t0, int64_t D, int block_k, int64_t b, int64_t h,
+                          int64_t k_t0, int64_t tb, int64_t te) {
+    const int64_t j = tb / block_k;
+    double *acc = s.sum + b * s.sum_sb + h * s.sum_sh + j * D;
+    int32_t *count = s.count + b * s.count_sb + h * s.count_sh + j;
+    if (tb % block_k == 0) {
+        memset(acc, 0, (size_t)D * sizeof(double));
+        *count = 0;
+    }
+    for (int64_t t = tb; t < te; ++t) {
+        if (mask != NULL && mask[b * mask_sb + (t - mask_t0)] == 0) continue;
+        ++*count;
+        const int64_t off = b * k->sb + h * k->sh + (t - k_t0) * k->sn;
+        for (int64_t d = 0; d < D; ++d) acc[d] += msattn_load_f64(k->data, off + d * k->sd, dt);
+    }
+}
+
+int msattn_region_sums_append_cpu(msattn_region_sums s, msattn_view k, msattn_dtype dtype,
+                                  const uint8_t *mask, int64_t mask_sb, int Hkv, int D, int block_k,
+                                  int64_t t0, int64_t t1, int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+        const int64_t b = bh / Hkv, h = bh % Hkv;
+        for (int64_t tb = t0; tb < t1;) {
+            const int64_t te = msattn_min64((tb / block_k + 1) * block_k, t1);
+            ms_add_tokens(s, &k, dtype, mask, mask_sb, t0, D, block_k, b, h, t0, tb, te);
+            tb = te;
+        }
+    }
+    return MSATTN_OK;
+}
 
 int msattn_region_means_cpu(const msattn_select_params *p, int64_t begin, int64_t end) {
     const int64_t N = p->N, Nq = p->Nq, D = p->D, hg = p->Hq / p->Hkv;
@@ -132,36 +168,29 @@ int msattn_region_means_cpu(const msattn_select_params *p, int64_t begin, int64_
     const int64_t a0 = msattn_first_query_region(N, Nq, p->block_q);
     for (int64_t w = begin; w < end; ++w) {
         const int64_t r = w % (NK + NA), bh = w / (NK + NA), b = bh / p->Hkv, h = bh % p->Hkv;
-        double *acc;
-        int32_t count = 0;
-        if (r < NK) { /* key region r of head h */
-            acc = p->kbar + (bh * NK + r) * D;
-            memset(acc, 0, (size_t)D * sizeof(double));
-            msattn_range tok = msattn_key_region(r, p->block_k, N);
-            const char *kh = (const char *)p->k.data;
-            for (int64_t t = tok.begin; t < tok.end; ++t) {
-                if (!ms_key_valid(p, b, t)) continue;
-                ++count;
-                const int64_t off = b * p->k.sb + h * p->k.sh + t * p->k.sn;
-                for (int64_t d = 0; d < D; ++d) acc[d] += msattn_load_f64(kh, off + d * p->k.sd, p->dtype);
+        if (r < NK) { /* key region r of head h: its sum, unless a cache keeps it */
+            if (!p->sums_given) {
+                msattn_range tok = msattn_key_region(r, p->block_k, N);
+                ms_add_tokens(p->ksum, &p->k, p->dtype, p->key_mask, p->mask_sb, 0, D, p->block_k, b, h, 0,
+                              tok.begin, tok.end);
             }
-            p->kcount[bh * NK + r] = count;
-        } else { /* query region a0 + (r - NK), summed over the query heads of KV head h */
-            const int64_t a = r - NK;
-            acc = p->qbar + (bh * NA + a) * D;
-            memset(acc, 0, (size_t)D * sizeof(double));
-            msattn_range pos = msattn_query_region(a0 + a, p->block_q, N, Nq);
-            for (int64_t t = pos.begin; t < pos.end; ++t) {
-                if (!ms_key_valid(p, b, t)) continue;
-                ++count;
-                for (int64_t hq = h * hg; hq < (h + 1) * hg; ++hq) {
-                    const int64_t off = b * p->q.sb + hq * p->q.sh + (t - (N - Nq)) * p->q.sn;
-                    for (int64_t d = 0; d < D; ++d)
-                        acc[d] += msattn_load_f64(p->q.data, off + d * p->q.sd, p->dtype);
-                }
-            }
-            p->qcount[bh * NA + a] = count;
+            continue;
         }
+        /* query region a0 + (r - NK): the mean of its valid queries, summed over KV head h's query heads */
+        const int64_t a = r - NK;
+        double *acc = p->qbar + (bh * NA + a) * D;
+        int32_t count = 0;
+        memset(acc, 0, (size_t)D * sizeof(double));
+        msattn_range pos = msattn_query_region(a0 + a, p->block_q, N, Nq);
+        for (int64_t t = pos.begin; t < pos.end; ++t) {
+            if (!ms_key_valid(p, b, t)) continue;
+            ++count;
+            for (int64_t hq = h * hg; hq < (h + 1) * hg; ++hq) {
+                const int64_t off = b * p->q.sb + hq * p->q.sh + (t - (N - Nq)) * p->q.sn;
+                for (int64_t d = 0; d < D; ++d) acc[d] += msattn_load_f64(p->q.data, off + d * p->q.sd, p->dtype);
+            }
+        }
+        p->qcount[bh * NA + a] = count;
         if (count > 0)
             for (int64_t d = 0; d < D; ++d) acc[d] /= count;
     }
@@ -193,9 +222,10 @@ int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end,
     memset(seen, 0, (size_t)NK);
 
     for (int64_t w = begin; w < end; ++w) {
-        const int64_t gi = w % G, bh = w / G, ga = g0 + gi;
+        const int64_t gi = w % G, bh = w / G, ga = g0 + gi, b = bh / p->Hkv, h = bh % p->Hkv;
         int32_t *out = p->index + w * T;
-        const int32_t *kcount = p->kcount + bh * NK;
+        const int32_t *kcount = p->ksum.count + b * p->ksum.count_sb + h * p->ksum.count_sh;
+        const double *ksum = p->ksum.sum + b * p->ksum.sum_sb + h * p->ksum.sum_sh;
         int64_t nc = 0;
         for (int64_t j = 0; j < NK; ++j)
             if (kcount[j] > 0 && msattn_is_candidate(j, ga, span, p->block_k, N, p->causal))
@@ -212,7 +242,7 @@ int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end,
             if (p->qcount[bh * NA + (a - a0)] == 0) continue; /* no valid query ranks anything */
             const double *qb = p->qbar + (bh * NA + (a - a0)) * D;
             for (int64_t c = 0; c < nc; ++c) {
-                ranks[c].key = ms_order_key(ops->dot64(qb, p->kbar + (bh * NK + cand[c]) * D, (int)D));
+                ranks[c].key = ms_order_key(ops->dot64(qb, ksum + cand[c] * D, (int)D) / kcount[cand[c]]);
                 ranks[c].j = cand[c];
             }
             ms_top_ranks(ranks, nc, T);

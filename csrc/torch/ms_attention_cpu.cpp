@@ -65,12 +65,33 @@ void check_index_values(const at::Tensor &index, int64_t N, int64_t Nq, int64_t 
     }
 }
 
-at::Tensor ms_select_cpu(const at::Tensor &q_, const at::Tensor &k_, const c10::optional<at::Tensor> &mask_,
+// region sums: float64 (B, Hkv, >= NK, D) and int32 (B, Hkv, >= NK), region and dim unit-strided
+msattn_region_sums sums_view(const at::Tensor &sums, const at::Tensor &counts, const at::Tensor &k, int64_t nk,
+                             const char *who) {
+    TORCH_CHECK(sums.scalar_type() == at::kDouble && sums.dim() == 4 && sums.size(0) == k.size(0) &&
+                    sums.size(1) == k.size(1) && sums.size(2) >= nk && sums.size(3) == k.size(3),
+                "msattn: ", who, ": key_sums must be float64 (B, Hkv, >= NK, D) = (", k.size(0), ", ", k.size(1),
+                ", >= ", nk, ", ", k.size(3), "), got ", sums.scalar_type(), " ", shape_str(sums));
+    TORCH_CHECK(counts.scalar_type() == at::kInt && counts.dim() == 3 && counts.size(0) == k.size(0) &&
+                    counts.size(1) == k.size(1) && counts.size(2) >= nk,
+                "msattn: ", who, ": key_counts must be int32 (B, Hkv, >= NK) = (", k.size(0), ", ", k.size(1),
+                ", >= ", nk, "), got ", counts.scalar_type(), " ", shape_str(counts));
+    TORCH_CHECK(sums.stride(3) == 1 && sums.stride(2) == sums.size(3) && counts.stride(2) == 1,
+                "msattn: ", who, ": key_sums and key_counts must be contiguous along regions and dims");
+    TORCH_CHECK(sums.device() == k.device() && counts.device() == k.device(), "msattn: ", who,
+                ": key_sums and key_counts must be on ", k.device());
+    return msattn_region_sums{sums.data_ptr<double>(), sums.stride(0), sums.stride(1), counts.data_ptr<int32_t>(),
+                              counts.stride(0), counts.stride(1)};
+}
+
+at::Tensor ms_select_cpu(const at::Tensor &q, const at::Tensor &k, const c10::optional<at::Tensor> &mask_,
+                         const c10::optional<at::Tensor> &key_sums, const c10::optional<at::Tensor> &key_counts,
                          int64_t block_q, int64_t block_k, int64_t merge, int64_t topk, bool causal) {
-    check_qkv(q_, k_, nullptr);
+    check_qkv(q, k, nullptr);
     check_blocks(block_q, block_k, merge, topk);
-    at::Tensor mask = check_mask(mask_, k_);
-    const at::Tensor q = q_, k = k_;  // any strides
+    TORCH_CHECK(q.device().is_cpu(), "msattn: this is the CPU implementation, got q on ", q.device());
+    at::Tensor mask = check_mask(mask_, k);
+    TORCH_CHECK(key_sums.has_value() == key_counts.has_value(), "msattn: key_sums and key_counts go together");
     const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3), Hkv = k.size(1), N = k.size(2);
     const int64_t span = msattn_span((int)block_q, (int)merge);
     const int64_t NK = msattn_num_key_regions(N, (int)block_k), NA = msattn_num_query_regions(N, Nq, (int)block_q);
@@ -78,9 +99,15 @@ at::Tensor ms_select_cpu(const at::Tensor &q_, const at::Tensor &k_, const c10::
     at::Tensor index = at::empty({B, Hkv, G, topk}, q.options().dtype(at::kInt));
     if (index.numel() == 0) return index;
 
-    at::Tensor kbar = at::empty({B, Hkv, NK, D}, q.options().dtype(at::kDouble));
+    at::Tensor sums, counts;
+    if (key_sums.has_value()) {
+        sums = *key_sums;
+        counts = *key_counts;
+    } else {
+        sums = at::empty({B, Hkv, NK, D}, q.options().dtype(at::kDouble));
+        counts = at::empty({B, Hkv, NK}, q.options().dtype(at::kInt));
+    }
     at::Tensor qbar = at::empty({B, Hkv, NA, D}, q.options().dtype(at::kDouble));
-    at::Tensor kcount = at::empty({B, Hkv, NK}, q.options().dtype(at::kInt));
     at::Tensor qcount = at::empty({B, Hkv, NA}, q.options().dtype(at::kInt));
     msattn_select_params p{};
     p.B = (int)B; p.Hq = (int)Hq; p.Hkv = (int)Hkv; p.Nq = (int)Nq; p.N = (int)N; p.D = (int)D;
@@ -91,13 +118,13 @@ at::Tensor ms_select_cpu(const at::Tensor &q_, const at::Tensor &k_, const c10::
     p.k = view_of(k);
     p.key_mask = mask.defined() ? (const uint8_t *)mask.data_ptr<bool>() : nullptr;
     p.mask_sb = mask.defined() ? mask.stride(0) : 0;
-    p.kbar = kbar.data_ptr<double>();
-    p.kcount = kcount.data_ptr<int32_t>();
+    p.ksum = sums_view(sums, counts, k, NK, "ms_select");
+    p.sums_given = key_sums.has_value();
     p.qbar = qbar.data_ptr<double>();
     p.qcount = qcount.data_ptr<int32_t>();
     p.index = index.data_ptr<int32_t>();
 
-    // pass 1: region means, cheap and uniform
+    // pass 1: region sums and query means, cheap and uniform
     at::parallel_for(0, B * Hkv * (NK + NA), 64, [&](int64_t b, int64_t e) { msattn_region_means_cpu(&p, b, e); });
     // pass 2: one item per (b, h, g); later groups have more candidates
     const int64_t BH = B * Hkv;
@@ -105,6 +132,25 @@ at::Tensor ms_select_cpu(const at::Tensor &q_, const at::Tensor &k_, const c10::
         BH * G, msattn_select_scratch_bytes(&p), [&](int64_t w) { return (G - 1 - w / BH) + G * (w % BH); },
         [&](int64_t item, void *scratch) { return msattn_select_cpu(&p, item, item + 1, scratch); }, "ms_select");
     return index;
+}
+
+void ms_region_sums_append_cpu(at::Tensor &key_sums, at::Tensor &key_counts, const at::Tensor &k,
+                               const c10::optional<at::Tensor> &mask_, int64_t start, int64_t block_k) {
+    TORCH_CHECK(k.dim() == 4, "msattn: ms_region_sums_append_: k must be 4-D (B, Hkv, n, D), got ", shape_str(k));
+    TORCH_CHECK(block_k >= 1, "msattn: block_k must be >= 1, got ", block_k);
+    TORCH_CHECK(start >= 0, "msattn: start must be >= 0, got ", start);
+    TORCH_CHECK(k.device().is_cpu(), "msattn: this is the CPU implementation, got k on ", k.device());
+    dtype_of(k);
+    at::Tensor mask = check_mask(mask_, k);
+    const int64_t n = k.size(2), end = start + n;
+    const msattn_region_sums s = sums_view(key_sums, key_counts, k, msattn_num_key_regions(end, (int)block_k),
+                                           "ms_region_sums_append_");
+    at::parallel_for(0, k.size(0) * k.size(1), 1, [&](int64_t b, int64_t e) {
+        msattn_region_sums_append_cpu(s, view_of(k), dtype_of(k),
+                                      mask.defined() ? (const uint8_t *)mask.data_ptr<bool>() : nullptr,
+                                      mask.defined() ? mask.stride(0) : 0, (int)k.size(1), (int)k.size(3),
+                                      (int)block_k, start, end, b, e);
+    });
 }
 
 // the params both directions share
@@ -263,6 +309,7 @@ TORCH_LIBRARY_FRAGMENT(msattn, m) {
 
 TORCH_LIBRARY_IMPL(msattn, CPU, m) {
     m.impl("ms_select", &msattn::ms_select_cpu);
+    m.impl("ms_region_sums_append_", &msattn::ms_region_sums_append_cpu);
     m.impl("ms_fwd", &msattn::ms_fwd_cpu);
     m.impl("ms_bwd", &msattn::ms_bwd_cpu);
 }

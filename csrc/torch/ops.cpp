@@ -11,8 +11,14 @@ PyMODINIT_FUNC PyInit__C(void) {
 
 TORCH_LIBRARY(msattn, m) {
     // selection (DESIGN 1.1-1.5) -> int32 (B, Hkv, G, topk), ascending, -1 padded
-    m.def("ms_select(Tensor q, Tensor k, Tensor? key_padding_mask, int block_q, int block_k, "
-          "int merge, int topk, bool causal) -> Tensor");
+    // key_sums float64 (B, Hkv, >= NK, D) and key_counts int32 (B, Hkv, >= NK): a cache's region sums
+    // of all N keys (see ms_region_sums_append_), used instead of reading k
+    m.def("ms_select(Tensor q, Tensor k, Tensor? key_padding_mask, Tensor? key_sums, Tensor? key_counts, "
+          "int block_q, int block_k, int merge, int topk, bool causal) -> Tensor");
+    // append the keys at positions [start, start + n) of k (B, Hkv, n, D) to region sums that hold the
+    // keys [0, start); key_padding_mask (B, n) for the new keys
+    m.def("ms_region_sums_append_(Tensor(a!) key_sums, Tensor(b!) key_counts, Tensor k, "
+          "Tensor? key_padding_mask, int start, int block_k) -> ()");
     // attention over a selection (DESIGN 1.6) -> out (B, Hq, Nq, D), lse (B, Hq, Nq)
     m.def("ms_fwd(Tensor q, Tensor k, Tensor v, Tensor index, Tensor? key_padding_mask, "
           "Tensor? rope_cos, Tensor? rope_sin, int block_q, int block_k, int merge, bool causal, "

@@ -1,0 +1,219 @@
+"""msattn.hf: registry hook-up, patch/unpatch of tiny Llama and Mistral models, generate, rope="selected"."""
+
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+import msattn
+import msattn.hf
+
+
+def tiny(kind="llama", layers=2, **kw):
+    common = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=97, max_position_embeddings=4096, attn_implementation="sdpa")
+    common.update(kw)
+    if kind == "llama":
+        return LlamaForCausalLM(LlamaConfig(**common)).eval()
+    return MistralForCausalLM(MistralConfig(sliding_window=None, **common)).eval()
+
+
+def batch(B, N, pad=None, vocab=97):
+    ids = torch.randint(3, vocab, (B, N))
+    mask = torch.ones(B, N, dtype=torch.long)
+    if pad == "left":
+        mask[1, :N // 3] = 0
+    elif pad == "right":
+        mask[1, N - N // 3:] = 0
+    return ids, mask
+
+
+COVER = msattn.MSConfig(block_q=4, block_k=8, merge=4, topk=64)  # 64 regions of 8: covers 512 tokens
+SPARSE = msattn.MSConfig(block_q=4, block_k=4, merge=2, topk=2)
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+@pytest.mark.parametrize("pad", [None, "left", "right"])
+def test_covering_patch_equals_sdpa(kind, pad):
+    model = tiny(kind)
+    ids, mask = batch(2, 150, pad)
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits
+        msattn.hf.patch(model, COVER)
+        assert model.config._attn_implementation == "msattn"
+        got = model(ids, attention_mask=mask).logits
+        msattn.hf.unpatch(model)
+        assert model.config._attn_implementation == "sdpa"
+        again = model(ids, attention_mask=mask).logits
+    valid = mask.bool()
+    assert torch.allclose(got[valid], ref[valid], rtol=0, atol=1e-5 * ref.abs().max())
+    assert torch.equal(again, ref)
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_generate_same_greedy_tokens(kind):
+    model = tiny(kind)
+    ids, mask = batch(2, 40, "left")
+    kw = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    ref = model.generate(ids, **kw)
+    msattn.hf.patch(model, COVER)
+    got = model.generate(ids, **kw)
+    assert torch.equal(got, ref)
+
+
+def test_sparse_generation_runs_far_past_its_groups():
+    model = tiny()
+    msattn.hf.patch(model, SPARSE)
+    ids, _ = batch(1, 60)
+    out = model.generate(ids, max_new_tokens=30, min_new_tokens=30, do_sample=False)
+    assert out.shape == (1, 90)
+
+
+def test_layers_left_dense():
+    model = tiny()
+    ids, _ = batch(1, 200)
+    with torch.no_grad():
+        ref = model(ids).logits
+        msattn.hf.patch(model, msattn.MSConfig(block_q=4, block_k=4, merge=2, topk=2, layers=()))
+        all_dense = model(ids).logits
+        msattn.hf.unpatch(model)
+        msattn.hf.patch(model, msattn.MSConfig(block_q=4, block_k=4, merge=2, topk=2, layers=(1,)))
+        one_sparse = model(ids).logits
+    assert torch.allclose(all_dense, ref, rtol=0, atol=1e-5 * ref.abs().max())
+    # layer 1 sparse: the first group is dense (prefix), later positions differ
+    assert torch.allclose(one_sparse[:, :8], ref[:, :8], rtol=0, atol=1e-5 * ref.abs().max())
+    assert not torch.allclose(one_sparse[:, -50:], ref[:, -50:], rtol=0, atol=1e-3)
+
+
+def test_patch_after_and_before_peft():
+    peft = pytest.importorskip("peft")
+    model = tiny()
+    ids, mask = batch(2, 64, "left")
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits
+    cfg = peft.LoraConfig(r=4, target_modules=["k_proj"], task_type="CAUSAL_LM")
+    wrapped = peft.get_peft_model(model, cfg)
+    msattn.hf.patch(wrapped, COVER)
+    with torch.no_grad():
+        got = wrapped(ids, attention_mask=mask).logits
+    valid = mask.bool()
+    assert torch.allclose(got[valid], ref[valid], rtol=0, atol=1e-5 * ref.abs().max())
+    msattn.hf.unpatch(wrapped)
+    model2 = msattn.hf.patch(tiny(), COVER)
+    wrapped2 = peft.get_peft_model(model2, cfg)
+    assert wrapped2(ids, attention_mask=mask).logits.shape == ref.shape
+
+
+def test_backward_through_patched_model():
+    model = tiny().train()
+    msattn.hf.patch(model, SPARSE)
+    ids, mask = batch(2, 100, "right")
+    out = model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    out.loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and g.isfinite().all() for g in grads)
+
+
+# ---------------------------------------------------------------------------------------------
+# rope="selected"
+
+def test_selected_rope_with_everything_selected_equals_ordinary_rope():
+    model = tiny()
+    ids, mask = batch(2, 120, "right")
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits
+        msattn.hf.patch(model, msattn.MSConfig(block_q=4, block_k=8, merge=4, topk=64, rope="selected"))
+        got = model(ids, attention_mask=mask).logits
+    valid = mask.bool()
+    assert torch.allclose(got[valid], ref[valid], rtol=0, atol=1e-5 * ref.abs().max())
+
+
+def test_selected_rope_ignores_position_offsets():
+    model = tiny()
+    msattn.hf.patch(model, msattn.MSConfig(block_q=4, block_k=4, merge=2, topk=3, rope="selected"))
+    ids, _ = batch(1, 100)
+    with torch.no_grad():
+        a = model(ids).logits
+        b = model(ids, position_ids=torch.arange(100)[None] + 12345).logits
+    assert torch.equal(a, b)
+
+
+def test_selected_rope_unselected_past_tokens_change_nothing():
+    # queries and keys share a direction u; inserted keys point away from it, so no group selects them
+    torch.manual_seed(1)
+    B, Hq, Hkv, D, bq, bk, merge, topk = 1, 2, 1, 16, 4, 4, 2, 3
+    span, n = bq * merge, 64
+    u = torch.randn(D)
+    q = torch.randn(B, Hq, n, D) + 3 * u
+    k = torch.randn(B, Hkv, n, D) + 3 * u
+    v = torch.randn(B, Hkv, n, D)
+    ins_k = torch.randn(B, Hkv, 4 * span, D) * 0.01 - 3 * u
+    ins_v = torch.randn(B, Hkv, 4 * span, D)
+    ins_q = torch.randn(B, Hq, 4 * span, D)
+    ang = torch.arange(topk * bk + span, dtype=torch.float64)[:, None] / 10000 ** (torch.arange(0, D, 2) / D)
+    rotary = (ang.cos().float(), ang.sin().float())
+    kw = dict(block_q=bq, block_k=bk, merge=merge, topk=topk, rotary=rotary)
+    base = msattn.ms_attention(q, k, v, **kw)
+    longer = msattn.ms_attention(torch.cat([ins_q, q], 2), torch.cat([ins_k, k], 2), torch.cat([ins_v, v], 2), **kw)
+    sel = msattn.ms_select(torch.cat([ins_q, q], 2), torch.cat([ins_k, k], 2), **{x: kw[x] for x in ("block_q", "block_k", "merge", "topk")})
+    # groups with enough real candidates to fill topk never choose an inserted region ...
+    first = math.ceil(topk * bk / span)
+    later = sel[:, :, 4 + first:]
+    assert ((later >= 4 * span // bk) | (later < 0)).all()
+    # ... and their outputs are unchanged, bit for bit
+    assert torch.equal(longer[:, :, 4 * span + first * span:], base[:, :, first * span:])
+
+
+# ---------------------------------------------------------------------------------------------
+# compile and bad input
+
+def test_compile_patched_forward():
+    model = tiny()
+    msattn.hf.patch(model, SPARSE)
+    ids, mask = batch(2, 64, "left")
+    with torch.no_grad():
+        eager = model(ids, attention_mask=mask).logits
+        compiled = torch.compile(model)
+        got = compiled(ids, attention_mask=mask).logits
+    assert torch.allclose(got, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_unsupported_model_type():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match="model type 'gpt2' is not supported"):
+        msattn.hf.patch(model)
+
+
+def test_sliding_window_is_not_dropped_silently():
+    model = MistralForCausalLM(MistralConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=97,
+                                             sliding_window=32))
+    with pytest.raises(ValueError, match="sliding window of 32"):
+        msattn.hf.patch(model)
+
+
+def test_bad_configs():
+    with pytest.raises(ValueError, match="MSConfig.block_q must be a positive int"):
+        msattn.MSConfig(block_q=0)
+    with pytest.raises(ValueError, match="multiple of block_k"):
+        msattn.MSConfig(block_q=3, block_k=8, merge=1)
+    with pytest.raises(ValueError, match="MSConfig.rope must be one of"):
+        msattn.MSConfig(rope="everywhere")
+    with pytest.raises(ValueError, match="names layers beyond"):
+        msattn.hf.patch(tiny(), msattn.MSConfig(layers=(0, 5)))
+    with pytest.raises(ValueError, match="head dim 512"):
+        msattn.hf.patch(tiny(hidden_size=1024, num_attention_heads=2, num_key_value_heads=1))
+    model = msattn.hf.patch(tiny())
+    with pytest.raises(RuntimeError, match="already patched"):
+        msattn.hf.patch(model)
+
+
+def test_registry_without_patch_is_an_error():
+    msattn.hf.register()
+    model = tiny()
+    model.set_attn_implementation("msattn")
+    with pytest.raises(RuntimeError, match="not patched"):
+        model(torch.randint(0, 97, (1, 10)))
