@@ -10,4 +10,13 @@ from .functional import ms_attention, ms_select
 from .ops import isa, set_isa
 
 __version__ = "0.1.0"
-__all__ = ["MSConfig", "isa", "ms_attention", "ms_select", "set_isa"]
+__all__ = ["MSConfig", "isa", "ms_attention", "ms_select", "prefill", "set_isa"]
+
+
+def __getattr__(name):
+    # msattn.prefill needs transformers: imported on first use
+    if name == "prefill":
+        from .cache import prefill
+
+        return prefill
+    raise AttributeError(f"module 'msattn' has no attribute {name!r}")

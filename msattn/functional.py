@@ -21,6 +21,8 @@ def ms_select(
     topk: int = 448,
     causal: bool = True,
     key_padding_mask: torch.Tensor | None = None,
+    key_sums: torch.Tensor | None = None,
+    key_counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The key regions each query group of MS attention attends to (DESIGN section 1, steps 1-5).
 
@@ -42,12 +44,16 @@ def ms_select(
         causal: candidates lie before the group (else anywhere outside it).
         key_padding_mask: bool ``(B, N)``, True for real tokens (HF's ``attention_mask``). Padded
             keys do not count in means; padded queries do not rank; empty regions are never chosen.
+        key_sums, key_counts: a cache's region summaries of all ``N`` keys (float64
+            ``(B, Hkv, >= N/block_k, D)`` and int32 ``(B, Hkv, >= N/block_k)``, see
+            :class:`msattn.cache.MSCache`), used instead of reading ``k``: selection then costs
+            ``O(N/block_k * D)`` per query region. The result is the same, bit for bit.
 
     Returns:
         int32 ``(B, Hkv, G, topk)``: for each group holding a query of the call (first to last), its
         regions ascending, padded with -1.
     """
-    return ops.ms_select(q, k, key_padding_mask, None, None, block_q, block_k, merge, topk, causal)
+    return ops.ms_select(q, k, key_padding_mask, key_sums, key_counts, block_q, block_k, merge, topk, causal)
 
 
 def ms_attention(

@@ -6,6 +6,8 @@
 subset, the others dense), optionally replacing the rotary embedding; ``unpatch(model)`` restores
 what was there. Padding masks from HF collators and ``generate()`` reach the kernel as a key padding
 mask; a mask the kernel cannot honour (sliding windows, packed sequences, custom patterns) raises.
+``generate()`` of a patched model uses an :class:`msattn.cache.MSCache`, whose region sums make a
+decode step read only the regions it selects.
 
 With ``MSConfig(rope="selected")`` the model's rotary embedding is wrapped so that it hands the
 attention layers un-rotated q and k (cos 1, sin 0), and the kernel rotates the selected tokens with
@@ -21,11 +23,14 @@ from torch import nn
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function
 from transformers.modeling_utils import AttentionInterface
 
+from transformers.cache_utils import DynamicCache
+
+from .cache import MSCache
 from .config import MSConfig
-from .functional import ms_attention
+from .functional import ms_attention, ms_select
 from .rope import compact_rope_tables
 
-__all__ = ["register", "patch", "unpatch", "SUPPORTED_MODEL_TYPES"]
+__all__ = ["register", "patch", "unpatch", "model_config", "SUPPORTED_MODEL_TYPES"]
 
 NAME = "msattn"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -84,8 +89,14 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     if state.rotary is not None:
         need = max(cfg.topk * cfg.block_k + cfg.span, n)
         rotary = state.rotary.tables(need, query.device)
-    out = ms_attention(query, key, value, block_q=cfg.block_q, block_k=cfg.block_k, merge=cfg.merge, topk=cfg.topk,
-                       causal=causal, scale=scaling, key_padding_mask=attention_mask, rotary=rotary)
+    kw = dict(block_q=cfg.block_q, block_k=cfg.block_k, merge=cfg.merge, topk=cfg.topk, causal=causal,
+              key_padding_mask=attention_mask)
+    index = None
+    layer = getattr(key, "_msattn_layer", None)  # an MSCache layer: select from its region sums
+    if layer is not None and layer.block_k == cfg.block_k and layer.length == n:
+        sums, counts = layer.region_sums(attention_mask)
+        index = ms_select(query, key, key_sums=sums, key_counts=counts, **kw)
+    out = ms_attention(query, key, value, scale=scaling, rotary=rotary, index=index, **kw)
     return out.transpose(1, 2), None
 
 
@@ -158,6 +169,29 @@ def _attention_modules(decoder):
     return [layer.self_attn for layer in decoder.layers]
 
 
+def model_config(model) -> MSConfig:
+    """The MSConfig a model was patched with; raises if it is not patched."""
+    for module in _base_model(model).modules():
+        state = getattr(module, "_msattn", None)
+        if state is not None:
+            return state.config
+    raise ValueError("msattn: the model is not patched; call msattn.hf.patch(model) first")
+
+
+def _prepare_cache_with_ms(base, block_k):
+    """generate()'s cache preparation, giving a new MSCache where it would give a DynamicCache."""
+    original = type(base)._prepare_cache_for_generation
+
+    def prepare(generation_config, model_kwargs, *args, **kwargs):
+        user_cache = model_kwargs.get("past_key_values")
+        result = original(base, generation_config, model_kwargs, *args, **kwargs)
+        if user_cache is None and type(model_kwargs.get("past_key_values")) is DynamicCache:
+            model_kwargs["past_key_values"] = MSCache(block_k=block_k)
+        return result
+
+    return prepare
+
+
 def patch(model, config: MSConfig | None = None, rope: nn.Module | None = None):
     """Switch a causal LM to MS attention, in place.
 
@@ -208,6 +242,7 @@ def patch(model, config: MSConfig | None = None, rope: nn.Module | None = None):
     for i, attn in enumerate(_attention_modules(decoder)):
         dense = config.layers is not None and i not in config.layers
         attn._msattn = _LayerState(config, dense, selected)
+    base._prepare_cache_for_generation = _prepare_cache_with_ms(base, config.block_k)
     base.set_attn_implementation(NAME)
     return model
 
@@ -226,4 +261,5 @@ def unpatch(model):
             del attn._msattn
     base.set_attn_implementation(impl)
     base._msattn_saved = None
+    del base._prepare_cache_for_generation
     return model

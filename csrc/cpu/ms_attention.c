@@ -106,6 +106,9 @@ static inline void ms_mask_causal(float *s, int rows, int nc, const int32_t *kpo
 
 /* queries per block: each packed 64-key tile is read from L1 by QBLOCK/4 register tiles */
 #define MS_QBLOCK 16
+/* an item with at most this many query rows (decoding: one query per head) skips the packing and
+ * scores K rows in place: packing a group's keys pays off only over many queries */
+#define MS_DIRECT_ROWS 8
 
 // ----------------------------------------------------------------------------------------------
 // forward
@@ -113,7 +116,65 @@ static inline void ms_mask_causal(float *s, int rows, int nc, const int32_t *kpo
 size_t msattn_ms_fwd_scratch_bytes(const msattn_ms_params *p) {
     ms_dims d = ms_dims_of(p);
     return 2 * (size_t)d.Lmax * 4 + (size_t)(d.D * d.Lpmax + d.Lpmax * d.Dp) * 4 +
-           (size_t)(3 * MS_QBLOCK * d.Dp + MSATTN_ROWS * MSATTN_TILE) * 4 + 8 * 64;
+           (size_t)(3 * MS_QBLOCK * d.Dp + MS_DIRECT_ROWS * MSATTN_TILE) * 4 + 8 * 64;
+}
+
+/* write the output rows of a finished softmax: o / l, lse; l == 0: no visible key, 0 and -inf */
+static void ms_finish_rows(const msattn_ms_params *p, const msattn_simd_ops *ops, const ms_dims *d, int64_t b,
+                           const int64_t *hq, const int64_t *pos, int rows, float *ob, const float *m,
+                           const float *l) {
+    float *lse = (float *)p->lse;
+    for (int r = 0; r < rows; ++r) {
+        const int64_t i = pos[r] - (d->N - d->Nq), row = (b * p->Hq + hq[r]) * d->Nq + i;
+        float *o = ob + r * d->Dp;
+        if (l[r] != 0.0f) { /* NaN included: NaN in, NaN out */
+            ops->scale(o, (int)d->D, 1.0f / l[r]);
+            lse[row] = (float)((m[r] + log2((double)l[r])) * MS_LN2);
+        } else {
+            memset(o, 0, (size_t)d->D * sizeof(float));
+            lse[row] = -INFINITY;
+        }
+        ms_store_row(&p->out, ops, p->dtype, b, hq[r], i, o, (int)d->D);
+    }
+}
+
+/* forward of one item with few query rows (hq[r], pos[r]): K rows are scored in place with dot
+ * products, V rows copied 64 at a time; the online softmax is the packed path's */
+static void ms_fwd_direct(const msattn_ms_params *p, const msattn_simd_ops *ops, const ms_dims *d, int64_t b,
+                          int64_t h, int64_t ga, int64_t n_sel, const int32_t *kpos, const int32_t *kcomp,
+                          int64_t L, const int64_t *hq, const int64_t *pos, int rows, float *qb, float *ob,
+                          float *krow, float *vr, float *s) {
+    const int rope = p->rope.cos != NULL;
+    int64_t last = pos[0];
+    for (int r = 0; r < rows; ++r) {
+        ms_load_rows(qb + r * d->Dp, d->Dp, p, ops, &p->q, d, b, hq[r], pos[r], 1, d->c,
+                     rope ? msattn_compact_own(n_sel, p->block_k, pos[r], ga, d->span) : -1);
+        last = pos[r] > last ? pos[r] : last;
+    }
+    float m[MS_DIRECT_ROWS], l[MS_DIRECT_ROWS];
+    for (int r = 0; r < rows; ++r) { m[r] = -INFINITY; l[r] = 0.0f; }
+    memset(ob, 0, (size_t)(rows * d->Dp) * sizeof(float));
+    const int64_t kend = p->causal ? ms_upper_bound(kpos, L, last) : L;
+    for (int64_t t0 = 0; t0 < kend; t0 += MSATTN_TILE) {
+        const int nc = (int)msattn_min64(MSATTN_TILE, kend - t0);
+        for (int c = 0; c < nc; ++c) {
+            ms_load_row(krow, ops, &p->k, p->dtype, b, h, kpos[t0 + c], (int)d->D, 1.0f);
+            if (rope) ms_rope_rotate(krow, &p->rope, kcomp[t0 + c], 1.0f);
+            for (int r = 0; r < rows; ++r)
+                s[r * MSATTN_TILE + c] = p->causal && kpos[t0 + c] > pos[r]
+                                             ? -INFINITY
+                                             : ops->dot(qb + r * d->Dp, krow, (int)d->D);
+            float *v = vr + c * d->Dp;
+            ms_load_row(v, ops, &p->v, p->dtype, b, h, kpos[t0 + c], (int)d->D, 1.0f);
+            memset(v + d->D, 0, (size_t)(d->Dp - d->D) * sizeof(float));
+        }
+        for (int r0 = 0; r0 < rows; r0 += MSATTN_ROWS) {
+            const int rr = rows - r0 < MSATTN_ROWS ? rows - r0 : MSATTN_ROWS;
+            ops->softmax_update(s + r0 * MSATTN_TILE, rr, nc, m + r0, l + r0, ob + r0 * d->Dp, d->Dp, (int)d->Dp);
+            ops->pv(ob + r0 * d->Dp, d->Dp, s + r0 * MSATTN_TILE, rr, nc, vr, d->Dp, (int)d->Dp);
+        }
+    }
+    ms_finish_rows(p, ops, d, b, hq, pos, rows, ob, m, l);
 }
 
 int msattn_ms_fwd_cpu(const msattn_ms_params *p, int64_t begin, int64_t end, void *scratch) {
@@ -128,8 +189,7 @@ int msattn_ms_fwd_cpu(const msattn_ms_params *p, int64_t begin, int64_t end, voi
     float *qb = (float *)ms_carve(&cur, (size_t)(MS_QBLOCK * d.Dp), 4);
     float *ob = (float *)ms_carve(&cur, (size_t)(MS_QBLOCK * d.Dp), 4);
     float *tmp = (float *)ms_carve(&cur, (size_t)(MS_QBLOCK * d.Dp), 4);
-    float *s = (float *)ms_carve(&cur, MSATTN_ROWS * MSATTN_TILE, 4);
-    float *lse = (float *)p->lse;
+    float *s = (float *)ms_carve(&cur, MS_DIRECT_ROWS * MSATTN_TILE, 4);
     const int rope = p->rope.cos != NULL;
 
     for (int64_t w = begin; w < end; ++w) {
@@ -137,9 +197,17 @@ int msattn_ms_fwd_cpu(const msattn_ms_params *p, int64_t begin, int64_t end, voi
         int64_t n_sel;
         const int64_t L = ms_group_keys(ms_index_row(p, &d, bh, gi), p->topk, ga, d.span, p->block_k,
                                         d.N, p->key_mask, p->mask_sb, b, kpos, kcomp, &n_sel);
+        const msattn_range qr = msattn_group_queries(ga, d.span, d.N, d.Nq);
+        if (d.hg * (qr.end - qr.begin) <= MS_DIRECT_ROWS) {
+            int64_t hqs[MS_DIRECT_ROWS] = {0}, poss[MS_DIRECT_ROWS] = {0};
+            int rows = 0;
+            for (int64_t hq = h * d.hg; hq < (h + 1) * d.hg; ++hq)
+                for (int64_t pos = qr.begin; pos < qr.end; ++pos, ++rows) { hqs[rows] = hq; poss[rows] = pos; }
+            ms_fwd_direct(p, ops, &d, b, h, ga, n_sel, kpos, kcomp, L, hqs, poss, rows, qb, ob, tmp, vr, s);
+            continue;
+        }
         const int64_t Lp = ms_round_up(L > 0 ? L : 1, MSATTN_TILE);
         ms_pack_keys(p, ops, &d, b, h, kpos, kcomp, L, Lp, kt, vr, NULL, NULL, tmp);
-        const msattn_range qr = msattn_group_queries(ga, d.span, d.N, d.Nq);
 
         for (int64_t hq = h * d.hg; hq < (h + 1) * d.hg; ++hq) {
             for (int64_t i0 = qr.begin; i0 < qr.end; i0 += MS_QBLOCK) {
@@ -164,18 +232,9 @@ int msattn_ms_fwd_cpu(const msattn_ms_params *p, int64_t begin, int64_t end, voi
                         ops->pv(ob + r0 * d.Dp, d.Dp, s, rows, nc, vr + t0 * d.Dp, d.Dp, (int)d.Dp);
                     }
                 }
-                for (int r = 0; r < qrows; ++r) {
-                    const int64_t i = i0 + r - (d.N - d.Nq);
-                    float *o = ob + r * d.Dp;
-                    if (l[r] != 0.0f) { /* NaN included: NaN in, NaN out */
-                        ops->scale(o, (int)d.D, 1.0f / l[r]);
-                        lse[(b * p->Hq + hq) * d.Nq + i] = (float)((m[r] + log2((double)l[r])) * MS_LN2);
-                    } else { /* no visible key (padding): 0, and lse -inf */
-                        memset(o, 0, (size_t)d.D * sizeof(float));
-                        lse[(b * p->Hq + hq) * d.Nq + i] = -INFINITY;
-                    }
-                    ms_store_row(&p->out, ops, p->dtype, b, hq, i, o, (int)d.D);
-                }
+                int64_t hqs[MS_QBLOCK] = {0}, poss[MS_QBLOCK] = {0};
+                for (int r = 0; r < qrows; ++r) { hqs[r] = hq; poss[r] = i0 + r; }
+                ms_finish_rows(p, ops, &d, b, hqs, poss, qrows, ob, m, l);
             }
         }
     }

@@ -1,0 +1,788 @@
+/*
+ * ms_attention.cu -- MS attention forward and backward on the GPU (DESIGN section 1, steps 6-7),
+ * the CUDA twin of csrc/cpu/ms_attention.c: same params, same semantics.
+ *
+ * Contract. Each launcher takes device pointers in the params, launches on `stream` over all its
+ * items and returns at once: MSATTN_OK, an error code with nothing launched (MSATTN_ERR_DTYPE for
+ * float64, MSATTN_ERR_ARG for sizes beyond the kernels: head dim > 256, a shared-memory need above
+ * what the device allows, a grid above 2^31 - 1 blocks), or MSATTN_ERR_CUDA when the launch failed.
+ *   msattn_ms_fwd_cuda      out (B, Hq, Nq, D), lse (B, Hq, Nq) float32
+ *   msattn_ms_invert_cuda   inv_offsets (B, Hkv, NK + 1), inv_groups (B, Hkv, G * T): for each key
+ *                           region the groups that selected it, ascending (CSR)
+ *   msattn_ms_bwd_dq_cuda   pass 1: delta (B, Hq, Nq) = rowsum(dout * out) - dlse, and dq
+ *   msattn_ms_bwd_dkv_cuda  pass 2: dk, dv of every key (zeros for keys no query sees); needs pass 1's
+ *                           delta and the inverted index in p->inv_offsets / p->inv_groups
+ * A query with no visible key gets output 0 and lse -inf; the backward treats lse -inf as "no
+ * keys". NaN inputs give NaN outputs, as on the CPU.
+ *
+ * Work items. Forward and pass 1: one block per (b, query head, BQ-query tile of a group). The key
+ * list of a group is virtual: "slot" s < n_sel*CK is token s % CK of the (s / CK)-th selected
+ * region, slot n_sel*CK + u is own token s_g + u; its compact RoPE position is the slot number
+ * (msattn_compact_selected / msattn_compact_own). Tiles of BK slots are staged in shared memory
+ * (fp32, rotated for rope="selected"); invalid slots (padding, past N, past the causal limit) are
+ * masked to -inf rather than compacted, which changes only the fp32 summation grouping against the
+ * CPU. Pass 2: one block per (b, KV head, tile of up to 32 keys inside one key region). It walks the
+ * region's readers in ascending group order -- the groups that selected it (inverted index) merged
+ * with the group that owns it -- and, per group, its query heads and query tiles in order; each
+ * key's dK/dV accumulate in registers of one thread, so no atomics and the same sums in the same
+ * order on every run: deterministic. dK of a group is rotated back to the key's frame (RoPE with
+ * that group's compact position) before it joins the total.
+ *
+ * Arithmetic: fp32 in registers for every input dtype (16-bit inputs are widened on load, results
+ * rounded to nearest even on store), scores in the log2 domain (s * scale * log2 e, exp2), warp
+ * butterflies for row max/sum, a double for the final lse. No tensor cores: plain FMA loops over
+ * shared-memory tiles, conservative and easy to check (a tensor-core path is future work).
+ *
+ * Validity. The kernels trust the index to come from ms_select (ascending candidates, -1 padded)
+ * but stay inside their buffers for any int32 content: entries outside [0, NK) end a row, group
+ * numbers outside [0, G) are skipped.
+ *
+ * Legend: B batch, Hq/Hkv heads, hg = Hq/Hkv, N keys, Nq queries (the last Nq positions), D head
+ * dim, DS = D rounded up to 4 (float4 rows), KS = DS + 4 (padded rows read one per lane),
+ * DL = ceil(D / 32) dims per lane, CK block_k, T topk, span = merge * block_q tokens per group,
+ * G groups of the call (g0 the first; gi index, ga = g0 + gi absolute), NK key regions,
+ * n_sel selected regions of a group, BQ/BK query/key tile, KT keys of a pass-2 block.
+ */
+#include <limits.h>
+
+#include "common.cuh"
+
+#define MS_BQ 32     /* queries per forward / pass-1 block */
+#define MS_BK 32     /* key slots per staged tile: one per lane */
+#define MS_WARPS 4   /* warps of a forward / pass-1 block */
+#define MS_RPW 8     /* query rows per warp: MS_BQ / MS_WARPS */
+#define MS_KPW 4     /* keys per warp in pass 2 */
+#define MS_DMAX 256  /* largest head dim (the glue checks D <= 256) */
+
+// ----------------------------------------------------------------------------------------------
+// dimensions, the group's key slots, and tile staging
+
+struct MsDims {
+    int64_t N, Nq, D, T, hg, span, NK, G, g0, BH;
+    int CK, DS, KS;
+    float c; /* scale * log2(e) */
+};
+
+__host__ __device__ static inline MsDims ms_dims(const msattn_ms_params &p) {
+    MsDims d;
+    d.N = p.N; d.Nq = p.Nq; d.D = p.D; d.T = p.topk; d.hg = p.Hq / p.Hkv;
+    d.span = msattn_span(p.block_q, p.merge);
+    d.NK = msattn_num_key_regions(p.N, p.block_k);
+    d.G = msattn_num_groups(p.N, p.Nq, d.span);
+    d.g0 = msattn_first_group(p.N, p.Nq, d.span);
+    d.BH = (int64_t)p.B * p.Hkv;
+    d.CK = p.block_k;
+    d.DS = (p.D + 3) / 4 * 4;
+    d.KS = d.DS + 4;
+    d.c = (float)(p.scale * MS_LOG2E);
+    return d;
+}
+
+/* the length of the valid prefix of a selection row: entries outside [0, NK) end it */
+__device__ static int ms_count_selected(const int32_t *sel, int64_t T, int64_t NK, int *red) {
+    int first = (int)T;
+    for (int64_t i = threadIdx.x; i < T; i += blockDim.x)
+        if (sel[i] < 0 || sel[i] >= NK) first = min(first, (int)i);
+    return ms_block_min_int(first, red);
+}
+
+/* rank of region j in a selection row's valid prefix, -1 if absent */
+__device__ static int ms_find_rank(const int32_t *sel, int n_sel, int64_t j, int *red) {
+    int first = INT_MAX;
+    for (int i = threadIdx.x; i < n_sel; i += blockDim.x)
+        if (sel[i] == j) first = min(first, i);
+    first = ms_block_min_int(first, red);
+    return first == INT_MAX ? -1 : first;
+}
+
+/* the key slots of a group (see the file comment) */
+struct MsGroupKeys {
+    const int32_t *sel; /* (T) the group's selection row */
+    int64_t ga, n_sel, lsel, kend;
+    msattn_range own;
+};
+
+/* slot s of group gk: its absolute position (-1: padded or past N) and compact RoPE position */
+__device__ __forceinline__ void ms_slot(const msattn_ms_params &p, const MsDims &d, const MsGroupKeys &gk, int64_t b,
+                                        int64_t s, int *pos, int *comp) {
+    int64_t t = -1, cp;
+    if (s < gk.lsel) {
+        const int64_t i = s / d.CK, u = s % d.CK;
+        const msattn_range reg = msattn_key_region(gk.sel[i], d.CK, d.N);
+        if (reg.begin + u < reg.end) t = reg.begin + u;
+        cp = msattn_compact_selected(i, u, d.CK);
+    } else {
+        t = gk.own.begin + (s - gk.lsel);
+        cp = msattn_compact_own(gk.n_sel, d.CK, t, gk.ga, d.span);
+    }
+    if (t >= 0 && !ms_key_valid(p.key_mask, p.mask_sb, b, t)) t = -1;
+    *pos = (int)t;
+    *comp = t >= 0 && p.rope.cos != nullptr && cp < p.rope.len ? (int)cp : -1;
+}
+
+/* dst (rows, ld) = rows of view v at (b, h, first + r), r < nvalid, as fp32; rows >= nvalid and
+ * dims >= D are 0 */
+__device__ __forceinline__ void ms_stage_rows(float *dst, int ld, int rows, const msattn_view &v, msattn_dtype dt,
+                                              int64_t b, int64_t h, int64_t first, int nvalid, int64_t D) {
+    for (int e = threadIdx.x; e < rows * ld; e += blockDim.x) {
+        const int r = e / ld, dd = e % ld;
+        dst[e] = r < nvalid && dd < D ? ms_load(v.data, ms_off(v, b, h, first + r, dd), dt) : 0.0f;
+    }
+}
+
+/* dst (rows, ld) = rows of view v at the positions pos[r] (-1: a zero row) */
+__device__ __forceinline__ void ms_stage_keys(float *dst, int ld, int rows, const msattn_view &v, msattn_dtype dt,
+                                              int64_t b, int64_t h, const int *pos, int64_t D) {
+    for (int e = threadIdx.x; e < rows * ld; e += blockDim.x) {
+        const int r = e / ld, dd = e % ld;
+        dst[e] = pos[r] >= 0 && dd < D ? ms_load(v.data, ms_off(v, b, h, pos[r], dd), dt) : 0.0f;
+    }
+}
+
+/* dot of two shared rows of DS floats, 16-byte aligned */
+__device__ __forceinline__ float ms_dot4(const float *x, const float *y, int DS) {
+    const float4 *x4 = reinterpret_cast<const float4 *>(x), *y4 = reinterpret_cast<const float4 *>(y);
+    float acc = 0.0f;
+    for (int i = 0; i < DS / 4; ++i) {
+        const float4 a = x4[i], b = y4[i];
+        acc = fmaf(a.x, b.x, acc);
+        acc = fmaf(a.y, b.y, acc);
+        acc = fmaf(a.z, b.z, acc);
+        acc = fmaf(a.w, b.w, acc);
+    }
+    return acc;
+}
+
+/* the (b, hq, query tile, group) of a forward / pass-1 block, heaviest (last) groups first */
+struct MsQueryItem {
+    int64_t b, hq, h, gi, i0;
+    int nq;
+};
+
+__device__ static inline bool ms_query_item(const msattn_ms_params &p, const MsDims &d, MsQueryItem *it) {
+    const int64_t tpg = msattn_cdiv(d.span, MS_BQ), bhq = (int64_t)p.B * p.Hq;
+    int64_t x = blockIdx.x;
+    const int64_t tile = x % tpg;
+    x /= tpg;
+    it->b = (x % bhq) / p.Hq;
+    it->hq = (x % bhq) % p.Hq;
+    it->h = it->hq / d.hg;
+    it->gi = d.G - 1 - x / bhq;
+    const msattn_range qr = msattn_group_queries(d.g0 + it->gi, d.span, d.N, d.Nq);
+    it->i0 = qr.begin + tile * MS_BQ;
+    it->nq = (int)msattn_min64(MS_BQ, qr.end - it->i0);
+    return it->i0 < qr.end;
+}
+
+/* the key slots a query tile [i0, i0 + nq) of group gi can see: causal stops after its last query */
+__device__ static inline MsGroupKeys ms_group_keys(const msattn_ms_params &p, const MsDims &d, int64_t bh, int64_t gi,
+                                                   int64_t qlast, int *red) {
+    MsGroupKeys gk;
+    gk.sel = p.index + (bh * d.G + gi) * d.T;
+    gk.ga = d.g0 + gi;
+    gk.n_sel = ms_count_selected(gk.sel, d.T, d.NK, red);
+    gk.lsel = gk.n_sel * d.CK;
+    gk.own = msattn_group_own_keys(gk.ga, d.span, d.N);
+    const int64_t own_end = p.causal ? msattn_min64(gk.own.end, qlast + 1) : gk.own.end;
+    gk.kend = gk.lsel + msattn_max64(0, own_end - gk.own.begin);
+    return gk;
+}
+
+static inline int ms_dl_of(int D) { return D <= 32 ? 1 : D <= 64 ? 2 : D <= 128 ? 4 : 8; }
+
+// ----------------------------------------------------------------------------------------------
+// forward: block (b, hq, query tile of a group), MS_WARPS warps of MS_RPW query rows; a lane
+// holds one key of the tile for the scores and dims lane + 32 i of the output rows
+
+/* shared: Qs (BQ, DS) | Ks (BK, KS) | Vs (BK, KS) floats | kpos, kcomp (BK) | qcomp (BQ) | red (33) */
+static size_t ms_fwd_smem(const MsDims &d) {
+    return (size_t)(MS_BQ * d.DS + 2 * MS_BK * d.KS) * 4 + (size_t)(2 * MS_BK + MS_BQ + 33) * 4;
+}
+
+/* q (B, Hq, Nq, D), k/v (B, Hkv, N, D), index (B, Hkv, G, T) read; out (B, Hq, Nq, D),
+ * lse (B, Hq, Nq) float32 written. grid: B * Hq * G * ceil(span / BQ) blocks of 128 threads */
+template <int DL>
+__global__ void __launch_bounds__(MS_WARPS * 32) ms_fwd_kernel(const msattn_ms_params p) {
+    extern __shared__ float4 ms_smem4[];
+    const MsDims d = ms_dims(p);
+    float *Qs = reinterpret_cast<float *>(ms_smem4);
+    float *Ks = Qs + MS_BQ * d.DS, *Vs = Ks + MS_BK * d.KS;
+    int *kpos = reinterpret_cast<int *>(Vs + MS_BK * d.KS), *kcomp = kpos + MS_BK, *qcomp = kcomp + MS_BK;
+    int *red = qcomp + MS_BQ;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, row0 = warp * MS_RPW;
+
+    MsQueryItem it;
+    if (!ms_query_item(p, d, &it)) return; /* block-uniform: past the group's last query */
+    const int64_t b = it.b, h = it.h, hq = it.hq, i0 = it.i0, bh = b * p.Hkv + h;
+    const MsGroupKeys gk = ms_group_keys(p, d, bh, it.gi, i0 + it.nq - 1, red);
+    const bool rope = p.rope.cos != nullptr;
+
+    // the tile's queries, rotated to the group's compact positions for rope="selected"
+    ms_stage_rows(Qs, d.DS, MS_BQ, p.q, p.dtype, b, hq, i0 - (d.N - d.Nq), it.nq, d.D);
+    for (int r = tid; r < MS_BQ; r += blockDim.x) {
+        const int64_t cp = msattn_compact_own(gk.n_sel, d.CK, i0 + r, gk.ga, d.span);
+        qcomp[r] = rope && r < it.nq && cp < p.rope.len ? (int)cp : -1;
+    }
+    __syncthreads();
+    if (rope) {
+        ms_rope_tile(Qs, d.DS, MS_BQ, qcomp, p.rope, 1.0f);
+        __syncthreads();
+    }
+
+    float m[MS_RPW], l[MS_RPW], o[MS_RPW][DL];
+#pragma unroll
+    for (int r = 0; r < MS_RPW; ++r) {
+        m[r] = -INFINITY;
+        l[r] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < DL; ++i) o[r][i] = 0.0f;
+    }
+
+    for (int64_t t0 = 0; t0 < gk.kend; t0 += MS_BK) {
+        if (tid < MS_BK) {
+            int pos = -1, comp = -1;
+            if (t0 + tid < gk.kend) ms_slot(p, d, gk, b, t0 + tid, &pos, &comp);
+            kpos[tid] = pos;
+            kcomp[tid] = comp;
+        }
+        __syncthreads();
+        ms_stage_keys(Ks, d.KS, MS_BK, p.k, p.dtype, b, h, kpos, d.D);
+        ms_stage_keys(Vs, d.KS, MS_BK, p.v, p.dtype, b, h, kpos, d.D);
+        __syncthreads();
+        if (rope) {
+            ms_rope_tile(Ks, d.KS, MS_BK, kcomp, p.rope, 1.0f);
+            __syncthreads();
+        }
+
+        // scores of this lane's key against the warp's rows, and the online-softmax update
+        const int kp = kpos[lane];
+        float pr[MS_RPW];
+#pragma unroll
+        for (int r = 0; r < MS_RPW; ++r) {
+            const int row = row0 + r;
+            const bool vis = kp >= 0 && row < it.nq && (!p.causal || kp <= i0 + row);
+            const float s = vis ? ms_dot4(Qs + row * d.DS, Ks + lane * d.KS, d.DS) * d.c : -INFINITY;
+            const float mnew = fmaxf(m[r], ms_warp_max(s));
+            float alpha;
+            if (mnew == -INFINITY) { /* nothing visible yet: keep NaN scores as NaN, else 0 */
+                pr[r] = s != s ? s : 0.0f;
+                alpha = 1.0f;
+            } else {
+                pr[r] = exp2f(s - mnew);
+                alpha = exp2f(m[r] - mnew);
+            }
+            l[r] = l[r] * alpha + ms_warp_sum(pr[r]);
+            m[r] = mnew;
+#pragma unroll
+            for (int i = 0; i < DL; ++i) o[r][i] *= alpha;
+        }
+        // o += P V: each V row is read once per lane and serves all the warp's rows
+        for (int kk = 0; kk < MS_BK; ++kk) {
+            float vv[DL];
+#pragma unroll
+            for (int i = 0; i < DL; ++i) {
+                const int dd = lane + 32 * i;
+                vv[i] = dd < d.D ? Vs[kk * d.KS + dd] : 0.0f;
+            }
+#pragma unroll
+            for (int r = 0; r < MS_RPW; ++r) {
+                const float pk = __shfl_sync(MS_FULL_MASK, pr[r], kk);
+#pragma unroll
+                for (int i = 0; i < DL; ++i) o[r][i] = fmaf(pk, vv[i], o[r][i]);
+            }
+        }
+        __syncthreads(); /* before the next tile overwrites Ks, Vs, kpos */
+    }
+
+    float *lse = static_cast<float *>(p.lse);
+#pragma unroll
+    for (int r = 0; r < MS_RPW; ++r) {
+        const int row = row0 + r;
+        if (row >= it.nq) continue;
+        const int64_t i = i0 + row - (d.N - d.Nq);
+        float scale_o, lse_r;
+        if (l[r] != 0.0f) { /* NaN included: NaN in, NaN out */
+            scale_o = __frcp_rn(l[r]);
+            lse_r = (float)(((double)m[r] + log2((double)l[r])) * MS_LN2);
+        } else { /* no visible key (padding): 0, and lse -inf */
+            scale_o = 0.0f;
+            lse_r = -INFINITY;
+        }
+#pragma unroll
+        for (int x = 0; x < DL; ++x) {
+            const int dd = lane + 32 * x;
+            if (dd < d.D) ms_store(p.out.data, ms_off(p.out, b, hq, i, dd), p.dtype, l[r] != 0.0f ? o[r][x] * scale_o : 0.0f);
+        }
+        if (lane == 0) lse[(b * p.Hq + hq) * d.Nq + i] = lse_r;
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
+// backward: the inverted index, one block per (b, h)
+
+/* index (B, Hkv, G, T) read; offs (B*Hkv, NK + 1), grp (B*Hkv, G * T) written. Region j's choosing
+ * groups are grp[offs[j] .. offs[j+1]), ascending: groups are filled one after the other, and the
+ * entries of one valid row are distinct regions, so no two threads of a group share a cursor. */
+__global__ void __launch_bounds__(256) ms_invert_kernel(const msattn_ms_params p, int32_t *inv_offsets,
+                                                        int32_t *inv_groups) {
+    __shared__ int red[33];
+    const MsDims d = ms_dims(p);
+    const int64_t bh = blockIdx.x, GT = d.G * d.T;
+    int32_t *offs = inv_offsets + bh * (d.NK + 1), *grp = inv_groups + bh * GT;
+    const int32_t *idx = p.index + bh * GT;
+    const int tid = threadIdx.x;
+
+    for (int64_t j = tid; j <= d.NK; j += blockDim.x) offs[j] = 0;
+    __syncthreads();
+    for (int64_t e = tid; e < GT; e += blockDim.x)
+        if (idx[e] >= 0 && idx[e] < d.NK) atomicAdd(&offs[idx[e] + 1], 1);
+    __syncthreads();
+    // inclusive scan: offs[j] = start of region j's list
+    int carry = 0;
+    for (int64_t j0 = 0; j0 <= d.NK; j0 += blockDim.x) {
+        const int64_t j = j0 + tid;
+        const int v = j <= d.NK ? offs[j] : 0;
+        int total;
+        const int before = ms_block_excl_scan(v, &total, red);
+        if (j <= d.NK) offs[j] = carry + before + v;
+        carry += total;
+    }
+    __syncthreads();
+    // fill, group after group; offs[j] walks to the end of region j's list
+    for (int64_t gi = 0; gi < d.G; ++gi) {
+        for (int64_t r = tid; r < d.T; r += blockDim.x) {
+            const int32_t j = idx[gi * d.T + r];
+            if (j >= 0 && j < d.NK) grp[atomicAdd(&offs[j], 1)] = (int32_t)gi;
+        }
+        __syncthreads();
+    }
+    // shift back by one (offs[j] = old offs[j - 1], offs[0] = 0), in chunks from the top so a chunk
+    // reads only entries no chunk has written yet
+    for (int64_t j1 = d.NK + 1; j1 > 1; j1 -= blockDim.x) {
+        const int64_t jlo = msattn_max64(1, j1 - blockDim.x), j = jlo + tid;
+        const int v = j < j1 ? offs[j - 1] : 0;
+        __syncthreads();
+        if (j < j1) offs[j] = v;
+        __syncthreads();
+    }
+    if (tid == 0) offs[0] = 0;
+}
+
+// ----------------------------------------------------------------------------------------------
+// backward pass 1: delta and dq, block (b, hq, query tile of a group) as in the forward
+
+/* shared: Qs, dOs (BQ, DS) | Ks, Vs (BK, KS) floats | lse2, delta (BQ) floats | kpos, kcomp (BK) |
+ * qcomp (BQ) | red (33) */
+static size_t ms_bwd_dq_smem(const MsDims &d) {
+    return (size_t)(2 * MS_BQ * d.DS + 2 * MS_BK * d.KS + 2 * MS_BQ) * 4 + (size_t)(2 * MS_BK + MS_BQ + 33) * 4;
+}
+
+/* q, dout, out (B, Hq, Nq, D), k/v (B, Hkv, N, D), lse (B, Hq, Nq), dlse (B, Hq, Nq) or NULL, index
+ * read; dq (B, Hq, Nq, D) and delta (B, Hq, Nq) written. grid as the forward's */
+template <int DL>
+__global__ void __launch_bounds__(MS_WARPS * 32) ms_bwd_dq_kernel(const msattn_ms_params p) {
+    extern __shared__ float4 ms_smem4[];
+    const MsDims d = ms_dims(p);
+    float *Qs = reinterpret_cast<float *>(ms_smem4);
+    float *dOs = Qs + MS_BQ * d.DS, *Ks = dOs + MS_BQ * d.DS, *Vs = Ks + MS_BK * d.KS;
+    float *lse2 = Vs + MS_BK * d.KS, *delta = lse2 + MS_BQ;
+    int *kpos = reinterpret_cast<int *>(delta + MS_BQ), *kcomp = kpos + MS_BK, *qcomp = kcomp + MS_BK;
+    int *red = qcomp + MS_BQ;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, row0 = warp * MS_RPW;
+
+    MsQueryItem it;
+    if (!ms_query_item(p, d, &it)) return;
+    const int64_t b = it.b, h = it.h, hq = it.hq, i0 = it.i0, bh = b * p.Hkv + h;
+    const int64_t qrow0 = i0 - (d.N - d.Nq), lrow0 = (b * p.Hq + hq) * d.Nq + qrow0;
+    const MsGroupKeys gk = ms_group_keys(p, d, bh, it.gi, i0 + it.nq - 1, red);
+    const bool rope = p.rope.cos != nullptr;
+
+    ms_stage_rows(Qs, d.DS, MS_BQ, p.q, p.dtype, b, hq, qrow0, it.nq, d.D);
+    ms_stage_rows(dOs, d.DS, MS_BQ, p.dout, p.dtype, b, hq, qrow0, it.nq, d.D);
+    for (int r = tid; r < MS_BQ; r += blockDim.x) {
+        const int64_t cp = msattn_compact_own(gk.n_sel, d.CK, i0 + r, gk.ga, d.span);
+        qcomp[r] = rope && r < it.nq && cp < p.rope.len ? (int)cp : -1;
+    }
+    __syncthreads();
+    if (rope) ms_rope_tile(Qs, d.DS, MS_BQ, qcomp, p.rope, 1.0f);
+    // delta = rowsum(dout * out) - dlse, one warp per row; lse in log2 units, +inf for "no key"
+    // so that every probability of the row is exp2(-inf) = 0
+    for (int r = 0; r < MS_RPW; ++r) {
+        const int row = row0 + r;
+        if (row >= it.nq) { /* warp-uniform; rows past the tile's queries see nothing */
+            if (lane == 0) {
+                delta[row] = 0.0f;
+                lse2[row] = INFINITY;
+            }
+            continue;
+        }
+        float acc = 0.0f;
+        for (int dd = lane; dd < d.D; dd += 32)
+            acc = fmaf(dOs[row * d.DS + dd], ms_load(p.out.data, ms_off(p.out, b, hq, qrow0 + row, dd), p.dtype), acc);
+        acc = ms_warp_sum(acc);
+        if (lane == 0) {
+            if (p.dlse) acc -= static_cast<const float *>(p.dlse)[lrow0 + row];
+            p.delta[lrow0 + row] = acc;
+            delta[row] = acc;
+            const float ls = static_cast<const float *>(p.lse)[lrow0 + row];
+            lse2[row] = ls == -INFINITY ? INFINITY : (float)((double)ls * MS_LOG2E);
+        }
+    }
+    __syncthreads();
+
+    float dq[MS_RPW][DL];
+#pragma unroll
+    for (int r = 0; r < MS_RPW; ++r)
+#pragma unroll
+        for (int i = 0; i < DL; ++i) dq[r][i] = 0.0f;
+
+    for (int64_t t0 = 0; t0 < gk.kend; t0 += MS_BK) {
+        if (tid < MS_BK) {
+            int pos = -1, comp = -1;
+            if (t0 + tid < gk.kend) ms_slot(p, d, gk, b, t0 + tid, &pos, &comp);
+            kpos[tid] = pos;
+            kcomp[tid] = comp;
+        }
+        __syncthreads();
+        ms_stage_keys(Ks, d.KS, MS_BK, p.k, p.dtype, b, h, kpos, d.D);
+        ms_stage_keys(Vs, d.KS, MS_BK, p.v, p.dtype, b, h, kpos, d.D);
+        __syncthreads();
+        if (rope) {
+            ms_rope_tile(Ks, d.KS, MS_BK, kcomp, p.rope, 1.0f);
+            __syncthreads();
+        }
+        // P and dS of this lane's key for the warp's rows
+        const int kp = kpos[lane];
+        float ds[MS_RPW];
+#pragma unroll
+        for (int r = 0; r < MS_RPW; ++r) {
+            const int row = row0 + r;
+            const bool vis = kp >= 0 && row < it.nq && (!p.causal || kp <= i0 + row);
+            ds[r] = 0.0f; /* exactly 0 when unseen, even if the row's delta is NaN */
+            if (vis) {
+                const float pr = exp2f(ms_dot4(Qs + row * d.DS, Ks + lane * d.KS, d.DS) * d.c - lse2[row]);
+                const float dp = ms_dot4(dOs + row * d.DS, Vs + lane * d.KS, d.DS);
+                ds[r] = pr * (dp - delta[row]);
+            }
+        }
+        // dq += dS K (rotated keys: dq is rotated back at the end)
+        for (int kk = 0; kk < MS_BK; ++kk) {
+            float kv[DL];
+#pragma unroll
+            for (int i = 0; i < DL; ++i) {
+                const int dd = lane + 32 * i;
+                kv[i] = dd < d.D ? Ks[kk * d.KS + dd] : 0.0f;
+            }
+#pragma unroll
+            for (int r = 0; r < MS_RPW; ++r) {
+                const float g = __shfl_sync(MS_FULL_MASK, ds[r], kk);
+#pragma unroll
+                for (int i = 0; i < DL; ++i) dq[r][i] = fmaf(g, kv[i], dq[r][i]);
+            }
+        }
+        __syncthreads();
+    }
+
+    // dq * scale, rotated back to the query's own frame through Qs (no longer needed), then stored
+    const float scale = (float)p.scale;
+#pragma unroll
+    for (int r = 0; r < MS_RPW; ++r)
+#pragma unroll
+        for (int i = 0; i < DL; ++i) {
+            const int dd = lane + 32 * i;
+            if (dd < d.D) Qs[(row0 + r) * d.DS + dd] = dq[r][i] * scale;
+        }
+    __syncthreads();
+    if (rope) {
+        ms_rope_tile(Qs, d.DS, MS_BQ, qcomp, p.rope, -1.0f);
+        __syncthreads();
+    }
+    for (int e = tid; e < it.nq * d.D; e += blockDim.x) {
+        const int r = e / (int)d.D, dd = e % (int)d.D;
+        ms_store(p.dq.data, ms_off(p.dq, b, hq, qrow0 + r, dd), p.dtype, Qs[r * d.DS + dd]);
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
+// backward pass 2: dk and dv, block (b, h, key tile of one region), MS_KPW keys per warp; a lane
+// holds one query column of the staged query tile for the scores, and dims lane + 32 i of its keys
+
+/* keys per pass-2 block: the region size rounded up to MS_KPW, at most 32 */
+static int ms_dkv_keys(int CK) { return CK >= 32 ? 32 : (CK + MS_KPW - 1) / MS_KPW * MS_KPW; }
+
+/* shared: Ks, Vs (KT, DS) | Qs, dOs (32, KS) floats | lse2, delta (32) floats | kpos, kcomp (KT) |
+ * qcomp (32) | red (33) */
+static size_t ms_bwd_dkv_smem(const MsDims &d, int KT) {
+    return (size_t)(2 * KT * d.DS + 2 * 32 * d.KS + 2 * 32) * 4 + (size_t)(2 * KT + 32 + 33) * 4;
+}
+
+/* q, dout (B, Hq, Nq, D), k/v (B, Hkv, N, D), lse, delta (B, Hq, Nq), index, inv_offsets,
+ * inv_groups read; dk, dv (B, Hkv, N, D) written. grid: B * Hkv * NK * ceil(CK / KT) blocks of
+ * KT * 8 threads (KT / MS_KPW warps) */
+template <int DL>
+__global__ void __launch_bounds__(256) ms_bwd_dkv_kernel(const msattn_ms_params p) {
+    extern __shared__ float4 ms_smem4[];
+    const MsDims d = ms_dims(p);
+    const int nwarps = blockDim.x >> 5, KT = nwarps * MS_KPW;
+    float *Ks = reinterpret_cast<float *>(ms_smem4);
+    float *Vs = Ks + KT * d.DS, *Qs = Vs + KT * d.DS, *dOs = Qs + 32 * d.KS;
+    float *lse2 = dOs + 32 * d.KS, *delta = lse2 + 32;
+    int *kpos = reinterpret_cast<int *>(delta + 32), *kcomp = kpos + KT, *qcomp = kcomp + KT;
+    int *red = qcomp + 32;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, krow0 = warp * MS_KPW;
+
+    // the item: region j's key tile u of (b, h); early regions are read by the most groups, so
+    // they come first
+    const int64_t tpr = msattn_cdiv(d.CK, KT);
+    int64_t x = blockIdx.x;
+    const int64_t u = x % tpr;
+    x /= tpr;
+    const int64_t bh = x % d.BH, j = x / d.BH, b = bh / p.Hkv, h = bh % p.Hkv;
+    const msattn_range reg = msattn_key_region(j, d.CK, d.N);
+    const int64_t t0 = reg.begin + u * KT;
+    if (t0 >= reg.end) return; /* block-uniform: the last region is short */
+    const int nk = (int)msattn_min64(KT, reg.end - t0);
+    const bool rope = p.rope.cos != nullptr;
+
+    for (int r = tid; r < KT; r += blockDim.x)
+        kpos[r] = r < nk && ms_key_valid(p.key_mask, p.mask_sb, b, t0 + r) ? (int)(t0 + r) : -1;
+    __syncthreads();
+    ms_stage_keys(Vs, d.DS, KT, p.v, p.dtype, b, h, kpos, d.D);
+    if (!rope) ms_stage_keys(Ks, d.DS, KT, p.k, p.dtype, b, h, kpos, d.D); /* one frame for every group */
+    __syncthreads();
+
+    float dk[MS_KPW][DL], dv[MS_KPW][DL], dkg[MS_KPW][DL];
+#pragma unroll
+    for (int r = 0; r < MS_KPW; ++r)
+#pragma unroll
+        for (int i = 0; i < DL; ++i) dk[r][i] = dv[r][i] = dkg[r][i] = 0.0f;
+
+    // readers in ascending group order: the inverted index of region j merged with its own group
+    const int32_t *offs = p.inv_offsets + bh * (d.NK + 1), *grp = p.inv_groups + bh * d.G * d.T;
+    int64_t e = msattn_max64(0, offs[j]);
+    const int64_t e_end = msattn_min64(offs[j + 1], d.G * d.T);
+    const int64_t gown = msattn_group_of_position(reg.begin, d.span) - d.g0;
+    bool own_pending = gown >= 0 && gown < d.G;
+    for (;;) {
+        int64_t gi;
+        bool is_own;
+        const int64_t next_sel = e < e_end ? grp[e] : INT64_MAX;
+        if (own_pending && gown <= next_sel) {
+            gi = gown;
+            is_own = true;
+            own_pending = false;
+        } else if (e < e_end) {
+            gi = next_sel;
+            is_own = false;
+            ++e;
+        } else {
+            break;
+        }
+        if (gi < 0 || gi >= d.G) continue; /* only a corrupt index gets here */
+        const int64_t ga = d.g0 + gi;
+        const int32_t *sel = p.index + (bh * d.G + gi) * d.T;
+        const int n_sel = ms_count_selected(sel, d.T, d.NK, red);
+        const int rank = is_own ? 0 : ms_find_rank(sel, n_sel, j, red);
+        if (rank < 0) continue;
+
+        // the keys in this group's frame: compact positions as the forward gave them
+        if (rope) {
+            for (int r = tid; r < KT; r += blockDim.x) {
+                const int64_t cp = is_own ? msattn_compact_own(n_sel, d.CK, t0 + r, ga, d.span)
+                                          : msattn_compact_selected(rank, t0 + r - reg.begin, d.CK);
+                kcomp[r] = kpos[r] >= 0 && cp < p.rope.len ? (int)cp : -1;
+            }
+            ms_stage_keys(Ks, d.DS, KT, p.k, p.dtype, b, h, kpos, d.D);
+            __syncthreads();
+            ms_rope_tile(Ks, d.DS, KT, kcomp, p.rope, 1.0f);
+            __syncthreads();
+        }
+
+        // causal own span: a key is seen only by queries at or after it, so earlier query tiles are
+        // skipped whole; selected regions lie before the group and every query sees them
+        const bool masked = p.causal && is_own;
+        const msattn_range qr = msattn_group_queries(ga, d.span, d.N, d.Nq);
+        const int64_t qlo = masked ? msattn_max64(qr.begin, t0) : qr.begin;
+        for (int64_t hq = h * d.hg; hq < (h + 1) * d.hg; ++hq) {
+            for (int64_t c0 = qlo; c0 < qr.end; c0 += 32) {
+                const int ncol = (int)msattn_min64(32, qr.end - c0);
+                const int64_t qrow0 = c0 - (d.N - d.Nq), lrow0 = (b * p.Hq + hq) * d.Nq + qrow0;
+                ms_stage_rows(Qs, d.KS, 32, p.q, p.dtype, b, hq, qrow0, ncol, d.D);
+                ms_stage_rows(dOs, d.KS, 32, p.dout, p.dtype, b, hq, qrow0, ncol, d.D);
+                for (int c = tid; c < 32; c += blockDim.x) {
+                    const int64_t cp = msattn_compact_own(n_sel, d.CK, c0 + c, ga, d.span);
+                    qcomp[c] = rope && c < ncol && cp < p.rope.len ? (int)cp : -1;
+                    float ls = INFINITY, dl = 0.0f; /* padding columns: probability 0 */
+                    if (c < ncol) {
+                        const float lv = static_cast<const float *>(p.lse)[lrow0 + c];
+                        ls = lv == -INFINITY ? INFINITY : (float)((double)lv * MS_LOG2E);
+                        dl = p.delta[lrow0 + c];
+                    }
+                    lse2[c] = ls;
+                    delta[c] = dl;
+                }
+                __syncthreads();
+                if (rope) {
+                    ms_rope_tile(Qs, d.KS, 32, qcomp, p.rope, 1.0f);
+                    __syncthreads();
+                }
+                // P and dS of the warp's keys against this lane's query column
+                float pr[MS_KPW], ds[MS_KPW];
+                const int64_t qpos = c0 + lane;
+#pragma unroll
+                for (int r = 0; r < MS_KPW; ++r) {
+                    const int kr = krow0 + r, kp = kpos[kr];
+                    const bool vis = kp >= 0 && lane < ncol && (!masked || kp <= qpos);
+                    pr[r] = ds[r] = 0.0f; /* exactly 0 when unseen: padded keys get dK = dV = 0 */
+                    if (vis) {
+                        pr[r] = exp2f(ms_dot4(Ks + kr * d.DS, Qs + lane * d.KS, d.DS) * d.c - lse2[lane]);
+                        const float dp = ms_dot4(Vs + kr * d.DS, dOs + lane * d.KS, d.DS);
+                        ds[r] = pr[r] * (dp - delta[lane]);
+                    }
+                }
+                // dv += P^T dO, dk_g += dS^T Q, columns in order
+                for (int c = 0; c < 32; ++c) {
+                    float qv[DL], gv[DL];
+#pragma unroll
+                    for (int i = 0; i < DL; ++i) {
+                        const int dd = lane + 32 * i;
+                        qv[i] = dd < d.D ? Qs[c * d.KS + dd] : 0.0f;
+                        gv[i] = dd < d.D ? dOs[c * d.KS + dd] : 0.0f;
+                    }
+#pragma unroll
+                    for (int r = 0; r < MS_KPW; ++r) {
+                        const float pc = __shfl_sync(MS_FULL_MASK, pr[r], c);
+                        const float dc = __shfl_sync(MS_FULL_MASK, ds[r], c);
+#pragma unroll
+                        for (int i = 0; i < DL; ++i) {
+                            dv[r][i] = fmaf(pc, gv[i], dv[r][i]);
+                            dkg[r][i] = fmaf(dc, qv[i], dkg[r][i]);
+                        }
+                    }
+                }
+                __syncthreads(); /* before the next tile overwrites Qs, dOs */
+            }
+        }
+
+        // this group's dK joins the total in the key's own frame
+        if (rope) {
+#pragma unroll
+            for (int r = 0; r < MS_KPW; ++r)
+#pragma unroll
+                for (int i = 0; i < DL; ++i) {
+                    const int dd = lane + 32 * i;
+                    if (dd < d.D) Ks[(krow0 + r) * d.DS + dd] = dkg[r][i];
+                }
+            __syncthreads();
+            ms_rope_tile(Ks, d.DS, KT, kcomp, p.rope, -1.0f);
+            __syncthreads();
+#pragma unroll
+            for (int r = 0; r < MS_KPW; ++r)
+#pragma unroll
+                for (int i = 0; i < DL; ++i) {
+                    const int dd = lane + 32 * i;
+                    if (dd < d.D) dk[r][i] += Ks[(krow0 + r) * d.DS + dd];
+                    dkg[r][i] = 0.0f;
+                }
+            __syncthreads(); /* before the next group restages Ks */
+        } else {
+#pragma unroll
+            for (int r = 0; r < MS_KPW; ++r)
+#pragma unroll
+                for (int i = 0; i < DL; ++i) {
+                    dk[r][i] += dkg[r][i];
+                    dkg[r][i] = 0.0f;
+                }
+        }
+    }
+
+    const float scale = (float)p.scale;
+#pragma unroll
+    for (int r = 0; r < MS_KPW; ++r) {
+        const int kr = krow0 + r;
+        if (kr >= nk) continue;
+#pragma unroll
+        for (int i = 0; i < DL; ++i) {
+            const int dd = lane + 32 * i;
+            if (dd >= d.D) continue;
+            ms_store(p.dk.data, ms_off(p.dk, b, h, t0 + kr, dd), p.dtype, dk[r][i] * scale);
+            ms_store(p.dv.data, ms_off(p.dv, b, h, t0 + kr, dd), p.dtype, dv[r][i]);
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
+// launchers
+
+/* the checks every attention launcher shares; *blocks_out: forward / pass-1 grid */
+static int ms_check(const msattn_ms_params *p) {
+    if (p->dtype == MSATTN_F64) return MSATTN_ERR_DTYPE; /* fp32 compute only; the CPU serves float64 */
+    if (p->D < 1 || p->D > MS_DMAX || p->Hkv < 1 || p->Hq % p->Hkv != 0 || p->topk < 1 || p->block_k < 1)
+        return MSATTN_ERR_ARG;
+    if (p->rope.cos != nullptr && (p->rope.dim < 2 || p->rope.dim > p->D)) return MSATTN_ERR_ARG;
+    return MSATTN_OK;
+}
+
+static int64_t ms_query_blocks(const msattn_ms_params *p, const MsDims &d) {
+    return (int64_t)p->B * p->Hq * d.G * msattn_cdiv(d.span, MS_BQ);
+}
+
+#define MS_DISPATCH_DL(D, KERNEL, ...)                                                        \
+    switch (ms_dl_of(D)) {                                                                    \
+    case 1: status = ms_launch_dl(KERNEL<1>, __VA_ARGS__); break;                             \
+    case 2: status = ms_launch_dl(KERNEL<2>, __VA_ARGS__); break;                             \
+    case 4: status = ms_launch_dl(KERNEL<4>, __VA_ARGS__); break;                             \
+    default: status = ms_launch_dl(KERNEL<8>, __VA_ARGS__); break;                            \
+    }
+
+template <class Kernel>
+static int ms_launch_dl(Kernel kernel, int64_t blocks, int threads, size_t smem, cudaStream_t stream,
+                        const msattn_ms_params *p) {
+    const int s = ms_set_smem(kernel, smem);
+    if (s != MSATTN_OK) return s;
+    kernel<<<(unsigned)blocks, threads, smem, stream>>>(*p);
+    return ms_launch_status();
+}
+
+int msattn_ms_fwd_cuda(const msattn_ms_params *p, void *stream) {
+    int status = ms_check(p);
+    if (status != MSATTN_OK) return status;
+    const MsDims d = ms_dims(*p);
+    const int64_t blocks = ms_query_blocks(p, d);
+    if (blocks == 0) return MSATTN_OK;
+    if (blocks > INT_MAX) return MSATTN_ERR_ARG;
+    MS_DISPATCH_DL(p->D, ms_fwd_kernel, blocks, MS_WARPS * 32, ms_fwd_smem(d), (cudaStream_t)stream, p);
+    return status;
+}
+
+int msattn_ms_invert_cuda(const msattn_ms_params *p, int32_t *inv_offsets, int32_t *inv_groups, void *stream) {
+    const MsDims d = ms_dims(*p);
+    if (d.BH == 0) return MSATTN_OK;
+    if (d.BH > INT_MAX || d.G * d.T >= INT_MAX || d.NK >= INT_MAX) return MSATTN_ERR_ARG;
+    ms_invert_kernel<<<(unsigned)d.BH, 256, 0, (cudaStream_t)stream>>>(*p, inv_offsets, inv_groups);
+    return ms_launch_status();
+}
+
+int msattn_ms_bwd_dq_cuda(const msattn_ms_params *p, void *stream) {
+    int status = ms_check(p);
+    if (status != MSATTN_OK) return status;
+    const MsDims d = ms_dims(*p);
+    const int64_t blocks = ms_query_blocks(p, d);
+    if (blocks == 0) return MSATTN_OK;
+    if (blocks > INT_MAX) return MSATTN_ERR_ARG;
+    MS_DISPATCH_DL(p->D, ms_bwd_dq_kernel, blocks, MS_WARPS * 32, ms_bwd_dq_smem(d), (cudaStream_t)stream, p);
+    return status;
+}
+
+int msattn_ms_bwd_dkv_cuda(const msattn_ms_params *p, void *stream) {
+    int status = ms_check(p);
+    if (status != MSATTN_OK) return status;
+    const MsDims d = ms_dims(*p);
+    const int KT = ms_dkv_keys(p->block_k);
+    const int64_t blocks = d.BH * d.NK * msattn_cdiv(p->block_k, KT);
+    if (blocks == 0) return MSATTN_OK;
+    if (blocks > INT_MAX) return MSATTN_ERR_ARG;
+    MS_DISPATCH_DL(p->D, ms_bwd_dkv_kernel, blocks, KT / MS_KPW * 32, ms_bwd_dkv_smem(d, KT),
+                   (cudaStream_t)stream, p);
+    return status;
+}

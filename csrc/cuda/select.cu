@@ -1,0 +1,459 @@
+/*
+ * select.cu -- MS attention selection on the GPU (DESIGN section 1, steps 1-5), the CUDA twin of
+ * csrc/cpu/select.c: same params, same results.
+ *
+ * Contract. msattn_region_means_cuda writes the key-region sums and counts (unless p->sums_given)
+ * and the query-region means qbar / qcount; msattn_select_cuda then writes index (B, Hkv, G, T):
+ * for every (b, h, g) the key regions the group attends to besides its own tokens, ascending, -1
+ * padded. Both launch on `stream` and return at once (MSATTN_OK, or an error code with nothing
+ * launched, or MSATTN_ERR_CUDA when the launch failed). Selection needs p->cuda_slots blocks of
+ * msattn_select_cuda_slot_bytes(p) bytes of device workspace at p->cuda_scratch.
+ *
+ * Bit-for-bit agreement with the CPU. Every sum is added in the CPU's order in double, with
+ * __dadd_rn / __dmul_rn so that nvcc cannot contract a product and a sum into an FMA:
+ *   key sums   token by token in position order (ms_add_tokens);
+ *   qbar       token by token, query heads of the GQA group in order, then / count;
+ *   scores     dot(qbar_a, ksum_j) / kcount_j with the two interleaved accumulators of the CPU's
+ *              dot64 (even dims into one, odd dims into the other, then their sum), which is
+ *              exactly the scalar instruction set's order. The AVX2/AVX-512 paths sum in another
+ *              order, so only near-ties (1e-16 relative) can rank differently from those.
+ * The ranking uses the same order-preserving uint64 image of the double (NaN above +inf), ties to
+ * the lower region. One caveat: NaN payloads and signs produced by arithmetic differ between x86
+ * and NVIDIA GPUs, so with NaN inputs the place of NaN scores may differ from the CPU's.
+ *
+ * Algorithm of one (b, h, g) item, one thread block, everything in candidate space (candidate c is
+ * the c-th candidate region in ascending order, so "lower c" is "lower region"):
+ *   1. candidates by a block compaction; at most T of them: written as they are (dense).
+ *   2. scores of SEL_QR query regions at a time (a warp each, a lane per candidate) against tiles
+ *      of candidates' key sums staged in shared memory, into the slot's key array.
+ *   3. per query region, its exact top T: an MSB-first radix select on the 64-bit keys (8 passes
+ *      of 8 bits, shared-memory histogram) gives the T-th key K; winners are the keys above K and
+ *      the lowest-c keys equal to K (block scan in c order); a bitonic sort orders the T winners
+ *      by (key desc, c asc) -- the list, rank by rank.
+ *   4. the interleave: list l's rank r sits at position r*nl + l of the CPU's walk; firstpos[c] =
+ *      the smallest position holding c (atomicMin: order-free). The CPU keeps exactly the first T
+ *      distinct regions of the walk, i.e. every c with firstpos[c] <= pT, pT the position where
+ *      the T-th new region appears (block scan over positions in order). Those c, ascending, are
+ *      the output.
+ * Nothing depends on thread scheduling: scans and sorts are deterministic, atomics only count or
+ * take minima.
+ *
+ * Legend: B batch, Hq/Hkv heads, hg = Hq/Hkv, N keys, Nq queries (the last Nq positions), D head
+ * dim, CQ/CK block_q/block_k, NK key regions, NA query regions of the call (a0 the first), G groups
+ * of the call (g0 the first; gi index, ga = g0 + gi absolute), T topk, nc candidates of a group,
+ * nl query regions of a group that rank (hold a valid query), P2T = T rounded up to a power of 2.
+ */
+#include <limits.h>
+
+#include "common.cuh"
+
+#define SEL_THREADS 256 /* threads of a selection block: 8 warps */
+#define SEL_QR 8        /* query regions scored per sweep over the candidates: one per warp */
+#define SEL_CT 32       /* candidates per staged tile: one per lane */
+#define SEL_DC 32       /* dims per staged chunk of key sums */
+#define SEL_DMAX 256    /* largest head dim (the glue checks D <= 256) */
+
+// ----------------------------------------------------------------------------------------------
+// dimensions and the per-block workspace
+
+struct SelDims {
+    int64_t N, Nq, D, T, hg, span, NK, NA, a0, G, g0, BH;
+    int block_q, block_k, merge;
+};
+
+__host__ __device__ static inline SelDims sel_dims(const msattn_select_params &p) {
+    SelDims d;
+    d.N = p.N; d.Nq = p.Nq; d.D = p.D; d.T = p.topk; d.hg = p.Hq / p.Hkv;
+    d.block_q = p.block_q; d.block_k = p.block_k; d.merge = p.merge;
+    d.span = msattn_span(p.block_q, p.merge);
+    d.NK = msattn_num_key_regions(p.N, p.block_k);
+    d.NA = msattn_num_query_regions(p.N, p.Nq, p.block_q);
+    d.a0 = msattn_first_query_region(p.N, p.Nq, p.block_q);
+    d.G = msattn_num_groups(p.N, p.Nq, d.span);
+    d.g0 = msattn_first_group(p.N, p.Nq, d.span);
+    d.BH = (int64_t)p.B * p.Hkv;
+    return d;
+}
+
+__host__ __device__ static inline int64_t sel_pow2_at_least(int64_t x) {
+    int64_t n = 1;
+    while (n < x) n <<= 1;
+    return n;
+}
+
+/* one block's workspace, carved from its slot; every piece 256-byte aligned */
+struct SelSlot {
+    int32_t *cand;     /* (NK)        candidate regions of the item, ascending */
+    int32_t *firstpos; /* (NK)        first walk position of candidate c, INT_MAX: never listed */
+    int32_t *alist;    /* (merge)     ranking query regions (index into qbar, a - a0), ascending */
+    int32_t *lists;    /* (merge, T)  each ranking region's top T, as candidate indices, by rank */
+    uint64_t *keys;    /* (SEL_QR, NK) order keys of the scores of the regions being ranked */
+    uint64_t *wkey;    /* (P2T)       the winners of one region, then sorted: keys */
+    int32_t *wc;       /* (P2T)       ... and their candidate indices */
+};
+
+__host__ __device__ static inline size_t sel_piece(int64_t n, size_t esize) {
+    return ((size_t)n * esize + 255) / 256 * 256;
+}
+
+/* offsets of the pieces; returns the slot size */
+__host__ __device__ static inline size_t sel_layout(const SelDims &d, size_t off[7]) {
+    const int64_t p2t = sel_pow2_at_least(d.T);
+    const size_t sz[7] = {sel_piece(d.NK, 4), sel_piece(d.NK, 4), sel_piece(d.merge, 4),
+                          sel_piece((int64_t)d.merge * d.T, 4), sel_piece((int64_t)SEL_QR * d.NK, 8),
+                          sel_piece(p2t, 8), sel_piece(p2t, 4)};
+    size_t total = 0;
+    for (int i = 0; i < 7; ++i) {
+        off[i] = total;
+        total += sz[i];
+    }
+    return total;
+}
+
+__device__ static inline SelSlot sel_slot(const SelDims &d, char *base) {
+    size_t off[7];
+    sel_layout(d, off);
+    SelSlot s;
+    s.cand = (int32_t *)(base + off[0]);
+    s.firstpos = (int32_t *)(base + off[1]);
+    s.alist = (int32_t *)(base + off[2]);
+    s.lists = (int32_t *)(base + off[3]);
+    s.keys = (uint64_t *)(base + off[4]);
+    s.wkey = (uint64_t *)(base + off[5]);
+    s.wc = (int32_t *)(base + off[6]);
+    return s;
+}
+
+// ----------------------------------------------------------------------------------------------
+// ranking keys: the CPU's ms_order_key and ms_before
+
+__device__ __forceinline__ uint64_t sel_order_key(double s) {
+    const uint64_t u = (uint64_t)__double_as_longlong(s);
+    return (u >> 63) ? ~u : (u | 0x8000000000000000ull);
+}
+
+/* (ka, ca) ranks before (kb, cb): higher score first, then lower candidate (= lower region) */
+__device__ __forceinline__ bool sel_before(uint64_t ka, int ca, uint64_t kb, int cb) {
+    return ka > kb || (ka == kb && ca < cb);
+}
+
+// ----------------------------------------------------------------------------------------------
+// pass 1: region sums and query means, one block per (b, h, region), a thread per dim
+
+/* grid: B * Hkv * NR blocks, NR = NK + NA (or NA when the key sums are given: key regions skipped);
+ * p.ksum.sum (B, Hkv, >=NK, D), p.ksum.count (B, Hkv, >=NK), p.qbar (B, Hkv, NA, D),
+ * p.qcount (B, Hkv, NA) are written; q (B, Hq, Nq, D), k (B, Hkv, N, D), key_mask (B, N) read */
+__global__ void ms_region_means_kernel(const msattn_select_params p) {
+    const SelDims d = sel_dims(p);
+    const int64_t NR = p.sums_given ? d.NA : d.NK + d.NA;
+    const int64_t w = blockIdx.x;
+    const int64_t r = w % NR + (p.sums_given ? d.NK : 0), bh = w / NR, b = bh / p.Hkv, h = bh % p.Hkv;
+    if (r < d.NK) { /* key region r: the sum of its valid keys, token by token in position order */
+        const msattn_range tok = msattn_key_region(r, p.block_k, d.N);
+        double *sum = p.ksum.sum + b * p.ksum.sum_sb + h * p.ksum.sum_sh + r * d.D;
+        int32_t count = 0;
+        for (int64_t dd = threadIdx.x; dd < d.D; dd += blockDim.x) {
+            double acc = 0.0;
+            count = 0;
+            for (int64_t t = tok.begin; t < tok.end; ++t) {
+                if (!ms_key_valid(p.key_mask, p.mask_sb, b, t)) continue;
+                ++count;
+                acc = __dadd_rn(acc, ms_load_f64(p.k.data, ms_off(p.k, b, h, t, dd), p.dtype));
+            }
+            sum[dd] = acc;
+        }
+        /* every thread counted the same tokens, and thread 0 always has dim 0 (D >= 1) */
+        if (threadIdx.x == 0) p.ksum.count[b * p.ksum.count_sb + h * p.ksum.count_sh + r] = count;
+        return;
+    }
+    /* query region a0 + a: the mean of its valid queries, summed over KV head h's query heads */
+    const int64_t a = r - d.NK;
+    const msattn_range pos = msattn_query_region(d.a0 + a, p.block_q, d.N, d.Nq);
+    double *qbar = p.qbar + (bh * d.NA + a) * d.D;
+    int32_t count = 0;
+    for (int64_t dd = threadIdx.x; dd < d.D; dd += blockDim.x) {
+        double acc = 0.0;
+        count = 0;
+        for (int64_t t = pos.begin; t < pos.end; ++t) {
+            if (!ms_key_valid(p.key_mask, p.mask_sb, b, t)) continue;
+            ++count;
+            for (int64_t hq = h * d.hg; hq < (h + 1) * d.hg; ++hq)
+                acc = __dadd_rn(acc, ms_load_f64(p.q.data, ms_off(p.q, b, hq, t - (d.N - d.Nq), dd), p.dtype));
+        }
+        qbar[dd] = count > 0 ? __ddiv_rn(acc, (double)count) : acc;
+    }
+    if (threadIdx.x == 0) p.qcount[bh * d.NA + a] = count; /* thread 0 always has dim 0 (D >= 1) */
+}
+
+// ----------------------------------------------------------------------------------------------
+// pass 2 helpers: exact top T of one query region, and the bitonic sort of its winners
+
+/* keys (nc): order keys of one region's scores, nc > T. Writes lists[l*T + r] = the candidate of
+ * rank r and lowers firstpos of each to its walk position r*nl + l. Every thread must call. */
+__device__ static void sel_top_list(const uint64_t *keys, int nc, int T, int p2t, int l, int nl, const SelSlot &s,
+                                    int *hist, int *red, int *misc) {
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+
+    // radix select, most significant byte first: after the pass at `shift`, prefix holds the top
+    // bytes of the T-th largest key and k how many keys with that prefix are still to be taken
+    uint64_t prefix = 0, pmask = 0;
+    int k = T;
+    for (int shift = 56; shift >= 0; shift -= 8) {
+        for (int i = tid; i < 256; i += blockDim.x) hist[i] = 0;
+        __syncthreads();
+        for (int c = tid; c < nc; c += blockDim.x) {
+            const uint64_t key = keys[c];
+            if ((key & pmask) == prefix) atomicAdd(&hist[(int)((key >> shift) & 255u)], 1);
+        }
+        __syncthreads();
+        if (warp == 0) {
+            // lane L holds digits 255 - 8L - i (i < 8): lanes in descending digit order, so an
+            // inclusive scan over lanes counts the keys at or above each lane's digits
+            int cnt[8], sum = 0;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                cnt[i] = hist[255 - 8 * lane - i];
+                sum += cnt[i];
+            }
+            int incl = sum;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                const int n = __shfl_up_sync(MS_FULL_MASK, incl, o);
+                if (lane >= o) incl += n;
+            }
+            // the keys with this prefix number >= k, so some lane reaches k
+            const unsigned reach = __ballot_sync(MS_FULL_MASK, incl >= k);
+            if (lane == __ffs(reach) - 1) {
+                int cum = incl - sum;
+                for (int i = 0; i < 8; ++i) {
+                    if (cum + cnt[i] >= k) {
+                        misc[0] = 255 - 8 * lane - i;
+                        misc[1] = k - cum;
+                        break;
+                    }
+                    cum += cnt[i];
+                }
+            }
+        }
+        __syncthreads();
+        prefix |= (uint64_t)misc[0] << shift;
+        pmask |= (uint64_t)0xff << shift;
+        k = misc[1];
+        /* misc is next written after two more barriers that every thread passes after this read */
+    }
+    const uint64_t kth = prefix; /* the T-th largest key; take the k lowest-c keys equal to it */
+
+    // the winners, in candidate order (the order only matters for the ties at kth)
+    int nwin = 0, neq = 0;
+    for (int c0 = 0; c0 < nc; c0 += blockDim.x) {
+        const int c = c0 + tid;
+        const uint64_t key = c < nc ? keys[c] : 0;
+        const int gt = c < nc && key > kth, eq = c < nc && key == kth;
+        int teq, twin;
+        const int eqrank = neq + ms_block_excl_scan(eq, &teq, red);
+        const int take = gt || (eq && eqrank < k);
+        const int pos = nwin + ms_block_excl_scan(take, &twin, red);
+        if (take) {
+            s.wkey[pos] = key;
+            s.wc[pos] = c;
+        }
+        neq += teq;
+        nwin += twin;
+    }
+    // nwin == T; pad to a power of two with entries that rank after every real one
+    for (int i = T + tid; i < p2t; i += blockDim.x) {
+        s.wkey[i] = 0;
+        s.wc[i] = INT_MAX;
+    }
+    __syncthreads();
+
+    // bitonic sort into rank order; each compare-exchange pair belongs to one thread per stage,
+    // and __syncthreads orders the global-memory stages within the block
+    for (int size = 2; size <= p2t; size <<= 1) {
+        for (int stride = size >> 1; stride > 0; stride >>= 1) {
+            for (int i = tid; i < p2t; i += blockDim.x) {
+                const int ixj = i ^ stride;
+                if (ixj <= i) continue;
+                const uint64_t ka = s.wkey[i], kb = s.wkey[ixj];
+                const int ca = s.wc[i], cb = s.wc[ixj];
+                const bool up = (i & size) == 0;
+                if (up ? sel_before(kb, cb, ka, ca) : sel_before(ka, ca, kb, cb)) {
+                    s.wkey[i] = kb; s.wkey[ixj] = ka;
+                    s.wc[i] = cb; s.wc[ixj] = ca;
+                }
+            }
+            __syncthreads();
+        }
+    }
+    for (int r = tid; r < T; r += blockDim.x) {
+        const int c = s.wc[r];
+        s.lists[(int64_t)l * T + r] = c;
+        atomicMin(&s.firstpos[c], r * nl + l);
+    }
+    __syncthreads();
+}
+
+// ----------------------------------------------------------------------------------------------
+// pass 2: selection, SEL_THREADS threads, one (b, h, g) item at a time per block
+
+/* grid: p.cuda_slots blocks, block i striding over the B * Hkv * G items with workspace slot i.
+ * index (B, Hkv, G, T) written; ksum/kcount (B, Hkv, >=NK, D)/(B, Hkv, >=NK), qbar (B, Hkv, NA, D),
+ * qcount (B, Hkv, NA) read */
+__global__ void __launch_bounds__(SEL_THREADS) ms_select_kernel(const msattn_select_params p, size_t slot_bytes) {
+    __shared__ double qs[SEL_QR][SEL_DMAX];       /* qbar of the regions being scored */
+    __shared__ double kt[SEL_CT][SEL_DC + 1];     /* key sums of a candidate tile; +1: lanes hit distinct banks */
+    __shared__ int hist[256];
+    __shared__ int red[33];
+    __shared__ int misc[4];
+    const SelDims d = sel_dims(p);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int T = (int)d.T, p2t = (int)sel_pow2_at_least(d.T);
+    const SelSlot s = sel_slot(d, (char *)p.cuda_scratch + (size_t)blockIdx.x * slot_bytes);
+    const int64_t items = d.BH * d.G;
+
+    for (int64_t w = blockIdx.x; w < items; w += gridDim.x) {
+        __syncthreads(); /* the previous item is done with the workspace */
+        // later groups have more candidates: start them first (the CPU's order)
+        const int64_t item = (d.G - 1 - w / d.BH) + d.G * (w % d.BH);
+        const int64_t gi = item % d.G, bh = item / d.G, ga = d.g0 + gi, b = bh / p.Hkv, h = bh % p.Hkv;
+        int32_t *out = p.index + item * d.T;
+        const int32_t *kcount = p.ksum.count + b * p.ksum.count_sb + h * p.ksum.count_sh;
+        const double *ksum = p.ksum.sum + b * p.ksum.sum_sb + h * p.ksum.sum_sh;
+
+        // 1. candidates, ascending
+        int nc = 0;
+        for (int64_t j0 = 0; j0 < d.NK; j0 += blockDim.x) {
+            const int64_t j = j0 + tid;
+            const int flag = j < d.NK && kcount[j] > 0 &&
+                             msattn_is_candidate(j, ga, d.span, p.block_k, d.N, p.causal);
+            int total;
+            const int pos = ms_block_excl_scan(flag, &total, red);
+            if (flag) s.cand[nc + pos] = (int32_t)j;
+            nc += total;
+        }
+        __syncthreads();
+        if (nc <= T) { /* few enough: take them all (dense) */
+            for (int i = tid; i < T; i += blockDim.x) out[i] = i < nc ? s.cand[i] : -1;
+            continue;
+        }
+
+        // 2. the query regions of the group that rank: those holding a valid query of the call
+        const int64_t abeg = msattn_max64(ga * p.merge, d.a0), aend = msattn_min64((ga + 1) * p.merge, d.a0 + d.NA);
+        int nl = 0;
+        for (int64_t x0 = abeg; x0 < aend; x0 += blockDim.x) {
+            const int64_t a = x0 + tid;
+            const int flag = a < aend && p.qcount[bh * d.NA + (a - d.a0)] > 0;
+            int total;
+            const int pos = ms_block_excl_scan(flag, &total, red);
+            if (flag) s.alist[nl + pos] = (int32_t)(a - d.a0);
+            nl += total;
+        }
+        for (int c = tid; c < nc; c += blockDim.x) s.firstpos[c] = INT_MAX;
+        __syncthreads();
+        if (nl == 0) { /* no valid query in the group: nothing ranks, nothing is selected */
+            for (int i = tid; i < T; i += blockDim.x) out[i] = -1;
+            continue;
+        }
+
+        // 3. scores of SEL_QR regions at a time, then each region's top T
+        for (int l0 = 0; l0 < nl; l0 += SEL_QR) {
+            for (int e = tid; e < SEL_QR * d.D; e += blockDim.x) {
+                const int r = e / (int)d.D, dd = e % (int)d.D;
+                qs[r][dd] = l0 + r < nl ? p.qbar[(bh * d.NA + s.alist[l0 + r]) * d.D + dd] : 0.0;
+            }
+            const bool scoring = l0 + warp < nl; /* warp-uniform */
+            for (int c0 = 0; c0 < nc; c0 += SEL_CT) {
+                // the CPU's dot64 on the scalar path: even dims into acc0, odd dims into acc1
+                double acc0 = 0.0, acc1 = 0.0;
+                for (int d0 = 0; d0 < d.D; d0 += SEL_DC) {
+                    __syncthreads(); /* the previous chunk is consumed (and qs is staged) */
+                    for (int e = tid; e < SEL_CT * SEL_DC; e += blockDim.x) {
+                        const int r = e / SEL_DC, dd = e % SEL_DC, c = c0 + r;
+                        kt[r][dd] = c < nc && d0 + dd < d.D ? ksum[(int64_t)s.cand[c] * d.D + d0 + dd] : 0.0;
+                    }
+                    __syncthreads();
+                    if (scoring) {
+                        const int dend = (int)msattn_min64(SEL_DC, d.D - d0);
+                        for (int dd = 0; dd < dend; ++dd) {
+                            const double prod = __dmul_rn(qs[warp][d0 + dd], kt[lane][dd]);
+                            if (((d0 + dd) & 1) == 0) acc0 = __dadd_rn(acc0, prod);
+                            else acc1 = __dadd_rn(acc1, prod);
+                        }
+                    }
+                }
+                const int c = c0 + lane;
+                if (scoring && c < nc)
+                    s.keys[(int64_t)warp * d.NK + c] =
+                        sel_order_key(__ddiv_rn(__dadd_rn(acc0, acc1), (double)kcount[s.cand[c]]));
+            }
+            __syncthreads();
+            for (int l = l0; l < nl && l < l0 + SEL_QR; ++l)
+                sel_top_list(s.keys + (int64_t)(l - l0) * d.NK, nc, T, p2t, l, nl, s, hist, red, misc);
+        }
+
+        // 4. the walk position where the T-th distinct region appears
+        if (tid == 0) misc[2] = INT_MAX;
+        __syncthreads();
+        const int64_t npos = (int64_t)nl * T;
+        int taken = 0;
+        for (int64_t x0 = 0; x0 < npos && taken < T; x0 += blockDim.x) {
+            const int64_t x = x0 + tid;
+            int fresh = 0;
+            if (x < npos) {
+                const int64_t r = x / nl, l = x % nl;
+                fresh = s.firstpos[s.lists[l * T + r]] == (int)x;
+            }
+            int total;
+            const int before = ms_block_excl_scan(fresh, &total, red);
+            if (fresh && taken + before + 1 == T) misc[2] = (int)x;
+            taken += total;
+        }
+        __syncthreads();
+        const int pT = misc[2];
+
+        // 5. the chosen candidates, ascending
+        int n = 0;
+        for (int c0 = 0; c0 < nc; c0 += blockDim.x) {
+            const int c = c0 + tid;
+            const int flag = c < nc && s.firstpos[c] != INT_MAX && s.firstpos[c] <= pT;
+            int total;
+            const int pos = ms_block_excl_scan(flag, &total, red);
+            if (flag) out[n + pos] = s.cand[c];
+            n += total;
+        }
+        for (int i = n + tid; i < T; i += blockDim.x) out[i] = -1;
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
+// launchers
+
+size_t msattn_select_cuda_slot_bytes(const msattn_select_params *p) {
+    const SelDims d = sel_dims(*p);
+    size_t off[7];
+    return sel_layout(d, off);
+}
+
+int msattn_region_means_cuda(const msattn_select_params *p, void *stream) {
+    if (p->D < 1 || p->D > SEL_DMAX || p->Hkv < 1 || p->Hq % p->Hkv != 0) return MSATTN_ERR_ARG;
+    const SelDims d = sel_dims(*p);
+    const int64_t blocks = d.BH * (p->sums_given ? d.NA : d.NK + d.NA);
+    if (blocks == 0) return MSATTN_OK;
+    if (blocks > INT_MAX) return MSATTN_ERR_ARG;
+    const int threads = (int)msattn_min64(256, ms_round_up(d.D, 32));
+    ms_region_means_kernel<<<(unsigned)blocks, threads, 0, (cudaStream_t)stream>>>(*p);
+    return ms_launch_status();
+}
+
+int msattn_select_cuda(const msattn_select_params *p, void *stream) {
+    if (p->D < 1 || p->D > SEL_DMAX || p->Hkv < 1 || p->Hq % p->Hkv != 0 || p->topk < 1) return MSATTN_ERR_ARG;
+    const SelDims d = sel_dims(*p);
+    if (d.BH * d.G == 0) return MSATTN_OK;
+    /* walk positions r*nl + l and candidate indices are int; sizes beyond that are unsupported */
+    if ((int64_t)p->merge * p->topk >= INT_MAX || d.NK >= INT_MAX || sel_pow2_at_least(d.T) >= INT_MAX)
+        return MSATTN_ERR_ARG;
+    if (p->cuda_scratch == nullptr || p->cuda_slots < 1) return MSATTN_ERR_NOMEM;
+    ms_select_kernel<<<(unsigned)p->cuda_slots, SEL_THREADS, 0, (cudaStream_t)stream>>>(
+        *p, msattn_select_cuda_slot_bytes(p));
+    return ms_launch_status();
+}

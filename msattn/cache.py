@@ -1,0 +1,199 @@
+"""Long-context inference: a cache with region summaries, and chunked prefill (DESIGN section 2).
+
+``MSCache`` is a transformers ``Cache`` whose layers keep K and V (in buffers that grow by doubling, so
+appending is amortised O(1)) plus, per key region of ``block_k`` tokens, the float64 sum of its valid
+keys and their count. A decode step then scores the query against every region from the sums
+(``N / block_k`` dot products) and reads K and V only for the regions it selects and its own group:
+``O(N/CK * D + (topk*CK + window) * D)`` instead of ``O(N * D)``. The sums are appended token by token
+in position order by the same C code that computes them from scratch, so a decode step's selection
+equals the op's on the whole sequence, bit for bit. Patched models use it in ``generate()``.
+
+``prefill(model, input_ids, chunk_size=...)`` runs a prompt of any length chunk by chunk against the
+cache: activation memory is bounded by the chunk, and with chunk boundaries on group boundaries the
+result equals a single call.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import partial
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from .ops import ops
+
+__all__ = ["MSCache", "MSLayer", "prefill"]
+
+
+class MSLayer(DynamicLayer):
+    """One layer of an :class:`MSCache`.
+
+    Holds ``keys``/``values`` ``(B, Hkv, length, D)`` (views of larger buffers) and the region sums of
+    the first ``summed`` keys: float64 ``(B, Hkv, NKcap, D)`` and int32 counts ``(B, Hkv, NKcap)``.
+    """
+
+    def __init__(self, block_k: int = 16):
+        super().__init__()
+        self.block_k = block_k
+        self.length = 0
+        self.summed = 0
+        self._k = self._v = self._sums = self._counts = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def _reserve(self, n: int, like_k: torch.Tensor, like_v: torch.Tensor) -> None:
+        cap = 0 if self._k is None else self._k.shape[2]
+        if n <= cap:
+            return
+        cap = max(n, 2 * cap, 256)
+        B, H, _, D = like_k.shape
+        k = like_k.new_empty((B, H, cap, D))
+        v = like_v.new_empty((B, H, cap, like_v.shape[3]))
+        nk = math.ceil(cap / self.block_k)
+        sums = torch.zeros((B, H, nk, D), dtype=torch.float64, device=like_k.device)
+        counts = torch.zeros((B, H, nk), dtype=torch.int32, device=like_k.device)
+        if self._k is not None:
+            k[:, :, :self.length] = self._k[:, :, :self.length]
+            v[:, :, :self.length] = self._v[:, :, :self.length]
+            sums[:, :, :self._sums.shape[2]] = self._sums
+            counts[:, :, :self._counts.shape[2]] = self._counts
+        self._k, self._v, self._sums, self._counts = k, v, sums, counts
+
+    def _publish(self) -> None:
+        self.keys = self._k[:, :, :self.length]
+        self.values = self._v[:, :, :self.length]
+        self.keys._msattn_layer = self  # lets msattn's attention function find the region sums
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append ``(B, Hkv, n, D)`` keys and values; returns all ``length`` of them."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[2]
+        self._reserve(self.length + n, key_states, value_states)
+        self._k[:, :, self.length:self.length + n] = key_states
+        self._v[:, :, self.length:self.length + n] = value_states
+        self.length += n
+        self._publish()
+        return self.keys, self.values
+
+    def region_sums(self, key_padding_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sums and counts of all ``length`` keys, appending those not yet summed.
+
+        Args:
+            key_padding_mask: bool ``(B, length)`` (True = real token) or None. Padding never changes
+                once seen, so each key is summed once, with the mask of the call that first sees it.
+        """
+        if self.summed < self.length:
+            mask = None if key_padding_mask is None else key_padding_mask[:, self.summed:self.length].contiguous()
+            ops.ms_region_sums_append_(self._sums, self._counts, self._k[:, :, self.summed:self.length], mask,
+                                       self.summed, self.block_k)
+            self.summed = self.length
+        return self._sums, self._counts
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def reset(self) -> None:
+        self.length = self.summed = 0
+        self._k = self._v = self._sums = self._counts = None
+        self.keys = self.values = None
+        self.is_initialized = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("MSLayer.crop takes a negative number of tokens to remove")
+        if tokens_to_remove == 0 or not self.is_initialized:
+            return
+        self.length = max(0, self.length + tokens_to_remove)
+        # the region holding the new end is summed again from its start
+        self.summed = min(self.summed, self.length // self.block_k * self.block_k)
+        self._publish()
+
+    def _select_batch(self, index: torch.Tensor) -> None:
+        if self._k is None:
+            return
+        index = index.to(self._k.device)
+        self._k, self._v = self._k.index_select(0, index), self._v.index_select(0, index)
+        self._sums, self._counts = self._sums.index_select(0, index), self._counts.index_select(0, index)
+        self._publish()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select_batch(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select_batch(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self._k is not None:
+            self._select_batch(torch.arange(self._k.shape[0]).repeat_interleave(repeats))
+
+
+class MSCache(Cache):
+    """A transformers ``Cache`` of :class:`MSLayer` s, one per decoder layer, created as layers first write.
+
+    Args:
+        block_k: the key region size of the model's MS attention (``MSConfig.block_k``).
+    """
+
+    def __init__(self, block_k: int = 16):
+        if not isinstance(block_k, int) or block_k < 1:
+            raise ValueError(f"MSCache: block_k must be a positive int, got {block_k!r}")
+        super().__init__(layer_class_to_replicate=partial(MSLayer, block_k=block_k))
+        self.block_k = block_k
+
+
+# ---------------------------------------------------------------------------------------------
+# chunked prefill
+
+@torch.no_grad()
+def prefill(model, input_ids: torch.Tensor, *, chunk_size: int = 16384, attention_mask: torch.Tensor | None = None,
+            cache: MSCache | None = None, on_logits: Callable[[int, torch.Tensor], None] | None = None):
+    """Run a prompt of any length through a patched model in chunks against an :class:`MSCache`.
+
+    Args:
+        model: a causal LM patched with :func:`msattn.hf.patch`.
+        input_ids: ``(B, N)`` token ids.
+        chunk_size: tokens per forward; a multiple of the group span ``merge * block_q`` so that chunking
+            does not change the result.
+        attention_mask: ``(B, N)`` padding mask (1 = real token), or None.
+        cache: a cache to extend (for a prompt continued in several calls), or None for a new one.
+        on_logits: called as ``on_logits(start, logits)`` with each chunk's logits ``(B, n, V)`` for
+            positions ``start..start+n-1`` (for example to accumulate a loss) before they are freed.
+
+    Returns:
+        ``(cache, last_logits)``: the cache holding all ``N`` positions, and the logits of the last
+        position ``(B, V)``.
+    """
+    from .hf import model_config
+
+    cfg = model_config(model)
+    if chunk_size < 1 or chunk_size % cfg.span != 0:
+        raise ValueError(f"prefill: chunk_size must be a positive multiple of the group span merge * block_q = "
+                         f"{cfg.span}, so that chunking does not change the selection; got {chunk_size}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"prefill: input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}")
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise ValueError(f"prefill: attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got "
+                         f"{tuple(attention_mask.shape)}")
+    cache = MSCache(block_k=cfg.block_k) if cache is None else cache
+    past = cache.get_seq_length()
+    n = input_ids.shape[1]
+    last = None
+    for start in range(0, n, chunk_size):
+        end = min(start + chunk_size, n)
+        kwargs = {}
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask[:, :end]
+            positions = (attention_mask.long().cumsum(1) - 1).clamp_min(0)[:, start:end]
+        else:
+            positions = torch.arange(past + start, past + end, device=input_ids.device)[None]
+        out = model(input_ids[:, start:end], past_key_values=cache, use_cache=True, position_ids=positions, **kwargs)
+        if on_logits is not None:
+            on_logits(past + start, out.logits)
+        last = out.logits[:, -1]
+        del out
+    return cache, last

@@ -1,0 +1,124 @@
+"""msattn.cache: MSCache (region sums, decode), chunked prefill."""
+
+import pytest
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+import msattn
+import msattn.hf
+from msattn.cache import MSCache, MSLayer
+
+SPARSE = msattn.MSConfig(block_q=4, block_k=4, merge=2, topk=3)
+
+
+def tiny(**kw):
+    cfg = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=97, max_position_embeddings=4096, attn_implementation="sdpa")
+    cfg.update(kw)
+    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("pad", [False, True])
+def test_decode_from_region_sums_equals_the_op_on_the_whole_sequence(dtype, pad):
+    B, Hq, Hkv, D, n = 2, 4, 2, 16, 150
+    kw = dict(block_q=4, block_k=4, merge=2, topk=3)
+    q = torch.randn(B, Hq, n, D, dtype=dtype)
+    k = torch.randn(B, Hkv, n, D, dtype=dtype)
+    v = torch.randn(B, Hkv, n, D, dtype=dtype)
+    mask = torch.ones(B, n, dtype=torch.bool)
+    if pad:
+        mask[1, :37] = False
+    layer = MSLayer(block_k=4)
+    layer.update(k[:, :, :21], v[:, :, :21])  # a prompt, then one token at a time
+    for t in range(21, n):
+        keys, values = layer.update(k[:, :, t:t + 1], v[:, :, t:t + 1])
+        sums, counts = layer.region_sums(mask[:, :t + 1])
+        index = msattn.ms_select(q[:, :, t:t + 1], keys, key_padding_mask=mask[:, :t + 1], key_sums=sums,
+                                 key_counts=counts, **kw)
+        want_index = msattn.ms_select(q[:, :, t:t + 1], k[:, :, :t + 1], key_padding_mask=mask[:, :t + 1], **kw)
+        assert torch.equal(index, want_index)
+        got = msattn.ms_attention(q[:, :, t:t + 1], keys, values, key_padding_mask=mask[:, :t + 1], index=index, **kw)
+        want = msattn.ms_attention(q[:, :, t:t + 1], k[:, :, :t + 1], v[:, :, :t + 1],
+                                   key_padding_mask=mask[:, :t + 1], **kw)
+        assert torch.equal(got, want)
+
+
+def test_region_sums_equal_sums_from_scratch_after_crop():
+    layer = MSLayer(block_k=4)
+    k, v = torch.randn(1, 2, 50, 8), torch.randn(1, 2, 50, 8)
+    layer.update(k[:, :, :30], v[:, :, :30])
+    layer.region_sums(None)
+    layer.crop(-7)  # 23 tokens left: region 5 (20..23) holds 3
+    layer.update(k[:, :, 23:50], v[:, :, 23:50])
+    sums, counts = layer.region_sums(None)
+    fresh = MSLayer(block_k=4)
+    fresh.update(k, v)
+    want_sums, want_counts = fresh.region_sums(None)
+    assert torch.equal(sums[:, :, :13], want_sums[:, :, :13]) and torch.equal(counts[:, :, :13], want_counts[:, :, :13])
+
+
+def test_generate_uses_ms_cache_and_matches_dynamic_cache():
+    model = msattn.hf.patch(tiny(), SPARSE)
+    ids = torch.randint(3, 97, (2, 50))
+    mask = torch.ones_like(ids)
+    mask[1, :11] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0,
+              return_dict_in_generate=True, output_scores=True)
+    ms = model.generate(ids, **kw)
+    dyn = model.generate(ids, past_key_values=DynamicCache(config=model.config), **kw)
+    assert isinstance(ms.past_key_values, MSCache)
+    assert torch.equal(ms.sequences, dyn.sequences)
+    for a, b in zip(ms.scores, dyn.scores):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_beam_search_reorders_the_cache():
+    model = msattn.hf.patch(tiny(), SPARSE)
+    ids = torch.randint(3, 97, (1, 40))
+    out = model.generate(ids, max_new_tokens=10, min_new_tokens=10, num_beams=3, do_sample=False)
+    ref = model.generate(ids, max_new_tokens=10, min_new_tokens=10, num_beams=3, do_sample=False,
+                         past_key_values=DynamicCache(config=model.config))
+    assert torch.equal(out, ref)
+
+
+def test_generation_runs_past_eight_times_the_training_length():
+    # a tiny model "trained" at 32 positions generates 8x past them with a bounded key set per group
+    model = msattn.hf.patch(tiny(max_position_embeddings=32), SPARSE)
+    out = model.generate(torch.randint(3, 97, (1, 32)), max_new_tokens=8 * 32, min_new_tokens=8 * 32,
+                         do_sample=False)
+    assert out.shape == (1, 9 * 32)
+
+
+@pytest.mark.parametrize("pad", [False, True])
+def test_chunked_prefill_equals_one_call(pad):
+    model = msattn.hf.patch(tiny(), SPARSE)
+    n, span = 96, SPARSE.span
+    ids = torch.randint(3, 97, (2, n))
+    mask = torch.ones_like(ids)
+    if pad:
+        mask[1, :13] = 0
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits
+    chunks = []
+    cache, last = msattn.prefill(model, ids, chunk_size=3 * span, attention_mask=mask,
+                                 on_logits=lambda start, logits: chunks.append((start, logits.clone())))
+    got = torch.cat([c for _, c in chunks], dim=1)
+    assert [s for s, _ in chunks] == list(range(0, n, 3 * span))
+    assert cache.get_seq_length() == n
+    valid = mask.bool()
+    assert torch.allclose(got[valid], ref[valid], rtol=1e-5, atol=1e-5)
+    assert torch.equal(last, got[:, -1])
+
+
+def test_prefill_bad_input():
+    model = msattn.hf.patch(tiny(), SPARSE)
+    ids = torch.randint(3, 97, (1, 40))
+    with pytest.raises(ValueError, match="multiple of the group span"):
+        msattn.prefill(model, ids, chunk_size=SPARSE.span + 1)
+    with pytest.raises(ValueError, match="not patched"):
+        msattn.prefill(tiny(), ids, chunk_size=16)
+    with pytest.raises(ValueError, match="attention_mask must have"):
+        msattn.prefill(model, ids, chunk_size=16, attention_mask=torch.ones(1, 39))
+    with pytest.raises(ValueError, match="block_k must be a positive int"):
+        MSCache(block_k=0)
