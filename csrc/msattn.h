@@ -63,11 +63,11 @@ typedef struct {
 // ----------------------------------------------------------------------------------------------
 // MS attention: selection (DESIGN section 1, steps 1-5)
 
-/* Key-region summaries: per (b, h, region) the sum of the valid keys in double, added token by token
- * in position order (so a cache that appends tokens reproduces the from-scratch sums bit for bit),
- * and their number. A region's score for query region a is (qbar_a . ksum_j) / kcount_j. */
+/* Key-region summaries: per (b, h, region) the float32 sum of the valid keys, added token by token in
+ * position order (so a cache that appends tokens reproduces the from-scratch sums bit for bit), and
+ * their number. A region's score for query region a is (qbar_a . ksum_j) / kcount_j in double. */
 typedef struct {
-    double *sum;                  /* (B, Hkv, NKcap, D): region stride D, dim stride 1 */
+    float *sum;                   /* (B, Hkv, NKcap, D): region stride D, dim stride 1 */
     int64_t sum_sb, sum_sh;
     int32_t *count;               /* (B, Hkv, NKcap) */
     int64_t count_sb, count_sh;

@@ -1,8 +1,8 @@
 """Long-context inference: a cache with region summaries, and chunked prefill (DESIGN section 2).
 
 ``MSCache`` is a transformers ``Cache`` whose layers keep K and V (in buffers that grow by doubling, so
-appending is amortised O(1)) plus, per key region of ``block_k`` tokens, the float64 sum of its valid
-keys and their count. A decode step then scores the query against every region from the sums
+appending is amortised O(1)) plus, per key region of ``block_k`` tokens, the float32 sum of its valid
+keys and their count: ``1 / (2 * block_k)`` of a float32 KV cache, ``1 / block_k`` of a 16-bit one. A decode step then scores the query against every region from the sums
 (``N / block_k`` dot products) and reads K and V only for the regions it selects and its own group:
 ``O(N/CK * D + (topk*CK + window) * D)`` instead of ``O(N * D)``. The sums are appended token by token
 in position order by the same C code that computes them from scratch, so a decode step's selection
@@ -31,7 +31,7 @@ class MSLayer(DynamicLayer):
     """One layer of an :class:`MSCache`.
 
     Holds ``keys``/``values`` ``(B, Hkv, length, D)`` (views of larger buffers) and the region sums of
-    the first ``summed`` keys: float64 ``(B, Hkv, NKcap, D)`` and int32 counts ``(B, Hkv, NKcap)``.
+    the first ``summed`` keys: float32 ``(B, Hkv, NKcap, D)`` and int32 counts ``(B, Hkv, NKcap)``.
     """
 
     def __init__(self, block_k: int = 16):
@@ -54,7 +54,7 @@ class MSLayer(DynamicLayer):
         k = like_k.new_empty((B, H, cap, D))
         v = like_v.new_empty((B, H, cap, like_v.shape[3]))
         nk = math.ceil(cap / self.block_k)
-        sums = torch.zeros((B, H, nk, D), dtype=torch.float64, device=like_k.device)
+        sums = torch.zeros((B, H, nk, D), dtype=torch.float32, device=like_k.device)
         counts = torch.zeros((B, H, nk), dtype=torch.int32, device=like_k.device)
         if self._k is not None:
             k[:, :, :self.length] = self._k[:, :, :self.length]
@@ -191,6 +191,8 @@ def prefill(model, input_ids: torch.Tensor, *, chunk_size: int = 16384, attentio
             positions = (attention_mask.long().cumsum(1) - 1).clamp_min(0)[:, start:end]
         else:
             positions = torch.arange(past + start, past + end, device=input_ids.device)[None]
+        if on_logits is None:  # only the last position's logits are wanted: do not compute (B, n, V)
+            kwargs["logits_to_keep"] = 1
         out = model(input_ids[:, start:end], past_key_values=cache, use_cache=True, position_ids=positions, **kwargs)
         if on_logits is not None:
             on_logits(past + start, out.logits)

@@ -16,7 +16,8 @@ def groups_of_call(n: int, nq: int, span: int) -> range:
 
 
 def select_ref(q, k, *, block_q, block_k, merge, topk, causal=True, key_padding_mask=None):
-    """DESIGN 1.1-1.5 -> int32 (B, Hkv, G, topk), ascending, -1 padded."""
+    """DESIGN 1.1-1.5 -> int32 (B, Hkv, G, topk), ascending, -1 padded. Key regions are summarised by
+    float32 sums and counts (score = qbar . sum / count, in float64), as the kernels do."""
     q, k = q.double(), k.double()
     B, Hq, Nq, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]
@@ -29,9 +30,12 @@ def select_ref(q, k, *, block_q, block_k, merge, topk, causal=True, key_padding_
     for b in range(B):
         kcount = [int(mask[b, j * block_k:(j + 1) * block_k].sum()) for j in range(nk)]
         for h in range(Hkv):
-            kbar = torch.stack([
-                (k[b, h, j * block_k:(j + 1) * block_k] * mask[b, j * block_k:(j + 1) * block_k, None]).sum(0)
-                / max(kcount[j], 1) for j in range(nk)])
+            # region sums in float32, token by token in position order (as the kernels and caches keep them)
+            ksum = torch.zeros(nk, D, dtype=torch.float32)
+            for t in range(N):
+                if mask[b, t]:
+                    ksum[t // block_k] += k[b, h, t].float()
+            kbar_sum = ksum.double()
             for gi, g in enumerate(groups):
                 s_g, e_g = g * span, (g + 1) * span
                 if causal:
@@ -49,7 +53,7 @@ def select_ref(q, k, *, block_q, block_k, merge, topk, causal=True, key_padding_
                     if not pos:
                         continue
                     qbar = qsum[b, h, [t - (N - Nq) for t in pos]].mean(0)
-                    scores = kbar[cand_t] @ qbar
+                    scores = (kbar_sum[cand_t] @ qbar) / torch.tensor([kcount[j] for j in cand], dtype=torch.float64)
                     order = torch.sort(scores, descending=True, stable=True).indices  # ties: lower j first
                     lists.append(cand_t[order[:topk]].tolist())
                 chosen: list[int] = []

@@ -13,8 +13,9 @@
  *                            T, and the lists are interleaved rank by rank without duplicates.
  *   msattn_select_ref_cpu    the naive twin: recomputes each mean it needs and sorts every list.
  *
- * Scores are computed in double whatever the input dtype, so the ranking is that of the exact
- * scores up to 1e-16 and does not depend on the instruction set or on the order of summation.
+ * Key-region sums are float32 (a cache keeps them at 1/(2*block_k) of a float32 KV cache), added in
+ * position order; scores are computed from them in double, so the ranking does not depend on the
+ * instruction set.
  * Ranking keys map a double to an unsigned integer with the same order (NaN above +inf, as
  * torch.sort puts it), so ranking is a total order and never misbehaves on NaN input.
  *
@@ -133,17 +134,17 @@ static void ms_add_tokens(msattn_region_sums s, const msattn_view *k, msattn_dty
                           int64_t mask_sb, int64_t mask_t0, int64_t D, int block_k, int64_t b, int64_t h,
                           int64_t k_t0, int64_t tb, int64_t te) {
     const int64_t j = tb / block_k;
-    double *acc = s.sum + b * s.sum_sb + h * s.sum_sh + j * D;
+    float *acc = s.sum + b * s.sum_sb + h * s.sum_sh + j * D;
     int32_t *count = s.count + b * s.count_sb + h * s.count_sh + j;
     if (tb % block_k == 0) {
-        memset(acc, 0, (size_t)D * sizeof(double));
+        memset(acc, 0, (size_t)D * sizeof(float));
         *count = 0;
     }
     for (int64_t t = tb; t < te; ++t) {
         if (mask != NULL && mask[b * mask_sb + (t - mask_t0)] == 0) continue;
         ++*count;
         const int64_t off = b * k->sb + h * k->sh + (t - k_t0) * k->sn;
-        for (int64_t d = 0; d < D; ++d) acc[d] += msattn_load_f64(k->data, off + d * k->sd, dt);
+        for (int64_t d = 0; d < D; ++d) acc[d] += msattn_load_f32(k->data, off + d * k->sd, dt);
     }
 }
 
@@ -225,7 +226,7 @@ int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end,
         const int64_t gi = w % G, bh = w / G, ga = g0 + gi, b = bh / p->Hkv, h = bh % p->Hkv;
         int32_t *out = p->index + w * T;
         const int32_t *kcount = p->ksum.count + b * p->ksum.count_sb + h * p->ksum.count_sh;
-        const double *ksum = p->ksum.sum + b * p->ksum.sum_sb + h * p->ksum.sum_sh;
+        const float *ksum = p->ksum.sum + b * p->ksum.sum_sb + h * p->ksum.sum_sh;
         int64_t nc = 0;
         for (int64_t j = 0; j < NK; ++j)
             if (kcount[j] > 0 && msattn_is_candidate(j, ga, span, p->block_k, N, p->causal))
@@ -262,7 +263,7 @@ int msattn_select_ref_cpu(const msattn_select_params *p, int64_t begin, int64_t 
     const int64_t span = msattn_span(p->block_q, p->merge);
     const int64_t NK = msattn_num_key_regions(N, p->block_k);
     const int64_t g0 = msattn_first_group(N, Nq, span), G = msattn_num_groups(N, Nq, span);
-    double *kbar = (double *)malloc((size_t)(NK * D) * sizeof(double));
+    float *kbar = (float *)malloc((size_t)(NK * D) * sizeof(float));
     int32_t *kcnt = (int32_t *)malloc((size_t)NK * sizeof(int32_t));
     double *qbar = (double *)malloc((size_t)D * sizeof(double));
     ms_rank *ranks = (ms_rank *)malloc((size_t)NK * sizeof(ms_rank));
@@ -276,15 +277,14 @@ int msattn_select_ref_cpu(const msattn_select_params *p, int64_t begin, int64_t 
         int32_t *out = p->index + w * T;
         for (int64_t j = 0; j < NK; ++j) { /* every key-region mean, from scratch */
             kcnt[j] = 0;
-            for (int64_t d = 0; d < D; ++d) kbar[j * D + d] = 0.0;
+            for (int64_t d = 0; d < D; ++d) kbar[j * D + d] = 0.0f;
             for (int64_t t = j * p->block_k; t < (j + 1) * p->block_k && t < N; ++t) {
                 if (!ms_key_valid(p, b, t)) continue;
                 kcnt[j]++;
                 for (int64_t d = 0; d < D; ++d)
-                    kbar[j * D + d] += msattn_load_f64(
+                    kbar[j * D + d] += msattn_load_f32(
                         p->k.data, b * p->k.sb + h * p->k.sh + t * p->k.sn + d * p->k.sd, p->dtype);
             }
-            for (int64_t d = 0; d < D; ++d) kbar[j * D + d] /= kcnt[j] > 0 ? kcnt[j] : 1;
         }
         int64_t nc = 0;
         for (int64_t j = 0; j < NK; ++j) {
@@ -312,8 +312,8 @@ int msattn_select_ref_cpu(const msattn_select_params *p, int64_t begin, int64_t 
             if (cnt == 0) continue;
             for (int64_t c = 0; c < nc; ++c) {
                 double s = 0.0;
-                for (int64_t d = 0; d < D; ++d) s += (qbar[d] / cnt) * kbar[ranks[c].j * D + d];
-                ranks[c].key = ms_order_key(s);
+                for (int64_t d = 0; d < D; ++d) s += (qbar[d] / cnt) * (double)kbar[ranks[c].j * D + d];
+                ranks[c].key = ms_order_key(s / kcnt[ranks[c].j]);
             }
             ms_sort_ranks(ranks, nc);
             for (int64_t r = 0; r < T; ++r) lists[(int64_t)nl * T + r] = ranks[r].j;

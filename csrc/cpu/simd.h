@@ -53,7 +53,8 @@ typedef struct {
     void (*mul_sub_vec)(float *x, const float *y, const float *c, int n);
     /* sum x[i] * y[i] */
     float (*dot)(const float *x, const float *y, int n);
-    double (*dot64)(const double *x, const double *y, int n);
+    /* sum x[i] * y[i] in double, y float */
+    double (*dot64)(const double *x, const float *y, int n);
     /* dst[i] = (float)src[i] * a for n contiguous elements of dtype */
     void (*to_f32)(float *dst, const void *src, int n, msattn_dtype dtype, float a);
     /* dst[i] = src[i] rounded to dtype (round to nearest even), n contiguous elements */
@@ -184,6 +185,7 @@ typedef __m512d vd;
 #define vd_load(p) _mm512_loadu_pd(p)
 #define vd_fma(a, b, c) _mm512_fmadd_pd(a, b, c)
 #define vd_hsum(v) _mm512_reduce_add_pd(v)
+#define vd_from_f32(p) _mm512_cvtps_pd(_mm256_loadu_ps(p))
 static inline vf vf_exp2(vf x) {
     /* max/min with the constant first keep a NaN x (they return the second operand on NaN) */
     x = _mm512_min_ps(_mm512_set1_ps(128.0f), _mm512_max_ps(_mm512_set1_ps(-160.0f), x));
@@ -231,6 +233,7 @@ static inline double vd_hsum(vd v) {
     __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
     return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
 }
+#define vd_from_f32(p) _mm256_cvtps_pd(_mm_loadu_ps(p))
 static inline vf vf_exp2(vf x) {
     vf nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
     vf tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-126.0f), _CMP_LT_OQ); /* flush to exactly 0 */
@@ -268,6 +271,7 @@ typedef double vd;
 #define vd_load(p) (*(p))
 #define vd_fma(a, b, c) ((a) * (b) + (c))
 #define vd_hsum(v) (v)
+#define vd_from_f32(p) ((double)*(p))
 #define vf_exp2(x) exp2f(x)
 #define vf_from_bf16(p) msattn_bf16_to_f32(*(const uint16_t *)(p))
 #define vf_from_f16(p) msattn_f16_to_f32(*(const uint16_t *)(p))

@@ -263,16 +263,16 @@ static float MS_SUFFIX(dot)(const float *x, const float *y, int n) {
     return s;
 }
 
-static double MS_SUFFIX(dot64)(const double *x, const double *y, int n) {
+static double MS_SUFFIX(dot64)(const double *x, const float *y, int n) {
     int i = 0;
     vd acc0 = vd_zero(), acc1 = vd_zero();
     for (; i + 2 * VDL <= n; i += 2 * VDL) {
-        acc0 = vd_fma(vd_load(x + i), vd_load(y + i), acc0);
-        acc1 = vd_fma(vd_load(x + i + VDL), vd_load(y + i + VDL), acc1);
+        acc0 = vd_fma(vd_load(x + i), vd_from_f32(y + i), acc0);
+        acc1 = vd_fma(vd_load(x + i + VDL), vd_from_f32(y + i + VDL), acc1);
     }
-    for (; i + VDL <= n; i += VDL) acc0 = vd_fma(vd_load(x + i), vd_load(y + i), acc0);
+    for (; i + VDL <= n; i += VDL) acc0 = vd_fma(vd_load(x + i), vd_from_f32(y + i), acc0);
     double s = vd_hsum(acc0) + vd_hsum(acc1);
-    for (; i < n; ++i) s += x[i] * y[i];
+    for (; i < n; ++i) s += x[i] * (double)y[i];
     return s;
 }
 

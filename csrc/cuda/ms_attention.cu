@@ -202,7 +202,7 @@ static size_t ms_fwd_smem(const MsDims &d) {
 /* q (B, Hq, Nq, D), k/v (B, Hkv, N, D), index (B, Hkv, G, T) read; out (B, Hq, Nq, D),
  * lse (B, Hq, Nq) float32 written. grid: B * Hq * G * ceil(span / BQ) blocks of 128 threads */
 template <int DL>
-__global__ void __launch_bounds__(MS_WARPS * 32) ms_fwd_kernel(const msattn_ms_params p) {
+__global__ void __launch_bounds__(MS_WARPS * 32, 1) ms_fwd_kernel(const msattn_ms_params p) {
     extern __shared__ float4 ms_smem4[];
     const MsDims d = ms_dims(p);
     float *Qs = reinterpret_cast<float *>(ms_smem4);
@@ -380,7 +380,7 @@ static size_t ms_bwd_dq_smem(const MsDims &d) {
 /* q, dout, out (B, Hq, Nq, D), k/v (B, Hkv, N, D), lse (B, Hq, Nq), dlse (B, Hq, Nq) or NULL, index
  * read; dq (B, Hq, Nq, D) and delta (B, Hq, Nq) written. grid as the forward's */
 template <int DL>
-__global__ void __launch_bounds__(MS_WARPS * 32) ms_bwd_dq_kernel(const msattn_ms_params p) {
+__global__ void __launch_bounds__(MS_WARPS * 32, 1) ms_bwd_dq_kernel(const msattn_ms_params p) {
     extern __shared__ float4 ms_smem4[];
     const MsDims d = ms_dims(p);
     float *Qs = reinterpret_cast<float *>(ms_smem4);
@@ -520,7 +520,7 @@ static size_t ms_bwd_dkv_smem(const MsDims &d, int KT) {
  * inv_groups read; dk, dv (B, Hkv, N, D) written. grid: B * Hkv * NK * ceil(CK / KT) blocks of
  * KT * 8 threads (KT / MS_KPW warps) */
 template <int DL>
-__global__ void __launch_bounds__(256) ms_bwd_dkv_kernel(const msattn_ms_params p) {
+__global__ void __launch_bounds__(256, 1) ms_bwd_dkv_kernel(const msattn_ms_params p) {
     extern __shared__ float4 ms_smem4[];
     const MsDims d = ms_dims(p);
     const int nwarps = blockDim.x >> 5, KT = nwarps * MS_KPW;

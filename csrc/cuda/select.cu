@@ -9,11 +9,12 @@
  * launched, or MSATTN_ERR_CUDA when the launch failed). Selection needs p->cuda_slots blocks of
  * msattn_select_cuda_slot_bytes(p) bytes of device workspace at p->cuda_scratch.
  *
- * Bit-for-bit agreement with the CPU. Every sum is added in the CPU's order in double, with
- * __dadd_rn / __dmul_rn so that nvcc cannot contract a product and a sum into an FMA:
- *   key sums   token by token in position order (ms_add_tokens);
- *   qbar       token by token, query heads of the GQA group in order, then / count;
- *   scores     dot(qbar_a, ksum_j) / kcount_j with the two interleaved accumulators of the CPU's
+ * Bit-for-bit agreement with the CPU. Every sum is added in the CPU's order, with explicitly rounded
+ * intrinsics (__fadd_rn, __dadd_rn, __dmul_rn) so that nvcc cannot contract a product and a sum into
+ * an FMA:
+ *   key sums   float32, token by token in position order (ms_add_tokens);
+ *   qbar       double, token by token, query heads of the GQA group in order, then / count;
+ *   scores     double, dot(qbar_a, ksum_j) / kcount_j with the two interleaved accumulators of the CPU's
  *              dot64 (even dims into one, odd dims into the other, then their sum), which is
  *              exactly the scalar instruction set's order. The AVX2/AVX-512 paths sum in another
  *              order, so only near-ties (1e-16 relative) can rank differently from those.
@@ -141,24 +142,24 @@ __device__ __forceinline__ bool sel_before(uint64_t ka, int ca, uint64_t kb, int
 // pass 1: region sums and query means, one block per (b, h, region), a thread per dim
 
 /* grid: B * Hkv * NR blocks, NR = NK + NA (or NA when the key sums are given: key regions skipped);
- * p.ksum.sum (B, Hkv, >=NK, D), p.ksum.count (B, Hkv, >=NK), p.qbar (B, Hkv, NA, D),
+ * p.ksum.sum float32 (B, Hkv, >=NK, D), p.ksum.count (B, Hkv, >=NK), p.qbar (B, Hkv, NA, D),
  * p.qcount (B, Hkv, NA) are written; q (B, Hq, Nq, D), k (B, Hkv, N, D), key_mask (B, N) read */
 __global__ void ms_region_means_kernel(const msattn_select_params p) {
     const SelDims d = sel_dims(p);
     const int64_t NR = p.sums_given ? d.NA : d.NK + d.NA;
     const int64_t w = blockIdx.x;
     const int64_t r = w % NR + (p.sums_given ? d.NK : 0), bh = w / NR, b = bh / p.Hkv, h = bh % p.Hkv;
-    if (r < d.NK) { /* key region r: the sum of its valid keys, token by token in position order */
+    if (r < d.NK) { /* key region r: the float32 sum of its valid keys, token by token in position order */
         const msattn_range tok = msattn_key_region(r, p.block_k, d.N);
-        double *sum = p.ksum.sum + b * p.ksum.sum_sb + h * p.ksum.sum_sh + r * d.D;
+        float *sum = p.ksum.sum + b * p.ksum.sum_sb + h * p.ksum.sum_sh + r * d.D;
         int32_t count = 0;
         for (int64_t dd = threadIdx.x; dd < d.D; dd += blockDim.x) {
-            double acc = 0.0;
+            float acc = 0.0f;
             count = 0;
             for (int64_t t = tok.begin; t < tok.end; ++t) {
                 if (!ms_key_valid(p.key_mask, p.mask_sb, b, t)) continue;
                 ++count;
-                acc = __dadd_rn(acc, ms_load_f64(p.k.data, ms_off(p.k, b, h, t, dd), p.dtype));
+                acc = __fadd_rn(acc, ms_load(p.k.data, ms_off(p.k, b, h, t, dd), p.dtype));
             }
             sum[dd] = acc;
         }
@@ -297,11 +298,12 @@ __device__ static void sel_top_list(const uint64_t *keys, int nc, int T, int p2t
 // pass 2: selection, SEL_THREADS threads, one (b, h, g) item at a time per block
 
 /* grid: p.cuda_slots blocks, block i striding over the B * Hkv * G items with workspace slot i.
- * index (B, Hkv, G, T) written; ksum/kcount (B, Hkv, >=NK, D)/(B, Hkv, >=NK), qbar (B, Hkv, NA, D),
+ * index (B, Hkv, G, T) written; ksum float32 (B, Hkv, >=NK, D), kcount (B, Hkv, >=NK), qbar (B, Hkv, NA, D),
  * qcount (B, Hkv, NA) read */
-__global__ void __launch_bounds__(SEL_THREADS) ms_select_kernel(const msattn_select_params p, size_t slot_bytes) {
+__global__ void __launch_bounds__(SEL_THREADS, 1) ms_select_kernel(const msattn_select_params p, size_t slot_bytes) {
     __shared__ double qs[SEL_QR][SEL_DMAX];       /* qbar of the regions being scored */
-    __shared__ double kt[SEL_CT][SEL_DC + 1];     /* key sums of a candidate tile; +1: lanes hit distinct banks */
+    __shared__ double kt[SEL_CT][SEL_DC + 1];     /* key sums of a candidate tile (widened exactly); +1: lanes
+                                                     hit distinct banks */
     __shared__ int hist[256];
     __shared__ int red[33];
     __shared__ int misc[4];
@@ -318,7 +320,7 @@ __global__ void __launch_bounds__(SEL_THREADS) ms_select_kernel(const msattn_sel
         const int64_t gi = item % d.G, bh = item / d.G, ga = d.g0 + gi, b = bh / p.Hkv, h = bh % p.Hkv;
         int32_t *out = p.index + item * d.T;
         const int32_t *kcount = p.ksum.count + b * p.ksum.count_sb + h * p.ksum.count_sh;
-        const double *ksum = p.ksum.sum + b * p.ksum.sum_sb + h * p.ksum.sum_sh;
+        const float *ksum = p.ksum.sum + b * p.ksum.sum_sb + h * p.ksum.sum_sh;
 
         // 1. candidates, ascending
         int nc = 0;
@@ -369,7 +371,7 @@ __global__ void __launch_bounds__(SEL_THREADS) ms_select_kernel(const msattn_sel
                     __syncthreads(); /* the previous chunk is consumed (and qs is staged) */
                     for (int e = tid; e < SEL_CT * SEL_DC; e += blockDim.x) {
                         const int r = e / SEL_DC, dd = e % SEL_DC, c = c0 + r;
-                        kt[r][dd] = c < nc && d0 + dd < d.D ? ksum[(int64_t)s.cand[c] * d.D + d0 + dd] : 0.0;
+                        kt[r][dd] = c < nc && d0 + dd < d.D ? (double)ksum[(int64_t)s.cand[c] * d.D + d0 + dd] : 0.0;
                     }
                     __syncthreads();
                     if (scoring) {

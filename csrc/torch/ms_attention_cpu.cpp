@@ -65,12 +65,12 @@ void check_index_values(const at::Tensor &index, int64_t N, int64_t Nq, int64_t 
     }
 }
 
-// region sums: float64 (B, Hkv, >= NK, D) and int32 (B, Hkv, >= NK), region and dim unit-strided
+// region sums: float32 (B, Hkv, >= NK, D) and int32 (B, Hkv, >= NK), region and dim unit-strided
 msattn_region_sums sums_view(const at::Tensor &sums, const at::Tensor &counts, const at::Tensor &k, int64_t nk,
                              const char *who) {
-    TORCH_CHECK(sums.scalar_type() == at::kDouble && sums.dim() == 4 && sums.size(0) == k.size(0) &&
+    TORCH_CHECK(sums.scalar_type() == at::kFloat && sums.dim() == 4 && sums.size(0) == k.size(0) &&
                     sums.size(1) == k.size(1) && sums.size(2) >= nk && sums.size(3) == k.size(3),
-                "msattn: ", who, ": key_sums must be float64 (B, Hkv, >= NK, D) = (", k.size(0), ", ", k.size(1),
+                "msattn: ", who, ": key_sums must be float32 (B, Hkv, >= NK, D) = (", k.size(0), ", ", k.size(1),
                 ", >= ", nk, ", ", k.size(3), "), got ", sums.scalar_type(), " ", shape_str(sums));
     TORCH_CHECK(counts.scalar_type() == at::kInt && counts.dim() == 3 && counts.size(0) == k.size(0) &&
                     counts.size(1) == k.size(1) && counts.size(2) >= nk,
@@ -80,7 +80,7 @@ msattn_region_sums sums_view(const at::Tensor &sums, const at::Tensor &counts, c
                 "msattn: ", who, ": key_sums and key_counts must be contiguous along regions and dims");
     TORCH_CHECK(sums.device() == k.device() && counts.device() == k.device(), "msattn: ", who,
                 ": key_sums and key_counts must be on ", k.device());
-    return msattn_region_sums{sums.data_ptr<double>(), sums.stride(0), sums.stride(1), counts.data_ptr<int32_t>(),
+    return msattn_region_sums{sums.data_ptr<float>(), sums.stride(0), sums.stride(1), counts.data_ptr<int32_t>(),
                               counts.stride(0), counts.stride(1)};
 }
 
@@ -104,7 +104,7 @@ at::Tensor ms_select_cpu(const at::Tensor &q, const at::Tensor &k, const c10::op
         sums = *key_sums;
         counts = *key_counts;
     } else {
-        sums = at::empty({B, Hkv, NK, D}, q.options().dtype(at::kDouble));
+        sums = at::empty({B, Hkv, NK, D}, q.options().dtype(at::kFloat));
         counts = at::empty({B, Hkv, NK}, q.options().dtype(at::kInt));
     }
     at::Tensor qbar = at::empty({B, Hkv, NA, D}, q.options().dtype(at::kDouble));

@@ -11,7 +11,7 @@ PyMODINIT_FUNC PyInit__C(void) {
 
 TORCH_LIBRARY(msattn, m) {
     // selection (DESIGN 1.1-1.5) -> int32 (B, Hkv, G, topk), ascending, -1 padded
-    // key_sums float64 (B, Hkv, >= NK, D) and key_counts int32 (B, Hkv, >= NK): a cache's region sums
+    // key_sums float32 (B, Hkv, >= NK, D) and key_counts int32 (B, Hkv, >= NK): a cache's region sums
     // of all N keys (see ms_region_sums_append_), used instead of reading k
     m.def("ms_select(Tensor q, Tensor k, Tensor? key_padding_mask, Tensor? key_sums, Tensor? key_counts, "
           "int block_q, int block_k, int merge, int topk, bool causal) -> Tensor");

@@ -1,0 +1,141 @@
+"""``python -m msattn.eval passkey|perplexity``: evaluate dense and MS attention on one model.
+
+Examples::
+
+    python -m msattn.eval passkey --llama2c stories260K.bin --tokenizer tok512.bin \\
+        --lengths 1k,4k,16k --trials 10 --methods dense,ms --block-q 16 --merge 64 --topk 448
+    python -m msattn.eval perplexity --model checkpoints/demo --text persuasion.txt --lengths 4k,16k
+
+Writes ``<out>/<task>.md`` (tables), ``.json`` (records) and ``.png`` (metric against length) and
+prints the tables. The MS parameters default to the checkpoint's ``msattn.json`` (demo checkpoints),
+else to ``MSConfig()``; flags override either.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+
+import torch
+
+from .loading import METHODS, load, ms_config_from_dict, prepare, read_checkpoint_meta
+
+_LENGTH = re.compile(r"(\d+)([km]?)", re.IGNORECASE)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_lengths(text: str) -> list[int]:
+    """"1k,4k,1m,300" -> [1024, 4096, 1048576, 300] (k = 1024, m = 1024**2), in the given order."""
+    lengths = []
+    for item in text.split(","):
+        match = _LENGTH.fullmatch(item.strip())
+        if match is None or int(match[1]) == 0:
+            raise argparse.ArgumentTypeError(f"cannot read length {item.strip()!r}: expected a positive number "
+                                             "with an optional k (x1024) or m (x1024^2) suffix, e.g. 4k")
+        lengths.append(int(match[1]) * {"": 1, "k": 2 ** 10, "m": 2 ** 20}[match[2].lower()])
+    return lengths
+
+
+def parse_methods(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise argparse.ArgumentTypeError(f"unknown method {', '.join(map(repr, unknown)) or '(none given)'}; "
+                                         f"known methods: {', '.join(METHODS)}")
+    return methods
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m msattn.eval", description=__doc__.split("\n\n")[0])
+    tasks = parser.add_subparsers(dest="task", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    source = common.add_argument_group("model")
+    which = source.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="HF model directory (a demo checkpoint directory included)")
+    which.add_argument("--llama2c", help="llama2.c checkpoint (.bin); needs --tokenizer")
+    source.add_argument("--tokenizer", help="tokenizer: llama2.c tok*.bin, HF tokenizer directory, or .json")
+    source.add_argument("--dtype", choices=list(_DTYPES), default="float32")
+    run = common.add_argument_group("run")
+    run.add_argument("--lengths", type=parse_lengths, required=True, help="comma-separated, e.g. 1k,4k,64k,1m")
+    run.add_argument("--methods", type=parse_methods, default=["dense", "ms"],
+                     help=f"comma-separated among {', '.join(METHODS)} (default dense,ms)")
+    run.add_argument("--chunk-size", type=_positive, default=16384,
+                     help="prefill chunk in tokens; for ms a multiple of merge*block_q (default 16384)")
+    run.add_argument("--batch-size", type=_positive, default=None,
+                     help="sequences per forward (default: about 32K tokens a batch)")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--out", default="eval_out", help="directory for the .md, .json and .png (default eval_out/)")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    ms = common.add_argument_group("MS attention (default: the checkpoint's msattn.json, else MSConfig())")
+    ms.add_argument("--block-q", type=_positive)
+    ms.add_argument("--block-k", type=_positive)
+    ms.add_argument("--merge", type=_positive)
+    ms.add_argument("--topk", type=_positive)
+    ms.add_argument("--rope", choices=["inputs", "selected"])
+
+    passkey = tasks.add_parser("passkey", parents=[common], help="passkey retrieval accuracy")
+    passkey.add_argument("--trials", type=_positive, default=10, help="prompts per length (default 10)")
+    passkey.add_argument("--digits", type=_positive, default=5, help="digits of the pass key (default 5)")
+    perplexity = tasks.add_parser("perplexity", parents=[common], help="perplexity on a text file")
+    perplexity.add_argument("--text", required=True, help="UTF-8 text file")
+    perplexity.add_argument("--windows", type=_positive, default=1, help="windows per length (default 1)")
+    return parser
+
+
+def run(args) -> list[dict]:
+    from .passkey import run_passkey
+    from .perplexity import run_perplexity
+
+    meta = read_checkpoint_meta(args.model) if args.model else None
+    ms_config = ms_config_from_dict((meta or {}).get("ms_config"), block_q=args.block_q, block_k=args.block_k,
+                                    merge=args.merge, topk=args.topk, rope=args.rope)
+    if "ms" in args.methods and args.chunk_size % ms_config.span:
+        raise ValueError(f"--chunk-size {args.chunk_size} is not a multiple of the MS group span merge * block_q = "
+                         f"{ms_config.merge} * {ms_config.block_q} = {ms_config.span}")
+    model, tokenizer = load(model=args.model, llama2c=args.llama2c, tokenizer=args.tokenizer,
+                            dtype=_DTYPES[args.dtype])
+    records = []
+    for method in args.methods:
+        model = prepare(model, method, ms_config)
+        common = dict(method=method, chunk_size=args.chunk_size, batch_size=args.batch_size, progress=not args.quiet)
+        if args.task == "passkey":
+            records += run_passkey(model, tokenizer, args.lengths, args.trials, seed=args.seed, digits=args.digits,
+                                   **common)
+        else:
+            records += run_perplexity(model, tokenizer, args.text, args.lengths, windows=args.windows, **common)
+    return records
+
+
+def main(argv=None) -> int:
+    from .report import format_report, write_report
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.quiet:
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()
+    try:
+        if args.task == "perplexity":
+            if not os.path.isfile(args.text):
+                raise FileNotFoundError(f"{args.text}: text file not found")
+        records = run(args)
+    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+        parser.exit(2, f"{parser.prog} {args.task}: error: {e}\n")
+    paths = write_report(records, args.out, args.task)
+    print(format_report(records))
+    print("wrote " + ", ".join(paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""Passkey retrieval: the standard prompt, a word-level tokenizer for models trained on it, the evaluation.
+
+The prompt (Mohtashami & Jaggi's landmark-attention test, as used by LongLoRA, SelfExtend and the MS
+attention paper)::
+
+    <BOS> There is an important info hidden inside a lot of irrelevant text. Find it and memorize it.
+    I will quiz you about the important information there. <filler ...> The pass key is N. Remember it.
+    N is the pass key. <filler ...> What is the pass key? The pass key is
+
+The filler is "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+repeated and cut at token level so that the prompt has exactly the requested number of tokens; the key
+sentence sits at a uniformly random depth of the filler. Each piece is encoded on its own
+(``tokenizer.encode(piece, bos=False)`` encodes a piece that continues a text, as llama2.c's dummy
+prefix space does), so cutting the filler never re-tokenizes the rest.
+
+Tokenizer protocol used throughout ``msattn.eval``: ``encode(text, bos=True) -> list[int]`` and
+``decode(ids) -> str`` (``Llama2cTokenizer``, :class:`PasskeyTokenizer`, ``loading.HFTokenizer``).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+import time
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .loading import auto_batch_size, model_device, peak_rss_mb, prefill, reset_peak_rss
+
+__all__ = ["INSTRUCTION", "FILLER", "KEY_SENTENCE", "QUESTION", "PasskeyTokenizer", "passkey_prompt",
+           "template_length", "sample", "greedy_generate", "run_passkey"]
+
+INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+               "I will quiz you about the important information there.")
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+KEY_SENTENCE = "The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = "What is the pass key? The pass key is"
+
+_WORDS = re.compile(r"\d|\w+|[^\w\s]")
+_PUNCT = re.compile(r"[^\w\s]")
+
+
+# ---------------------------------------------------------------------------------------------
+# the prompt
+
+def _key_text(key) -> str:
+    text = str(key)
+    if not text.isdigit() or not text.isascii():
+        raise ValueError(f"passkey: the key must be a non-negative integer or a string of digits, got {key!r}")
+    return text
+
+
+def _pieces(tokenizer, key: str) -> tuple[list[int], list[int], list[int]]:
+    """(instruction with BOS, key sentence, question) token ids."""
+    return (tokenizer.encode(INSTRUCTION, bos=True), tokenizer.encode(KEY_SENTENCE.format(key=key), bos=False),
+            tokenizer.encode(QUESTION, bos=False))
+
+
+def template_length(tokenizer, key) -> int:
+    """Tokens of the prompt without any filler (BOS included): the shortest prompt for this key."""
+    return sum(len(p) for p in _pieces(tokenizer, _key_text(key)))
+
+
+def _repeat(unit: list[int], n: int, *, from_end: bool) -> list[int]:
+    """``n`` tokens of ``unit`` repeated: its first ``n`` or, ``from_end``, its last ``n``."""
+    if n <= 0:
+        return []
+    stream = unit * math.ceil(n / len(unit))
+    return stream[len(stream) - n:] if from_end else stream[:n]
+
+
+def passkey_prompt(tokenizer, n_tokens: int, key, depth: float) -> tuple[list[int], str]:
+    """Build one passkey prompt of exactly ``n_tokens`` tokens (BOS included).
+
+    Args:
+        tokenizer: any tokenizer with ``encode(text, bos=True)``.
+        n_tokens: the prompt length in tokens.
+        key: the pass key, a non-negative int or a string of digits.
+        depth: where the key sentence sits in the filler, from 0 (right after the instruction) to 1
+            (right before the question).
+
+    Returns:
+        ``(ids, answer)``: the prompt's token ids and the key as text (what the model should continue
+        the prompt with). The filler before the key ends with whole sentences and the filler after it
+        starts with whole sentences; the cuts fall next to the instruction and the question.
+    """
+    answer = _key_text(key)
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"passkey_prompt: depth must lie in [0, 1], got {depth}")
+    head, needle, tail = _pieces(tokenizer, answer)
+    budget = n_tokens - len(head) - len(needle) - len(tail)
+    if budget < 0:
+        raise ValueError(f"passkey prompt of {n_tokens} tokens is shorter than the prompt template without "
+                         f"filler, which needs at least {len(head) + len(needle) + len(tail)} tokens "
+                         f"(key of {len(answer)} digits)")
+    unit = tokenizer.encode(FILLER, bos=False)
+    before = round(depth * budget)
+    ids = head + _repeat(unit, before, from_end=True) + needle + _repeat(unit, budget - before, from_end=False) + tail
+    return ids, answer
+
+
+def _random_key(rng: random.Random, digits: int) -> int:
+    if not isinstance(digits, int) or digits < 1:
+        raise ValueError(f"passkey: digits must be a positive int, got {digits!r}")
+    return rng.randint(10 ** (digits - 1), 10 ** digits - 1)
+
+
+def sample(tokenizer, rng: random.Random, n_tokens: int, digits: int = 5) -> tuple[list[int], list[int]]:
+    """One random example: a prompt of ``n_tokens`` tokens with a uniform random key of ``digits`` digits
+    at a uniform random depth. Returns ``(ids, answer_ids)``, the answer being ``encode(key, bos=False)``
+    (the tokens that should follow the prompt)."""
+    key = _random_key(rng, digits)
+    ids, answer = passkey_prompt(tokenizer, n_tokens, key, rng.random())
+    return ids, tokenizer.encode(answer, bos=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# a tokenizer for models trained from scratch on the task
+
+def _default_vocab() -> list[str]:
+    vocab = ["<pad>", "<bos>", "<eos>"] + [str(d) for d in range(10)]
+    for text in (INSTRUCTION, FILLER, KEY_SENTENCE.format(key=0), QUESTION):
+        for word in _WORDS.findall(text):
+            if word not in vocab:
+                vocab.append(word)
+    return vocab
+
+
+class PasskeyTokenizer:
+    """Word-level tokenizer over exactly the passkey prompt's vocabulary.
+
+    Ids: 0 ``<pad>``, 1 ``<bos>``, 2 ``<eos>``, 3..12 the digits "0".."9" (a number is its digits, one
+    token each), then each word and punctuation mark of the instruction, filler, key sentence and
+    question in order of first appearance (case-sensitive; words split by ``\\d|\\w+|[^\\w\\s]``).
+    """
+
+    pad_id, bos_id, eos_id = 0, 1, 2
+
+    def __init__(self, vocab: Sequence[str] | None = None):
+        vocab = _default_vocab() if vocab is None else list(vocab)
+        head = ["<pad>", "<bos>", "<eos>"] + [str(d) for d in range(10)]
+        if vocab[:len(head)] != head or len(set(vocab)) != len(vocab):
+            raise ValueError("PasskeyTokenizer: the vocabulary must start with <pad>, <bos>, <eos>, the digits "
+                             "0..9 and hold no duplicates")
+        self.vocab = vocab
+        self._ids = {word: i for i, word in enumerate(vocab)}
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        """str -> ids; a word outside the vocabulary raises ValueError naming it."""
+        ids = [self.bos_id] if bos else []
+        for word in _WORDS.findall(text):
+            token = self._ids.get(word)
+            if token is None:
+                raise ValueError(f"PasskeyTokenizer: {word!r} is not in the vocabulary of the passkey prompt")
+            ids.append(token)
+        return ids + [self.eos_id] if eos else ids
+
+    def decode(self, ids) -> str:
+        """ids -> str: words joined by spaces, no space before punctuation or between the digits of a
+        number; <pad>, <bos> and <eos> print nothing."""
+        out, prev = [], None
+        for token in ids:
+            token = int(token)
+            if not 0 <= token < len(self.vocab):
+                raise ValueError(f"PasskeyTokenizer: id {token} is outside the vocabulary of {len(self.vocab)}")
+            if token <= self.eos_id:
+                continue
+            word = self.vocab[token]
+            glue = prev is None or _PUNCT.fullmatch(word) or (word.isdigit() and prev.isdigit())
+            out.append(word if glue else " " + word)
+            prev = word
+        return "".join(out)
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable form, for saving next to a model (``from_dict`` reads it back)."""
+        return {"type": "PasskeyTokenizer", "vocab": list(self.vocab)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PasskeyTokenizer:
+        if not isinstance(data, dict) or data.get("type") != "PasskeyTokenizer" or "vocab" not in data:
+            raise ValueError("PasskeyTokenizer.from_dict: expected {'type': 'PasskeyTokenizer', 'vocab': [...]}")
+        return cls(data["vocab"])
+
+    def sample(self, rng: random.Random, n_tokens: int, digits: int = 5) -> tuple[list[int], list[int]]:
+        """:func:`sample` with this tokenizer."""
+        return sample(self, rng, n_tokens, digits)
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation
+
+@torch.no_grad()
+def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, chunk_size: int | None = 16384,
+                    on_chunk=None) -> torch.Tensor:
+    """Greedy continuation of ``(B, N)`` prompts: chunked prefill (``loading.prefill``: MSCache for a
+    patched model, DynamicCache for a dense one), then one token at a time against the cache.
+    ``on_chunk(start, end)`` is called after each prefill chunk. Returns the new tokens
+    ``(B, max_new_tokens)``."""
+    cache, last = prefill(model, input_ids, chunk_size=chunk_size, on_chunk=on_chunk)
+    batch, n = input_ids.shape
+    tokens = []
+    for step in range(max_new_tokens):
+        token = last.argmax(-1)
+        tokens.append(token)
+        if step + 1 == max_new_tokens:
+            break
+        position = torch.full((batch, 1), n + step, dtype=torch.long, device=input_ids.device)
+        last = model(token[:, None], past_key_values=cache, use_cache=True, position_ids=position).logits[:, -1]
+    return torch.stack(tokens, 1)
+
+
+def _found(answer: str, text: str) -> bool:
+    """The key appears as a whole number in the generated text."""
+    return answer in re.findall(r"\d+", text)
+
+
+def run_passkey(model, tokenizer, lengths: Sequence[int], trials: int, *, method: str, seed: int = 0,
+                digits: int = 5, chunk_size: int | None = 16384, batch_size: int | None = None,
+                extra_tokens: int = 4, progress: bool = True) -> list[dict]:
+    """Passkey retrieval accuracy of a prepared model (``loading.prepare``) at each prompt length.
+
+    For each length, ``trials`` prompts with uniform random keys of ``digits`` digits at uniform random
+    depths (the same for every method given ``seed``), batched ``batch_size`` at a time (None: about
+    32K tokens a batch); each is continued greedily by the answer's token count plus ``extra_tokens``,
+    and counts as retrieved when the generated text holds the key as a whole number.
+
+    Returns one record per length: ``{"method", "length", "trials", "accuracy", "seconds_per_trial",
+    "peak_rss_mb"}`` (peak RSS of the process during that length's trials; ``peak_cuda_mb`` too on CUDA).
+    Every length is checked against the prompt template before any work starts.
+    """
+    if trials < 1:
+        raise ValueError(f"run_passkey: trials must be at least 1, got {trials}")
+    plans = {}
+    for length in lengths:
+        rng = random.Random(f"passkey/{seed}/{length}")
+        plan = [(_random_key(rng, digits), rng.random()) for _ in range(trials)]
+        need = max(template_length(tokenizer, key) for key, _ in plan)
+        if length < need:
+            raise ValueError(f"passkey length {length} is shorter than the prompt template without filler, "
+                             f"which needs at least {need} tokens with this tokenizer and {digits}-digit keys")
+        plans[length] = plan
+    device = model_device(model)
+    records = []
+    for length in tqdm(lengths, desc=f"passkey {method}", disable=not progress):
+        plan = plans[length]
+        size = batch_size or auto_batch_size(length, trials)
+        reset_peak_rss(device)
+        start, correct = time.perf_counter(), 0
+        with tqdm(total=trials * length, desc=f"{length} tokens", unit="tok", unit_scale=True, leave=False,
+                  disable=not progress) as bar:
+            for first in range(0, trials, size):
+                prompts = [passkey_prompt(tokenizer, length, key, depth) for key, depth in plan[first:first + size]]
+                ids = torch.tensor([p for p, _ in prompts], dtype=torch.long, device=device)
+                new = max(len(tokenizer.encode(a, bos=False)) for _, a in prompts) + extra_tokens
+                out = greedy_generate(model, ids, new, chunk_size=chunk_size,
+                                      on_chunk=lambda s, e: bar.update(ids.shape[0] * (e - s)))
+                correct += sum(_found(a, tokenizer.decode(row.tolist())) for (_, a), row in zip(prompts, out))
+                del ids, out
+        seconds = time.perf_counter() - start
+        record = {"method": method, "length": int(length), "trials": trials, "accuracy": correct / trials,
+                  "seconds_per_trial": seconds / trials, "peak_rss_mb": peak_rss_mb()}
+        if device.type == "cuda":
+            record["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+        records.append(record)
+    return records

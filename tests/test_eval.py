@@ -1,0 +1,256 @@
+"""msattn.eval: the passkey prompt and tokenizer, the greedy decode and NLL paths, reports, the CLI end to end."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import msattn
+import msattn.hf
+from msattn.eval import PasskeyTokenizer, passkey_prompt, save_checkpoint
+from msattn.eval.__main__ import main, parse_lengths
+from msattn.eval.passkey import FILLER, INSTRUCTION, KEY_SENTENCE, QUESTION, greedy_generate, template_length
+from msattn.eval.perplexity import window_nll
+from msattn.eval.report import format_table
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data"
+STORIES = DATA / "stories260K"
+HAVE_STORIES = (STORIES / "stories260K.bin").is_file() and (STORIES / "tok512.bin").is_file()
+SPARSE = msattn.MSConfig(block_q=8, block_k=8, merge=4, topk=4)  # span 32: sparse past 32 key regions
+
+
+def tiny(vocab=PasskeyTokenizer().vocab_size):
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=1024, bos_token_id=1,
+                      eos_token_id=2, pad_token_id=0, attn_implementation="sdpa")
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tokenizers():
+    out = [pytest.param(PasskeyTokenizer(), id="passkey")]
+    if HAVE_STORIES:
+        from msattn.models.llama2c import Llama2cTokenizer
+
+        out.append(pytest.param(Llama2cTokenizer(STORIES / "tok512.bin"), id="llama2c"))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the prompt and the tokenizer
+
+@pytest.mark.parametrize("tokenizer", tokenizers())
+@pytest.mark.parametrize("depth", [0.0, 0.37, 1.0])
+@pytest.mark.parametrize("extra", [0, 1, 97, 700])
+def test_prompt_has_exact_length_and_holds_the_key(tokenizer, depth, extra):
+    key = random.randint(10000, 99999)
+    n = template_length(tokenizer, key) + extra
+    ids, answer = passkey_prompt(tokenizer, n, key, depth)
+    assert len(ids) == n and answer == str(key)
+    assert ids[0] == tokenizer.bos_id and ids[1:].count(tokenizer.bos_id) == 0
+    head = tokenizer.encode(INSTRUCTION, bos=True)
+    needle = tokenizer.encode(KEY_SENTENCE.format(key=key), bos=False)
+    tail = tokenizer.encode(QUESTION, bos=False)
+    assert ids[:len(head)] == head and ids[-len(tail):] == tail
+    at = next(i for i in range(n) if ids[i:i + len(needle)] == needle)
+    assert at - len(head) == round(depth * extra)  # filler before the key: depth of all filler
+    assert f"The pass key is {key}. Remember it. {key} is the pass key." in tokenizer.decode(ids)
+    if extra >= 700:  # whole filler sentences on both sides of the key
+        assert tokenizer.decode(ids).count(FILLER) >= 2
+
+
+@pytest.mark.parametrize("tokenizer", tokenizers())
+def test_prompt_shorter_than_the_template_is_an_error(tokenizer):
+    need = template_length(tokenizer, 12345)
+    with pytest.raises(ValueError, match=f"shorter than the prompt template.*at least {need} tokens"):
+        passkey_prompt(tokenizer, need - 1, 12345, 0.5)
+    with pytest.raises(ValueError, match="depth must lie in"):
+        passkey_prompt(tokenizer, need, 12345, 1.5)
+
+
+def test_passkey_tokenizer_round_trip():
+    tok = PasskeyTokenizer()
+    assert tok.vocab[:13] == ["<pad>", "<bos>", "<eos>"] + list("0123456789")
+    text = " ".join([INSTRUCTION, FILLER, KEY_SENTENCE.format(key=907316), QUESTION, "0123"])
+    ids = tok.encode(text)
+    assert ids[0] == tok.bos_id and max(ids) < tok.vocab_size
+    assert tok.decode(ids) == text
+    assert tok.encode("907316", bos=False) == [3 + int(d) for d in "907316"]
+    again = PasskeyTokenizer.from_dict(json.loads(json.dumps(tok.to_dict())))
+    assert again.vocab == tok.vocab and again.encode(text) == ids
+    framed = [tok.bos_id, *tok.encode("The pass key is 42.", bos=False), tok.eos_id, tok.pad_id]
+    assert tok.decode(framed) == "The pass key is 42."
+    with pytest.raises(ValueError, match="'purple' is not in the vocabulary"):
+        tok.encode("The sky is purple.")
+    with pytest.raises(ValueError, match="PasskeyTokenizer.from_dict"):
+        PasskeyTokenizer.from_dict({"vocab": tok.vocab})
+
+
+def test_sample_is_reproducible_and_answers_the_prompt():
+    tok = PasskeyTokenizer()
+    a = tok.sample(random.Random(7), 200, digits=6)
+    b = tok.sample(random.Random(7), 200, digits=6)
+    assert a == b
+    ids, answer = a
+    key = tok.decode(answer)
+    assert len(ids) == 200 and len(answer) == 6 and key.isdigit() and key[0] != "0"
+    assert f"The pass key is {key}." in tok.decode(ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# the decode and NLL paths against HF's own
+
+@pytest.mark.parametrize("method", ["dense", "ms"])
+def test_greedy_generate_equals_hf_generate(method):
+    model = tiny()
+    if method == "ms":
+        msattn.hf.patch(model, SPARSE)
+    ids = torch.randint(3, model.config.vocab_size, (2, 100))
+    got = greedy_generate(model, ids, 7, chunk_size=32)  # 4 chunks, the last one partial
+    model.generation_config.eos_token_id = None  # greedy_generate does not stop at EOS either
+    want = model.generate(ids, max_new_tokens=7, do_sample=False, pad_token_id=0)[:, 100:]
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("method", ["dense", "ms"])
+def test_chunked_nll_equals_the_loss_of_one_forward(method):
+    model = tiny()
+    if method == "ms":
+        msattn.hf.patch(model, SPARSE)
+    ids = torch.randint(3, model.config.vocab_size, (2, 90))
+    nll, count = window_nll(model, ids, chunk_size=32)
+    with torch.no_grad():
+        loss = model(ids, labels=ids).loss.item()
+    assert count == 2 * 89
+    assert nll / count == pytest.approx(loss, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# reports and arguments
+
+def test_table_and_lengths():
+    assert parse_lengths("1k,4K,300,1m") == [1024, 4096, 300, 2 ** 20]
+    records = [{"method": m, "length": n, "accuracy": a} for m, n, a in
+               [("dense", 1024, 1.0), ("ms", 1024, 0.5), ("dense", 4096, 0.25)]]
+    lines = format_table(records).splitlines()
+    assert lines[0].split("|")[1:-1] == [" length ", " dense ", "   ms "]
+    assert [c.strip() for c in lines[2].split("|")[1:-1]] == ["1K", "1.00", "0.50"]
+    assert [c.strip() for c in lines[3].split("|")[1:-1]] == ["4K", "0.25", "-"]
+    assert len({len(line) for line in lines}) == 1  # fixed width
+
+
+# ---------------------------------------------------------------------------------------------
+# the CLI
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A demo-style checkpoint directory: a tiny random Llama over the PasskeyTokenizer vocabulary."""
+    path = tmp_path_factory.mktemp("demo")
+    save_checkpoint(tiny(), PasskeyTokenizer(), path, method="ms", ms_config=SPARSE)
+    return path
+
+
+def _check_outputs(out, task, metric, methods, lengths, count_field, count):
+    records = json.loads((out / f"{task}.json").read_text())
+    assert sorted((r["method"], r["length"]) for r in records) == sorted((m, n) for m in methods for n in lengths)
+    for r in records:
+        assert r[count_field] == count and r["peak_rss_mb"] > 0
+        assert r[metric] >= 0 and (metric != "accuracy" or r[metric] <= 1)
+    assert (out / f"{task}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"## {'passkey accuracy' if metric == 'accuracy' else 'perplexity'}" in (out / f"{task}.md").read_text()
+    return records
+
+
+def test_cli_passkey_end_to_end(checkpoint, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "msattn.eval", "passkey", "--model", str(checkpoint), "--lengths", "256,512",
+           "--trials", "2", "--methods", "dense,ms", "--chunk-size", "128", "--out", str(out), "--quiet"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    records = _check_outputs(out, "passkey", "accuracy", ["dense", "ms"], [256, 512], "trials", 2)
+    assert all(r["seconds_per_trial"] > 0 for r in records)
+    assert "| length | dense |" in proc.stdout
+
+
+def test_cli_perplexity_end_to_end(checkpoint, tmp_path, capsys):
+    text = tmp_path / "text.txt"
+    out = tmp_path / "out"
+    if HAVE_STORIES:
+        story = ("Once upon a time, there was a little girl named Lily. She loved to play outside in the park. "
+                 "One day, she saw a big red ball under a tree. She ran to get it, and her dog Max ran with her. ")
+        text.write_text(story * 12)
+        model = ["--llama2c", str(STORIES / "stories260K.bin"), "--tokenizer", str(STORIES / "tok512.bin")]
+    else:
+        text.write_text(" ".join([INSTRUCTION] + [FILLER] * 40))
+        model = ["--model", str(checkpoint)]
+    # merge 4 x block_q 16 = span 64; topk 64 x block_k 16 covers 1024 tokens: ms must equal dense
+    argv = ["perplexity", *model, "--text", str(text), "--lengths", "128,256", "--windows", "2", "--methods",
+            "dense,ms", "--block-q", "16", "--block-k", "16", "--merge", "4", "--topk", "64", "--chunk-size", "64",
+            "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    records = _check_outputs(out, "perplexity", "perplexity", ["dense", "ms"], [128, 256], "windows", 2)
+    by = {(r["method"], r["length"]): r["perplexity"] for r in records}
+    for n in (128, 256):
+        assert by["ms", n] == pytest.approx(by["dense", n], rel=1e-4)
+        if HAVE_STORIES:  # a trained model on a repetitive children's story
+            assert by["dense", n] < 10
+    assert "## perplexity" in capsys.readouterr().out
+
+
+def _fails(argv, capsys, *needles):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code not in (0, None)
+    err = capsys.readouterr().err
+    for needle in needles:
+        assert needle in err, err
+
+
+def test_cli_bad_input(checkpoint, tmp_path, capsys):
+    base = ["--model", str(checkpoint), "--out", str(tmp_path / "out"), "--quiet"]
+    need = template_length(PasskeyTokenizer(), 12345)
+    _fails(["passkey", *base, "--lengths", "4k,40", "--methods", "dense"], capsys,
+           "passkey length 40 is shorter than the prompt template", f"at least {need} tokens")
+    _fails(["passkey", *base, "--lengths", "256", "--methods", "dense,flash9"], capsys, "unknown method 'flash9'",
+           "known methods: dense, ms")
+    _fails(["passkey", *base, "--lengths", "2q"], capsys, "cannot read length '2q'")
+    _fails(["passkey", *base, "--lengths", "256", "--chunk-size", "100"], capsys,
+           "--chunk-size 100 is not a multiple of the MS group span merge * block_q = 4 * 8 = 32")
+    missing = tmp_path / "nowhere"
+    _fails(["passkey", "--model", str(missing), "--lengths", "256"], capsys, f"{missing}: model directory not found")
+    _fails(["perplexity", *base, "--lengths", "256", "--text", str(missing / "a.txt")], capsys,
+           f"{missing / 'a.txt'}: text file not found")
+    short = tmp_path / "short.txt"
+    short.write_text(FILLER)
+    _fails(["perplexity", *base, "--lengths", "256", "--text", str(short)], capsys,
+           f"the text has {len(PasskeyTokenizer().encode(FILLER, bos=False))} tokens, shorter than the length 256")
+    assert not (tmp_path / "out").exists()
+
+
+def test_hf_model_directory_with_its_own_tokenizer(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from msattn.eval import load, prepare, run_passkey
+
+    words = PasskeyTokenizer().vocab + ["<unk>"]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(),
+                                                  pre_tokenizers.Digits(individual_digits=True)])
+    hf = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                 unk_token="<unk>")
+    tiny(len(words)).save_pretrained(tmp_path)
+    hf.save_pretrained(tmp_path)
+    model, tok = load(model=tmp_path)
+    ids, answer = passkey_prompt(tok, 150, 31415, 0.5)
+    assert len(ids) == 150 and ids[0] == 1 and tok.encode(answer, bos=False) == [3 + int(d) for d in answer]
+    records = run_passkey(prepare(model, "ms", SPARSE), tok, [150], 2, method="ms", chunk_size=64, progress=False)
+    assert records[0]["method"] == "ms" and records[0]["trials"] == 2 and 0 <= records[0]["accuracy"] <= 1
+    with pytest.raises(ValueError, match="unknown method 'sparse'"):
+        prepare(model, "sparse")
