@@ -140,11 +140,17 @@ static void ms_add_tokens(msattn_region_sums s, const msattn_view *k, msattn_dty
         memset(acc, 0, (size_t)D * sizeof(float));
         *count = 0;
     }
+    const msattn_simd_ops *ops = msattn_simd();
+    const size_t esize = dt == MSATTN_F64 ? 8 : dt == MSATTN_F32 ? 4 : 2;
+    float row[256]; /* D <= 256 */
     for (int64_t t = tb; t < te; ++t) {
         if (mask != NULL && mask[b * mask_sb + (t - mask_t0)] == 0) continue;
         ++*count;
         const int64_t off = b * k->sb + h * k->sh + (t - k_t0) * k->sn;
-        for (int64_t d = 0; d < D; ++d) acc[d] += msattn_load_f32(k->data, off + d * k->sd, dt);
+        if (k->sd == 1) ops->to_f32(row, (const char *)k->data + off * (int64_t)esize, (int)D, dt, 1.0f);
+        else
+            for (int64_t d = 0; d < D; ++d) row[d] = msattn_load_f32(k->data, off + d * k->sd, dt);
+        for (int64_t d = 0; d < D; ++d) acc[d] += row[d];
     }
 }
 

@@ -714,7 +714,7 @@ __global__ void __launch_bounds__(256, 1) ms_bwd_dkv_kernel(const msattn_ms_para
 // ----------------------------------------------------------------------------------------------
 // launchers
 
-/* the checks every attention launcher shares; *blocks_out: forward / pass-1 grid */
+/* the checks every attention launcher shares */
 static int ms_check(const msattn_ms_params *p) {
     if (p->dtype == MSATTN_F64) return MSATTN_ERR_DTYPE; /* fp32 compute only; the CPU serves float64 */
     if (p->D < 1 || p->D > MS_DMAX || p->Hkv < 1 || p->Hq % p->Hkv != 0 || p->topk < 1 || p->block_k < 1)
@@ -723,10 +723,12 @@ static int ms_check(const msattn_ms_params *p) {
     return MSATTN_OK;
 }
 
+/* forward / pass-1 grid: one block per (b, hq, group, query tile) */
 static int64_t ms_query_blocks(const msattn_ms_params *p, const MsDims &d) {
     return (int64_t)p->B * p->Hq * d.G * msattn_cdiv(d.span, MS_BQ);
 }
 
+/* launch KERNEL<DL> for the head dim D, setting the caller's `status` */
 #define MS_DISPATCH_DL(D, KERNEL, ...)                                                        \
     switch (ms_dl_of(D)) {                                                                    \
     case 1: status = ms_launch_dl(KERNEL<1>, __VA_ARGS__); break;                             \

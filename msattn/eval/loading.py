@@ -281,15 +281,16 @@ def prefill(model, input_ids: torch.Tensor, *, chunk_size: int | None = 16384,
     from ..hf import model_config
 
     span = model_config(model).span
-    size = chunk_size or math.ceil(input_ids.shape[1] / span) * span
-
-    def hook(start, logits):
-        if on_logits is not None:
-            on_logits(start, logits)
+    n = input_ids.shape[1]
+    size = chunk_size or math.ceil(n / span) * span
+    cache, last = None, None
+    for start in range(0, n, size):  # chunk by chunk here, so progress needs no logits
+        end = min(start + size, n)
+        # msattn.prefill reports absolute start positions (the cache holds [0, start) already)
+        cache, last = ms_prefill(model, input_ids[:, start:end], chunk_size=size, cache=cache, on_logits=on_logits)
         if on_chunk is not None:
-            on_chunk(start, start + logits.shape[1])
-
-    return ms_prefill(model, input_ids, chunk_size=size, on_logits=hook)
+            on_chunk(start, end)
+    return cache, last
 
 
 _CLEAR_REFS = "/proc/self/clear_refs"
