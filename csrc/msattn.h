@@ -153,6 +153,58 @@ int msattn_ms_fwd_ref_cpu(const msattn_ms_params *p, int64_t begin, int64_t end)
 int msattn_ms_bwd_ref_cpu(const msattn_ms_params *p, int64_t begin, int64_t end);
 
 // ----------------------------------------------------------------------------------------------
+// [SelfExtend] dense attention with SelfExtend positions (DESIGN section 3, csrc/cpu/self_extend.c)
+//
+// q and k arrive un-rotated; the kernel rotates them with the tables in `rope`. A query at position
+// i (the last Nq of N, causal mask bottom-right) scores key j with
+//   |i - j| < W            q rotated at i, k at j (ordinary RoPE, "neighbour")
+//   i - j >= W             q rotated at floor(i/G) + W - floor(W/G), k at floor(j/G) ("grouped")
+//   j - i >= max(W, 1)     non-causal only: q at floor(i/G) - W + floor(W/G), k at floor(j/G), the
+//                          mirror image, so a grouped distance keeps its sign
+// (msattn_regions.h: msattn_self_extend_*). sliding_window > 0 also hides keys with
+// |i - j| >= sliding_window (Mistral). Every rotation stays within positions -(N-1)..N-1, and a
+// negative position rotates backwards, so tables of N rows suffice.
+
+typedef struct {
+    int B, Hq, Hkv, Nq, N, D;
+    int causal;
+    int group_size;               /* G >= 1 */
+    int window;                   /* W >= 0: distances below W keep their positions */
+    int sliding_window;           /* > 0: only keys with |i - j| < sliding_window are visible; 0: all */
+    double scale;                 /* softmax scale, usually 1/sqrt(D) */
+    msattn_dtype dtype;           /* of q, k, v, out, dout, dq, dk, dv */
+    msattn_view q;                /* (B, Hq, Nq, D) un-rotated */
+    msattn_view k, v;             /* (B, Hkv, N, D), k un-rotated */
+    msattn_view out;              /* (B, Hq, Nq, D) forward output, backward input */
+    void *lse;                    /* (B, Hq, Nq) contiguous, float (double for F64); -inf: no key */
+    const uint8_t *key_mask;      /* (B, N) at row stride mask_sb, 1 = real token; NULL: all real */
+    int64_t mask_sb;
+    msattn_rope rope;             /* required: cos/sin (len >= N, rotary_dim / 2) */
+    int block_q;                  /* queries per item of the forward and of backward pass 1, >= 1 */
+    int block_kv;                 /* keys per item of backward pass 2, >= 1 */
+    /* backward only */
+    msattn_view dout;             /* (B, Hq, Nq, D) */
+    msattn_view dq;               /* (B, Hq, Nq, D) */
+    msattn_view dk, dv;           /* (B, Hkv, N, D) */
+    const void *dlse;             /* (B, Hq, Nq) contiguous gradient of lse, lse's dtype, or NULL */
+    float *delta;                 /* (B, Hq, Nq) workspace: rowsum(dout * out) - dlse, by pass 1 */
+} msattn_self_extend_params;
+
+/* forward; items (b, h, query block) for b < B, h < Hkv, query block < ceil(Nq / block_q) */
+int msattn_self_extend_fwd_cpu(const msattn_self_extend_params *p, int64_t begin, int64_t end, void *scratch);
+size_t msattn_self_extend_fwd_scratch_bytes(const msattn_self_extend_params *p);
+/* backward pass 1: delta and dq; items (b, h, query block) */
+int msattn_self_extend_bwd_dq_cpu(const msattn_self_extend_params *p, int64_t begin, int64_t end, void *scratch);
+/* backward pass 2: dk and dv; items (b, h, key block) for key block < ceil(N / block_kv) */
+int msattn_self_extend_bwd_dkv_cpu(const msattn_self_extend_params *p, int64_t begin, int64_t end, void *scratch);
+size_t msattn_self_extend_bwd_scratch_bytes(const msattn_self_extend_params *p);
+/* naive twins, accumulating in double (they also serve F64). fwd items: (b, hq) for hq < Hq;
+ * bwd items: (b, h), writing dq, dk, dv of those heads in full (no delta needed) */
+int msattn_self_extend_fwd_ref_cpu(const msattn_self_extend_params *p, int64_t begin, int64_t end);
+int msattn_self_extend_bwd_ref_cpu(const msattn_self_extend_params *p, int64_t begin, int64_t end);
+// [/SelfExtend]
+
+// ----------------------------------------------------------------------------------------------
 // CUDA launchers (csrc/cuda): the same params with device pointers; `stream` is a cudaStream_t.
 // Each launches over all items (the grid spreads them) and returns a status, never aborts.
 

@@ -6,11 +6,11 @@ imported on use, so that the op needs nothing beyond torch.
 """
 
 from .config import MSConfig
-from .functional import ms_attention, ms_select
+from .functional import ms_attention, ms_select, self_extend_attention
 from .ops import isa, set_isa
 
 __version__ = "0.1.0"
-__all__ = ["MSConfig", "isa", "ms_attention", "ms_select", "prefill", "set_isa"]
+__all__ = ["MSConfig", "isa", "ms_attention", "ms_select", "prefill", "self_extend_attention", "set_isa"]
 
 
 def __getattr__(name):

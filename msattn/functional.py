@@ -8,7 +8,7 @@ import torch
 
 from .ops import ops
 
-__all__ = ["ms_attention", "ms_select"]
+__all__ = ["ms_attention", "ms_select", "self_extend_attention"]
 
 
 def ms_select(
@@ -110,3 +110,73 @@ def ms_attention(
         index = ops.ms_select(q, k, key_padding_mask, None, None, block_q, block_k, merge, topk, causal)
     out, lse = ops.ms_fwd(q, k, v, index, key_padding_mask, cos, sin, block_q, block_k, merge, causal, float(scale))
     return (out, lse) if return_lse else out
+
+
+# ---------------------------------------------------------------------------------------------
+# [SelfExtend]
+
+def self_extend_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    group_size: int,
+    window: int,
+    rotary: tuple[torch.Tensor, torch.Tensor],
+    causal: bool = True,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    return_lse: bool = False,
+):
+    """SelfExtend attention (training-free context extension, arXiv 2401.01325; DESIGN section 3).
+
+    Dense softmax attention whose RoPE positions are remapped per score: a key within the neighbour
+    window keeps its relative distance ``i - j``; beyond it the distance becomes
+    ``floor(i/G) - floor(j/G) + W - floor(W/G)`` (``G = group_size``, ``W = window``), so a model
+    never sees a distance much larger than it was trained on. ``q`` and ``k`` are passed
+    **un-rotated**; the kernel rotates each score's pair itself from ``rotary``:
+
+    - ``i - j < W``: q rotated at ``i``, k at ``j`` (ordinary RoPE);
+    - ``i - j >= W``: q rotated at ``floor(i/G) + W - floor(W/G)``, k at ``floor(j/G)``;
+    - non-causal only, ``j - i >= max(W, 1)``: the mirror image (q at ``floor(i/G) - W + floor(W/G)``,
+      k at ``floor(j/G)``), so a grouped distance keeps its sign.
+
+    With ``group_size=1`` or ``window >= N`` it is ordinary RoPE attention. Flash-style (scores never
+    leave a tile, online softmax), differentiable in ``q``, ``k``, ``v``, GQA without copying K/V,
+    deterministic (the same call gives bit-identical outputs and gradients).
+
+    Args:
+        q: ``(B, Hq, Nq, D)``, un-rotated. The queries are the **last** ``Nq`` of the ``N`` key
+            positions (causal mask aligned bottom-right, as in FlashAttention): ``Nq < N`` is chunked
+            prefill or decoding against a cache of un-rotated keys. Any strides; float32, float64,
+            bfloat16 or float16 (16-bit inputs accumulate in float32); head dim 1..256.
+        k, v: ``(B, Hkv, N, D)`` with ``Hq % Hkv == 0``; ``k`` un-rotated.
+        group_size: ``G >= 1``, positions per group beyond the window.
+        window: ``W >= 0``, the neighbour window (distances below it keep their positions).
+        rotary: ``(cos, sin)``, each float32 ``(L, rotary_dim / 2)`` with ``L >= N``, row ``t`` the
+            angles of position ``t``; pairs ``(x[i], x[i + rotary_dim/2])`` as in HuggingFace's
+            ``rotate_half``, dims past ``rotary_dim`` pass through. :func:`msattn.rope.compact_rope_tables`
+            builds them from an HF rotary module.
+        causal: bottom-right causal mask (default). Non-causal attends to every key.
+        scale: softmax scale, default ``1 / sqrt(D)``.
+        key_padding_mask: bool ``(B, N)``, True for real tokens. Padded keys are never attended; a
+            query with no visible key outputs zeros (and lse ``-inf``). Positions are slots
+            ``0..N-1`` whatever the padding.
+        sliding_window: also hide keys with ``|i - j| >= sliding_window`` (Mistral's window); None or 0:
+            no window.
+        return_lse: also return the log-sum-exp of each query's scaled scores.
+
+    Returns:
+        ``out (B, Hq, Nq, D)`` in q's dtype, and with ``return_lse`` also ``lse (B, Hq, Nq)`` in
+        float32 (float64 for float64 inputs).
+    """
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    if rotary is None or len(rotary) != 2:
+        raise ValueError("msattn.self_extend_attention: rotary must be a (cos, sin) pair of float32 tables")
+    cos, sin = rotary
+    out, lse = ops.self_extend_fwd(q, k, v, cos, sin, key_padding_mask, int(group_size), int(window),
+                                   int(sliding_window or 0), causal, float(scale))
+    return (out, lse) if return_lse else out
+# [/SelfExtend]

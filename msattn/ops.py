@@ -66,6 +66,43 @@ def _ms_fwd_backward(ctx, dout, dlse):
 torch.library.register_autograd("msattn::ms_fwd", _ms_fwd_backward, setup_context=_ms_fwd_setup)
 
 
+# ---------------------------------------------------------------------------------------------
+# [SelfExtend] self_extend_fwd / self_extend_bwd (DESIGN section 3); the rotary tables get no gradient
+
+@torch.library.register_fake("msattn::self_extend_fwd")
+def _self_extend_fwd_fake(q, k, v, rope_cos, rope_sin, key_padding_mask, group_size, window, sliding_window, causal,
+                          scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=_lse_dtype(q))
+
+
+@torch.library.register_fake("msattn::self_extend_bwd")
+def _self_extend_bwd_fake(dout, dlse, q, k, v, out, lse, rope_cos, rope_sin, key_padding_mask, group_size, window,
+                          sliding_window, causal, scale):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format))
+
+
+def _self_extend_fwd_setup(ctx, inputs, output):
+    q, k, v, rope_cos, rope_sin, mask, group_size, window, sliding_window, causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, rope_cos, rope_sin, mask, out, lse)
+    ctx.params = (group_size, window, sliding_window, causal, scale)
+
+
+def _self_extend_fwd_backward(ctx, dout, dlse):
+    q, k, v, rope_cos, rope_sin, mask, out, lse = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = ops.self_extend_bwd(dout, dlse, q, k, v, out, lse, rope_cos, rope_sin, mask, *ctx.params)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("msattn::self_extend_fwd", _self_extend_fwd_backward,
+                                setup_context=_self_extend_fwd_setup)
+# [/SelfExtend]
+
+
 def isa() -> str:
     """The instruction set the CPU kernels use: ``"avx512"``, ``"avx2"`` or ``"scalar"``."""
     return ops.isa()

@@ -1,0 +1,40 @@
+// run_items.h -- dynamic scheduling of C kernel work items over ATen's thread pool.
+//
+// The same loop as ms_attention_cpu.cpp's: at::get_num_threads() workers pull items from an atomic
+// counter, each with its own scratch buffer, so torch.set_num_threads is respected and uneven items
+// (causal attention: later queries see more keys) balance. Results never depend on the schedule when
+// every item owns the outputs it writes. (ms_attention_cpu.cpp may switch to this header and drop its
+// private copy.)
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+
+#include "../msattn.h"
+
+namespace msattn {
+
+// run f(order(w), scratch) for every w in [0, n): order maps the pull sequence to item numbers
+// (heaviest first); f returns an MSATTN_* status
+template <class Order, class F>
+void run_items_dynamic(int64_t n, size_t scratch_bytes, Order order, F f, const char *what) {
+    if (n <= 0) return;
+    std::atomic<int64_t> next{0};
+    std::atomic<int> status{MSATTN_OK};
+    const int64_t workers = std::min<int64_t>(at::get_num_threads(), n);
+    at::parallel_for(0, workers, 1, [&](int64_t b, int64_t e) {
+        at::Tensor scratch = at::empty({(int64_t)scratch_bytes + 64}, at::kByte);
+        for (int64_t t = b; t < e; ++t) {
+            for (int64_t w = next.fetch_add(1); w < n; w = next.fetch_add(1)) {
+                const int s = f(order(w), scratch.data_ptr());
+                if (s != MSATTN_OK) status = s;
+            }
+        }
+    });
+    TORCH_CHECK(status.load() == MSATTN_OK, "msattn: ", what, " kernel failed with status ", status.load());
+}
+
+}  // namespace msattn
