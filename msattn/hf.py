@@ -192,8 +192,8 @@ def _prepare_cache_with_ms(base, block_k):
     return prepare
 
 
-def patch(model, config: MSConfig | None = None, rope: nn.Module | None = None):
-    """Switch a causal LM to MS attention, in place.
+def patch(model, config: MSConfig | None = None, rope: nn.Module | None = None, *, method: str = "ms", **options):
+    """Switch a causal LM to MS attention (or a peer method), in place.
 
     Args:
         model: a ``LlamaForCausalLM``, ``MistralForCausalLM`` or ``Qwen2ForCausalLM``, or a PEFT
@@ -201,9 +201,20 @@ def patch(model, config: MSConfig | None = None, rope: nn.Module | None = None):
         config: the MS parameters and the layers that use them (default ``MSConfig()``).
         rope: a rotary embedding module to install in place of the model's (HF's
             ``forward(x, position_ids) -> (cos, sin)`` contract), e.g. ``msattn.rope.CRDNTKRotaryEmbedding``.
+        method: ``"ms"``; or ``"self_extend"`` with ``group_size=``, ``window=`` (training-free
+            SelfExtend, :mod:`msattn.self_extend_hf`); or ``"infini"`` with ``segment_len=`` and
+            optionally ``delta_rule=`` (Infini-attention, :mod:`msattn.infini_hf`).
     Returns:
         the same model, patched. ``msattn.hf.unpatch(model)`` restores it.
     """
+    if method in PEER_METHODS:
+        if config is not None or rope is not None:
+            raise ValueError(f"msattn.hf.patch: method={method!r} takes its own options, not an MSConfig or rope")
+        return PEER_METHODS[method][0](model, **options)
+    if method != "ms":
+        raise ValueError(f"msattn.hf.patch: unknown method {method!r}; known: ms, {', '.join(PEER_METHODS)}")
+    if options:
+        raise TypeError(f"msattn.hf.patch: unexpected options for method='ms': {', '.join(options)}")
     config = MSConfig() if config is None else config
     if not isinstance(config, MSConfig):
         raise TypeError(f"msattn.hf.patch: config must be an msattn.MSConfig, got {type(config).__name__}")
@@ -248,8 +259,11 @@ def patch(model, config: MSConfig | None = None, rope: nn.Module | None = None):
 
 
 def unpatch(model):
-    """Restore the attention implementation and rotary embedding that ``patch`` replaced."""
+    """Restore the attention implementation and rotary embedding that ``patch`` replaced (any method)."""
     base = _base_model(model)
+    for name, (_, undo, marker) in PEER_METHODS.items():
+        if getattr(base, marker, None) is not None:
+            return undo(model)
     saved = getattr(base, "_msattn_saved", None)
     if saved is None:
         raise RuntimeError("msattn.hf.unpatch: the model is not patched")
@@ -263,3 +277,21 @@ def unpatch(model):
     base._msattn_saved = None
     del base._prepare_cache_for_generation
     return model
+
+
+def _self_extend_patch(model, **options):
+    from .self_extend_hf import patch_self_extend
+
+    return patch_self_extend(model, **options)
+
+
+def _self_extend_unpatch(model):
+    from .self_extend_hf import unpatch_self_extend
+
+    return unpatch_self_extend(model)
+
+
+# method -> (patch, unpatch, the attribute a patched base model carries)
+PEER_METHODS = {
+    "self_extend": (_self_extend_patch, _self_extend_unpatch, "_msattn_self_extend_saved"),
+}

@@ -217,3 +217,21 @@ def test_registry_without_patch_is_an_error():
     model.set_attn_implementation("msattn")
     with pytest.raises(RuntimeError, match="not patched"):
         model(torch.randint(0, 97, (1, 10)))
+
+
+def test_patch_method_dispatch():
+    model = tiny()
+    ids = torch.randint(3, 97, (1, 80))
+    with torch.no_grad():
+        ref = model(ids).logits
+        msattn.hf.patch(model, method="self_extend", group_size=4, window=1000)
+        assert model.config._attn_implementation == "msattn_self_extend"
+        got = model(ids).logits
+        msattn.hf.unpatch(model)
+        again = model(ids).logits
+    assert torch.allclose(got, ref, rtol=0, atol=1e-5 * ref.abs().max())
+    assert torch.equal(again, ref)
+    with pytest.raises(ValueError, match="unknown method 'longformer'"):
+        msattn.hf.patch(model, method="longformer")
+    with pytest.raises(TypeError, match="unexpected options"):
+        msattn.hf.patch(model, window=3)
