@@ -1,41 +1,21 @@
 // ms_attention_cpu.cpp -- CPU implementations of torch.ops.msattn.ms_select / ms_fwd / ms_bwd:
 // checks, allocation, and the spreading of work items over ATen's thread pool. No kernel math.
 //
-// Work items are pulled from an atomic counter by at::get_num_threads() workers (dynamic
-// scheduling: MS groups differ in cost, the causal prefix is cheap), each with its own scratch.
-// Results never depend on the schedule: every item owns the outputs it writes.
+// Work items are spread by run_items.h (dynamic scheduling: MS groups differ in cost, the causal
+// prefix is cheap). Results never depend on the schedule: every item owns the outputs it writes.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <atomic>
 #include <string>
 
 #include "../msattn.h"
 #include "../msattn_regions.h"
 #include "checks.h"
+#include "run_items.h"
 
 namespace msattn {
 namespace {
-
-// run f(item, scratch) for every item in [0, n), heaviest-first order given by `order`
-template <class Order, class F>
-void run_items(int64_t n, size_t scratch_bytes, Order order, F f, const char *what) {
-    if (n <= 0) return;
-    std::atomic<int64_t> next{0};
-    std::atomic<int> status{MSATTN_OK};
-    const int64_t workers = std::min<int64_t>(at::get_num_threads(), n);
-    at::parallel_for(0, workers, 1, [&](int64_t b, int64_t e) {
-        at::Tensor scratch = at::empty({(int64_t)scratch_bytes + 64}, at::kByte);
-        for (int64_t t = b; t < e; ++t) {
-            for (int64_t w = next.fetch_add(1); w < n; w = next.fetch_add(1)) {
-                const int s = f(order(w), scratch.data_ptr());
-                if (s != MSATTN_OK) status = s;
-            }
-        }
-    });
-    TORCH_CHECK(status.load() == MSATTN_OK, "msattn: ", what, " kernel failed with status ", status.load());
-}
 
 // the selection must be what ms_select could produce: each row strictly ascending candidates of its
 // group, -1 only at the end. Checked so that a hand-made index cannot read out of bounds.
@@ -128,7 +108,7 @@ at::Tensor ms_select_cpu(const at::Tensor &q, const at::Tensor &k, const c10::op
     at::parallel_for(0, B * Hkv * (NK + NA), 64, [&](int64_t b, int64_t e) { msattn_region_means_cpu(&p, b, e); });
     // pass 2: one item per (b, h, g); later groups have more candidates
     const int64_t BH = B * Hkv;
-    run_items(
+    run_items_dynamic(
         BH * G, msattn_select_scratch_bytes(&p), [&](int64_t w) { return (G - 1 - w / BH) + G * (w % BH); },
         [&](int64_t item, void *scratch) { return msattn_select_cpu(&p, item, item + 1, scratch); }, "ms_select");
     return index;
@@ -204,10 +184,10 @@ std::tuple<at::Tensor, at::Tensor> ms_fwd_cpu(const at::Tensor &q, const at::Ten
     const int64_t BH = (int64_t)p.B * p.Hkv, G = index.size(2);
     const auto order = [&](int64_t w) { return (G - 1 - w / BH) + G * (w % BH); };
     if (p.dtype == MSATTN_F64) {
-        run_items(BH * G, 0, order, [&](int64_t item, void *) { return msattn_ms_fwd_ref_cpu(&p, item, item + 1); },
+        run_items_dynamic(BH * G, 0, order, [&](int64_t item, void *) { return msattn_ms_fwd_ref_cpu(&p, item, item + 1); },
                   "ms_fwd (reference, float64)");
     } else {
-        run_items(BH * G, msattn_ms_fwd_scratch_bytes(&p), order,
+        run_items_dynamic(BH * G, msattn_ms_fwd_scratch_bytes(&p), order,
                   [&](int64_t item, void *scratch) { return msattn_ms_fwd_cpu(&p, item, item + 1, scratch); },
                   "ms_fwd");
     }
@@ -259,7 +239,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_bwd_cpu(
     p.dv = view_of(dv);
     const int64_t BH = (int64_t)p.B * p.Hkv, G = index.size(2);
     if (p.dtype == MSATTN_F64) {
-        run_items(BH, 0, [](int64_t w) { return w; },
+        run_items_dynamic(BH, 0, [](int64_t w) { return w; },
                   [&](int64_t item, void *) { return msattn_ms_bwd_ref_cpu(&p, item, item + 1); },
                   "ms_bwd (reference, float64)");
         return {dq, dk, dv};
@@ -281,11 +261,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_bwd_cpu(
     at::parallel_for(0, BH, 1, [&](int64_t b, int64_t e) {
         msattn_ms_invert_cpu(&p, inv_offsets.data_ptr<int32_t>(), inv_groups.data_ptr<int32_t>(), b, e);
     });
-    run_items(
+    run_items_dynamic(
         BH * G, scratch, [&](int64_t w) { return (G - 1 - w / BH) + G * (w % BH); },
         [&](int64_t item, void *s) { return msattn_ms_bwd_dq_cpu(&p, item, item + 1, s); }, "ms_bwd (dq)");
     const int64_t KB = p.kv_blocks;
-    run_items(
+    run_items_dynamic(
         BH * KB, scratch, [&](int64_t w) { return (w / BH) + KB * (w % BH); },  // early key blocks are read most
         [&](int64_t item, void *s) { return msattn_ms_bwd_dkv_cpu(&p, item, item + 1, s); }, "ms_bwd (dk, dv)");
     return {dq, dk, dv};

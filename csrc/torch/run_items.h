@@ -1,10 +1,8 @@
 // run_items.h -- dynamic scheduling of C kernel work items over ATen's thread pool.
 //
-// The same loop as ms_attention_cpu.cpp's: at::get_num_threads() workers pull items from an atomic
-// counter, each with its own scratch buffer, so torch.set_num_threads is respected and uneven items
-// (causal attention: later queries see more keys) balance. Results never depend on the schedule when
-// every item owns the outputs it writes. (ms_attention_cpu.cpp may switch to this header and drop its
-// private copy.)
+// at::get_num_threads() workers pull items from an atomic counter, each with its own scratch buffer,
+// so torch.set_num_threads is respected and uneven items (causal attention: later queries see more
+// keys) balance. Results never depend on the schedule when every item owns the outputs it writes.
 #pragma once
 
 #include <ATen/ATen.h>
