@@ -205,6 +205,75 @@ int msattn_self_extend_bwd_ref_cpu(const msattn_self_extend_params *p, int64_t b
 // [/SelfExtend]
 
 // ----------------------------------------------------------------------------------------------
+// [Infini-attention] one segment with a compressive memory (DESIGN section 3, csrc/cpu/infini.c)
+//
+// Per batch b and KV head h, a segment of N keys (positions 0..N-1, the last Nq of them queries),
+// sigma(x) = ELU(x) + 1, g = sigmoid(beta[hq]) per query head:
+//   out = g * sigma(q) M / (sigma(q) . z + eps) + (1 - g) * causal_softmax(q k^T * scale) v
+//   M' = M + sigma(K)^T V                                          (linear)
+//   M' = M + sigma(K)^T (V - sigma(K) M / (sigma(K) z + eps))       (delta rule, old M and z)
+//   z' = z + sum_t sigma(K_t)                                       (valid keys only)
+// One memory per KV head, shared by its query heads (GQA). M is (D, D) and z (D), float32 (float64
+// for F64 inputs), contiguous. The eps makes an empty memory (M = 0, z = 0) retrieve exactly 0.
+
+#define MSATTN_INFINI_EPS 1e-6
+
+typedef struct {
+    int B, Hq, Hkv, Nq, N, D;
+    int causal;                   /* local attention causal inside the segment (bottom-right) */
+    int delta_rule;               /* 1: delta-rule memory update, 0: linear */
+    int update_memory;            /* 0: the segment is not written (mem_out = mem, norm_out = norm) */
+    double scale;                 /* softmax scale, usually 1/sqrt(D) */
+    double eps;                   /* retrieval denominator guard, MSATTN_INFINI_EPS */
+    msattn_dtype dtype;           /* of q, k, v, out, out_local, dout, dout_local, dq, dk, dv */
+    msattn_view q;                /* (B, Hq, Nq, D) */
+    msattn_view k, v;             /* (B, Hkv, N, D) */
+    const double *beta;           /* (Hq) gate logits */
+    const void *mem;              /* (B, Hkv, D, D) contiguous, float (double for F64) */
+    const void *norm;             /* (B, Hkv, D) contiguous, like mem */
+    const uint8_t *key_mask;      /* (B, N) at row stride mask_sb, 1 = real token; NULL: all real */
+    int64_t mask_sb;
+    int q_block;                  /* queries per item of the forward and backward pass 1, >= 1 */
+    int k_block;                  /* keys per item of backward pass 2, >= 1 */
+    /* forward outputs, backward inputs */
+    msattn_view out;              /* (B, Hq, Nq, D) the gated mix */
+    msattn_view out_local;        /* (B, Hq, Nq, D) A_loc alone */
+    void *lse;                    /* (B, Hq, Nq) contiguous, float (double for F64); -inf: no key */
+    void *mem_out, *norm_out;     /* like mem, norm (forward only) */
+    /* backward only */
+    msattn_view dout;             /* (B, Hq, Nq, D) */
+    msattn_view dout_local;       /* (B, Hq, Nq, D) gradient of out_local, data NULL: zero */
+    const void *dlse;             /* (B, Hq, Nq) contiguous like lse, or NULL */
+    const void *dmem_out;         /* (B, Hkv, D, D) gradient of mem_out like mem, or NULL: zero */
+    const void *dnorm_out;        /* (B, Hkv, D) gradient of norm_out, or NULL: zero */
+    msattn_view dq;               /* (B, Hq, Nq, D) */
+    msattn_view dk, dv;           /* (B, Hkv, N, D) */
+    void *dmem, *dnorm;           /* (B, Hkv, D, D), (B, Hkv, D) like mem */
+    double *dbeta;                /* (B, Hq) contiguous: per batch element, summed over b by the caller */
+    float *delta;                 /* (B, Hq, Nq) workspace: rowsum(dA_loc * A_loc) - dlse, by pass 1 */
+} msattn_infini_params;
+
+/* local attention, retrieval and mix; items: (b, h, query block) for b < B, h < Hkv,
+ * query block < ceil(Nq / q_block) */
+int msattn_infini_fwd_cpu(const msattn_infini_params *p, int64_t begin, int64_t end, void *scratch);
+/* the memory write: mem_out, norm_out; items: (b, h) */
+int msattn_infini_update_cpu(const msattn_infini_params *p, int64_t begin, int64_t end, void *scratch);
+size_t msattn_infini_fwd_scratch_bytes(const msattn_infini_params *p);  /* both forward kernels */
+/* backward pass 1: dq and delta; items: (b, h, query block) */
+int msattn_infini_bwd_dq_cpu(const msattn_infini_params *p, int64_t begin, int64_t end, void *scratch);
+/* backward pass 2: dk and dv (local attention and memory write); items: (b, h, key block) for
+ * key block < ceil(N / k_block); needs delta from pass 1 */
+int msattn_infini_bwd_dkv_cpu(const msattn_infini_params *p, int64_t begin, int64_t end, void *scratch);
+/* backward pass 3: dmem, dnorm and dbeta of the group's heads; items: (b, h) */
+int msattn_infini_bwd_dmem_cpu(const msattn_infini_params *p, int64_t begin, int64_t end, void *scratch);
+size_t msattn_infini_bwd_scratch_bytes(const msattn_infini_params *p);  /* all three passes */
+/* naive twins in double, items (b, h): the forward writes out, out_local, lse, mem_out, norm_out;
+ * the backward dq, dk, dv, dmem, dnorm and dbeta of those heads (no delta workspace needed) */
+int msattn_infini_fwd_ref_cpu(const msattn_infini_params *p, int64_t begin, int64_t end);
+int msattn_infini_bwd_ref_cpu(const msattn_infini_params *p, int64_t begin, int64_t end);
+// [/Infini-attention]
+
+// ----------------------------------------------------------------------------------------------
 // CUDA launchers (csrc/cuda): the same params with device pointers; `stream` is a cudaStream_t.
 // Each launches over all items (the grid spreads them) and returns a status, never aborts.
 

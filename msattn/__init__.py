@@ -6,11 +6,12 @@ imported on use, so that the op needs nothing beyond torch.
 """
 
 from .config import MSConfig
-from .functional import ms_attention, ms_select, self_extend_attention
+from .functional import infini_attention, ms_attention, ms_select, self_extend_attention
 from .ops import isa, set_isa
 
 __version__ = "0.1.0"
-__all__ = ["MSConfig", "isa", "ms_attention", "ms_select", "prefill", "self_extend_attention", "set_isa"]
+__all__ = ["MSConfig", "infini_attention", "isa", "ms_attention", "ms_select", "prefill", "self_extend_attention",
+           "set_isa"]
 
 
 def __getattr__(name):

@@ -8,7 +8,7 @@ import torch
 
 from .ops import ops
 
-__all__ = ["ms_attention", "ms_select", "self_extend_attention"]
+__all__ = ["infini_attention", "ms_attention", "ms_select", "self_extend_attention"]
 
 
 def ms_select(
@@ -180,3 +180,77 @@ def self_extend_attention(
                                    int(sliding_window or 0), causal, float(scale))
     return (out, lse) if return_lse else out
 # [/SelfExtend]
+
+
+# ---------------------------------------------------------------------------------------------
+# [Infini-attention]
+
+def infini_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    memory: torch.Tensor | None = None,
+    norm: torch.Tensor | None = None,
+    *,
+    delta_rule: bool = False,
+    causal: bool = True,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    update_memory: bool = True,
+):
+    """Infini-attention over one segment with a compressive memory (arXiv 2404.07143, DESIGN section 3).
+
+    With ``sigma(x) = ELU(x) + 1`` and ``g = sigmoid(beta)`` per query head, each query mixes the memory
+    retrieval and the local softmax attention inside the segment::
+
+        out = g * sigma(q) M / (sigma(q) . z + 1e-6) + (1 - g) * softmax(q k^T * scale) v
+
+    and the segment's valid keys are written to the memory, which is returned for the next segment::
+
+        M' = M + sigma(K)^T V                                              (delta_rule=False)
+        M' = M + sigma(K)^T (V - sigma(K) M / (sigma(K) z + 1e-6))         (delta_rule=True)
+        z' = z + sum_t sigma(K_t)
+
+    The ``1e-6`` keeps an empty memory (``M = 0, z = 0``, the first segment) retrieving exactly 0; any
+    memory built by this function has ``z > 0`` where a key was written, so it rarely matters beyond that.
+    One memory per key/value head, read by each of its query heads with their own ``sigma(q)`` (GQA
+    without copying). Differentiable in ``q, k, v, beta, memory, norm``: feed ``(memory', norm')`` to the
+    next segment's call and backpropagate through the segments. Deterministic; float32 accumulation for
+    16-bit inputs.
+
+    Args:
+        q: ``(B, Hq, Nq, D)``, the queries at the **last** ``Nq`` positions of the segment (``Nq < N``:
+            decoding or a chunk against keys already in the segment; causal mask aligned bottom-right).
+            Any strides; float32, float64, bfloat16 or float16; head dim 1..256.
+        k, v: ``(B, Hkv, N, D)``, the segment's keys and values, ``Hq % Hkv == 0``.
+        beta: ``(Hq,)`` gate logits (any floating dtype; the gradient comes back in it).
+        memory: ``(B, Hkv, D, D)`` float32 (float64 for float64 inputs), the memory ``M`` carried from the
+            previous segments; None: zeros.
+        norm: ``(B, Hkv, D)``, the normaliser ``z``, same dtype; None: zeros. Give both or neither.
+        delta_rule: write with the delta rule (only what the memory does not already retrieve).
+        causal: causal local attention inside the segment (the memory always holds earlier segments).
+        scale: softmax scale, default ``1 / sqrt(D)``.
+        key_padding_mask: bool ``(B, N)``, True for real tokens. Padded keys are neither attended nor
+            written to memory; a query with no visible key gets zero local attention (its output is then
+            ``g * A_mem``).
+        update_memory: False leaves the memory as it is (``memory' = memory``): decoding inside a segment
+            that is not yet complete.
+
+    Returns:
+        ``(out, (memory', norm'))``: ``out (B, Hq, Nq, D)`` in q's dtype, the updated memory
+        ``(B, Hkv, D, D)`` and normaliser ``(B, Hkv, D)``.
+    """
+    if (memory is None) != (norm is None):
+        raise ValueError("infini_attention: give memory and norm together (or neither, for an empty memory)")
+    if memory is None:
+        B, Hkv, D = k.shape[0], k.shape[1], q.shape[-1]
+        dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        memory = q.new_zeros((B, Hkv, D, D), dtype=dtype)
+        norm = q.new_zeros((B, Hkv, D), dtype=dtype)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    out, _, _, memory, norm = ops.infini_fwd(q, k, v, beta, memory, norm, key_padding_mask, delta_rule, causal,
+                                             float(scale), update_memory)
+    return out, (memory, norm)
+# [/Infini-attention]

@@ -291,7 +291,20 @@ def _self_extend_unpatch(model):
     return unpatch_self_extend(model)
 
 
+def _infini_patch(model, **options):
+    from .infini_hf import patch_infini
+
+    return patch_infini(model, **options)
+
+
+def _infini_unpatch(model):
+    from .infini_hf import unpatch_infini
+
+    return unpatch_infini(model)
+
+
 # method -> (patch, unpatch, the attribute a patched base model carries)
 PEER_METHODS = {
     "self_extend": (_self_extend_patch, _self_extend_unpatch, "_msattn_self_extend_saved"),
+    "infini": (_infini_patch, _infini_unpatch, "_msattn_infini_saved"),
 }

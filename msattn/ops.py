@@ -111,3 +111,43 @@ def isa() -> str:
 def set_isa(name: str) -> None:
     """Force the CPU kernels' instruction set (``"auto"``, ``"avx512"``, ``"avx2"``, ``"scalar"``)."""
     ops.set_isa(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# [Infini-attention] infini_fwd / infini_bwd (csrc/torch/infini_cpu.cpp)
+
+@torch.library.register_fake("msattn::infini_fwd")
+def _infini_fwd_fake(q, k, v, beta, memory, norm, key_padding_mask, delta_rule, causal, scale, update_memory):
+    def like(t):
+        return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+    return like(q), like(q), q.new_empty(q.shape[:3], dtype=_lse_dtype(q)), like(memory), like(norm)
+
+
+@torch.library.register_fake("msattn::infini_bwd")
+def _infini_bwd_fake(dout, dout_local, dlse, dmemory, dnorm, q, k, v, beta, memory, norm, out_local, lse,
+                     key_padding_mask, delta_rule, causal, scale, update_memory):
+    def like(t):
+        return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+    return like(q), like(k), like(v), like(beta), like(memory), like(norm)
+
+
+def _infini_fwd_setup(ctx, inputs, output):
+    q, k, v, beta, memory, norm, mask, delta_rule, causal, scale, update_memory = inputs
+    _, out_local, lse, _, _ = output
+    ctx.save_for_backward(q, k, v, beta, memory, norm, mask, out_local, lse)
+    ctx.params = (delta_rule, causal, scale, update_memory)
+
+
+def _infini_fwd_backward(ctx, dout, dout_local, dlse, dmemory, dnorm):
+    q, k, v, beta, memory, norm, mask, out_local, lse = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out_local)
+    grads = ops.infini_bwd(dout, dout_local, dlse, dmemory, dnorm, q, k, v, beta, memory, norm, out_local, lse,
+                           mask, *ctx.params)
+    return (*grads, None, None, None, None, None)
+
+
+torch.library.register_autograd("msattn::infini_fwd", _infini_fwd_backward, setup_context=_infini_fwd_setup)
+# [/Infini-attention]

@@ -231,6 +231,12 @@ def test_patch_method_dispatch():
         again = model(ids).logits
     assert torch.allclose(got, ref, rtol=0, atol=1e-5 * ref.abs().max())
     assert torch.equal(again, ref)
+    with torch.no_grad():  # Infini with the memory gate shut and one segment is the model's own attention
+        msattn.hf.patch(model, method="infini", segment_len=128, gate_init=-1e4)
+        infini = model(ids).logits
+        msattn.hf.unpatch(model)
+    assert torch.allclose(infini, ref, rtol=0, atol=1e-5 * ref.abs().max())
+    assert torch.equal(model(ids).logits, ref)
     with pytest.raises(ValueError, match="unknown method 'longformer'"):
         msattn.hf.patch(model, method="longformer")
     with pytest.raises(TypeError, match="unexpected options"):
