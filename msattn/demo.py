@@ -1,0 +1,218 @@
+"""The main job: a tiny Llama trained on short sequences retrieves a passkey from far longer ones.
+
+``python -m msattn.demo`` (``make demo``) needs nothing downloaded. It trains a tiny Llama from
+scratch on synthetic passkey prompts of ``--train-len`` tokens, twice with the same data and steps:
+
+- ``ms``: MS attention with RoPE on selected tokens only (``MSConfig(rope="selected")``): every
+  distance it ever sees is bounded by ``topk * block_k + merge * block_q``, whatever the length;
+- ``dense``: PyTorch SDPA with ordinary RoPE, the baseline.
+
+Then it evaluates passkey retrieval (``msattn.eval.passkey``) at lengths from 1x to ``--max-len``
+(default 64x the training length), prints the table, writes ``passkey.json`` (a list of ``{method,
+length, trials, accuracy, ...}``), ``passkey.md`` and ``passkey.png`` into ``--out`` and saves both
+models there (``ms/``, ``dense/``: HF model directories with ``msattn.json``, loadable by
+``python -m msattn.eval --model DIR``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import math
+import multiprocessing
+import os
+import random
+import time
+
+import torch
+from tqdm.auto import tqdm
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from . import hf
+from .config import MSConfig
+from .eval import report
+from .eval.loading import prepare, save_checkpoint
+from .eval.passkey import PasskeyTokenizer, run_passkey, template_length
+
+DIGITS = 5             # evaluation keys, the standard passkey
+MAX_TRAIN_DIGITS = 7   # training keys have 5..7 digits
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m msattn.demo", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="demo_out", help="directory for models, table, JSON and plot")
+    ap.add_argument("--train-len", type=int, default=256, help="training sequence length (tokens)")
+    ap.add_argument("--max-len", type=int, default=None, help="longest evaluated length (default 64x train-len)")
+    ap.add_argument("--steps", type=int, default=1000, help="optimizer steps per model")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--trials", type=int, default=20, help="passkey trials per length")
+    ap.add_argument("--eval-only", action="store_true", help="evaluate the models already in --out")
+    ap.add_argument("--methods", default="ms,dense", help="which models to train and evaluate")
+    ap.add_argument("--block-q", type=int, default=16)
+    ap.add_argument("--block-k", type=int, default=16)
+    ap.add_argument("--merge", type=int, default=2)
+    ap.add_argument("--topk", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=8, help="query heads (KV heads: half)")
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--chunk-size", type=int, default=16384, help="prefill chunk (tokens) at evaluation")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    return ap.parse_args(argv)
+
+
+def build_model(tokenizer: PasskeyTokenizer, args) -> LlamaForCausalLM:
+    """A tiny Llama (GQA: --heads query heads, half as many KV heads) for the passkey vocabulary."""
+    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=3 * args.hidden, num_hidden_layers=args.layers,
+                         num_attention_heads=args.heads, num_key_value_heads=args.heads // 2,
+                         vocab_size=tokenizer.vocab_size,
+                         max_position_embeddings=args.train_len, tie_word_embeddings=True,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0, attn_implementation="sdpa")
+    return LlamaForCausalLM(config)
+
+
+def copy_weights(ids: list[int], answer: list[int], is_digit) -> list[float]:
+    """Loss weights of a training sequence ``ids + answer`` (one per next-token target): 1 on the digits
+    that can be copied (the key's second occurrence) and on the answer, 0 elsewhere. The filler is
+    trivially predictable and the key's first occurrence is random: training on them only delays the
+    content-based copying that retrieval needs."""
+    weights = [0.0] * (len(ids) + len(answer))
+    runs, i = [], 0
+    while i < len(ids):  # runs of digit tokens: the key's two occurrences
+        if is_digit(ids[i]):
+            j = i
+            while j < len(ids) and is_digit(ids[j]):
+                j += 1
+            runs.append((i, j))
+            i = j
+        else:
+            i += 1
+    for start, end in runs[1:]:
+        for t in range(start, end):
+            weights[t - 1] = 1.0
+    for t in range(len(ids), len(ids) + len(answer)):
+        weights[t - 1] = 1.0
+    return weights
+
+
+def batch(tokenizer: PasskeyTokenizer, rng: random.Random, max_len: int, size: int):
+    """``size`` training sequences, all of one length drawn for the batch: half the batches short (up
+    to twice the prompt template), half up to ``max_len``. Each is a passkey prompt followed by its
+    answer and the "." that ends it; keys have ``DIGITS`` to ``MAX_TRAIN_DIGITS`` digits. Returns
+    ``(inputs, targets, weights)``,
+    ``(size, n)`` each."""
+    lo = template_length(tokenizer, "9" * MAX_TRAIN_DIGITS) + MAX_TRAIN_DIGITS + 1  # the prompt without filler
+    n = rng.randint(lo, 2 * lo) if rng.random() < 0.5 else rng.randint(2 * lo, max_len)
+    digit_ids = set(tokenizer.encode("0123456789", bos=False))
+    end = tokenizer.encode(".", bos=False)  # the answer ends like the key sentence's key
+    inputs, weights = [], []
+    for _ in range(size):
+        digits = rng.randint(DIGITS, MAX_TRAIN_DIGITS)
+        ids, answer = tokenizer.sample(rng, n - digits - len(end), digits=digits)
+        inputs.append(ids + answer + end)
+        weights.append(copy_weights(ids, answer + end, digit_ids.__contains__))
+    x = torch.tensor(inputs)
+    return x, torch.cat([x[:, 1:], torch.zeros_like(x[:, :1])], 1), torch.tensor(weights)
+
+
+def train(model, tokenizer, args, name: str, position: int = 0) -> list[float]:
+    """AdamW with warm-up and cosine decay; the same data stream (seeded) for every method."""
+    rng = random.Random(args.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    warmup = max(1, args.steps // 40)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
+    model.train()
+    losses = []
+    with tqdm(range(args.steps), desc=f"train {name}", position=position) as bar:
+        for _ in bar:
+            x, y, w = batch(tokenizer, rng, args.train_len, args.batch_size)
+            logits = model(x).logits
+            nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none")
+            loss = (nll * w.flatten()).sum() / w.sum()
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            bar.set_postfix(copy_nll=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+    model.eval()
+    return losses
+
+
+def train_and_save(method: str, args, position: int = 0, threads: int = 0) -> dict:
+    """Train one method's model from scratch and save it to ``--out/method``; returns its timings."""
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(args.seed)
+    tokenizer = PasskeyTokenizer()
+    model = build_model(tokenizer, args)
+    cfg = ms_config(args)
+    if method == "ms":
+        hf.patch(model, cfg)
+    t0 = time.perf_counter()
+    losses = train(model, tokenizer, args, method, position)
+    if method == "ms":
+        hf.unpatch(model)
+    save_checkpoint(model, tokenizer, os.path.join(args.out, method), method=method,
+                    ms_config=cfg if method == "ms" else None)
+    return {"train_seconds": time.perf_counter() - t0, "final_copy_nll": sum(losses[-20:]) / 20}
+
+
+def ms_config(args) -> MSConfig:
+    return MSConfig(block_q=args.block_q, block_k=args.block_k, merge=args.merge, topk=args.topk, rope="selected")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        if m not in ("ms", "dense"):
+            raise SystemExit(f"msattn.demo: unknown method {m!r}; the demo trains 'ms' and 'dense'")
+    max_len = args.max_len or 64 * args.train_len
+    lengths = []
+    n = args.train_len
+    while n <= max_len:
+        lengths.append(n)
+        n *= 2
+    if lengths[-1] != max_len:
+        lengths.append(max_len)
+    os.makedirs(args.out, exist_ok=True)
+    tokenizer = PasskeyTokenizer()
+    cfg = ms_config(args)
+    if args.chunk_size % cfg.span:
+        raise SystemExit(f"msattn.demo: --chunk-size must be a multiple of merge * block_q = {cfg.span}")
+    print(f"msattn demo: train at {args.train_len} tokens, evaluate {lengths[0]}..{lengths[-1]} "
+          f"({lengths[-1] // args.train_len}x), {args.trials} trials per length; MS {cfg}")
+    timings = {}
+    if not args.eval_only:
+        # tiny models train faster one per core than both on two threads: train them side by side
+        cores = os.cpu_count() or 1
+        if len(methods) > 1 and cores >= len(methods):
+            ctx = multiprocessing.get_context("spawn")
+            with concurrent.futures.ProcessPoolExecutor(len(methods), mp_context=ctx) as pool:
+                jobs = {m: pool.submit(train_and_save, m, args, i, max(1, cores // len(methods)))
+                        for i, m in enumerate(methods)}
+                timings = {m: job.result() for m, job in jobs.items()}
+        else:
+            timings = {m: train_and_save(m, args) for m in methods}
+    records = []
+    for method in methods:
+        model = LlamaForCausalLM.from_pretrained(os.path.join(args.out, method), attn_implementation="sdpa")
+        prepare(model, method, cfg)
+        records += run_passkey(model, tokenizer, lengths, args.trials, method=method, seed=args.seed + 1,
+                               digits=DIGITS, chunk_size=args.chunk_size)
+    print(report.format_report(records))
+    report.write_report(records, args.out, "passkey")
+    with open(os.path.join(args.out, "train.json"), "w") as f:
+        json.dump({"args": vars(args), "ms_config": cfg.__dict__, "training": timings}, f, indent=1, default=list)
+    print(f"wrote {args.out}/passkey.json, passkey.md, passkey.png and the models in {args.out}/{{{','.join(methods)}}}")
+
+
+if __name__ == "__main__":
+    main()
