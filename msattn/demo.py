@@ -5,12 +5,14 @@ scratch on synthetic passkey prompts of ``--train-len`` tokens, twice with the s
 
 - ``ms``: MS attention with RoPE on selected tokens only (``MSConfig(rope="selected")``): every
   distance it ever sees is bounded by ``topk * block_k + merge * block_q``, whatever the length;
-- ``dense``: PyTorch SDPA with ordinary RoPE, the baseline.
+- ``dense``: PyTorch SDPA with ordinary RoPE, the baseline;
+- ``infini`` (only when asked, ``--methods ms,dense,infini``): Infini-attention with segments of
+  ``--segment-len`` tokens and ordinary RoPE, trained the same way.
 
 Then it evaluates passkey retrieval (``msattn.eval.passkey``) at lengths from 1x to ``--max-len``
 (default 64x the training length), prints the table, writes ``passkey.json`` (a list of ``{method,
 length, trials, accuracy, ...}``), ``passkey.md`` and ``passkey.png`` into ``--out`` and saves both
-models there (``ms/``, ``dense/``: HF model directories with ``msattn.json``, loadable by
+models there (``ms/``, ``dense/``, ``infini/``: HF model directories with ``msattn.json``, loadable by
 ``python -m msattn.eval --model DIR``).
 """
 
@@ -29,10 +31,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from . import hf
 from .config import MSConfig
 from .eval import report
-from .eval.loading import prepare, save_checkpoint
+from .eval.loading import Settings, load, prepare, save_checkpoint
 from .eval.passkey import PasskeyTokenizer, run_passkey, template_length
 
 DIGITS = 5             # evaluation keys, the standard passkey
@@ -49,11 +50,12 @@ def parse_args(argv=None):
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--trials", type=int, default=20, help="passkey trials per length")
     ap.add_argument("--eval-only", action="store_true", help="evaluate the models already in --out")
-    ap.add_argument("--methods", default="ms,dense", help="which models to train and evaluate")
+    ap.add_argument("--methods", default="ms,dense", help="which models to train and evaluate, among ms, dense, infini")
     ap.add_argument("--block-q", type=int, default=16)
     ap.add_argument("--block-k", type=int, default=16)
     ap.add_argument("--merge", type=int, default=2)
     ap.add_argument("--topk", type=int, default=4)
+    ap.add_argument("--segment-len", type=int, default=64, help="Infini-attention segment length (tokens)")
     ap.add_argument("--heads", type=int, default=8, help="query heads (KV heads: half)")
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=2)
@@ -97,14 +99,20 @@ def copy_weights(ids: list[int], answer: list[int], is_digit) -> list[float]:
     return weights
 
 
+def shortest_training_length(tokenizer: PasskeyTokenizer) -> int:
+    """Tokens of a training sequence without filler: the prompt, the longest key, its answer and "."."""
+    return template_length(tokenizer, "9" * MAX_TRAIN_DIGITS) + MAX_TRAIN_DIGITS + 1
+
+
 def batch(tokenizer: PasskeyTokenizer, rng: random.Random, max_len: int, size: int):
     """``size`` training sequences, all of one length drawn for the batch: half the batches short (up
     to twice the prompt template), half up to ``max_len``. Each is a passkey prompt followed by its
     answer and the "." that ends it; keys have ``DIGITS`` to ``MAX_TRAIN_DIGITS`` digits. Returns
     ``(inputs, targets, weights)``,
     ``(size, n)`` each."""
-    lo = template_length(tokenizer, "9" * MAX_TRAIN_DIGITS) + MAX_TRAIN_DIGITS + 1  # the prompt without filler
-    n = rng.randint(lo, 2 * lo) if rng.random() < 0.5 else rng.randint(2 * lo, max_len)
+    lo = shortest_training_length(tokenizer)
+    mid = min(2 * lo, max_len)
+    n = rng.randint(lo, mid) if rng.random() < 0.5 else rng.randint(mid, max_len)
     digit_ids = set(tokenizer.encode("0123456789", bos=False))
     end = tokenizer.encode(".", bos=False)  # the answer ends like the key sentence's key
     inputs, weights = [], []
@@ -150,20 +158,18 @@ def train_and_save(method: str, args, position: int = 0, threads: int = 0) -> di
     torch.manual_seed(args.seed)
     tokenizer = PasskeyTokenizer()
     model = build_model(tokenizer, args)
-    cfg = ms_config(args)
-    if method == "ms":
-        hf.patch(model, cfg)
+    settings = method_settings(args)
+    prepare(model, method, settings)
     t0 = time.perf_counter()
     losses = train(model, tokenizer, args, method, position)
-    if method == "ms":
-        hf.unpatch(model)
-    save_checkpoint(model, tokenizer, os.path.join(args.out, method), method=method,
-                    ms_config=cfg if method == "ms" else None)
+    save_checkpoint(model, tokenizer, os.path.join(args.out, method), method=method, settings=settings)
     return {"train_seconds": time.perf_counter() - t0, "final_copy_nll": sum(losses[-20:]) / 20}
 
 
-def ms_config(args) -> MSConfig:
-    return MSConfig(block_q=args.block_q, block_k=args.block_k, merge=args.merge, topk=args.topk, rope="selected")
+def method_settings(args) -> Settings:
+    """Every method's parameters: MS with RoPE on selected tokens, Infini with ``--segment-len``."""
+    ms = MSConfig(block_q=args.block_q, block_k=args.block_k, merge=args.merge, topk=args.topk, rope="selected")
+    return Settings(ms=ms, segment_len=args.segment_len)
 
 
 def main(argv=None):
@@ -172,8 +178,12 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
-        if m not in ("ms", "dense"):
-            raise SystemExit(f"msattn.demo: unknown method {m!r}; the demo trains 'ms' and 'dense'")
+        if m not in ("ms", "dense", "infini"):
+            raise SystemExit(f"msattn.demo: unknown method {m!r}; the demo trains 'ms', 'dense' and 'infini'")
+    shortest = shortest_training_length(PasskeyTokenizer())
+    if args.train_len < shortest:
+        raise SystemExit(f"msattn.demo: --train-len must be at least {shortest} tokens (the passkey prompt without "
+                         f"filler, a {MAX_TRAIN_DIGITS}-digit key and its answer), got {args.train_len}")
     max_len = args.max_len or 64 * args.train_len
     lengths = []
     n = args.train_len
@@ -184,7 +194,8 @@ def main(argv=None):
         lengths.append(max_len)
     os.makedirs(args.out, exist_ok=True)
     tokenizer = PasskeyTokenizer()
-    cfg = ms_config(args)
+    settings = method_settings(args)
+    cfg = settings.ms
     if args.chunk_size % cfg.span:
         raise SystemExit(f"msattn.demo: --chunk-size must be a multiple of merge * block_q = {cfg.span}")
     print(f"msattn demo: train at {args.train_len} tokens, evaluate {lengths[0]}..{lengths[-1]} "
@@ -203,8 +214,8 @@ def main(argv=None):
             timings = {m: train_and_save(m, args) for m in methods}
     records = []
     for method in methods:
-        model = LlamaForCausalLM.from_pretrained(os.path.join(args.out, method), attn_implementation="sdpa")
-        prepare(model, method, cfg)
+        model, _ = load(model=os.path.join(args.out, method))
+        prepare(model, method, settings)
         records += run_passkey(model, tokenizer, lengths, args.trials, method=method, seed=args.seed + 1,
                                digits=DIGITS, chunk_size=args.chunk_size)
     print(report.format_report(records))

@@ -15,6 +15,7 @@ import msattn
 import msattn.hf
 from msattn.eval import PasskeyTokenizer, passkey_prompt, save_checkpoint
 from msattn.eval.__main__ import main, parse_lengths
+from msattn.eval.loading import Settings
 from msattn.eval.passkey import FILLER, INSTRUCTION, KEY_SENTENCE, QUESTION, greedy_generate, template_length
 from msattn.eval.perplexity import window_nll
 from msattn.eval.report import format_table
@@ -152,7 +153,7 @@ def test_table_and_lengths():
 def checkpoint(tmp_path_factory):
     """A demo-style checkpoint directory: a tiny random Llama over the PasskeyTokenizer vocabulary."""
     path = tmp_path_factory.mktemp("demo")
-    save_checkpoint(tiny(), PasskeyTokenizer(), path, method="ms", ms_config=SPARSE)
+    save_checkpoint(tiny(), PasskeyTokenizer(), path, method="ms", settings=Settings(ms=SPARSE))
     return path
 
 
@@ -254,3 +255,96 @@ def test_hf_model_directory_with_its_own_tokenizer(tmp_path):
     assert records[0]["method"] == "ms" and records[0]["trials"] == 2 and 0 <= records[0]["accuracy"] <= 1
     with pytest.raises(ValueError, match="unknown method 'sparse'"):
         prepare(model, "sparse")
+
+
+# ---------------------------------------------------------------------------------------------
+# every method, and the comparison
+
+def test_prepare_switches_between_all_methods():
+    """prepare() moves one model through every method and back; each method changes what it should.
+
+    With a window covering the sequence SelfExtend is the model itself; Infini with one segment and its
+    gates shut is local attention, i.e. the model itself too."""
+    from msattn.eval import prepare
+
+    torch.manual_seed(0)
+    model = tiny()
+    x = torch.randint(3, PasskeyTokenizer().vocab_size, (2, 96))
+    with torch.no_grad():
+        reference = model(x).logits
+        covering = Settings(ms=msattn.MSConfig(block_q=8, block_k=8, merge=4, topk=64), group_size=4, window=96,
+                            segment_len=96)
+        for method in ("ms", "self_extend", "infini", "dense", "infini", "ms"):
+            prepare(model, method, covering)
+            if method == "infini":
+                for layer in model.model.layers:
+                    layer.self_attn.infini_gate.beta.fill_(-60.0)
+            got = model(x).logits
+            torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-4, msg=method)
+        short = Settings(group_size=4, window=8, segment_len=32)
+        for method in ("self_extend", "infini"):  # a short window / segments: no longer the model itself
+            assert (prepare(model, method, short)(x).logits - reference).abs().max() > 1e-5, method
+    assert prepare(model, "dense")(x).logits.allclose(reference, atol=1e-5)
+
+
+def test_infini_checkpoint_keeps_its_trained_gates(tmp_path):
+    from msattn.eval import load, prepare
+
+    torch.manual_seed(0)
+    model = tiny()
+    settings = Settings(segment_len=16, delta_rule=True)
+    prepare(model, "infini", settings)
+    layers = model.model.layers
+    with torch.no_grad():
+        for i, layer in enumerate(layers):
+            layer.self_attn.infini_gate.beta.copy_(torch.linspace(-1.0, 2.0, 4) + i)
+    x = torch.randint(3, PasskeyTokenizer().vocab_size, (1, 70))
+    with torch.no_grad():
+        expected = model(x).logits
+    save_checkpoint(model, PasskeyTokenizer(), tmp_path, method="infini", settings=settings)
+    meta = json.loads((tmp_path / "msattn.json").read_text())
+    assert meta["infini"]["segment_len"] == 16 and meta["infini"]["delta_rule"] is True
+    loaded, _ = load(model=tmp_path)
+    assert not any("infini_gate" in name for name, _ in loaded.named_parameters())  # plain HF weights
+    from msattn.eval.loading import settings_from_meta
+
+    restored = settings_from_meta(meta)
+    assert (restored.segment_len, restored.delta_rule) == (16, True)
+    with torch.no_grad():
+        got = prepare(loaded, "infini", restored)(x).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="needs the model still patched"):
+        save_checkpoint(tiny(), PasskeyTokenizer(), tmp_path / "b", method="infini", settings=settings)
+
+
+def test_cli_compare_end_to_end(checkpoint, tmp_path, capsys):
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join([INSTRUCTION] + [FILLER] * 40))
+    out = tmp_path / "out"
+    argv = ["compare", "--model", str(checkpoint), "--lengths", "128,256", "--trials", "2", "--text", str(text),
+            "--group-size", "4", "--window", "32", "--segment-len", "64", "--chunk-size", "64", "--out", str(out),
+            "--quiet"]
+    assert main(argv) == 0
+    records = json.loads((out / "compare.json").read_text())
+    methods = ["dense", "ms", "self_extend", "infini"]
+    assert [(r["method"], r["length"]) for r in records] == [(m, n) for m in methods for n in (128, 256)]
+    for r in records:
+        assert 0 <= r["passkey_accuracy"] <= 1 and r["passkey_trials"] == 2 and r["passkey_seconds_per_trial"] > 0
+        assert r["perplexity"] > 1 and r["perplexity_windows"] == 1 and r["perplexity_seconds"] > 0
+        assert r["peak_rss_mb"] > 0
+    by = {(r["method"], r["length"]): r["perplexity"] for r in records}
+    assert by["self_extend", 128] != pytest.approx(by["dense", 128], rel=1e-6)  # window 32 < 128: it acts
+    assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (out / "compare.md").read_text()
+    assert "| method" in table and "self_extend" in table and "perplexity" in table
+    printed = capsys.readouterr().out
+    assert "| infini" in printed
+    # passkey only
+    assert main(["compare", "--model", str(checkpoint), "--lengths", "128", "--trials", "1", "--methods", "dense",
+                 "--out", str(tmp_path / "o2"), "--quiet"]) == 0
+    only = json.loads((tmp_path / "o2" / "compare.json").read_text())
+    assert only[0]["perplexity"] is None and only[0]["passkey_trials"] == 1
+    _fails(["compare", "--model", str(checkpoint), "--lengths", "128", "--trials", "0", "--out", str(tmp_path / "o3"),
+            "--quiet"], capsys, "nothing to compare")
+    _fails(["compare", "--model", str(checkpoint), "--lengths", "128", "--window", "-1", "--out", str(tmp_path / "o3"),
+            "--quiet"], capsys, "--window must be >= 0, got -1")

@@ -1,14 +1,20 @@
-"""``python -m msattn.eval passkey|perplexity``: evaluate dense and MS attention on one model.
+"""``python -m msattn.eval passkey|perplexity|compare``: evaluate attention methods on one model.
+
+Methods: ``dense`` (SDPA), ``ms`` (MS attention), ``self_extend`` (training-free SelfExtend) and
+``infini`` (Infini-attention; a model not trained with it gets the untrained, mostly local gate).
 
 Examples::
 
     python -m msattn.eval passkey --llama2c stories260K.bin --tokenizer tok512.bin \\
         --lengths 1k,4k,16k --trials 10 --methods dense,ms --block-q 16 --merge 64 --topk 448
     python -m msattn.eval perplexity --model checkpoints/demo --text persuasion.txt --lengths 4k,16k
+    python -m msattn.eval compare --llama2c stories260K.bin --tokenizer tok512.bin --lengths 512,1k,2k \
+        --methods dense,ms,self_extend,infini --trials 20 --text persuasion.txt
 
 Writes ``<out>/<task>.md`` (tables), ``.json`` (records) and ``.png`` (metric against length) and
-prints the tables. The MS parameters default to the checkpoint's ``msattn.json`` (demo checkpoints),
-else to ``MSConfig()``; flags override either.
+prints the tables (``compare``: one table with passkey accuracy, perplexity, time and memory of every
+method and length). Method parameters default to the checkpoint's ``msattn.json`` (demo checkpoints),
+else to ``loading.Settings()``; flags override either.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import sys
 
 import torch
 
-from .loading import METHODS, load, ms_config_from_dict, prepare, read_checkpoint_meta
+from .loading import METHODS, load, prepare, read_checkpoint_meta, settings_from_meta
 
 _LENGTH = re.compile(r"(\d+)([km]?)", re.IGNORECASE)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -81,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     ms.add_argument("--merge", type=_positive)
     ms.add_argument("--topk", type=_positive)
     ms.add_argument("--rope", choices=["inputs", "selected"])
+    peers = common.add_argument_group("SelfExtend and Infini-attention")
+    peers.add_argument("--group-size", type=_positive, help="SelfExtend group size G (default 8)")
+    peers.add_argument("--window", type=int, help="SelfExtend neighbour window W (default 128)")
+    peers.add_argument("--segment-len", type=_positive, help="Infini-attention segment length (default 256, or the "
+                       "checkpoint's)")
+    peers.add_argument("--delta-rule", action="store_true", default=None, help="Infini-attention's delta-rule memory")
 
     passkey = tasks.add_parser("passkey", parents=[common], help="passkey retrieval accuracy")
     passkey.add_argument("--trials", type=_positive, default=10, help="prompts per length (default 10)")
@@ -88,30 +100,45 @@ def build_parser() -> argparse.ArgumentParser:
     perplexity = tasks.add_parser("perplexity", parents=[common], help="perplexity on a text file")
     perplexity.add_argument("--text", required=True, help="UTF-8 text file")
     perplexity.add_argument("--windows", type=_positive, default=1, help="windows per length (default 1)")
+    compare = tasks.add_parser("compare", parents=[common], help="passkey, perplexity, time and memory of every method")
+    compare.set_defaults(methods=list(METHODS))
+    compare.add_argument("--trials", type=int, default=10, help="passkey prompts per length (0: no passkey test)")
+    compare.add_argument("--digits", type=_positive, default=5, help="digits of the pass key (default 5)")
+    compare.add_argument("--text", help="UTF-8 text file for perplexity (default: no perplexity test)")
+    compare.add_argument("--windows", type=_positive, default=1, help="perplexity windows per length (default 1)")
     return parser
 
 
 def run(args) -> list[dict]:
+    from .compare import run_compare
     from .passkey import run_passkey
     from .perplexity import run_perplexity
 
     meta = read_checkpoint_meta(args.model) if args.model else None
-    ms_config = ms_config_from_dict((meta or {}).get("ms_config"), block_q=args.block_q, block_k=args.block_k,
-                                    merge=args.merge, topk=args.topk, rope=args.rope)
-    if "ms" in args.methods and args.chunk_size % ms_config.span:
+    if args.window is not None and args.window < 0:
+        raise ValueError(f"--window must be >= 0, got {args.window}")
+    settings = settings_from_meta(meta, block_q=args.block_q, block_k=args.block_k, merge=args.merge, topk=args.topk,
+                                  rope=args.rope, group_size=args.group_size, window=args.window,
+                                  segment_len=args.segment_len, delta_rule=args.delta_rule)
+    span = settings.ms.span
+    if "ms" in args.methods and args.chunk_size % span:
         raise ValueError(f"--chunk-size {args.chunk_size} is not a multiple of the MS group span merge * block_q = "
-                         f"{ms_config.merge} * {ms_config.block_q} = {ms_config.span}")
+                         f"{settings.ms.merge} * {settings.ms.block_q} = {span}")
     model, tokenizer = load(model=args.model, llama2c=args.llama2c, tokenizer=args.tokenizer,
                             dtype=_DTYPES[args.dtype])
+    common = dict(chunk_size=args.chunk_size, batch_size=args.batch_size, progress=not args.quiet)
+    if args.task == "compare":
+        return run_compare(model, tokenizer, args.methods, args.lengths, settings=settings, trials=args.trials,
+                           text=args.text, windows=args.windows, digits=args.digits, seed=args.seed, **common)
     records = []
     for method in args.methods:
-        model = prepare(model, method, ms_config)
-        common = dict(method=method, chunk_size=args.chunk_size, batch_size=args.batch_size, progress=not args.quiet)
+        model = prepare(model, method, settings)
         if args.task == "passkey":
-            records += run_passkey(model, tokenizer, args.lengths, args.trials, seed=args.seed, digits=args.digits,
-                                   **common)
+            records += run_passkey(model, tokenizer, args.lengths, args.trials, method=method, seed=args.seed,
+                                   digits=args.digits, **common)
         else:
-            records += run_perplexity(model, tokenizer, args.text, args.lengths, windows=args.windows, **common)
+            records += run_perplexity(model, tokenizer, args.text, args.lengths, method=method, windows=args.windows,
+                                      **common)
     return records
 
 
@@ -125,14 +152,19 @@ def main(argv=None) -> int:
 
         logging.disable_progress_bar()
     try:
-        if args.task == "perplexity":
-            if not os.path.isfile(args.text):
-                raise FileNotFoundError(f"{args.text}: text file not found")
+        if getattr(args, "text", None) is not None and not os.path.isfile(args.text):
+            raise FileNotFoundError(f"{args.text}: text file not found")
         records = run(args)
     except (ValueError, FileNotFoundError, NotImplementedError) as e:
         parser.exit(2, f"{parser.prog} {args.task}: error: {e}\n")
-    paths = write_report(records, args.out, args.task)
-    print(format_report(records))
+    if args.task == "compare":
+        from .compare import format_compare, write_compare
+
+        paths = write_compare(records, args.out)
+        print(format_compare(records))
+    else:
+        paths = write_report(records, args.out, args.task)
+        print(format_report(records))
     print("wrote " + ", ".join(paths.values()))
     return 0
 

@@ -5,14 +5,17 @@ Sources (``load``):
 - an HF model directory (``model=``): ``AutoModelForCausalLM`` and ``AutoTokenizer`` from local files;
 - a llama2.c checkpoint (``llama2c=`` with ``tokenizer=`` a ``tok*.bin``);
 - a checkpoint directory saved by the demo (``save_checkpoint``): an HF model directory that also holds
-  ``msattn.json`` = ``{"method": "ms" | "dense", "ms_config": {MSConfig fields} | null,
+  ``msattn.json`` = ``{"method": "dense" | "ms" | "infini", "ms_config": {MSConfig fields} | null,
+  "infini": {"segment_len", "delta_rule", "gates": [per layer, per head beta]} | null,
   "tokenizer": PasskeyTokenizer.to_dict()}``.
 
-Methods (``METHODS``, ``prepare``): ``"dense"`` = the unpatched model on PyTorch SDPA, ``"ms"`` =
-``msattn.hf.patch(model, ms_config)``. A new method is one entry ``name: prepare_fn(model, config)``.
+Methods (``METHODS``, ``prepare``): ``"dense"`` = the unpatched model on PyTorch SDPA, ``"ms"``,
+``"self_extend"`` and ``"infini"`` = ``msattn.hf.patch(model, ...)`` with the parameters of a
+:class:`Settings`. A new method is one entry ``name: prepare_fn(model, settings)``.
 
 Runtime (``prefill``): a prompt of any length in chunks against a cache (``msattn.prefill`` with an
-MSCache for a patched model, a ``DynamicCache`` otherwise), and peak-memory bookkeeping.
+MSCache for MS attention, an ``InfiniCache`` for Infini-attention, a ``DynamicCache`` otherwise), and
+peak-memory bookkeeping.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import torch
 from ..config import MSConfig
 
 __all__ = ["METHODS", "CHECKPOINT_META", "HFTokenizer", "load", "load_tokenizer", "read_checkpoint_meta",
-           "ms_config_from_dict", "save_checkpoint", "prepare", "is_patched", "prefill", "model_device",
+           "ms_config_from_dict", "settings_from_meta", "save_checkpoint", "Settings", "prepare", "is_patched", "prefill", "model_device",
            "auto_batch_size", "reset_peak_rss", "peak_rss_mb"]
 
 CHECKPOINT_META = "msattn.json"
@@ -122,17 +125,47 @@ def ms_config_from_dict(data: dict | None, **overrides) -> MSConfig:
     return MSConfig(**values)
 
 
-def save_checkpoint(model, tokenizer, directory, *, method: str, ms_config: MSConfig | None = None) -> None:
+def save_checkpoint(model, tokenizer, directory, *, method: str, settings: Settings | None = None) -> None:
     """Save a model the way ``load(model=directory)`` reads it back: ``save_pretrained`` plus
-    ``msattn.json`` (``tokenizer`` needs ``to_dict()``, e.g. a PasskeyTokenizer)."""
+    ``msattn.json`` (``tokenizer`` needs ``to_dict()``, e.g. a PasskeyTokenizer).
+
+    ``method`` is what the model was trained with; ``settings`` its parameters (``settings.ms`` is
+    recorded for ``"ms"``, the segment length, memory rule and trained gates for ``"infini"``, whose
+    model must still be patched). The weights saved are the plain model's, loadable by any HF code.
+    """
+    from ..hf import _attention_modules, _base_model, _decoder
+
     if method not in METHODS:
         raise ValueError(f"save_checkpoint: unknown method {method!r}; known: {', '.join(METHODS)}")
+    settings = Settings() if settings is None else settings
     directory = os.fspath(directory)
-    model.save_pretrained(directory)
-    meta = {"method": method, "ms_config": None if ms_config is None else dataclasses.asdict(ms_config),
-            "tokenizer": tokenizer.to_dict()}
+    meta = {"method": method, "ms_config": dataclasses.asdict(settings.ms) if method == "ms" else None,
+            "infini": None, "tokenizer": tokenizer.to_dict()}
+    if method == "infini":
+        if getattr(_base_model(model), "_msattn_infini_saved", None) is None:
+            raise ValueError("save_checkpoint: method='infini' needs the model still patched with Infini-attention "
+                             "(its gates are saved)")
+        gates = [attn.infini_gate.beta.detach().float().cpu().tolist() for attn in _attention_modules(_decoder(model))]
+        meta["infini"] = {"segment_len": settings.segment_len, "delta_rule": settings.delta_rule, "gates": gates}
+    state = {k: v for k, v in model.state_dict().items() if ".infini_gate." not in k}
+    model.save_pretrained(directory, state_dict=state)
     with open(os.path.join(directory, CHECKPOINT_META), "w") as f:
         json.dump(meta, f, indent=2)
+
+
+def settings_from_meta(meta: dict | None, **overrides) -> Settings:
+    """The :class:`Settings` a checkpoint was trained with (``meta`` from :func:`read_checkpoint_meta`;
+    None: the defaults), with ``overrides`` (``block_q=``.., ``rope=`` for MS, ``group_size=``,
+    ``window=``, ``segment_len=``, ``delta_rule=``; None values ignored)."""
+    meta = meta or {}
+    ms_fields = {f.name for f in dataclasses.fields(MSConfig)}
+    ms = ms_config_from_dict(meta.get("ms_config"), **{k: v for k, v in overrides.items() if k in ms_fields})
+    values = {k: v for k, v in (meta.get("infini") or {}).items() if k in ("segment_len", "delta_rule")}
+    values.update({k: v for k, v in overrides.items() if k not in ms_fields and v is not None})
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(Settings)})
+    if unknown:
+        raise ValueError(f"Settings has no field(s) {', '.join(unknown)}")
+    return Settings(ms=ms, **values)
 
 
 def load(model=None, llama2c=None, tokenizer=None, *, dtype: torch.dtype = torch.float32):
@@ -173,6 +206,12 @@ def load(model=None, llama2c=None, tokenizer=None, *, dtype: torch.dtype = torch
                 raise ValueError(f"{path}: no tokenizer found in the model directory ({e}); pass --tokenizer") from e
         net = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype,
                                                    attn_implementation="sdpa")
+        gates = ((meta or {}).get("infini") or {}).get("gates")
+        if gates is not None:  # an Infini-attention checkpoint: prepare(net, "infini") restores its gates
+            if len(gates) != net.config.num_hidden_layers:
+                raise ValueError(f"{path}: {CHECKPOINT_META} holds Infini gates for {len(gates)} layers, the model has "
+                                 f"{net.config.num_hidden_layers}")
+            net._msattn_trained_gates = [torch.tensor(g, dtype=dtype) for g in gates]
     if tok.vocab_size > net.config.vocab_size:
         raise ValueError(f"the tokenizer has {tok.vocab_size} tokens, more than the model's vocab_size "
                          f"{net.config.vocab_size}: they do not belong together")
@@ -193,35 +232,87 @@ def is_patched(model) -> bool:
     return True
 
 
-def _prepare_dense(model, config=None):
+def _undo(model):
     from ..hf import _base_model, unpatch
 
-    if is_patched(model):
+    base = _base_model(model)
+    if any(getattr(base, marker, None) is not None
+           for marker in ("_msattn_saved", "_msattn_self_extend_saved", "_msattn_infini_saved")):
         unpatch(model)
-    _base_model(model).set_attn_implementation("sdpa")
+    return base
+
+
+def _prepare_dense(model, settings):
+    _undo(model).set_attn_implementation("sdpa")
     return model.eval()
 
 
-def _prepare_ms(model, config=None):
-    from ..hf import patch, unpatch
+def _prepare_ms(model, settings):
+    from ..hf import patch
 
-    if is_patched(model):
-        unpatch(model)
-    return patch(model, MSConfig() if config is None else config).eval()
+    _undo(model)
+    return patch(model, settings.ms).eval()
+
+
+def _prepare_self_extend(model, settings):
+    from ..hf import patch
+
+    _undo(model)
+    return patch(model, method="self_extend", group_size=settings.group_size, window=settings.window).eval()
+
+
+def _prepare_infini(model, settings):
+    from ..hf import _attention_modules, _decoder, patch
+
+    base = _undo(model)
+    patch(model, method="infini", segment_len=settings.segment_len, delta_rule=settings.delta_rule)
+    gates = getattr(base, "_msattn_trained_gates", None)  # an Infini checkpoint's trained gates
+    if gates is not None:
+        with torch.no_grad():
+            for attn, beta in zip(_attention_modules(_decoder(model)), gates):
+                attn.infini_gate.beta.copy_(beta)
+    return model.eval()
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The parameters of every method, for :func:`prepare`.
+
+    Attributes:
+        ms: MS attention's parameters (``"ms"``).
+        group_size, window: SelfExtend's group size ``G`` and neighbour window ``W`` (``"self_extend"``).
+        segment_len, delta_rule: Infini-attention's segment length and memory update (``"infini"``).
+            A model trained with Infini-attention (a demo checkpoint) keeps its trained gates; any other
+            model starts from the untrained gate of :mod:`msattn.infini_hf` (mostly local attention).
+    """
+
+    ms: MSConfig = dataclasses.field(default_factory=MSConfig)
+    group_size: int = 8
+    window: int = 128
+    segment_len: int = 256
+    delta_rule: bool = False
 
 
 METHODS: dict[str, Callable] = {
     "dense": _prepare_dense,
     "ms": _prepare_ms,
+    "self_extend": _prepare_self_extend,
+    "infini": _prepare_infini,
 }
 
 
-def prepare(model, method: str, ms_config: MSConfig | None = None):
+def prepare(model, method: str, settings: Settings | MSConfig | None = None):
     """The model set up for ``method`` (in place, undoing a previous method's setup): ``"dense"`` is the
-    unpatched model on SDPA, ``"ms"`` the model patched with ``ms_config`` (default ``MSConfig()``)."""
+    unpatched model on SDPA, ``"ms"``, ``"self_extend"`` and ``"infini"`` the model patched by
+    ``msattn.hf.patch`` with the parameters in ``settings`` (default ``Settings()``; an MSConfig alone
+    stands for ``Settings(ms=config)``)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known methods: {', '.join(METHODS)}")
-    return METHODS[method](model, ms_config)
+    if settings is None or isinstance(settings, MSConfig):
+        settings = Settings() if settings is None else Settings(ms=settings)
+    if not isinstance(settings, Settings):
+        raise TypeError(f"prepare: settings must be a loading.Settings or an MSConfig, got {type(settings).__name__}")
+    return METHODS[method](model, settings)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,14 +331,26 @@ def _accepts(model, name: str) -> bool:
     return name in inspect.signature(model.forward).parameters
 
 
-@torch.no_grad()
-def _dense_prefill(model, input_ids, chunk_size, on_logits, on_chunk):
+def _new_cache(model):
+    """The cache a prefill of ``model`` keeps: an InfiniCache (memory plus one segment) for a model
+    patched with Infini-attention, a DynamicCache otherwise."""
+    from ..hf import _attention_modules, _base_model, _decoder
+
+    if getattr(_base_model(model), "_msattn_infini_saved", None) is not None:
+        from ..infini_hf import InfiniCache
+
+        return InfiniCache(_attention_modules(_decoder(model))[0]._msattn_infini.segment_len)
     from transformers.cache_utils import DynamicCache
 
+    return DynamicCache(config=model.config)
+
+
+@torch.no_grad()
+def _dense_prefill(model, input_ids, chunk_size, on_logits, on_chunk):
     n = input_ids.shape[1]
     chunked = _accepts(model, "past_key_values")
     size = chunk_size if chunk_size and chunked else n
-    cache = DynamicCache(config=model.config) if chunked else None
+    cache = _new_cache(model) if chunked else None
     kwargs = {"past_key_values": cache, "use_cache": True} if chunked else {}
     if on_logits is None and _accepts(model, "logits_to_keep"):
         kwargs["logits_to_keep"] = 1  # only the last position's logits are needed
@@ -270,8 +373,9 @@ def prefill(model, input_ids: torch.Tensor, *, chunk_size: int | None = 16384,
             on_chunk: Callable[[int, int], None] | None = None):
     """Run ``(B, N)`` prompts through a prepared model chunk by chunk; returns ``(cache, last_logits (B, V))``.
 
-    A patched model goes through :func:`msattn.prefill` (MSCache; ``chunk_size`` must be a multiple of the
-    group span), any other through its forward with a ``DynamicCache``. ``chunk_size`` None: one chunk.
+    A model patched with MS attention goes through :func:`msattn.prefill` (MSCache; ``chunk_size`` must be a
+    multiple of the group span), any other through its forward with a cache (``InfiniCache`` for
+    Infini-attention, ``DynamicCache`` otherwise). ``chunk_size`` None: one chunk.
     ``on_logits(start, logits (B, n, V))`` sees every chunk's logits before they are freed;
     ``on_chunk(start, end)`` is told when a chunk is done (progress).
     """
