@@ -10,7 +10,8 @@ scratch on synthetic passkey prompts of ``--train-len`` tokens, twice with the s
   ``--segment-len`` tokens and ordinary RoPE, trained the same way.
 
 Then it evaluates passkey retrieval (``msattn.eval.passkey``) at lengths from 1x to ``--max-len``
-(default 64x the training length), prints the table, writes ``passkey.json`` (a list of ``{method,
+(default 64x the training length; the MS model's answer tokens are predicted exactly as a forward over
+the whole sequence predicts them, ``--decode exact``, see ``greedy_generate``), prints the table, writes ``passkey.json`` (a list of ``{method,
 length, trials, accuracy, ...}``), ``passkey.md`` and ``passkey.png`` into ``--out`` and saves both
 models there (``ms/``, ``dense/``, ``infini/``: HF model directories with ``msattn.json``, loadable by
 ``python -m msattn.eval --model DIR``).
@@ -60,6 +61,10 @@ def parse_args(argv=None):
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--chunk-size", type=int, default=16384, help="prefill chunk (tokens) at evaluation")
+    ap.add_argument("--decode", choices=["exact", "cached"], default="exact",
+                    help="how the MS model's answers are generated (msattn.eval.passkey.greedy_generate): exact "
+                         "(default), each token as a forward over the whole sequence predicts it, the way the model "
+                         "was trained; or cached, single-query decode steps")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     return ap.parse_args(argv)
@@ -217,7 +222,7 @@ def main(argv=None):
         model, _ = load(model=os.path.join(args.out, method))
         prepare(model, method, settings)
         records += run_passkey(model, tokenizer, lengths, args.trials, method=method, seed=args.seed + 1,
-                               digits=DIGITS, chunk_size=args.chunk_size)
+                               digits=DIGITS, chunk_size=args.chunk_size, exact=args.decode == "exact")
     print(report.format_report(records))
     report.write_report(records, args.out, "passkey")
     with open(os.path.join(args.out, "train.json"), "w") as f:

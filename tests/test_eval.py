@@ -119,6 +119,25 @@ def test_greedy_generate_equals_hf_generate(method):
     assert torch.equal(got, want)
 
 
+def test_exact_greedy_generate_equals_a_full_forward_per_token():
+    """exact=True predicts every token as one forward over the whole sequence so far does (the group
+    selects with all its queries), which the cached single-query step need not."""
+    torch.manual_seed(0)
+    model = tiny(vocab=13)  # few tokens: sharp, repetitive attention, so selections differ
+    msattn.hf.patch(model, msattn.MSConfig(block_q=4, block_k=4, merge=4, topk=2))  # span 16
+    ids = torch.randint(3, 13, (3, 90))
+    got = greedy_generate(model, ids, 20, chunk_size=32, exact=True)  # crosses group boundaries at 96, 112
+    sequence, want = ids, []
+    with torch.no_grad():
+        for _ in range(20):
+            token = model(sequence).logits[:, -1].argmax(-1)
+            want.append(token)
+            sequence = torch.cat([sequence, token[:, None]], 1)
+    assert torch.equal(got, torch.stack(want, 1))
+    dense = tiny(vocab=13)
+    assert torch.equal(greedy_generate(dense, ids, 5, exact=True), greedy_generate(dense, ids, 5))  # no-op
+
+
 @pytest.mark.parametrize("method", ["dense", "ms"])
 def test_chunked_nll_equals_the_loss_of_one_forward(method):
     model = tiny()

@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--out", default="eval_out", help="directory for the .md, .json and .png (default eval_out/)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--decode", choices=["cached", "exact"], default="cached",
+                     help="passkey answers of MS models: cached single-query decode steps (default), or exact: each "
+                          "token predicted as a forward over the whole sequence predicts it (re-runs its group)")
     ms = common.add_argument_group("MS attention (default: the checkpoint's msattn.json, else MSConfig())")
     ms.add_argument("--block-q", type=_positive)
     ms.add_argument("--block-k", type=_positive)
@@ -129,13 +132,14 @@ def run(args) -> list[dict]:
     common = dict(chunk_size=args.chunk_size, batch_size=args.batch_size, progress=not args.quiet)
     if args.task == "compare":
         return run_compare(model, tokenizer, args.methods, args.lengths, settings=settings, trials=args.trials,
-                           text=args.text, windows=args.windows, digits=args.digits, seed=args.seed, **common)
+                           text=args.text, windows=args.windows, digits=args.digits, seed=args.seed,
+                           exact=args.decode == "exact", **common)
     records = []
     for method in args.methods:
         model = prepare(model, method, settings)
         if args.task == "passkey":
             records += run_passkey(model, tokenizer, args.lengths, args.trials, method=method, seed=args.seed,
-                                   digits=args.digits, **common)
+                                   digits=args.digits, exact=args.decode == "exact", **common)
         else:
             records += run_perplexity(model, tokenizer, args.text, args.lengths, method=method, windows=args.windows,
                                       **common)

@@ -31,7 +31,8 @@ _COLUMNS = (("passkey_accuracy", "passkey"), ("perplexity", "perplexity"),
 
 def run_compare(model, tokenizer, methods: Sequence[str], lengths: Sequence[int], *, settings: Settings | None = None,
                 trials: int = 10, text: str | None = None, windows: int = 1, digits: int = 5, seed: int = 0,
-                chunk_size: int | None = 16384, batch_size: int | None = None, progress: bool = True) -> list[dict]:
+                chunk_size: int | None = 16384, batch_size: int | None = None, exact: bool = False,
+                progress: bool = True) -> list[dict]:
     """Passkey accuracy (``trials`` > 0) and perplexity on ``text`` (a path; None: skipped) of each method.
 
     Args:
@@ -39,6 +40,8 @@ def run_compare(model, tokenizer, methods: Sequence[str], lengths: Sequence[int]
         methods: names from ``loading.METHODS``.
         lengths: prompt and window lengths in tokens.
         settings: every method's parameters (default ``Settings()``).
+        exact: passkey answers of MS models predicted exactly as a full forward would
+            (``passkey.greedy_generate``).
     Returns:
         one record per (method, length), methods in the given order, lengths ascending.
     """
@@ -55,7 +58,7 @@ def run_compare(model, tokenizer, methods: Sequence[str], lengths: Sequence[int]
                     "perplexity_seconds": None, "peak_rss_mb": None} for n in sorted(set(lengths))}
         if trials:
             for r in run_passkey(model, tokenizer, sorted(rows), trials, method=method, seed=seed, digits=digits,
-                                 **common):
+                                 exact=exact, **common):
                 rows[r["length"]].update(passkey_accuracy=r["accuracy"], passkey_trials=r["trials"],
                                          passkey_seconds_per_trial=r["seconds_per_trial"],
                                          peak_rss_mb=r["peak_rss_mb"])

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .loading import auto_batch_size, model_device, peak_rss_mb, prefill, reset_peak_rss
+from .loading import auto_batch_size, is_patched, model_device, peak_rss_mb, prefill, reset_peak_rss
 
 __all__ = ["INSTRUCTION", "FILLER", "KEY_SENTENCE", "QUESTION", "PasskeyTokenizer", "passkey_prompt",
            "template_length", "sample", "greedy_generate", "run_passkey"]
@@ -198,21 +198,40 @@ class PasskeyTokenizer:
 
 @torch.no_grad()
 def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, chunk_size: int | None = 16384,
-                    on_chunk=None) -> torch.Tensor:
+                    on_chunk=None, exact: bool = False) -> torch.Tensor:
     """Greedy continuation of ``(B, N)`` prompts: chunked prefill (``loading.prefill``: MSCache for a
     patched model, DynamicCache for a dense one), then one token at a time against the cache.
     ``on_chunk(start, end)`` is called after each prefill chunk. Returns the new tokens
-    ``(B, max_new_tokens)``."""
+    ``(B, max_new_tokens)``.
+
+    ``exact`` (models patched with MS attention only; a no-op for others): every step runs the new
+    token's whole group again (the cache is cropped to the group's start and the group's tokens are
+    fed), so each token is predicted exactly as a forward over the whole sequence predicts it: the
+    group selects with the mean of all its queries so far, as in training. The default cached step
+    selects with the new query alone (DESIGN section 2) and costs one token instead of up to
+    ``merge * block_q``.
+    """
     cache, last = prefill(model, input_ids, chunk_size=chunk_size, on_chunk=on_chunk)
+    span = None
+    if exact and is_patched(model):
+        from ..hf import model_config
+
+        span = model_config(model).span
     batch, n = input_ids.shape
+    sequence = input_ids
     tokens = []
     for step in range(max_new_tokens):
         token = last.argmax(-1)
         tokens.append(token)
         if step + 1 == max_new_tokens:
             break
-        position = torch.full((batch, 1), n + step, dtype=torch.long, device=input_ids.device)
-        last = model(token[:, None], past_key_values=cache, use_cache=True, position_ids=position).logits[:, -1]
+        sequence = torch.cat([sequence, token[:, None]], 1)
+        end = n + step + 1
+        start = end - 1 if span is None else (end - 1) // span * span
+        if cache.get_seq_length() > start:
+            cache.crop(start - cache.get_seq_length())
+        position = torch.arange(start, end, device=input_ids.device).expand(batch, -1)
+        last = model(sequence[:, start:end], past_key_values=cache, use_cache=True, position_ids=position).logits[:, -1]
     return torch.stack(tokens, 1)
 
 
@@ -223,13 +242,14 @@ def _found(answer: str, text: str) -> bool:
 
 def run_passkey(model, tokenizer, lengths: Sequence[int], trials: int, *, method: str, seed: int = 0,
                 digits: int = 5, chunk_size: int | None = 16384, batch_size: int | None = None,
-                extra_tokens: int = 4, progress: bool = True) -> list[dict]:
+                extra_tokens: int = 4, exact: bool = False, progress: bool = True) -> list[dict]:
     """Passkey retrieval accuracy of a prepared model (``loading.prepare``) at each prompt length.
 
     For each length, ``trials`` prompts with uniform random keys of ``digits`` digits at uniform random
     depths (the same for every method given ``seed``), batched ``batch_size`` at a time (None: about
     32K tokens a batch); each is continued greedily by the answer's token count plus ``extra_tokens``,
-    and counts as retrieved when the generated text holds the key as a whole number.
+    and counts as retrieved when the generated text holds the key as a whole number. ``exact``: see
+    :func:`greedy_generate`.
 
     Returns one record per length: ``{"method", "length", "trials", "accuracy", "seconds_per_trial",
     "peak_rss_mb"}`` (peak RSS of the process during that length's trials; ``peak_cuda_mb`` too on CUDA).
@@ -259,7 +279,7 @@ def run_passkey(model, tokenizer, lengths: Sequence[int], trials: int, *, method
                 prompts = [passkey_prompt(tokenizer, length, key, depth) for key, depth in plan[first:first + size]]
                 ids = torch.tensor([p for p, _ in prompts], dtype=torch.long, device=device)
                 new = max(len(tokenizer.encode(a, bos=False)) for _, a in prompts) + extra_tokens
-                out = greedy_generate(model, ids, new, chunk_size=chunk_size,
+                out = greedy_generate(model, ids, new, chunk_size=chunk_size, exact=exact,
                                       on_chunk=lambda s, e: bar.update(ids.shape[0] * (e - s)))
                 correct += sum(_found(a, tokenizer.decode(row.tolist())) for (_, a), row in zip(prompts, out))
                 del ids, out
