@@ -31,6 +31,8 @@ def main(argv=None):
     ap.add_argument("--text", type=Path, required=True, help="UTF-8 evaluation text")
     ap.add_argument("--lengths", type=parse_lengths, required=True, help="comma-separated, e.g. 512,2k,8k,32k")
     ap.add_argument("--windows", type=int, default=1, help="windows per length (%(default)s)")
+    ap.add_argument("--tokens", type=parse_lengths, default=None,
+                    help="score the same first N tokens at every length (N // length windows each), e.g. 32k")
     ap.add_argument("--chunk-size", type=int, default=16384, help="prefill chunk in tokens (%(default)s)")
     ap.add_argument("--no-dense", dest="dense", action="store_false", help="skip the dense base model")
     ap.add_argument("--out", type=Path, default=None, help="report directory (default: RUN/eval)")
@@ -40,7 +42,7 @@ def main(argv=None):
     if not args.text.is_file():
         ap.error(f"--text {args.text}: file not found")
     model, tokenizer, config = finetune.load_finetuned(args.run)
-    common = dict(windows=args.windows, chunk_size=args.chunk_size)
+    common = dict(windows=args.windows, tokens=args.tokens[0] if args.tokens else None, chunk_size=args.chunk_size)
     records = run_perplexity(model, tokenizer, args.text, args.lengths, method="ms-finetuned", **common)
     if args.dense:
         base = config["base_model"]

@@ -367,3 +367,16 @@ def test_cli_compare_end_to_end(checkpoint, tmp_path, capsys):
             "--quiet"], capsys, "nothing to compare")
     _fails(["compare", "--model", str(checkpoint), "--lengths", "128", "--window", "-1", "--out", str(tmp_path / "o3"),
             "--quiet"], capsys, "--window must be >= 0, got -1")
+
+
+def test_perplexity_tokens_scores_the_same_text_at_every_length(tmp_path):
+    from msattn.eval import run_perplexity
+
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join([INSTRUCTION] + [FILLER] * 40))
+    model = tiny()
+    records = run_perplexity(model, PasskeyTokenizer(), text, [64, 128, 256], method="dense", tokens=256,
+                             chunk_size=None, progress=False)
+    assert [r["windows"] for r in records] == [4, 2, 1]
+    with pytest.raises(ValueError, match="tokens must be at least 1"):
+        run_perplexity(model, PasskeyTokenizer(), text, [64], method="dense", tokens=0)

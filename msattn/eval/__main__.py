@@ -53,6 +53,13 @@ def parse_methods(text: str) -> list[str]:
     return methods
 
 
+def _one_length(text: str) -> int:
+    lengths = parse_lengths(text)
+    if len(lengths) != 1:
+        raise argparse.ArgumentTypeError(f"expected one length, got {text!r}")
+    return lengths[0]
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -103,12 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
     perplexity = tasks.add_parser("perplexity", parents=[common], help="perplexity on a text file")
     perplexity.add_argument("--text", required=True, help="UTF-8 text file")
     perplexity.add_argument("--windows", type=_positive, default=1, help="windows per length (default 1)")
+    perplexity.add_argument("--tokens", type=_one_length, help="score the same first N tokens at every length "
+                            "(N // length windows each; overrides --windows), e.g. 32k")
     compare = tasks.add_parser("compare", parents=[common], help="passkey, perplexity, time and memory of every method")
     compare.set_defaults(methods=list(METHODS))
     compare.add_argument("--trials", type=int, default=10, help="passkey prompts per length (0: no passkey test)")
     compare.add_argument("--digits", type=_positive, default=5, help="digits of the pass key (default 5)")
     compare.add_argument("--text", help="UTF-8 text file for perplexity (default: no perplexity test)")
     compare.add_argument("--windows", type=_positive, default=1, help="perplexity windows per length (default 1)")
+    compare.add_argument("--tokens", type=_one_length, help="perplexity on the same first N tokens at every length "
+                         "(N // length windows each; overrides --windows), e.g. 32k")
     return parser
 
 
@@ -132,7 +143,7 @@ def run(args) -> list[dict]:
     common = dict(chunk_size=args.chunk_size, batch_size=args.batch_size, progress=not args.quiet)
     if args.task == "compare":
         return run_compare(model, tokenizer, args.methods, args.lengths, settings=settings, trials=args.trials,
-                           text=args.text, windows=args.windows, digits=args.digits, seed=args.seed,
+                           text=args.text, windows=args.windows, tokens=args.tokens, digits=args.digits, seed=args.seed,
                            exact=args.decode == "exact", **common)
     records = []
     for method in args.methods:
@@ -142,7 +153,7 @@ def run(args) -> list[dict]:
                                    digits=args.digits, exact=args.decode == "exact", **common)
         else:
             records += run_perplexity(model, tokenizer, args.text, args.lengths, method=method, windows=args.windows,
-                                      **common)
+                                      tokens=args.tokens, **common)
     return records
 
 

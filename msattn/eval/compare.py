@@ -30,7 +30,8 @@ _COLUMNS = (("passkey_accuracy", "passkey"), ("perplexity", "perplexity"),
 
 
 def run_compare(model, tokenizer, methods: Sequence[str], lengths: Sequence[int], *, settings: Settings | None = None,
-                trials: int = 10, text: str | None = None, windows: int = 1, digits: int = 5, seed: int = 0,
+                trials: int = 10, text: str | None = None, windows: int = 1, tokens: int | None = None,
+                digits: int = 5, seed: int = 0,
                 chunk_size: int | None = 16384, batch_size: int | None = None, exact: bool = False,
                 progress: bool = True) -> list[dict]:
     """Passkey accuracy (``trials`` > 0) and perplexity on ``text`` (a path; None: skipped) of each method.
@@ -40,6 +41,8 @@ def run_compare(model, tokenizer, methods: Sequence[str], lengths: Sequence[int]
         methods: names from ``loading.METHODS``.
         lengths: prompt and window lengths in tokens.
         settings: every method's parameters (default ``Settings()``).
+        windows, tokens: perplexity windows per length, or the same first ``tokens`` tokens of the text
+            at every length (``perplexity.run_perplexity``).
         exact: passkey answers of MS models predicted exactly as a full forward would
             (``passkey.greedy_generate``).
     Returns:
@@ -63,7 +66,8 @@ def run_compare(model, tokenizer, methods: Sequence[str], lengths: Sequence[int]
                                          passkey_seconds_per_trial=r["seconds_per_trial"],
                                          peak_rss_mb=r["peak_rss_mb"])
         if text is not None:
-            for r in run_perplexity(model, tokenizer, text, sorted(rows), method=method, windows=windows, **common):
+            for r in run_perplexity(model, tokenizer, text, sorted(rows), method=method, windows=windows,
+                                    tokens=tokens, **common):
                 row = rows[r["length"]]
                 row.update(perplexity=r["perplexity"], perplexity_windows=r["windows"],
                            perplexity_seconds=r["seconds"],

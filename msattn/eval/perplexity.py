@@ -55,9 +55,13 @@ def window_nll(model, input_ids: torch.Tensor, *, chunk_size: int | None = 16384
 
 
 def run_perplexity(model, tokenizer, text_path, lengths: Sequence[int], *, method: str,
-                   chunk_size: int | None = 16384, windows: int = 1, batch_size: int | None = None,
-                   progress: bool = True) -> list[dict]:
+                   chunk_size: int | None = 16384, windows: int = 1, tokens: int | None = None,
+                   batch_size: int | None = None, progress: bool = True) -> list[dict]:
     """Perplexity of a prepared model (``loading.prepare``) on ``windows`` windows of each length.
+
+    ``tokens`` (overrides ``windows``): every length is measured on the same first ``tokens`` tokens of
+    the text, in ``tokens // length`` windows (at least one), so perplexities at different lengths
+    score the same text and differ only by the context each token gets.
 
     Returns one record per length: ``{"method", "length", "windows", "perplexity", "seconds",
     "peak_rss_mb"}`` (``peak_cuda_mb`` too on CUDA). A text too short for one window of the longest
@@ -69,25 +73,29 @@ def run_perplexity(model, tokenizer, text_path, lengths: Sequence[int], *, metho
         raise FileNotFoundError(f"{path}: text file not found")
     if windows < 1:
         raise ValueError(f"run_perplexity: windows must be at least 1, got {windows}")
+    if tokens is not None and tokens < 1:
+        raise ValueError(f"run_perplexity: tokens must be at least 1, got {tokens}")
+    per_length = {n: windows if tokens is None else max(1, tokens // n) for n in lengths}
     if min(lengths) < 2:
         raise ValueError(f"run_perplexity: lengths must be at least 2 tokens, got {min(lengths)}")
     with open(path, encoding="utf-8") as f:
         text = f.read()
     prefix = tokenizer.encode("", bos=True)  # [BOS] or []
     body = {length: length - len(prefix) for length in lengths}
-    tokens = text_tokens(tokenizer, text, max(body[length] * windows for length in lengths))
+    text_ids = text_tokens(tokenizer, text, max(body[length] * per_length[length] for length in lengths))
     longest = max(lengths)
-    if len(tokens) < body[longest]:
-        raise ValueError(f"{path}: the text has {len(tokens)} tokens, shorter than the length {longest} "
+    if len(text_ids) < body[longest]:
+        raise ValueError(f"{path}: the text has {len(text_ids)} tokens, shorter than the length {longest} "
                          f"({body[longest]} text tokens after BOS)")
     device = model_device(model)
     records = []
     for length in tqdm(lengths, desc=f"perplexity {method}", disable=not progress):
-        count = min(windows, len(tokens) // body[length])
-        if count < windows:
-            warnings.warn(f"{path}: the text holds only {count} windows of {length} tokens, not {windows}",
+        want = per_length[length]
+        count = min(want, len(text_ids) // body[length])
+        if count < want:
+            warnings.warn(f"{path}: the text holds only {count} windows of {length} tokens, not {want}",
                           stacklevel=2)
-        rows = [prefix + tokens[i * body[length]:(i + 1) * body[length]] for i in range(count)]
+        rows = [prefix + text_ids[i * body[length]:(i + 1) * body[length]] for i in range(count)]
         size = batch_size or auto_batch_size(length, count)
         reset_peak_rss(device)
         start, nll, predicted = time.perf_counter(), 0.0, 0
