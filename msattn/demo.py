@@ -57,7 +57,7 @@ def parse_args(argv=None):
     ap.add_argument("--merge", type=int, default=2)
     ap.add_argument("--topk", type=int, default=4)
     ap.add_argument("--segment-len", type=int, default=64, help="Infini-attention segment length (tokens)")
-    ap.add_argument("--heads", type=int, default=8, help="query heads (KV heads: half)")
+    ap.add_argument("--heads", type=int, default=4, help="query heads (KV heads: half); head dim = hidden / heads")
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--chunk-size", type=int, default=16384, help="prefill chunk (tokens) at evaluation")
