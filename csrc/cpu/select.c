@@ -11,6 +11,9 @@
  *   msattn_select_cpu        pass 2: per group, candidates; if more than T, each query region ranks
  *                            them by qbar_a . kbar_j (descending, ties to the lower j), keeps its top
  *                            T, and the lists are interleaved rank by rank without duplicates.
+ *                            Candidates stream in blocks that every query region of the group scores
+ *                            while the block's sums are in cache; each region keeps its top T in a
+ *                            bounded heap (O(NK log T), no per-candidate records written).
  *   msattn_select_ref_cpu    the naive twin: recomputes each mean it needs and sorts every list.
  *
  * Key-region sums are float32 (a cache keeps them at 1/(2*block_k) of a float32 KV cache), added in
@@ -77,28 +80,6 @@ static void ms_sort_ranks(ms_rank *x, int64_t n) {
         while (k >= 0 && ms_before(v, x[k])) { x[k + 1] = x[k]; --k; }
         x[k + 1] = v;
     }
-}
-
-/* move the top t of x[0..n) to x[0..t), sorted; quickselect then sort of the head */
-static void ms_top_ranks(ms_rank *x, int64_t n, int64_t t) {
-    int64_t lo = 0, hi = n - 1;
-    while (hi - lo > 24) {
-        ms_rank a = x[lo], b = x[lo + (hi - lo) / 2], c = x[hi];
-        ms_rank pivot = ms_before(a, b) ? (ms_before(b, c) ? b : (ms_before(a, c) ? c : a))
-                                        : (ms_before(a, c) ? a : (ms_before(b, c) ? c : b));
-        int64_t i = lo, j = hi;
-        for (;;) {
-            while (ms_before(x[i], pivot)) ++i;
-            while (ms_before(pivot, x[j])) --j;
-            if (i >= j) break;
-            ms_rank tmp = x[i]; x[i] = x[j]; x[j] = tmp;
-            ++i; --j;
-        }
-        /* x[lo..j] rank before x[j+1..hi] */
-        if (t <= j) hi = j;
-        else lo = j + 1;
-    }
-    ms_sort_ranks(x, hi + 1 < n ? hi + 1 : n);
 }
 
 static int ms_cmp_int32(const void *a, const void *b) {
@@ -207,24 +188,68 @@ int msattn_region_means_cpu(const msattn_select_params *p, int64_t begin, int64_
 // ----------------------------------------------------------------------------------------------
 // pass 2: selection per group
 
-/* scratch layout: ranks (NK) | lists (merge * T int32) | candidates (NK int32) | seen (NK bytes) */
+/* The top T of a stream of candidates, one bounded heap per query region: heap[0] is the candidate
+ * that ranks last among those kept, so a new one enters only when it ranks before heap[0]. The kept
+ * set is the unique top T of the strict order (score desc, region asc) whatever the stream order. */
+static void ms_heap_sift_down(ms_rank *heap, int64_t n, int64_t i) {
+    const ms_rank v = heap[i];
+    for (;;) {
+        int64_t c = 2 * i + 1;
+        if (c >= n) break;
+        if (c + 1 < n && ms_before(heap[c], heap[c + 1])) ++c; /* the child that ranks later */
+        if (!ms_before(v, heap[c])) break;
+        heap[i] = heap[c];
+        i = c;
+    }
+    heap[i] = v;
+}
+
+static inline void ms_heap_offer(ms_rank *heap, int64_t *n, int64_t t, ms_rank x) {
+    if (*n < t) { /* filling: sift up */
+        int64_t i = (*n)++;
+        while (i > 0) {
+            const int64_t parent = (i - 1) / 2;
+            if (!ms_before(heap[parent], x)) break;
+            heap[i] = heap[parent];
+            i = parent;
+        }
+        heap[i] = x;
+    } else if (ms_before(x, heap[0])) {
+        heap[0] = x;
+        ms_heap_sift_down(heap, t, 0);
+    }
+}
+
+/* candidates scored per block: a block of key-region sums stays in cache while every query region
+ * of the group scores it, instead of streaming all NK sums once per query region */
+#define MS_SCORE_BLOCK 256
+
+/* scratch layout (8-byte items first): heaps (merge * T ranks) | heap sizes (merge int64) |
+ * query-region means (merge pointers) | scores (merge * MS_SCORE_BLOCK double) | lists (merge * T
+ * int32) | candidates (NK int32) | seen (NK bytes). T beyond NK is never needed (a group with at
+ * most T candidates takes them all). */
 size_t msattn_select_scratch_bytes(const msattn_select_params *p) {
     const int64_t NK = msattn_num_key_regions(p->N, p->block_k);
-    return (size_t)NK * sizeof(ms_rank) + (size_t)p->merge * p->topk * sizeof(int32_t) +
-           (size_t)NK * sizeof(int32_t) + (size_t)NK + 64;
+    const int64_t T = msattn_min64(p->topk, NK), M = p->merge;
+    return (size_t)M * T * (sizeof(ms_rank) + sizeof(int32_t)) + (size_t)M * (sizeof(int64_t) + sizeof(double *)) +
+           (size_t)M * MS_SCORE_BLOCK * sizeof(double) + (size_t)NK * (sizeof(int32_t) + 1) + 64;
 }
 
 int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end, void *scratch) {
     const msattn_simd_ops *ops = msattn_simd();
-    const int64_t N = p->N, Nq = p->Nq, D = p->D, T = p->topk;
+    const int64_t N = p->N, Nq = p->Nq, D = p->D, T = p->topk, M = p->merge;
     const int64_t span = msattn_span(p->block_q, p->merge);
     const int64_t NK = msattn_num_key_regions(N, p->block_k);
     const int64_t NA = msattn_num_query_regions(N, Nq, p->block_q);
     const int64_t a0 = msattn_first_query_region(N, Nq, p->block_q);
     const int64_t g0 = msattn_first_group(N, Nq, span), G = msattn_num_groups(N, Nq, span);
-    ms_rank *ranks = (ms_rank *)scratch;
-    int32_t *lists = (int32_t *)(ranks + NK);
-    int32_t *cand = lists + (int64_t)p->merge * T;
+    const int64_t TH = msattn_min64(T, NK);
+    ms_rank *heaps = (ms_rank *)scratch;
+    int64_t *fill = (int64_t *)(heaps + M * TH);
+    const double **qbs = (const double **)(fill + M);
+    double *scores = (double *)(qbs + M);
+    int32_t *lists = (int32_t *)(scores + M * MS_SCORE_BLOCK);
+    int32_t *cand = lists + M * TH;
     uint8_t *seen = (uint8_t *)(cand + NK);
     memset(seen, 0, (size_t)NK);
 
@@ -242,19 +267,36 @@ int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end,
             for (int64_t i = nc; i < T; ++i) out[i] = -1;
             continue;
         }
+        /* the group's query regions that rank (one without a valid query ranks nothing) */
         int nl = 0;
-        const int64_t abeg = msattn_max64(ga * p->merge, a0);
-        const int64_t aend = msattn_min64((ga + 1) * p->merge, a0 + NA);
-        for (int64_t a = abeg; a < aend; ++a) {
-            if (p->qcount[bh * NA + (a - a0)] == 0) continue; /* no valid query ranks anything */
-            const double *qb = p->qbar + (bh * NA + (a - a0)) * D;
-            for (int64_t c = 0; c < nc; ++c) {
-                ranks[c].key = ms_order_key(ops->dot64(qb, ksum + cand[c] * D, (int)D) / kcount[cand[c]]);
-                ranks[c].j = cand[c];
+        const int64_t abeg = msattn_max64(ga * M, a0);
+        const int64_t aend = msattn_min64((ga + 1) * M, a0 + NA);
+        for (int64_t a = abeg; a < aend; ++a)
+            if (p->qcount[bh * NA + (a - a0)] != 0) {
+                qbs[nl] = p->qbar + (bh * NA + (a - a0)) * D;
+                fill[nl++] = 0;
             }
-            ms_top_ranks(ranks, nc, T);
-            for (int64_t r = 0; r < T; ++r) lists[(int64_t)nl * T + r] = ranks[r].j;
-            ++nl;
+        for (int64_t c0 = 0; c0 < nc; c0 += MS_SCORE_BLOCK) {
+            const int64_t cn = msattn_min64(MS_SCORE_BLOCK, nc - c0);
+            for (int64_t c = 0; c < cn; ++c) {
+                const int32_t j = cand[c0 + c];
+                const float *row = ksum + (int64_t)j * D;
+                for (int l = 0; l < nl; ++l)
+                    scores[(int64_t)l * MS_SCORE_BLOCK + c] = ops->dot64(qbs[l], row, (int)D) / kcount[j];
+            }
+            for (int l = 0; l < nl; ++l) {
+                ms_rank *heap = heaps + (int64_t)l * T;
+                const double *sc = scores + (int64_t)l * MS_SCORE_BLOCK;
+                for (int64_t c = 0; c < cn; ++c) {
+                    const ms_rank x = {ms_order_key(sc[c]), cand[c0 + c]};
+                    ms_heap_offer(heap, &fill[l], T, x);
+                }
+            }
+        }
+        for (int l = 0; l < nl; ++l) {
+            ms_rank *heap = heaps + (int64_t)l * T;
+            ms_sort_ranks(heap, T);
+            for (int64_t r = 0; r < T; ++r) lists[(int64_t)l * T + r] = heap[r].j;
         }
         ms_interleave(out, lists, nl, (int)T, seen);
     }
