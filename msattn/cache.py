@@ -16,6 +16,7 @@ result equals a single call.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from functools import partial
 
@@ -66,7 +67,9 @@ class MSLayer(DynamicLayer):
     def _publish(self) -> None:
         self.keys = self._k[:, :, :self.length]
         self.values = self._v[:, :, :self.length]
-        self.keys._msattn_layer = self  # lets msattn's attention function find the region sums
+        # lets msattn's attention function find the region sums; a weak reference, so that the cache is
+        # freed as soon as it is dropped (a strong one would make a cycle that only the cyclic GC frees)
+        self.keys._msattn_layer = weakref.ref(self)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append ``(B, Hkv, n, D)`` keys and values; returns all ``length`` of them."""

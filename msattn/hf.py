@@ -92,7 +92,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     kw = dict(block_q=cfg.block_q, block_k=cfg.block_k, merge=cfg.merge, topk=cfg.topk, causal=causal,
               key_padding_mask=attention_mask)
     index = None
-    layer = getattr(key, "_msattn_layer", None)  # an MSCache layer: select from its region sums
+    layer = getattr(key, "_msattn_layer", None)  # an MSCache layer (weak reference): select from its region sums
+    layer = layer() if layer is not None else None
     if layer is not None and layer.block_k == cfg.block_k and layer.length == n:
         sums, counts = layer.region_sums(attention_mask)
         index = ms_select(query, key, key_sums=sums, key_counts=counts, **kw)

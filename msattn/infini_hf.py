@@ -37,6 +37,7 @@ but O(N) per step.
 
 from __future__ import annotations
 
+import weakref
 from functools import partial
 
 import torch
@@ -111,7 +112,7 @@ class InfiniLayer(DynamicLayer):
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         self.length += key_states.shape[-2]
-        self.keys._infini_layer = self  # how msattn's attention function finds the memory
+        self.keys._infini_layer = weakref.ref(self)  # how the attention function finds the memory (weak: no cycle)
         return self.keys, self.values
 
     def get_seq_length(self) -> int:
@@ -199,6 +200,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     seg, nq, nk = state.segment_len, query.shape[2], key.shape[2]
     beta = module.infini_gate()
     layer = getattr(key, "_infini_layer", None)
+    layer = layer() if layer is not None else None
     if layer is not None:
         start, total, memory, norm = layer.start, layer.length, layer.memory, layer.norm
         if layer.folded != start:

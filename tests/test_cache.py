@@ -122,3 +122,24 @@ def test_prefill_bad_input():
         msattn.prefill(model, ids, chunk_size=16, attention_mask=torch.ones(1, 39))
     with pytest.raises(ValueError, match="block_k must be a positive int"):
         MSCache(block_k=0)
+
+
+def test_a_dropped_cache_is_freed_at_once():
+    """The key tensor points back at its layer weakly: no reference cycle keeps a long cache (and its
+    K/V buffers) alive until the cyclic garbage collector happens to run."""
+    import gc
+    import weakref
+
+    from msattn.infini_hf import InfiniLayer
+
+    gc.collect()
+    gc.disable()
+    try:
+        for make in (lambda: MSLayer(block_k=16), lambda: InfiniLayer(segment_len=16)):
+            layer = make()
+            layer.update(torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8))
+            alive = weakref.ref(layer)
+            del layer
+            assert alive() is None
+    finally:
+        gc.enable()
