@@ -58,6 +58,26 @@ def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
     return mask.contiguous()
 
 
+def patched_state(module, attr: str, method: str, name: str, patch_call: str, attention_mask, dropout,
+                  sliding_window=None):
+    """The state ``patch`` left on an attention module as ``attr``, after the checks every msattn attention
+    function makes of its call: the module is patched, no dropout, the mask is msattn's 2-D key padding
+    mask (bool ``(B, N)``) or None, and no sliding window (pass None where the method handles one)."""
+    state = getattr(module, attr, None)
+    if state is None:
+        raise RuntimeError(f"msattn: this attention module is not patched for {method}; call {patch_call} instead "
+                           f"of setting attn_implementation='{name}' alone")
+    if sliding_window is not None:
+        raise NotImplementedError(f"msattn: the model uses a sliding window of {sliding_window} tokens, which "
+                                  f"{method} does not implement; set model.config.sliding_window = None")
+    if dropout:
+        raise ValueError(f"msattn: attention dropout is not supported, got dropout={dropout}")
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError("msattn: expected the 2-D key padding mask of msattn's mask function, got a mask of "
+                         f"shape {tuple(attention_mask.shape)}; was the model patched with {patch_call}?")
+    return state
+
+
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
                       **kwargs):
     """The attention function of ``"msattn"`` (transformers' AttentionInterface contract).
@@ -68,18 +88,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     Returns:
         ``(out (B, Nq, Hq, D), None)``.
     """
-    state = getattr(module, "_msattn", None)
-    if state is None:
-        raise RuntimeError("msattn: this attention module is not patched; call msattn.hf.patch(model) "
-                           "instead of setting attn_implementation='msattn' alone")
-    if kwargs.get("sliding_window") is not None:
-        raise NotImplementedError(f"msattn: the model uses a sliding window of {kwargs['sliding_window']} tokens, "
-                                  "which MS attention does not implement; set model.config.sliding_window = None")
-    if dropout:
-        raise ValueError(f"msattn: attention dropout is not supported, got dropout={dropout}")
-    if attention_mask is not None and attention_mask.dim() != 2:
-        raise ValueError("msattn: expected the 2-D key padding mask of msattn's mask function, got a mask of "
-                         f"shape {tuple(attention_mask.shape)}; was the model patched with msattn.hf.patch?")
+    state = patched_state(module, "_msattn", "MS attention", NAME, "msattn.hf.patch(model)", attention_mask, dropout,
+                          kwargs.get("sliding_window"))
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     n = key.shape[2]
     cfg = state.config

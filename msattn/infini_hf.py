@@ -47,7 +47,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_utils import AttentionInterface
 
 from .functional import infini_attention
-from .hf import SUPPORTED_MODEL_TYPES, _attention_modules, _base_model, _decoder, padding_mask
+from .hf import SUPPORTED_MODEL_TYPES, _attention_modules, _base_model, _decoder, padding_mask, patched_state
 
 __all__ = ["GATE_INIT", "InfiniCache", "InfiniGate", "InfiniLayer", "patch_infini", "register", "unpatch_infini"]
 
@@ -183,19 +183,9 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     Returns:
         ``(out (B, Nq, Hq, D), None)``.
     """
-    state = getattr(module, "_msattn_infini", None)
-    if state is None:
-        raise RuntimeError("msattn: this attention module is not patched for Infini-attention; call "
-                           "msattn.infini_hf.patch_infini(model, segment_len) instead of setting "
-                           "attn_implementation='msattn_infini' alone")
-    if kwargs.get("sliding_window") is not None:
-        raise NotImplementedError(f"msattn: the model uses a sliding window of {kwargs['sliding_window']} tokens, "
-                                  "which Infini-attention does not implement; set model.config.sliding_window = None")
-    if dropout:
-        raise ValueError(f"msattn: attention dropout is not supported, got dropout={dropout}")
-    if attention_mask is not None and attention_mask.dim() != 2:
-        raise ValueError("msattn: expected the 2-D key padding mask of msattn's mask function, got a mask of "
-                         f"shape {tuple(attention_mask.shape)}; was the model patched with patch_infini?")
+    state = patched_state(module, "_msattn_infini", "Infini-attention", NAME,
+                          "msattn.infini_hf.patch_infini(model, segment_len)", attention_mask, dropout,
+                          kwargs.get("sliding_window"))
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     seg, nq, nk = state.segment_len, query.shape[2], key.shape[2]
     beta = module.infini_gate()

@@ -86,16 +86,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     Returns:
         ``(out (B, Nq, Hq, D), None)``.
     """
-    state = getattr(module, "_msattn_self_extend", None)
-    if state is None:
-        raise RuntimeError(f"msattn SelfExtend: this attention module is not patched; call "
-                           f"msattn.self_extend_hf.patch_self_extend(model, ...) instead of setting "
-                           f"attn_implementation='{NAME}' alone")
-    if dropout:
-        raise ValueError(f"msattn SelfExtend: attention dropout is not supported, got dropout={dropout}")
-    if attention_mask is not None and attention_mask.dim() != 2:
-        raise ValueError("msattn SelfExtend: expected the 2-D key padding mask of its mask function, got a mask of "
-                         f"shape {tuple(attention_mask.shape)}; was the model patched with patch_self_extend?")
+    state = hf.patched_state(module, "_msattn_self_extend", "SelfExtend", NAME,
+                             "msattn.self_extend_hf.patch_self_extend(model, ...)", attention_mask, dropout)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     rotary = state.rotary.tables(key.shape[2], query.device)
     out = self_extend_attention(query, key, value, group_size=state.group_size, window=state.window, rotary=rotary,
