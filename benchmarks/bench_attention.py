@@ -20,13 +20,11 @@ import argparse
 import json
 import math
 import os
-import re
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
+from measure import median_ms, peak_kb, reset_peak, rss_kb
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -57,43 +55,6 @@ def parse_args(argv=None):
 
 # ---------------------------------------------------------------------------------------------
 # one measurement (runs in a child process)
-
-def _rss_kb() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
-
-
-def _peak_kb() -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1))
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _median_ms(fn, device, warmup, repeats):
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
 
 def ms_pairs(index, n, nq, block_q, block_k, merge, hg, causal):
     """(query, key) pairs MS attends for the selection `index` (B, Hkv, G, T), all query heads."""
@@ -167,14 +128,14 @@ def run_child(cfg):
         torch.cuda.synchronize()
         peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
-        ok = _reset_peak()
-        base = _rss_kb()
+        ok = reset_peak()
+        base = rss_kb()
         with torch.no_grad() if cfg["no_backward"] else torch.enable_grad():
             (fwd_bwd if not cfg["no_backward"] else fwd)()
-        peak_mb = (_peak_kb() - base) / 1024 if ok else float("nan")
+        peak_mb = (peak_kb() - base) / 1024 if ok else float("nan")
     with torch.no_grad():
-        fwd_ms = _median_ms(fwd, device, cfg["warmup"], cfg["repeats"])
-    fb_ms = float("nan") if cfg["no_backward"] else _median_ms(fwd_bwd, device, cfg["warmup"], cfg["repeats"])
+        fwd_ms = median_ms(fwd, cfg["warmup"], cfg["repeats"], device)
+    fb_ms = float("nan") if cfg["no_backward"] else median_ms(fwd_bwd, cfg["warmup"], cfg["repeats"], device)
     return {"fwd_ms": fwd_ms, "fwd_bwd_ms": fb_ms, "flops": flops, "peak_mb": peak_mb,
             "threads": torch.get_num_threads(), "isa": msattn.isa()}
 
@@ -208,7 +169,7 @@ def matmul_gflops(device, threads):
         torch.set_num_threads(threads)
     a = torch.randn(2048, 2048, device=device)
     b = torch.randn(2048, 2048, device=device)
-    ms = _median_ms(lambda: a @ b, device, 3, 10)
+    ms = median_ms(lambda: a @ b, 3, 10, device)
     return 2 * 2048**3 / (ms * 1e-3) / 1e9
 
 

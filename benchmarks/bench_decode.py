@@ -18,19 +18,13 @@ import argparse
 import json
 import math
 import os
-import statistics
-import time
 
 import torch
 
 import msattn
+from measure import median_ms
+from msattn.eval.__main__ import parse_lengths
 from msattn.cache import MSLayer
-
-
-def parse_length(s: str) -> int:
-    s = s.strip().lower()
-    mult = {"k": 1024, "m": 1024 * 1024}.get(s[-1], 1)
-    return int(float(s[:-1] if s[-1] in "km" else s) * mult)
 
 
 def parse_args(argv=None):
@@ -49,17 +43,6 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--json", default=None)
     return ap.parse_args(argv)
-
-
-def median_ms(fn, warmup, repeats):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def make_layer(k, v, block_k):
@@ -109,7 +92,7 @@ def main(argv=None):
     print(header)
     print("-" * len(header))
     rows = []
-    for n in [parse_length(x) for x in args.lengths.split(",")]:
+    for n in parse_lengths(args.lengths):
         torch.manual_seed(0)
         k = torch.randn(B, Hkv, n, D)
         v = torch.randn(B, Hkv, n, D)

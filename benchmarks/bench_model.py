@@ -20,7 +20,6 @@ import argparse
 import json
 import math
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from measure import peak_kb, reset_peak, rss_kb, sync
 
 STORIES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "stories260K" / "stories260K.bin"
 TINY_LLAMA = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
@@ -93,30 +93,6 @@ def ms_config(cfg, topk=None):
 # ---------------------------------------------------------------------------------------------
 # one measurement (runs in a child process)
 
-def _rss_kb() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
-
-
-def _peak_kb() -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1))
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def run_child(cfg):
     import msattn
     import msattn.hf
@@ -146,23 +122,23 @@ def run_child(cfg):
         first_ms = (time.perf_counter() - t0) * 1e3
         peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
-        ok = _reset_peak()
-        base = _rss_kb()
+        ok = reset_peak()
+        base = rss_kb()
         t0 = time.perf_counter()
         fwd_bwd()
         first_ms = (time.perf_counter() - t0) * 1e3
-        peak_mb = (_peak_kb() - base) / 1024 if ok else float("nan")
+        peak_mb = (peak_kb() - base) / 1024 if ok else float("nan")
     if first_ms * 1e-3 * (cfg["warmup"] + cfg["repeats"]) > cfg["budget"]:
         ms, runs = first_ms, 1
     else:
         for _ in range(cfg["warmup"]):
             fwd_bwd()
-        _sync(device)
+        sync(device)
         times = []
         for _ in range(cfg["repeats"]):
             t0 = time.perf_counter()
             fwd_bwd()
-            _sync(device)
+            sync(device)
             times.append((time.perf_counter() - t0) * 1e3)
         ms, runs = statistics.median(times), cfg["repeats"]
     return {"fwd_bwd_ms": ms, "first_ms": first_ms, "runs": runs, "peak_mb": peak_mb,
