@@ -131,3 +131,22 @@ def sdpa_ref(q, k, v, *, causal=True, key_padding_mask=None, scale=None):
     has_key = allowed.any(-1)
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
     return out.nan_to_num(0.0) * has_key[..., None], has_key
+
+
+def make_mask(B, N, kind):
+    """None, or bool (B, N) with left or right padding of random lengths (row 0 unpadded)."""
+    if kind is None:
+        return None
+    mask = torch.ones(B, N, dtype=torch.bool)
+    for b in range(1, B):
+        pad = int(torch.randint(1, max(2, N // 2 + 1), ()))
+        if kind == "left":
+            mask[b, :pad] = False
+        else:
+            mask[b, N - pad:] = False
+    return mask
+
+
+def rel_err(x, ref):
+    """max |x - ref| / max |ref|, in double."""
+    return ((x.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()

@@ -1,7 +1,6 @@
 """msattn.eval: the passkey prompt and tokenizer, the greedy decode and NLL paths, reports, the CLI end to end."""
 
 import json
-import os
 import random
 import subprocess
 import sys

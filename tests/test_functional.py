@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import msattn
-from reference import ms_attention_ref, sdpa_ref, select_ref
+from reference import make_mask, ms_attention_ref, rel_err, sdpa_ref, select_ref
 
 
 def make_qkv(B, Hq, Hkv, Nq, N, D, dtype=torch.float64, requires_grad=False):
@@ -14,24 +14,6 @@ def make_qkv(B, Hq, Hkv, Nq, N, D, dtype=torch.float64, requires_grad=False):
     k = torch.randn(B, Hkv, N, D, dtype=dtype, requires_grad=requires_grad)
     v = torch.randn(B, Hkv, N, D, dtype=dtype, requires_grad=requires_grad)
     return q, k, v
-
-
-def make_mask(B, N, kind):
-    """None, or bool (B, N) with left or right padding of random lengths (row 0 unpadded)."""
-    if kind is None:
-        return None
-    mask = torch.ones(B, N, dtype=torch.bool)
-    for b in range(1, B):
-        pad = int(torch.randint(1, max(2, N // 2 + 1), ()))
-        if kind == "left":
-            mask[b, :pad] = False
-        else:
-            mask[b, N - pad:] = False
-    return mask
-
-
-def rel_err(x, ref):
-    return ((x.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
 # ---------------------------------------------------------------------------------------------

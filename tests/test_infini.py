@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import msattn
 from msattn.ops import ops
+from reference import make_mask, rel_err
 
 EPS = 1e-6
 
@@ -73,24 +74,6 @@ def make_inputs(B, Hq, Hkv, Nq, N, D, dtype=torch.float32, requires_grad=False, 
     if requires_grad:
         ts = [t.requires_grad_() if t is not None else None for t in ts]
     return ts
-
-
-def make_mask(B, N, kind):
-    """None, or bool (B, N) with left or right padding in every row but the first."""
-    if kind is None:
-        return None
-    mask = torch.ones(B, N, dtype=torch.bool)
-    for b in range(1, B):
-        pad = int(torch.randint(1, max(2, N // 2 + 1), ()))
-        if kind == "left":
-            mask[b, :pad] = False
-        else:
-            mask[b, N - pad:] = False
-    return mask
-
-
-def rel_err(x, ref):
-    return ((x.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
 def sdpa_local(q, k, v, mask=None, causal=True):
