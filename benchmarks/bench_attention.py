@@ -24,7 +24,7 @@ import subprocess
 import sys
 
 import torch
-from measure import median_ms, peak_kb, reset_peak, rss_kb
+from measure import median_ms
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -128,11 +128,13 @@ def run_child(cfg):
         torch.cuda.synchronize()
         peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
-        ok = reset_peak()
-        base = rss_kb()
+        from msattn.eval.loading import peak_rss_mb, reset_peak_rss, rss_mb
+
+        ok = reset_peak_rss()
+        base = rss_mb()
         with torch.no_grad() if cfg["no_backward"] else torch.enable_grad():
             (fwd_bwd if not cfg["no_backward"] else fwd)()
-        peak_mb = (peak_kb() - base) / 1024 if ok else float("nan")
+        peak_mb = peak_rss_mb() - base if ok else float("nan")
     with torch.no_grad():
         fwd_ms = median_ms(fwd, cfg["warmup"], cfg["repeats"], device)
     fb_ms = float("nan") if cfg["no_backward"] else median_ms(fwd_bwd, cfg["warmup"], cfg["repeats"], device)

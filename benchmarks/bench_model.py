@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from measure import peak_kb, reset_peak, rss_kb, sync
+from measure import sync
 
 STORIES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "stories260K" / "stories260K.bin"
 TINY_LLAMA = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
@@ -122,12 +122,14 @@ def run_child(cfg):
         first_ms = (time.perf_counter() - t0) * 1e3
         peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
-        ok = reset_peak()
-        base = rss_kb()
+        from msattn.eval.loading import peak_rss_mb, reset_peak_rss, rss_mb
+
+        ok = reset_peak_rss()
+        base = rss_mb()
         t0 = time.perf_counter()
         fwd_bwd()
         first_ms = (time.perf_counter() - t0) * 1e3
-        peak_mb = (peak_kb() - base) / 1024 if ok else float("nan")
+        peak_mb = peak_rss_mb() - base if ok else float("nan")
     if first_ms * 1e-3 * (cfg["warmup"] + cfg["repeats"]) > cfg["budget"]:
         ms, runs = first_ms, 1
     else:

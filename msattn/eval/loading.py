@@ -34,7 +34,7 @@ from ..config import MSConfig
 
 __all__ = ["METHODS", "CHECKPOINT_META", "HFTokenizer", "load", "load_tokenizer", "read_checkpoint_meta",
            "ms_config_from_dict", "settings_from_meta", "save_checkpoint", "Settings", "prepare", "is_patched", "prefill", "model_device",
-           "auto_batch_size", "reset_peak_rss", "peak_rss_mb"]
+           "auto_batch_size", "reset_peak_rss", "rss_mb", "peak_rss_mb"]
 
 CHECKPOINT_META = "msattn.json"
 
@@ -414,6 +414,12 @@ def reset_peak_rss(device: torch.device | None = None) -> bool:
     except OSError:
         return False
     return True
+
+
+def rss_mb() -> float:
+    """Resident memory of this process now, in MiB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
 
 
 def peak_rss_mb() -> float:
