@@ -30,7 +30,7 @@ from .config import MSConfig
 from .functional import ms_attention, ms_select
 from .rope import compact_rope_tables
 
-__all__ = ["register", "patch", "unpatch", "model_config", "SUPPORTED_MODEL_TYPES"]
+__all__ = ["register", "patch", "unpatch", "patched_method", "model_config", "SUPPORTED_MODEL_TYPES"]
 
 NAME = "msattn"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -269,16 +269,24 @@ def patch(model, config: MSConfig | None = None, rope: nn.Module | None = None, 
     return model
 
 
+def patched_method(model) -> str | None:
+    """The method ``patch`` switched the model to (``"ms"`` or a peer method's name), or None."""
+    base = _base_model(model)
+    for name, (_, _, marker) in PEER_METHODS.items():
+        if getattr(base, marker, None) is not None:
+            return name
+    return "ms" if getattr(base, "_msattn_saved", None) is not None else None
+
+
 def unpatch(model):
     """Restore the attention implementation and rotary embedding that ``patch`` replaced (any method)."""
-    base = _base_model(model)
-    for name, (_, undo, marker) in PEER_METHODS.items():
-        if getattr(base, marker, None) is not None:
-            return undo(model)
-    saved = getattr(base, "_msattn_saved", None)
-    if saved is None:
+    method = patched_method(model)
+    if method is None:
         raise RuntimeError("msattn.hf.unpatch: the model is not patched")
-    impl, rotary = saved
+    if method != "ms":
+        return PEER_METHODS[method][1](model)
+    base = _base_model(model)
+    impl, rotary = base._msattn_saved
     decoder = _decoder(model)
     decoder.rotary_emb = rotary
     for attn in _attention_modules(decoder):

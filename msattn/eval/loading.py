@@ -133,7 +133,7 @@ def save_checkpoint(model, tokenizer, directory, *, method: str, settings: Setti
     recorded for ``"ms"``, the segment length, memory rule and trained gates for ``"infini"``, whose
     model must still be patched). The weights saved are the plain model's, loadable by any HF code.
     """
-    from ..hf import _attention_modules, _base_model, _decoder
+    from ..hf import _attention_modules, _decoder, patched_method
 
     if method not in METHODS:
         raise ValueError(f"save_checkpoint: unknown method {method!r}; known: {', '.join(METHODS)}")
@@ -142,7 +142,7 @@ def save_checkpoint(model, tokenizer, directory, *, method: str, settings: Setti
     meta = {"method": method, "ms_config": dataclasses.asdict(settings.ms) if method == "ms" else None,
             "infini": None, "tokenizer": tokenizer.to_dict()}
     if method == "infini":
-        if getattr(_base_model(model), "_msattn_infini_saved", None) is None:
+        if patched_method(model) != "infini":
             raise ValueError("save_checkpoint: method='infini' needs the model still patched with Infini-attention "
                              "(its gates are saved)")
         gates = [attn.infini_gate.beta.detach().float().cpu().tolist() for attn in _attention_modules(_decoder(model))]
@@ -223,23 +223,18 @@ def load(model=None, llama2c=None, tokenizer=None, *, dtype: torch.dtype = torch
 
 def is_patched(model) -> bool:
     """True when ``msattn.hf.patch`` switched the model to MS attention."""
-    from ..hf import model_config
+    from ..hf import patched_method
 
-    try:
-        model_config(model)
-    except ValueError:
-        return False
-    return True
+    return patched_method(model) == "ms"
 
 
 def _undo(model):
-    from ..hf import _base_model, unpatch
+    """Undo whatever method ``msattn.hf.patch`` set up; returns the base model."""
+    from ..hf import _base_model, patched_method, unpatch
 
-    base = _base_model(model)
-    if any(getattr(base, marker, None) is not None
-           for marker in ("_msattn_saved", "_msattn_self_extend_saved", "_msattn_infini_saved")):
+    if patched_method(model) is not None:
         unpatch(model)
-    return base
+    return _base_model(model)
 
 
 def _prepare_dense(model, settings):
@@ -334,9 +329,9 @@ def _accepts(model, name: str) -> bool:
 def _new_cache(model):
     """The cache a prefill of ``model`` keeps: an InfiniCache (memory plus one segment) for a model
     patched with Infini-attention, a DynamicCache otherwise."""
-    from ..hf import _attention_modules, _base_model, _decoder
+    from ..hf import _attention_modules, _decoder, patched_method
 
-    if getattr(_base_model(model), "_msattn_infini_saved", None) is not None:
+    if patched_method(model) == "infini":
         from ..infini_hf import InfiniCache
 
         return InfiniCache(_attention_modules(_decoder(model))[0]._msattn_infini.segment_len)
