@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from .loading import Settings, prepare
 from .passkey import run_passkey
 from .perplexity import run_perplexity
-from .report import _cell, format_length, write_json
+from .report import _cell, format_length, markdown_table, plot_methods, write_json
 
 __all__ = ["run_compare", "format_compare", "plot_compare", "write_compare"]
 
@@ -85,13 +85,7 @@ def format_compare(records: Sequence[dict]) -> str:
     columns = _shown(records)
     rows = [["method", "length"] + [title for _, title in columns]]
     rows += [[r["method"], format_length(r["length"])] + [_cell(r.get(key)) for key, _ in columns] for r in records]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-
-    def line(row):
-        return "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) + " |"
-
-    rule = "|" + "|".join(("-" * (w + 2)) if i == 0 else ("-" * (w + 1) + ":") for i, w in enumerate(widths)) + "|"
-    return "\n".join([line(rows[0]), rule] + [line(row) for row in rows[1:]]) + "\n"
+    return markdown_table(rows, left=1) + "\n"
 
 
 def plot_compare(records: Sequence[dict], path) -> None:
@@ -102,24 +96,15 @@ def plot_compare(records: Sequence[dict], path) -> None:
     import matplotlib.pyplot as plt
 
     columns = _shown(records)
-    methods = list(dict.fromkeys(r["method"] for r in records))
-    lengths = sorted({r["length"] for r in records})
     fig, axes = plt.subplots(1, len(columns), figsize=(4.2 * len(columns), 3.8), squeeze=False)
     try:
         for ax, (key, title) in zip(axes[0], columns):
-            for method in methods:
-                points = sorted((r["length"], r[key]) for r in records if r["method"] == method and r.get(key) is not None)
-                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(lengths, [format_length(n) for n in lengths])
-            ax.minorticks_off()
-            ax.set_xlabel("length (tokens)")
+            plot_methods(ax, records, key)
             ax.set_title(title)
             if key == "passkey_accuracy":
                 ax.set_ylim(-0.05, 1.05)
             elif key != "perplexity":
                 ax.set_yscale("log")
-            ax.grid(True, alpha=0.3)
         axes[0][0].legend()
         fig.tight_layout()
         fig.savefig(os.fspath(path), dpi=110)

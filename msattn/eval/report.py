@@ -13,7 +13,7 @@ import math
 import os
 from collections.abc import Sequence
 
-__all__ = ["format_length", "metric_of", "format_table", "format_report", "write_json", "plot", "write_report"]
+__all__ = ["format_length", "metric_of", "markdown_table", "format_table", "plot_methods", "format_report", "write_json", "plot", "write_report"]
 
 _TITLES = {"accuracy": "passkey accuracy", "perplexity": "perplexity", "seconds_per_trial": "seconds per trial",
            "seconds": "seconds", "peak_rss_mb": "peak RSS (MiB)", "peak_cuda_mb": "peak CUDA memory (MiB)"}
@@ -44,21 +44,27 @@ def _cell(value) -> str:
     return str(value)
 
 
+def markdown_table(rows: Sequence[Sequence[str]], left: int = 0) -> str:
+    """Rows of cells (the first the header) as a Markdown table padded to fixed width, so it reads as
+    plain text too: the first ``left`` columns aligned left, the others right."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+
+    def line(row):
+        return "| " + " | ".join(c.ljust(w) if i < left else c.rjust(w)
+                                 for i, (c, w) in enumerate(zip(row, widths))) + " |"
+
+    rule = "|" + "|".join("-" * (w + 2) if i < left else "-" * (w + 1) + ":" for i, w in enumerate(widths)) + "|"
+    return "\n".join([line(rows[0]), rule] + [line(row) for row in rows[1:]])
+
+
 def format_table(records: Sequence[dict], value: str | None = None) -> str:
-    """A Markdown table of one field: one row per length, one column per method (in first-seen order),
-    padded to fixed width so it reads as plain text too."""
+    """A Markdown table of one field: one row per length, one column per method (in first-seen order)."""
     value = value or metric_of(records)
     methods = list(dict.fromkeys(r["method"] for r in records))
     lengths = sorted({r["length"] for r in records})
     cells = {(r["length"], r["method"]): _cell(r.get(value)) for r in records}
-    rows = [["length"] + methods] + [[format_length(n)] + [cells.get((n, m), "-") for m in methods] for n in lengths]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-
-    def line(row):
-        return "| " + " | ".join(c.rjust(w) for c, w in zip(row, widths)) + " |"
-
-    rule = "|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|"
-    return "\n".join([line(rows[0]), rule] + [line(row) for row in rows[1:]])
+    return markdown_table([["length"] + methods] +
+                          [[format_length(n)] + [cells.get((n, m), "-") for m in methods] for n in lengths])
 
 
 def format_report(records: Sequence[dict]) -> str:
@@ -75,6 +81,20 @@ def write_json(records: Sequence[dict], path) -> None:
         f.write("\n")
 
 
+def plot_methods(ax, records: Sequence[dict], value: str) -> None:
+    """On a matplotlib axis: ``value`` against length (log2 axis, one tick per length), one line per
+    method in first-seen order, and a light grid."""
+    for method in dict.fromkeys(r["method"] for r in records):
+        points = sorted((r["length"], r[value]) for r in records if r["method"] == method and r.get(value) is not None)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+    lengths = sorted({r["length"] for r in records})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [format_length(n) for n in lengths])
+    ax.minorticks_off()
+    ax.set_xlabel("length (tokens)")
+    ax.grid(True, alpha=0.3)
+
+
 def plot(records: Sequence[dict], path, value: str | None = None, title: str | None = None) -> None:
     """PNG of ``value`` (default the metric) against length (log2 axis), one line per method."""
     import matplotlib
@@ -85,20 +105,11 @@ def plot(records: Sequence[dict], path, value: str | None = None, title: str | N
     value = value or metric_of(records)
     fig, ax = plt.subplots(figsize=(6, 4))
     try:
-        for method in dict.fromkeys(r["method"] for r in records):
-            points = sorted((r["length"], r[value]) for r in records
-                            if r["method"] == method and r.get(value) is not None)
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
-        lengths = sorted({r["length"] for r in records})
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(lengths, [format_length(n) for n in lengths])
-        ax.minorticks_off()
-        ax.set_xlabel("length (tokens)")
+        plot_methods(ax, records, value)
         ax.set_ylabel(_TITLES.get(value, value))
         if value == "accuracy":
             ax.set_ylim(-0.05, 1.05)
         ax.set_title(title or _TITLES.get(value, value))
-        ax.grid(True, alpha=0.3)
         ax.legend()
         fig.tight_layout()
         fig.savefig(os.fspath(path), dpi=120)
