@@ -104,22 +104,22 @@ def build_parser() -> argparse.ArgumentParser:
                        "checkpoint's)")
     peers.add_argument("--delta-rule", action="store_true", default=None, help="Infini-attention's delta-rule memory")
 
-    passkey = tasks.add_parser("passkey", parents=[common], help="passkey retrieval accuracy")
+    keys = argparse.ArgumentParser(add_help=False)
+    keys.add_argument("--digits", type=_positive, default=5, help="digits of the pass key (default 5)")
+    windows = argparse.ArgumentParser(add_help=False)
+    windows.add_argument("--windows", type=_positive, default=1, help="perplexity windows per length (default 1)")
+    windows.add_argument("--tokens", type=_one_length, help="perplexity on the same first N tokens at every length "
+                         "(N // length windows each; overrides --windows), e.g. 32k")
+
+    passkey = tasks.add_parser("passkey", parents=[common, keys], help="passkey retrieval accuracy")
     passkey.add_argument("--trials", type=_positive, default=10, help="prompts per length (default 10)")
-    passkey.add_argument("--digits", type=_positive, default=5, help="digits of the pass key (default 5)")
-    perplexity = tasks.add_parser("perplexity", parents=[common], help="perplexity on a text file")
+    perplexity = tasks.add_parser("perplexity", parents=[common, windows], help="perplexity on a text file")
     perplexity.add_argument("--text", required=True, help="UTF-8 text file")
-    perplexity.add_argument("--windows", type=_positive, default=1, help="windows per length (default 1)")
-    perplexity.add_argument("--tokens", type=_one_length, help="score the same first N tokens at every length "
-                            "(N // length windows each; overrides --windows), e.g. 32k")
-    compare = tasks.add_parser("compare", parents=[common], help="passkey, perplexity, time and memory of every method")
+    compare = tasks.add_parser("compare", parents=[common, keys, windows],
+                               help="passkey, perplexity, time and memory of every method")
     compare.set_defaults(methods=list(METHODS))
     compare.add_argument("--trials", type=int, default=10, help="passkey prompts per length (0: no passkey test)")
-    compare.add_argument("--digits", type=_positive, default=5, help="digits of the pass key (default 5)")
     compare.add_argument("--text", help="UTF-8 text file for perplexity (default: no perplexity test)")
-    compare.add_argument("--windows", type=_positive, default=1, help="perplexity windows per length (default 1)")
-    compare.add_argument("--tokens", type=_one_length, help="perplexity on the same first N tokens at every length "
-                         "(N // length windows each; overrides --windows), e.g. 32k")
     return parser
 
 
