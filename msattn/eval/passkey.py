@@ -218,20 +218,22 @@ def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, chun
 
         span = model_config(model).span
     batch, n = input_ids.shape
-    sequence = input_ids
+    first = n if span is None else (n - 1) // span * span  # the earliest position a step re-feeds
+    recent = input_ids[:, first:]  # the tokens from `first` on: all a step can need
     tokens = []
     for step in range(max_new_tokens):
         token = last.argmax(-1)
         tokens.append(token)
         if step + 1 == max_new_tokens:
             break
-        sequence = torch.cat([sequence, token[:, None]], 1)
+        recent = torch.cat([recent, token[:, None]], 1)
         end = n + step + 1
         start = end - 1 if span is None else (end - 1) // span * span
         if cache.get_seq_length() > start:
             cache.crop(start - cache.get_seq_length())
         position = torch.arange(start, end, device=input_ids.device).expand(batch, -1)
-        last = model(sequence[:, start:end], past_key_values=cache, use_cache=True, position_ids=position).logits[:, -1]
+        last = model(recent[:, start - first:end - first], past_key_values=cache, use_cache=True,
+                     position_ids=position).logits[:, -1]
     return torch.stack(tokens, 1)
 
 
