@@ -185,7 +185,8 @@ def main(argv=None):
     for m in methods:
         if m not in ("ms", "dense", "infini"):
             raise SystemExit(f"msattn.demo: unknown method {m!r}; the demo trains 'ms', 'dense' and 'infini'")
-    shortest = shortest_training_length(PasskeyTokenizer())
+    tokenizer = PasskeyTokenizer()
+    shortest = shortest_training_length(tokenizer)
     if args.train_len < shortest:
         raise SystemExit(f"msattn.demo: --train-len must be at least {shortest} tokens (the passkey prompt without "
                          f"filler, a {MAX_TRAIN_DIGITS}-digit key and its answer), got {args.train_len}")
@@ -198,7 +199,6 @@ def main(argv=None):
     if lengths[-1] != max_len:
         lengths.append(max_len)
     os.makedirs(args.out, exist_ok=True)
-    tokenizer = PasskeyTokenizer()
     settings = method_settings(args)
     cfg = settings.ms
     if args.chunk_size % cfg.span:
