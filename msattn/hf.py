@@ -203,6 +203,31 @@ def _prepare_cache_with_ms(base, block_k):
     return prepare
 
 
+def check_model(model, who: str, method: str | None,
+                supported: tuple[str, ...] = SUPPORTED_MODEL_TYPES) -> tuple[nn.Module, int]:
+    """``(base model, head dim)`` after the checks every ``patch`` makes of a model: a type in ``supported``,
+    query heads a multiple of the key/value heads, a head dim the kernels take, and (unless ``method``
+    is None: it handles them) no sliding window. ``who`` opens the error messages."""
+    base = _base_model(model)
+    mconf = base.config
+    model_type = getattr(mconf, "model_type", None)
+    if model_type not in supported:
+        raise ValueError(f"{who}: model type {model_type!r} is not supported; supported: {', '.join(supported)}")
+    if (method is not None and getattr(mconf, "sliding_window", None) is not None
+            and getattr(mconf, "use_sliding_window", True)):
+        raise ValueError(f"{who}: the model attends within a sliding window of {mconf.sliding_window} tokens, which "
+                         f"{method} does not implement (it bounds the work otherwise); set "
+                         "model.config.sliding_window = None to patch it")
+    heads = mconf.num_attention_heads
+    kv_heads = getattr(mconf, "num_key_value_heads", None) or heads
+    head_dim = getattr(mconf, "head_dim", None) or mconf.hidden_size // heads
+    if heads % kv_heads != 0:
+        raise ValueError(f"{who}: {heads} query heads are not a multiple of {kv_heads} key/value heads")
+    if not 1 <= head_dim <= 256:
+        raise ValueError(f"{who}: head dim {head_dim} is outside the kernels' range 1..256")
+    return base, head_dim
+
+
 def patch(model, config: MSConfig | None = None, rope: nn.Module | None = None, *, method: str = "ms", **options):
     """Switch a causal LM to MS attention (or a peer method), in place.
 
@@ -229,22 +254,8 @@ def patch(model, config: MSConfig | None = None, rope: nn.Module | None = None, 
     config = MSConfig() if config is None else config
     if not isinstance(config, MSConfig):
         raise TypeError(f"msattn.hf.patch: config must be an msattn.MSConfig, got {type(config).__name__}")
-    base = _base_model(model)
+    base, head_dim = check_model(model, "msattn.hf.patch", "MS attention")
     mconf = base.config
-    model_type = getattr(mconf, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"msattn.hf.patch: model type {model_type!r} is not supported; supported: "
-                         f"{', '.join(SUPPORTED_MODEL_TYPES)}")
-    if getattr(mconf, "sliding_window", None) is not None and getattr(mconf, "use_sliding_window", True):
-        raise ValueError(f"msattn.hf.patch: the model attends within a sliding window of {mconf.sliding_window} "
-                         "tokens, which MS attention does not implement (its selection bounds the work instead); "
-                         "set model.config.sliding_window = None to patch it")
-    heads, kv_heads = mconf.num_attention_heads, getattr(mconf, "num_key_value_heads", mconf.num_attention_heads)
-    head_dim = getattr(mconf, "head_dim", None) or mconf.hidden_size // heads
-    if heads % kv_heads != 0:
-        raise ValueError(f"msattn.hf.patch: {heads} query heads are not a multiple of {kv_heads} key/value heads")
-    if not 1 <= head_dim <= 256:
-        raise ValueError(f"msattn.hf.patch: head dim {head_dim} is outside the kernels' range 1..256")
     if getattr(base, "_msattn_saved", None) is not None:
         raise RuntimeError("msattn.hf.patch: the model is already patched; call msattn.hf.unpatch(model) first")
     decoder = _decoder(model)

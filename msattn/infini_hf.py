@@ -47,7 +47,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_utils import AttentionInterface
 
 from .functional import infini_attention
-from .hf import SUPPORTED_MODEL_TYPES, _attention_modules, _base_model, _decoder, padding_mask, patched_state
+from .hf import _attention_modules, _base_model, _decoder, check_model, padding_mask, patched_state
 
 __all__ = ["GATE_INIT", "InfiniCache", "InfiniGate", "InfiniLayer", "patch_infini", "register", "unpatch_infini"]
 
@@ -269,21 +269,9 @@ def patch_infini(model, segment_len: int, delta_rule: bool = False, gate_init: f
     """
     if isinstance(segment_len, bool) or not isinstance(segment_len, int) or segment_len < 1:
         raise ValueError(f"patch_infini: segment_len must be a positive int, got {segment_len!r}")
-    base = _base_model(model)
+    base, _ = check_model(model, "patch_infini", "Infini-attention")
     mconf = base.config
-    model_type = getattr(mconf, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"patch_infini: model type {model_type!r} is not supported; supported: "
-                         f"{', '.join(SUPPORTED_MODEL_TYPES)}")
-    if getattr(mconf, "sliding_window", None) is not None and getattr(mconf, "use_sliding_window", True):
-        raise ValueError(f"patch_infini: the model attends within a sliding window of {mconf.sliding_window} tokens; "
-                         "set model.config.sliding_window = None to patch it (segments bound the work instead)")
-    heads, kv_heads = mconf.num_attention_heads, getattr(mconf, "num_key_value_heads", mconf.num_attention_heads)
-    head_dim = getattr(mconf, "head_dim", None) or mconf.hidden_size // heads
-    if heads % kv_heads != 0:
-        raise ValueError(f"patch_infini: {heads} query heads are not a multiple of {kv_heads} key/value heads")
-    if not 1 <= head_dim <= 256:
-        raise ValueError(f"patch_infini: head dim {head_dim} is outside the kernels' range 1..256")
+    heads = mconf.num_attention_heads
     if getattr(base, "_msattn_infini_saved", None) is not None or getattr(base, "_msattn_saved", None) is not None:
         raise RuntimeError("patch_infini: the model is already patched; unpatch it first")
 

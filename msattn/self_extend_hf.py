@@ -157,21 +157,9 @@ def patch_self_extend(model, group_size: int, window: int):
     """
     _check_int("group_size", group_size, 1)
     _check_int("window", window, 0)
-    base = hf._base_model(model)
+    base, head_dim = hf.check_model(model, "msattn.self_extend_hf.patch_self_extend", None,
+                                    SUPPORTED_MODEL_TYPES)
     mconf = base.config
-    model_type = getattr(mconf, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"msattn.self_extend_hf.patch_self_extend: model type {model_type!r} is not supported; "
-                         f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-    heads = mconf.num_attention_heads
-    kv_heads = getattr(mconf, "num_key_value_heads", None) or heads
-    head_dim = getattr(mconf, "head_dim", None) or mconf.hidden_size // heads
-    if heads % kv_heads != 0:
-        raise ValueError(f"msattn.self_extend_hf.patch_self_extend: {heads} query heads are not a multiple of "
-                         f"{kv_heads} key/value heads")
-    if not 1 <= head_dim <= 256:
-        raise ValueError(f"msattn.self_extend_hf.patch_self_extend: head dim {head_dim} is outside the kernels' "
-                         "range 1..256")
     if getattr(base, "_msattn_self_extend_saved", None) is not None:
         raise RuntimeError("msattn.self_extend_hf.patch_self_extend: the model is already patched with SelfExtend; "
                            "call unpatch_self_extend(model) first")
