@@ -4,10 +4,11 @@ Loads the run saved in ``--run`` (``finetune.load_finetuned``: the base model pa
 MSConfig, its CRD NTK rotary embedding at the inference base, the LoRA adapter) and evaluates it
 (method ``ms-finetuned``) and the unpatched base model on PyTorch SDPA (method ``dense``) on the same
 windows of ``--text`` with ``msattn.eval.perplexity``; writes ``perplexity.md/.json/.png`` into
-``--out`` and prints the table.
+``--out`` and prints the table. ``--merge``/``--topk`` evaluate with other MS parameters than the run
+was trained with (its block sizes and RoPE mode stay).
 
     python examples/eval_finetuned.py --run runs/stories --text ../shared/data/austen/persuasion.txt \\
-        --lengths 512,2k,8k,32k --out runs/stories/eval
+        --lengths 512,2k,8k,32k --tokens 32k --merge 64 --out runs/stories/eval
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import finetune  # noqa: E402  (examples/finetune.py, beside this file)
 
-from msattn.eval.__main__ import parse_lengths  # noqa: E402
+from msattn.eval.__main__ import positive_int, parse_lengths  # noqa: E402
 from msattn.eval.perplexity import run_perplexity  # noqa: E402
 from msattn.eval.report import format_report, write_report  # noqa: E402
 
@@ -34,6 +35,8 @@ def main(argv=None):
     ap.add_argument("--tokens", type=parse_lengths, default=None,
                     help="score the same first N tokens at every length (N // length windows each), e.g. 32k")
     ap.add_argument("--chunk-size", type=int, default=16384, help="prefill chunk in tokens (%(default)s)")
+    ap.add_argument("--merge", type=positive_int, help="evaluate with this MS merge instead of the run's")
+    ap.add_argument("--topk", type=positive_int, help="evaluate with this MS topk instead of the run's")
     ap.add_argument("--no-dense", dest="dense", action="store_false", help="skip the dense base model")
     ap.add_argument("--out", type=Path, default=None, help="report directory (default: RUN/eval)")
     args = ap.parse_args(argv)
@@ -41,7 +44,12 @@ def main(argv=None):
         ap.error(f"--run {args.run}: no {finetune.CONFIG_NAME} there; is it an examples/finetune.py output?")
     if not args.text.is_file():
         ap.error(f"--text {args.text}: file not found")
-    model, tokenizer, config = finetune.load_finetuned(args.run)
+    overrides = {name: getattr(args, name) for name in ("merge", "topk") if getattr(args, name) is not None}
+    try:
+        model, tokenizer, config = finetune.load_finetuned(args.run, **overrides)
+    except ValueError as err:  # an MSConfig that cannot be (merge * block_q not a multiple of block_k...)
+        ap.error(f"--merge/--topk: {err}")
+    print(f"ms-finetuned: {config['msattn']}")
     common = dict(windows=args.windows, tokens=args.tokens[0] if args.tokens else None, chunk_size=args.chunk_size)
     records = run_perplexity(model, tokenizer, args.text, args.lengths, method="ms-finetuned", **common)
     if args.dense:

@@ -233,8 +233,11 @@ def write_run_config(out, config):
         json.dump(config, f, indent=1)
 
 
-def load_finetuned(out):
+def load_finetuned(out, **ms_overrides):
     """Rebuild the fine-tuned model saved in ``out`` (eval mode): base model, patch, CRD NTK, adapter.
+
+    ``ms_overrides`` (``merge=64``, ``topk=32``...): MSConfig fields to evaluate with instead of the
+    run's; the returned run config records the MSConfig actually used.
 
     Returns ``(model, tokenizer, run_config)``.
     """
@@ -242,6 +245,10 @@ def load_finetuned(out):
 
     with open(Path(out) / CONFIG_NAME) as f:
         config = json.load(f)
+    unknown = set(ms_overrides) - {f.name for f in dataclasses.fields(msattn.MSConfig)}
+    if unknown:
+        raise TypeError(f"load_finetuned: {sorted(unknown)} are not MSConfig fields")
+    config["msattn"] = {**config["msattn"], **ms_overrides}
     base = config["base_model"]
     if "llama2c" in base:
         model, tok = base_model(base["llama2c"], base["tokenizer"])

@@ -32,8 +32,8 @@ needs_stories = pytest.mark.skipif(
 )
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("finetune", SCRIPT)
+def _load_script(path=SCRIPT):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -130,6 +130,12 @@ def test_finetune_lowers_loss_trains_reduced_set_and_grows_crd_scale(rope, tmp_p
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(input_ids=ids).logits, model.eval()(input_ids=ids).logits,
                                    rtol=0, atol=0)
+    # evaluated with other MS parameters than trained: the patch and the returned config say so
+    wider, _, config = ft.load_finetuned(tmp_path, topk=6)
+    assert config["msattn"]["topk"] == 6 and msattn.hf.model_config(wider).topk == 6
+    assert msattn.hf.model_config(wider).merge == ms.merge
+    with pytest.raises(TypeError, match="not MSConfig fields"):
+        ft.load_finetuned(tmp_path, top_k=6)
 
 
 def test_resume_continues_steps_and_crd_schedule(tmp_path):
@@ -143,6 +149,17 @@ def test_resume_continues_steps_and_crd_schedule(tmp_path):
     (callback,) = [cb for cb in resumed.callback_handler.callbacks if isinstance(cb, CRDNTKCallback)]
     assert (callback.scale, callback.global_step) == (4.0, 12)  # 1 * 2 ** (12 // 5)
     assert (tmp_path / "adapter_model.safetensors").is_file() and (tmp_path / ft.CONFIG_NAME).is_file()
+
+    # examples/eval_finetuned.py on that run, with another merge than trained (the run's merge is 2)
+    eval_finetuned = _load_script(SCRIPT.parent / "eval_finetuned.py")
+    text = tmp_path / "held_out.txt"
+    text.write_text(ft.synthetic_text(3000, seed=1), encoding="utf-8")
+    common = ["--run", str(tmp_path), "--text", str(text), "--lengths", "128", "--no-dense"]
+    records = eval_finetuned.main([*common, "--merge", "4", "--out", str(tmp_path / "eval")])
+    assert [r["length"] for r in records] == [128] and math.isfinite(records[0]["perplexity"])
+    assert (tmp_path / "eval" / "perplexity.json").is_file()
+    with pytest.raises(SystemExit):
+        eval_finetuned.main([*common, "--merge", "0"])
 
 
 def test_evaluation_split_is_refused(tmp_path):

@@ -60,7 +60,7 @@ def _one_length(text: str) -> int:
     return lengths[0]
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
@@ -81,9 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--lengths", type=parse_lengths, required=True, help="comma-separated, e.g. 1k,4k,64k,1m")
     run.add_argument("--methods", type=parse_methods, default=["dense", "ms"],
                      help=f"comma-separated among {', '.join(METHODS)} (default dense,ms)")
-    run.add_argument("--chunk-size", type=_positive, default=16384,
+    run.add_argument("--chunk-size", type=positive_int, default=16384,
                      help="prefill chunk in tokens; for ms a multiple of merge*block_q (default 16384)")
-    run.add_argument("--batch-size", type=_positive, default=None,
+    run.add_argument("--batch-size", type=positive_int, default=None,
                      help="sequences per forward (default: about 32K tokens a batch)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--out", default="eval_out", help="directory for the .md, .json and .png (default eval_out/)")
@@ -92,27 +92,27 @@ def build_parser() -> argparse.ArgumentParser:
                      help="passkey answers of MS models: cached single-query decode steps (default), or exact: each "
                           "token predicted as a forward over the whole sequence predicts it (re-runs its group)")
     ms = common.add_argument_group("MS attention (default: the checkpoint's msattn.json, else MSConfig())")
-    ms.add_argument("--block-q", type=_positive)
-    ms.add_argument("--block-k", type=_positive)
-    ms.add_argument("--merge", type=_positive)
-    ms.add_argument("--topk", type=_positive)
+    ms.add_argument("--block-q", type=positive_int)
+    ms.add_argument("--block-k", type=positive_int)
+    ms.add_argument("--merge", type=positive_int)
+    ms.add_argument("--topk", type=positive_int)
     ms.add_argument("--rope", choices=["inputs", "selected"])
     peers = common.add_argument_group("SelfExtend and Infini-attention")
-    peers.add_argument("--group-size", type=_positive, help="SelfExtend group size G (default 8)")
+    peers.add_argument("--group-size", type=positive_int, help="SelfExtend group size G (default 8)")
     peers.add_argument("--window", type=int, help="SelfExtend neighbour window W (default 128)")
-    peers.add_argument("--segment-len", type=_positive, help="Infini-attention segment length (default 256, or the "
+    peers.add_argument("--segment-len", type=positive_int, help="Infini-attention segment length (default 256, or the "
                        "checkpoint's)")
     peers.add_argument("--delta-rule", action="store_true", default=None, help="Infini-attention's delta-rule memory")
 
     keys = argparse.ArgumentParser(add_help=False)
-    keys.add_argument("--digits", type=_positive, default=5, help="digits of the pass key (default 5)")
+    keys.add_argument("--digits", type=positive_int, default=5, help="digits of the pass key (default 5)")
     windows = argparse.ArgumentParser(add_help=False)
-    windows.add_argument("--windows", type=_positive, default=1, help="perplexity windows per length (default 1)")
+    windows.add_argument("--windows", type=positive_int, default=1, help="perplexity windows per length (default 1)")
     windows.add_argument("--tokens", type=_one_length, help="perplexity on the same first N tokens at every length "
                          "(N // length windows each; overrides --windows), e.g. 32k")
 
     passkey = tasks.add_parser("passkey", parents=[common, keys], help="passkey retrieval accuracy")
-    passkey.add_argument("--trials", type=_positive, default=10, help="prompts per length (default 10)")
+    passkey.add_argument("--trials", type=positive_int, default=10, help="prompts per length (default 10)")
     perplexity = tasks.add_parser("perplexity", parents=[common, windows], help="perplexity on a text file")
     perplexity.add_argument("--text", required=True, help="UTF-8 text file")
     compare = tasks.add_parser("compare", parents=[common, keys, windows],

@@ -281,8 +281,9 @@ def run_passkey(model, tokenizer, lengths: Sequence[int], trials: int, *, method
                 prompts = [passkey_prompt(tokenizer, length, key, depth) for key, depth in plan[first:first + size]]
                 ids = torch.tensor([p for p, _ in prompts], dtype=torch.long, device=device)
                 new = max(len(tokenizer.encode(a, bos=False)) for _, a in prompts) + extra_tokens
+                rows = ids.shape[0]
                 out = greedy_generate(model, ids, new, chunk_size=chunk_size, exact=exact,
-                                      on_chunk=lambda s, e: bar.update(ids.shape[0] * (e - s)))
+                                      on_chunk=lambda s, e: bar.update(rows * (e - s)))
                 correct += sum(_found(a, tokenizer.decode(row.tolist())) for (_, a), row in zip(prompts, out))
                 del ids, out
         seconds = time.perf_counter() - start

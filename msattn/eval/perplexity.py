@@ -103,8 +103,9 @@ def run_perplexity(model, tokenizer, text_path, lengths: Sequence[int], *, metho
                   disable=not progress) as bar:
             for first in range(0, count, size):
                 ids = torch.tensor(rows[first:first + size], dtype=torch.long, device=device)
+                batch = ids.shape[0]
                 part, n = window_nll(model, ids, chunk_size=chunk_size,
-                                     on_chunk=lambda s, e: bar.update(ids.shape[0] * (e - s)))
+                                     on_chunk=lambda s, e: bar.update(batch * (e - s)))
                 nll, predicted = nll + part, predicted + n
                 del ids
         record = {"method": method, "length": int(length), "windows": count, "perplexity": math.exp(nll / predicted),
