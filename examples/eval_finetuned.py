@@ -44,9 +44,8 @@ def main(argv=None):
         ap.error(f"--run {args.run}: no {finetune.CONFIG_NAME} there; is it an examples/finetune.py output?")
     if not args.text.is_file():
         ap.error(f"--text {args.text}: file not found")
-    overrides = {name: getattr(args, name) for name in ("merge", "topk") if getattr(args, name) is not None}
     try:
-        model, tokenizer, config = finetune.load_finetuned(args.run, **overrides)
+        model, tokenizer, config = finetune.load_finetuned(args.run, merge=args.merge, topk=args.topk)
     except ValueError as err:  # an MSConfig that cannot be (merge * block_q not a multiple of block_k...)
         ap.error(f"--merge/--topk: {err}")
     print(f"ms-finetuned: {config['msattn']}")

@@ -36,6 +36,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArgumen
 import msattn
 import msattn.hf
 import msattn.lora
+from msattn.eval.loading import ms_config_from_dict
 from msattn.rope import CRDNTK, CRDNTKCallback, CRDNTKRotaryEmbedding
 
 EVAL_SPLIT = "persuasion.txt"
@@ -236,8 +237,8 @@ def write_run_config(out, config):
 def load_finetuned(out, **ms_overrides):
     """Rebuild the fine-tuned model saved in ``out`` (eval mode): base model, patch, CRD NTK, adapter.
 
-    ``ms_overrides`` (``merge=64``, ``topk=32``...): MSConfig fields to evaluate with instead of the
-    run's; the returned run config records the MSConfig actually used.
+    ``ms_overrides`` (``merge=64``, ``topk=32``...; None values ignored): MSConfig fields to evaluate
+    with instead of the run's; the returned run config records the MSConfig actually used.
 
     Returns ``(model, tokenizer, run_config)``.
     """
@@ -245,10 +246,8 @@ def load_finetuned(out, **ms_overrides):
 
     with open(Path(out) / CONFIG_NAME) as f:
         config = json.load(f)
-    unknown = set(ms_overrides) - {f.name for f in dataclasses.fields(msattn.MSConfig)}
-    if unknown:
-        raise TypeError(f"load_finetuned: {sorted(unknown)} are not MSConfig fields")
-    config["msattn"] = {**config["msattn"], **ms_overrides}
+    ms = ms_config_from_dict(config["msattn"], **ms_overrides)
+    config["msattn"] = dataclasses.asdict(ms)
     base = config["base_model"]
     if "llama2c" in base:
         model, tok = base_model(base["llama2c"], base["tokenizer"])
@@ -257,7 +256,7 @@ def load_finetuned(out, **ms_overrides):
     crd = config["crd_ntk"]
     crd = None if crd is None else CRDNTK(**{k: v for k, v in crd.items() if k != "resolved"})
     rope = None if crd is None else CRDNTKRotaryEmbedding(crd, model.config)
-    msattn.hf.patch(model, msattn.MSConfig(**config["msattn"]), rope=rope)
+    msattn.hf.patch(model, ms, rope=rope)
     return PeftModel.from_pretrained(model, out).eval(), tok, config
 
 

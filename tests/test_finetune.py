@@ -134,7 +134,7 @@ def test_finetune_lowers_loss_trains_reduced_set_and_grows_crd_scale(rope, tmp_p
     wider, _, config = ft.load_finetuned(tmp_path, topk=6)
     assert config["msattn"]["topk"] == 6 and msattn.hf.model_config(wider).topk == 6
     assert msattn.hf.model_config(wider).merge == ms.merge
-    with pytest.raises(TypeError, match="not MSConfig fields"):
+    with pytest.raises(ValueError, match="MSConfig has no field"):
         ft.load_finetuned(tmp_path, top_k=6)
 
 
