@@ -34,7 +34,7 @@ def main(argv=None):
     ap.add_argument("--windows", type=int, default=1, help="windows per length (%(default)s)")
     ap.add_argument("--tokens", type=parse_lengths, default=None,
                     help="score the same first N tokens at every length (N // length windows each), e.g. 32k")
-    ap.add_argument("--chunk-size", type=int, default=16384, help="prefill chunk in tokens (%(default)s)")
+    ap.add_argument("--chunk-size", type=positive_int, default=16384, help="prefill chunk in tokens (%(default)s)")
     ap.add_argument("--merge", type=positive_int, help="evaluate with this MS merge instead of the run's")
     ap.add_argument("--topk", type=positive_int, help="evaluate with this MS topk instead of the run's")
     ap.add_argument("--no-dense", dest="dense", action="store_false", help="skip the dense base model")

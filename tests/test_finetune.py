@@ -158,8 +158,9 @@ def test_resume_continues_steps_and_crd_schedule(tmp_path):
     records = eval_finetuned.main([*common, "--merge", "4", "--out", str(tmp_path / "eval")])
     assert [r["length"] for r in records] == [128] and math.isfinite(records[0]["perplexity"])
     assert (tmp_path / "eval" / "perplexity.json").is_file()
-    with pytest.raises(SystemExit):
-        eval_finetuned.main([*common, "--merge", "0"])
+    for flag in ("--merge", "--chunk-size"):
+        with pytest.raises(SystemExit):
+            eval_finetuned.main([*common, flag, "0"])
 
 
 def test_evaluation_split_is_refused(tmp_path):
