@@ -156,8 +156,9 @@ def train(model, tokenizer, args, name: str, position: int = 0) -> list[float]:
     return losses
 
 
-def train_and_save(method: str, args, position: int = 0, threads: int = 0) -> dict:
-    """Train one method's model from scratch and save it to ``--out/method``; returns its timings."""
+def train_model(method: str, args, position: int = 0, threads: int = 0):
+    """Build one method's model from scratch (seeded by ``--seed``) and train it (:func:`train`).
+    Returns ``(model, tokenizer, settings, timings)``, the model in eval mode."""
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(args.seed)
@@ -167,8 +168,15 @@ def train_and_save(method: str, args, position: int = 0, threads: int = 0) -> di
     prepare(model, method, settings)
     t0 = time.perf_counter()
     losses = train(model, tokenizer, args, method, position)
+    timings = {"train_seconds": time.perf_counter() - t0, "final_copy_nll": sum(losses[-20:]) / len(losses[-20:])}
+    return model, tokenizer, settings, timings
+
+
+def train_and_save(method: str, args, position: int = 0, threads: int = 0) -> dict:
+    """Train one method's model (:func:`train_model`) and save it to ``--out/method``; returns its timings."""
+    model, tokenizer, settings, timings = train_model(method, args, position, threads)
     save_checkpoint(model, tokenizer, os.path.join(args.out, method), method=method, settings=settings)
-    return {"train_seconds": time.perf_counter() - t0, "final_copy_nll": sum(losses[-20:]) / 20}
+    return timings
 
 
 def method_settings(args) -> Settings:

@@ -13,7 +13,8 @@ import math
 import os
 from collections.abc import Sequence
 
-__all__ = ["format_length", "metric_of", "markdown_table", "format_table", "plot_methods", "format_report", "write_json", "plot", "write_report"]
+__all__ = ["format_length", "metric_of", "markdown_table", "format_table", "plot_methods", "format_report",
+           "write_json", "plot", "write_report"]
 
 _TITLES = {"accuracy": "passkey accuracy", "perplexity": "perplexity", "seconds_per_trial": "seconds per trial",
            "seconds": "seconds", "peak_rss_mb": "peak RSS (MiB)", "peak_cuda_mb": "peak CUDA memory (MiB)"}
