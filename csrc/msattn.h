@@ -279,6 +279,10 @@ int msattn_infini_bwd_ref_cpu(const msattn_infini_params *p, int64_t begin, int6
 
 int msattn_region_means_cuda(const msattn_select_params *p, void *stream);
 int msattn_select_cuda(const msattn_select_params *p, void *stream);
+/* msattn_region_sums_append_cpu on the GPU (same arguments, device pointers; B * Hkv items at once) */
+int msattn_region_sums_append_cuda(msattn_region_sums s, msattn_view k, msattn_dtype dtype, const uint8_t *mask,
+                                   int64_t mask_sb, int B, int Hkv, int D, int block_k, int64_t t0, int64_t t1,
+                                   void *stream);
 /* [CUDA addition] device workspace of one selection block (see cuda_scratch) */
 size_t msattn_select_cuda_slot_bytes(const msattn_select_params *p);
 int msattn_ms_fwd_cuda(const msattn_ms_params *p, void *stream);

@@ -145,6 +145,46 @@ def test_select_with_region_sums_given():
     torch.testing.assert_close(got.cpu(), want, rtol=0, atol=0)
 
 
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_region_sums_appended_on_the_gpu_equal_the_cpu_bit_for_bit(dtype):
+    # a cache's sums grown by a prompt, then pieces that start and end inside regions, with padding
+    B, Hkv, N, D, bk = 2, 2, 75, 24, 8
+    k = torch.randn(B, Hkv, N, D, dtype=dtype)
+    mask = torch.ones(B, N, dtype=torch.bool)
+    mask[1, :11] = False
+    mask[0, 40] = False
+    cuts = [0, 21, 22, 30, 47, 48, N]
+    nk = -(-N // bk)
+    got = [torch.zeros(B, Hkv, nk, D, device=DEV), torch.zeros(B, Hkv, nk, dtype=torch.int32, device=DEV)]
+    want = [torch.zeros(B, Hkv, nk, D), torch.zeros(B, Hkv, nk, dtype=torch.int32)]
+    for t0, t1 in zip(cuts, cuts[1:]):
+        piece, m = k[:, :, t0:t1].contiguous(), mask[:, t0:t1].contiguous()
+        ops.ms_region_sums_append_(*got, *_cuda(piece, m), t0, bk)
+        ops.ms_region_sums_append_(*want, piece, m, t0, bk)
+    torch.testing.assert_close(got[0].cpu(), want[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[1].cpu(), want[1], rtol=0, atol=0)
+
+
+@needs_gpu
+def test_ms_cache_decodes_on_the_gpu_like_on_the_cpu():
+    # generate() of a patched model on the GPU uses MSCache (region sums appended by the GPU kernel);
+    # greedy tokens agree unless two logits of the random model tie within fp32 rounding
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import msattn.hf
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=97, max_position_embeddings=4096, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    msattn.hf.patch(model, msattn.MSConfig(block_q=4, block_k=4, merge=2, topk=3))
+    ids = torch.randint(3, 97, (2, 90))
+    want = model.generate(ids, max_new_tokens=12, do_sample=False)
+    got = model.to(DEV).generate(ids.to(DEV), max_new_tokens=12, do_sample=False)
+    assert torch.equal(got.cpu(), want)
+
+
 def _sdpa_bottom_right(q, k, v, mask=None, causal=True):
     """fp64 SDPA with the causal mask aligned bottom-right (queries = the last Nq positions)."""
     Nq, N = q.shape[2], k.shape[2]

@@ -5,7 +5,8 @@
  * Contract. msattn_region_means_cuda writes the key-region sums and counts (unless p->sums_given)
  * and the query-region means qbar / qcount; msattn_select_cuda then writes index (B, Hkv, G, T):
  * for every (b, h, g) the key regions the group attends to besides its own tokens, ascending, -1
- * padded. Both launch on `stream` and return at once (MSATTN_OK, or an error code with nothing
+ * padded. msattn_region_sums_append_cuda adds a cache's new tokens to its region sums, in the order
+ * pass 1 adds them. All three launch on `stream` and return at once (MSATTN_OK, or an error code with nothing
  * launched, or MSATTN_ERR_CUDA when the launch failed). Selection needs p->cuda_slots blocks of
  * msattn_select_cuda_slot_bytes(p) bytes of device workspace at p->cuda_scratch.
  *
@@ -184,6 +185,35 @@ __global__ void ms_region_means_kernel(const msattn_select_params p) {
         qbar[dd] = count > 0 ? __ddiv_rn(acc, (double)count) : acc;
     }
     if (threadIdx.x == 0) p.qcount[bh * d.NA + a] = count; /* thread 0 always has dim 0 (D >= 1) */
+}
+
+/* grid: B * Hkv * nr blocks, nr = the regions that tokens [t0, t1) touch (j0 the first); a thread per
+ * dim. Adds the valid new tokens to their region's float32 sum and count in position order, starting
+ * the region afresh at its first token: the sums pass 1 computes from scratch, bit for bit.
+ * k (B, Hkv, t1 - t0, D) and mask (B, t1 - t0) hold the new tokens only. */
+__global__ void ms_region_sums_append_kernel(const msattn_region_sums s, const msattn_view k, const msattn_dtype dtype,
+                                             const uint8_t *mask, const int64_t mask_sb, const int Hkv, const int D,
+                                             const int block_k, const int64_t t0, const int64_t t1,
+                                             const int64_t j0, const int64_t nr) {
+    const int64_t w = blockIdx.x, j = j0 + w % nr, bh = w / nr, b = bh / Hkv, h = bh % Hkv;
+    const int64_t tb = msattn_max64(j * block_k, t0), te = msattn_min64((j + 1) * block_k, t1);
+    const bool fresh = tb % block_k == 0;
+    float *sum = s.sum + b * s.sum_sb + h * s.sum_sh + j * D;
+    int32_t *count = s.count + b * s.count_sb + h * s.count_sh + j;
+    const int32_t before = fresh ? 0 : *count;
+    int32_t added = 0;
+    for (int64_t dd = threadIdx.x; dd < D; dd += blockDim.x) {
+        float acc = fresh ? 0.0f : sum[dd];
+        added = 0;
+        for (int64_t t = tb; t < te; ++t) {
+            if (!ms_key_valid(mask, mask_sb, b, t - t0)) continue;
+            ++added;
+            acc = __fadd_rn(acc, ms_load(k.data, ms_off(k, b, h, t - t0, dd), dtype));
+        }
+        sum[dd] = acc;
+    }
+    __syncthreads(); /* every thread has read the old count before thread 0 (which has dim 0) writes it */
+    if (threadIdx.x == 0) *count = before + added;
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -444,6 +474,19 @@ int msattn_region_means_cuda(const msattn_select_params *p, void *stream) {
     if (blocks > INT_MAX) return MSATTN_ERR_ARG;
     const int threads = (int)msattn_min64(256, ms_round_up(d.D, 32));
     ms_region_means_kernel<<<(unsigned)blocks, threads, 0, (cudaStream_t)stream>>>(*p);
+    return ms_launch_status();
+}
+
+int msattn_region_sums_append_cuda(msattn_region_sums s, msattn_view k, msattn_dtype dtype, const uint8_t *mask,
+                                   int64_t mask_sb, int B, int Hkv, int D, int block_k, int64_t t0, int64_t t1,
+                                   void *stream) {
+    if (D < 1 || D > SEL_DMAX || Hkv < 1 || block_k < 1 || t0 < 0 || t1 < t0) return MSATTN_ERR_ARG;
+    if (t1 == t0 || B == 0) return MSATTN_OK;
+    const int64_t j0 = t0 / block_k, nr = (t1 - 1) / block_k - j0 + 1, blocks = (int64_t)B * Hkv * nr;
+    if (blocks > INT_MAX) return MSATTN_ERR_ARG;
+    const int threads = (int)msattn_min64(256, ms_round_up(D, 32));
+    ms_region_sums_append_kernel<<<(unsigned)blocks, threads, 0, (cudaStream_t)stream>>>(
+        s, k, dtype, mask, mask_sb, Hkv, D, block_k, t0, t1, j0, nr);
     return ms_launch_status();
 }
 

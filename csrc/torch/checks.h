@@ -87,6 +87,26 @@ inline at::Tensor check_mask(const c10::optional<at::Tensor> &mask, const at::Te
     return m.contiguous();
 }
 
+// a cache's region sums: float32 (B, Hkv, >= NK, D) and int32 (B, Hkv, >= NK), region and dim
+// unit-strided, on k's device
+inline msattn_region_sums sums_view(const at::Tensor &sums, const at::Tensor &counts, const at::Tensor &k, int64_t nk,
+                             const char *who) {
+    TORCH_CHECK(sums.scalar_type() == at::kFloat && sums.dim() == 4 && sums.size(0) == k.size(0) &&
+                    sums.size(1) == k.size(1) && sums.size(2) >= nk && sums.size(3) == k.size(3),
+                "msattn: ", who, ": key_sums must be float32 (B, Hkv, >= NK, D) = (", k.size(0), ", ", k.size(1),
+                ", >= ", nk, ", ", k.size(3), "), got ", sums.scalar_type(), " ", shape_str(sums));
+    TORCH_CHECK(counts.scalar_type() == at::kInt && counts.dim() == 3 && counts.size(0) == k.size(0) &&
+                    counts.size(1) == k.size(1) && counts.size(2) >= nk,
+                "msattn: ", who, ": key_counts must be int32 (B, Hkv, >= NK) = (", k.size(0), ", ", k.size(1),
+                ", >= ", nk, "), got ", counts.scalar_type(), " ", shape_str(counts));
+    TORCH_CHECK(sums.stride(3) == 1 && sums.stride(2) == sums.size(3) && counts.stride(2) == 1,
+                "msattn: ", who, ": key_sums and key_counts must be contiguous along regions and dims");
+    TORCH_CHECK(sums.device() == k.device() && counts.device() == k.device(), "msattn: ", who,
+                ": key_sums and key_counts must be on ", k.device());
+    return msattn_region_sums{sums.data_ptr<float>(), sums.stride(0), sums.stride(1), counts.data_ptr<int32_t>(),
+                              counts.stride(0), counts.stride(1)};
+}
+
 // rope tables for rope="selected": float32 (len, dim/2) each, len covering every compact position
 inline msattn_rope check_rope(const c10::optional<at::Tensor> &cos, const c10::optional<at::Tensor> &sin,
                               const at::Tensor &q, int64_t needed_len, at::Tensor &cos_c, at::Tensor &sin_c) {

@@ -38,7 +38,7 @@ void check_status(int status, const char *what) {
 }
 
 void check_cuda(const at::Tensor &q, const char *who) {
-    TORCH_CHECK(q.is_cuda(), "msattn: ", who, ": this is the CUDA implementation, got q on ", q.device());
+    TORCH_CHECK(q.is_cuda(), "msattn: ", who, ": this is the CUDA implementation, got tensors on ", q.device());
 }
 
 void check_not_f64(const at::Tensor &q, const char *who) {
@@ -53,25 +53,6 @@ int64_t sm_count() {
     C10_CUDA_CHECK(cudaGetDevice(&dev));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
     return sms;
-}
-
-// region sums given by a cache: float32 (B, Hkv, >= NK, D) and int32 (B, Hkv, >= NK), region and dim
-// unit-strided (the same rule as the CPU glue)
-msattn_region_sums sums_view(const at::Tensor &sums, const at::Tensor &counts, const at::Tensor &k, int64_t nk) {
-    TORCH_CHECK(sums.scalar_type() == at::kFloat && sums.dim() == 4 && sums.size(0) == k.size(0) &&
-                    sums.size(1) == k.size(1) && sums.size(2) >= nk && sums.size(3) == k.size(3),
-                "msattn: ms_select: key_sums must be float32 (B, Hkv, >= NK, D) = (", k.size(0), ", ", k.size(1),
-                ", >= ", nk, ", ", k.size(3), "), got ", sums.scalar_type(), " ", shape_str(sums));
-    TORCH_CHECK(counts.scalar_type() == at::kInt && counts.dim() == 3 && counts.size(0) == k.size(0) &&
-                    counts.size(1) == k.size(1) && counts.size(2) >= nk,
-                "msattn: ms_select: key_counts must be int32 (B, Hkv, >= NK) = (", k.size(0), ", ", k.size(1),
-                ", >= ", nk, "), got ", counts.scalar_type(), " ", shape_str(counts));
-    TORCH_CHECK(sums.stride(3) == 1 && sums.stride(2) == sums.size(3) && counts.stride(2) == 1,
-                "msattn: ms_select: key_sums and key_counts must be contiguous along regions and dims");
-    TORCH_CHECK(sums.device() == k.device() && counts.device() == k.device(),
-                "msattn: ms_select: key_sums and key_counts must be on ", k.device());
-    return msattn_region_sums{sums.data_ptr<float>(), sums.stride(0), sums.stride(1), counts.data_ptr<int32_t>(),
-                              counts.stride(0), counts.stride(1)};
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -115,7 +96,7 @@ at::Tensor ms_select_cuda(const at::Tensor &q,                            // (B,
     p.k = view_of(k);
     p.key_mask = mask.defined() ? (const uint8_t *)mask.data_ptr<bool>() : nullptr;
     p.mask_sb = mask.defined() ? mask.stride(0) : 0;
-    p.ksum = sums_view(sums, counts, k, NK);
+    p.ksum = sums_view(sums, counts, k, NK, "ms_select");
     p.sums_given = key_sums.has_value();
     p.qbar = qbar.data_ptr<double>();
     p.qcount = qcount.data_ptr<int32_t>();
@@ -133,6 +114,24 @@ at::Tensor ms_select_cuda(const at::Tensor &q,                            // (B,
     check_status(msattn_region_means_cuda(&p, stream_of()), "ms_select (region means)");
     check_status(msattn_select_cuda(&p, stream_of()), "ms_select");
     return index;
+}
+
+void ms_region_sums_append_cuda(at::Tensor &key_sums, at::Tensor &key_counts, const at::Tensor &k,
+                                const c10::optional<at::Tensor> &mask_, int64_t start, int64_t block_k) {
+    TORCH_CHECK(k.dim() == 4, "msattn: ms_region_sums_append_: k must be 4-D (B, Hkv, n, D), got ", shape_str(k));
+    TORCH_CHECK(block_k >= 1, "msattn: block_k must be >= 1, got ", block_k);
+    TORCH_CHECK(start >= 0, "msattn: start must be >= 0, got ", start);
+    check_cuda(k, "ms_region_sums_append_");
+    at::Tensor mask = check_mask(mask_, k);
+    const c10::cuda::CUDAGuard guard(k.device());
+    const int64_t n = k.size(2), end = start + n;
+    const msattn_region_sums s = sums_view(key_sums, key_counts, k, msattn_num_key_regions(end, (int)block_k),
+                                           "ms_region_sums_append_");
+    check_status(msattn_region_sums_append_cuda(s, view_of(k), dtype_of(k),
+                                                mask.defined() ? (const uint8_t *)mask.data_ptr<bool>() : nullptr,
+                                                mask.defined() ? mask.stride(0) : 0, (int)k.size(0), (int)k.size(1),
+                                                (int)k.size(3), (int)block_k, start, end, stream_of()),
+                 "ms_region_sums_append_");
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -266,6 +265,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_bwd_cuda(
 
 TORCH_LIBRARY_IMPL(msattn, CUDA, m) {
     m.impl("ms_select", &msattn::ms_select_cuda);
+    m.impl("ms_region_sums_append_", &msattn::ms_region_sums_append_cuda);
     m.impl("ms_fwd", &msattn::ms_fwd_cuda);
     m.impl("ms_bwd", &msattn::ms_bwd_cuda);
 }
