@@ -1,6 +1,8 @@
 """The demo (python -m msattn.demo) end to end at a toy size: training, checkpoints, report files."""
 
+import importlib.util
 import json
+import os
 
 import pytest
 import torch
@@ -48,3 +50,25 @@ def test_demo_bad_input(tmp_path):
         demo.main(["--out", str(tmp_path), "--train-len", "40"])
     with pytest.raises(SystemExit, match="--chunk-size must be a multiple of merge \\* block_q = 32"):
         demo.main(["--out", str(tmp_path), "--chunk-size", "100"])
+
+
+def test_demo_selection_diagnostic(tmp_path):
+    # benchmarks/demo_selection.py on a toy demo model whose groups take every candidate (topk 16 at
+    # 128 tokens): every layer and head must hold the whole key, whatever the weights
+    out = tmp_path / "demo"
+    demo.main(["--out", str(out), "--steps", "2", "--batch-size", "2", "--hidden", "32", "--train-len", "128",
+               "--max-len", "128", "--trials", "1", "--methods", "ms", "--topk", "16", "--threads", "1"])
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                        "demo_selection.py")
+    spec = importlib.util.spec_from_file_location("demo_selection", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    rows, accuracy = script.main(["--model", str(out / "ms"), "--lengths", "100,128", "--trials", "3"])
+    assert [r[:3] for r in rows[1:]] == [[n, layer, h] for n in ("100", "128") for layer in "01" for h in "01"]
+    assert all(r[3] == "1.00" and r[4] == "1.00" for r in rows[1:])
+    assert [a[0] for a in accuracy] == ["100", "128"]
+    with pytest.raises(SystemExit, match="rope='selected'"):
+        dense = tmp_path / "dense"
+        demo.main(["--out", str(dense), "--steps", "1", "--batch-size", "2", "--hidden", "32", "--train-len", "128",
+                   "--max-len", "128", "--trials", "1", "--methods", "dense", "--threads", "1"])
+        script.main(["--model", str(dense / "dense")])

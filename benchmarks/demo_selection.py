@@ -1,0 +1,119 @@
+"""What does the demo's MS model select when it answers? A diagnostic of passkey failures.
+
+    python benchmarks/demo_selection.py --model demo_out/ms --lengths 250,256,1k --trials 40
+
+For each prompt (the prompts ``run_passkey`` builds with ``--seed``), the key's first digit is appended:
+the answer's first token, which at a prompt length that is a multiple of ``merge * block_q`` opens a
+new MS group holding answer tokens only. In every layer and KV head it records
+
+- the key regions ``msattn.ms_select`` chooses for that token's group, from the un-rotated q and k
+  the kernel selects with (the outputs of ``q_proj`` and ``k_proj``: ``rope="selected"`` models only);
+- where the key's next digit ranks among all prompt positions by the un-rotated per-token logit
+  ``q . k`` (the quantity that the region means average), best of the KV head's query heads;
+
+and whether exact decoding (``greedy_generate(exact=True)``) answers the prompt. Prints, per length
+and layer/KV head: the share of prompts whose selection holds a whole occurrence of the key, the
+share holding at least one key digit, the median rank; and the accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+
+import torch
+
+import msattn
+from msattn.eval.__main__ import parse_lengths
+from msattn.eval.loading import load, prepare, settings_from_meta, read_checkpoint_meta
+from msattn.eval.passkey import _found, _random_key, greedy_generate, passkey_prompt
+from msattn.eval.report import markdown_table
+from msattn.hf import model_config
+
+
+def digit_runs(ids: list[int], is_digit) -> list[range]:
+    """Positions of the runs of digit tokens (the key's occurrences) in a prompt."""
+    runs, i = [], 0
+    while i < len(ids):
+        if is_digit(ids[i]):
+            j = i
+            while j < len(ids) and is_digit(ids[j]):
+                j += 1
+            runs.append(range(i, j))
+            i = j
+        else:
+            i += 1
+    return runs
+
+
+def capture(model) -> dict:
+    """Forward hooks that keep each layer's q_proj and k_proj outputs ``(B, N, H*D)`` after a forward."""
+    caught = {}
+    for i, layer in enumerate(model.model.layers):
+        layer.self_attn.q_proj.register_forward_hook(lambda m, a, out, i=i: caught.__setitem__(("q", i), out))
+        layer.self_attn.k_proj.register_forward_hook(lambda m, a, out, i=i: caught.__setitem__(("k", i), out))
+    return caught
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="an MS model saved by the demo (e.g. demo_out/ms)")
+    ap.add_argument("--lengths", type=parse_lengths, default=[250, 256, 1024])
+    ap.add_argument("--trials", type=int, default=40)
+    ap.add_argument("--seed", type=int, default=1, help="prompt seed (the demo evaluates with its --seed + 1)")
+    args = ap.parse_args(argv)
+    model, tokenizer = load(model=args.model)
+    prepare(model, "ms", settings_from_meta(read_checkpoint_meta(args.model)))
+    cfg = model_config(model)
+    if cfg.rope != "selected":
+        raise SystemExit(f"demo_selection: --model must use rope='selected' (q_proj/k_proj outputs are then what "
+                         f"the kernel selects with), got rope={cfg.rope!r}")
+    conf = model.config
+    hq, hkv = conf.num_attention_heads, conf.num_key_value_heads
+    caught = capture(model)
+    digits = set(tokenizer.encode("0123456789", bos=False))
+    rows = [["length", "layer", "KV head", "whole key selected", "a key digit selected", "next digit's rank"]]
+    accuracy = []
+    for n in args.lengths:
+        rng = random.Random(f"passkey/{args.seed}/{n}")
+        plan = [(_random_key(rng, 5), rng.random()) for _ in range(args.trials)]
+        whole, anykey, ranks = {}, {}, {}
+        right = 0
+        for key, depth in plan:
+            ids, answer = passkey_prompt(tokenizer, n, key, depth)
+            a = tokenizer.encode(answer, bos=False)
+            out = greedy_generate(model, torch.tensor([ids]), len(a) + 1, exact=True)
+            right += _found(answer, tokenizer.decode(out[0].tolist()))
+            with torch.no_grad():
+                model(torch.tensor([ids + a[:1]]))
+            runs = digit_runs(ids, digits.__contains__)
+            succ = [p for run in runs for p in run if p > run.start and ids[p - 1] == a[0] and ids[p] == a[1]]
+            for layer in range(conf.num_hidden_layers):
+                q = caught[("q", layer)].view(1, n + 1, hq, -1).transpose(1, 2)
+                k = caught[("k", layer)].view(1, n + 1, hkv, -1).transpose(1, 2)
+                start = n // cfg.span * cfg.span  # the answer's group: its queries so far, as exact decoding runs it
+                sel = msattn.ms_select(q[:, :, start:], k, block_q=cfg.block_q, block_k=cfg.block_k, merge=cfg.merge,
+                                       topk=cfg.topk)[0, :, -1]
+                for h in range(hkv):
+                    tokens = {t for j in sel[h].tolist() if j >= 0 for t in range(j * cfg.block_k, (j + 1) * cfg.block_k)}
+                    whole.setdefault((layer, h), []).append(any(set(run) <= tokens for run in runs))
+                    anykey.setdefault((layer, h), []).append(any(t in tokens for run in runs for t in run))
+                    best = n
+                    for qh in range(h * hq // hkv, (h + 1) * hq // hkv):
+                        logits = k[0, h, :n] @ q[0, qh, -1]
+                        order = logits.argsort(descending=True).tolist()
+                        best = min([best] + [order.index(p) for p in succ])
+                    ranks.setdefault((layer, h), []).append(best)
+        accuracy.append([str(n), f"{right / args.trials:.2f}"])
+        for (layer, h) in sorted(whole):
+            rows.append([str(n), str(layer), str(h), f"{sum(whole[layer, h]) / args.trials:.2f}",
+                         f"{sum(anykey[layer, h]) / args.trials:.2f}", f"{statistics.median(ranks[layer, h]):g}"])
+    print(f"{args.model}: the answer's first token's group, {args.trials} prompts per length")
+    print(markdown_table(rows))
+    print(markdown_table([["length", "exact-decoding accuracy"]] + accuracy))
+    return rows, accuracy
+
+
+if __name__ == "__main__":
+    main()
