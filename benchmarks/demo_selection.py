@@ -96,7 +96,8 @@ def main(argv=None):
                 sel = msattn.ms_select(q[:, :, start:], k, block_q=cfg.block_q, block_k=cfg.block_k, merge=cfg.merge,
                                        topk=cfg.topk)[0, :, -1]
                 for h in range(hkv):
-                    tokens = {t for j in sel[h].tolist() if j >= 0 for t in range(j * cfg.block_k, (j + 1) * cfg.block_k)}
+                    tokens = {t for j in sel[h].tolist() if j >= 0
+                              for t in range(j * cfg.block_k, (j + 1) * cfg.block_k)}
                     whole.setdefault((layer, h), []).append(any(set(run) <= tokens for run in runs))
                     anykey.setdefault((layer, h), []).append(any(t in tokens for run in runs for t in run))
                     best = n

@@ -2,10 +2,11 @@
 
 ``MSCache`` is a transformers ``Cache`` whose layers keep K and V (in buffers that grow by doubling, so
 appending is amortised O(1)) plus, per key region of ``block_k`` tokens, the float32 sum of its valid
-keys and their count: ``1 / (2 * block_k)`` of a float32 KV cache, ``1 / block_k`` of a 16-bit one. A decode step then scores the query against every region from the sums
-(``N / block_k`` dot products) and reads K and V only for the regions it selects and its own group:
-``O(N/CK * D + (topk*CK + window) * D)`` instead of ``O(N * D)``. The sums are appended token by token
-in position order by the same C code that computes them from scratch, so a decode step's selection
+keys and their count: ``1 / (2 * block_k)`` of a float32 KV cache, ``1 / block_k`` of a 16-bit one.
+A decode step then scores the query against every region from the sums (``N / block_k`` dot products)
+and reads K and V only for the regions it selects and its own group: ``O(N/CK * D + (topk*CK + window)
+* D)`` instead of ``O(N * D)``. The sums are appended token by token in position order by the same
+C (or CUDA) arithmetic that computes them from scratch, so a decode step's selection
 equals the op's on the whole sequence, bit for bit. Patched models use it in ``generate()``.
 
 ``prefill(model, input_ids, chunk_size=...)`` runs a prompt of any length chunk by chunk against the

@@ -11,8 +11,9 @@ scratch on synthetic passkey prompts of ``--train-len`` tokens, twice with the s
 
 Then it evaluates passkey retrieval (``msattn.eval.passkey``) at lengths from 1x to ``--max-len``
 (default 64x the training length; the MS model's answer tokens are predicted exactly as a forward over
-the whole sequence predicts them, ``--decode exact``, see ``greedy_generate``), prints the table, writes ``passkey.json`` (a list of ``{method,
-length, trials, accuracy, ...}``), ``passkey.md`` and ``passkey.png`` into ``--out`` and saves both
+the whole sequence predicts them, ``--decode exact``, see ``greedy_generate``), prints the table, writes
+``passkey.json`` (a list of ``{method, length, trials, accuracy, ...}``), ``passkey.md`` and
+``passkey.png`` into ``--out`` and saves both
 models there (``ms/``, ``dense/``, ``infini/``: HF model directories with ``msattn.json``, loadable by
 ``python -m msattn.eval --model DIR``).
 """
@@ -235,7 +236,8 @@ def main(argv=None):
     report.write_report(records, args.out, "passkey")
     with open(os.path.join(args.out, "train.json"), "w") as f:
         json.dump({"args": vars(args), "ms_config": cfg.__dict__, "training": timings}, f, indent=1, default=list)
-    print(f"wrote {args.out}/passkey.json, passkey.md, passkey.png and the models in {args.out}/{{{','.join(methods)}}}")
+    print(f"wrote {args.out}/passkey.json, passkey.md, passkey.png and the models in "
+          f"{args.out}/{{{','.join(methods)}}}")
 
 
 if __name__ == "__main__":

@@ -94,7 +94,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     n = key.shape[2]
     cfg = state.config
     if state.dense:  # a layer left dense: the same kernel with every region selected is exact attention
-        cfg = MSConfig(block_q=cfg.block_q, block_k=cfg.block_k, merge=cfg.merge, topk=max(1, math.ceil(n / cfg.block_k)))
+        cfg = MSConfig(block_q=cfg.block_q, block_k=cfg.block_k, merge=cfg.merge,
+                       topk=max(1, math.ceil(n / cfg.block_k)))
     rotary = None
     if state.rotary is not None:
         need = max(cfg.topk * cfg.block_k + cfg.span, n)

@@ -318,5 +318,6 @@ def test_opcheck_cuda():
     params = (4, 4, 2)
     torch.library.opcheck(ops.ms_select, (q, k, mask, None, None, *params, 3, True))
     index = ops.ms_select(q, k, mask, None, None, *params, 3, True)
-    fwd_args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), index, mask, None, None, *params, True, 0.25)
+    fwd_args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), index, mask, None, None, *params, True,
+                0.25)
     torch.library.opcheck(ops.ms_fwd, fwd_args)

@@ -22,7 +22,8 @@ def test_demo_trains_saves_and_reports_every_method(tmp_path):
         (m, n) for m in ("ms", "dense", "infini") for n in (128, 256))
     for r in records:
         assert r["trials"] == 2 and 0 <= r["accuracy"] <= 1
-    assert (out / "passkey.png").read_bytes()[:4] == b"\x89PNG" and "## passkey accuracy" in (out / "passkey.md").read_text()
+    assert (out / "passkey.png").read_bytes()[:4] == b"\x89PNG"
+    assert "## passkey accuracy" in (out / "passkey.md").read_text()
     train = json.loads((out / "train.json").read_text())
     assert set(train["training"]) == {"ms", "dense", "infini"}
     # each checkpoint reloads as the method it was trained with

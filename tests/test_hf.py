@@ -156,7 +156,8 @@ def test_selected_rope_unselected_past_tokens_change_nothing():
     kw = dict(block_q=bq, block_k=bk, merge=merge, topk=topk, rotary=rotary)
     base = msattn.ms_attention(q, k, v, **kw)
     longer = msattn.ms_attention(torch.cat([ins_q, q], 2), torch.cat([ins_k, k], 2), torch.cat([ins_v, v], 2), **kw)
-    sel = msattn.ms_select(torch.cat([ins_q, q], 2), torch.cat([ins_k, k], 2), **{x: kw[x] for x in ("block_q", "block_k", "merge", "topk")})
+    sel = msattn.ms_select(torch.cat([ins_q, q], 2), torch.cat([ins_k, k], 2),
+                           **{x: kw[x] for x in ("block_q", "block_k", "merge", "topk")})
     # groups with enough real candidates to fill topk never choose an inserted region ...
     first = math.ceil(topk * bk / span)
     later = sel[:, :, 4 + first:]

@@ -33,8 +33,8 @@ import torch
 from ..config import MSConfig
 
 __all__ = ["METHODS", "CHECKPOINT_META", "HFTokenizer", "load", "load_tokenizer", "read_checkpoint_meta",
-           "ms_config_from_dict", "settings_from_meta", "save_checkpoint", "Settings", "prepare", "is_patched", "prefill", "model_device",
-           "auto_batch_size", "reset_peak_rss", "rss_mb", "peak_rss_mb"]
+           "ms_config_from_dict", "settings_from_meta", "save_checkpoint", "Settings", "prepare", "is_patched",
+           "prefill", "model_device", "auto_batch_size", "reset_peak_rss", "rss_mb", "peak_rss_mb"]
 
 CHECKPOINT_META = "msattn.json"
 
