@@ -6,9 +6,9 @@
  * and the query-region means qbar / qcount; msattn_select_cuda then writes index (B, Hkv, G, T):
  * for every (b, h, g) the key regions the group attends to besides its own tokens, ascending, -1
  * padded. msattn_region_sums_append_cuda adds a cache's new tokens to its region sums, in the order
- * pass 1 adds them. All three launch on `stream` and return at once (MSATTN_OK, or an error code with nothing
- * launched, or MSATTN_ERR_CUDA when the launch failed). Selection needs p->cuda_slots blocks of
- * msattn_select_cuda_slot_bytes(p) bytes of device workspace at p->cuda_scratch.
+ * pass 1 adds them. All three launch on `stream` and return at once (MSATTN_OK, or an error code
+ * with nothing launched, or MSATTN_ERR_CUDA when the launch failed). Selection needs p->cuda_slots
+ * blocks of msattn_select_cuda_slot_bytes(p) bytes of device workspace at p->cuda_scratch.
  *
  * Bit-for-bit agreement with the CPU. Every sum is added in the CPU's order, with explicitly rounded
  * intrinsics (__fadd_rn, __dadd_rn, __dmul_rn) so that nvcc cannot contract a product and a sum into

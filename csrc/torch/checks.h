@@ -90,7 +90,7 @@ inline at::Tensor check_mask(const c10::optional<at::Tensor> &mask, const at::Te
 // a cache's region sums: float32 (B, Hkv, >= NK, D) and int32 (B, Hkv, >= NK), region and dim
 // unit-strided, on k's device
 inline msattn_region_sums sums_view(const at::Tensor &sums, const at::Tensor &counts, const at::Tensor &k, int64_t nk,
-                             const char *who) {
+                                    const char *who) {
     TORCH_CHECK(sums.scalar_type() == at::kFloat && sums.dim() == 4 && sums.size(0) == k.size(0) &&
                     sums.size(1) == k.size(1) && sums.size(2) >= nk && sums.size(3) == k.size(3),
                 "msattn: ", who, ": key_sums must be float32 (B, Hkv, >= NK, D) = (", k.size(0), ", ", k.size(1),
