@@ -25,26 +25,12 @@ import statistics
 import torch
 
 import msattn
+from msattn import demo
 from msattn.eval.__main__ import parse_lengths
 from msattn.eval.loading import load, prepare, settings_from_meta, read_checkpoint_meta
 from msattn.eval.passkey import _found, _random_key, greedy_generate, passkey_prompt
 from msattn.eval.report import markdown_table
 from msattn.hf import model_config
-
-
-def digit_runs(ids: list[int], is_digit) -> list[range]:
-    """Positions of the runs of digit tokens (the key's occurrences) in a prompt."""
-    runs, i = [], 0
-    while i < len(ids):
-        if is_digit(ids[i]):
-            j = i
-            while j < len(ids) and is_digit(ids[j]):
-                j += 1
-            runs.append(range(i, j))
-            i = j
-        else:
-            i += 1
-    return runs
 
 
 def capture(model) -> dict:
@@ -76,6 +62,7 @@ def main(argv=None):
     rows = [["length", "layer", "KV head", "whole key selected", "a key digit selected", "next digit's rank"]]
     accuracy = []
     for n in args.lengths:
+        start = n // cfg.span * cfg.span  # the answer's group: its queries so far, as exact decoding runs it
         rng = random.Random(f"passkey/{args.seed}/{n}")
         plan = [(_random_key(rng, 5), rng.random()) for _ in range(args.trials)]
         whole, anykey, ranks = {}, {}, {}
@@ -87,12 +74,11 @@ def main(argv=None):
             right += _found(answer, tokenizer.decode(out[0].tolist()))
             with torch.no_grad():
                 model(torch.tensor([ids + a[:1]]))
-            runs = digit_runs(ids, digits.__contains__)
+            runs = demo.digit_runs(ids, digits.__contains__)
             succ = [p for run in runs for p in run if p > run.start and ids[p - 1] == a[0] and ids[p] == a[1]]
             for layer in range(conf.num_hidden_layers):
                 q = caught[("q", layer)].view(1, n + 1, hq, -1).transpose(1, 2)
                 k = caught[("k", layer)].view(1, n + 1, hkv, -1).transpose(1, 2)
-                start = n // cfg.span * cfg.span  # the answer's group: its queries so far, as exact decoding runs it
                 sel = msattn.ms_select(q[:, :, start:], k, block_q=cfg.block_q, block_k=cfg.block_k, merge=cfg.merge,
                                        topk=cfg.topk)[0, :, -1]
                 for h in range(hkv):

@@ -81,24 +81,29 @@ def build_model(tokenizer: PasskeyTokenizer, args) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
+def digit_runs(ids: list[int], is_digit) -> list[range]:
+    """The positions of each run of digit tokens in ``ids`` (in a passkey prompt: the key's occurrences)."""
+    runs, i = [], 0
+    while i < len(ids):
+        if is_digit(ids[i]):
+            j = i
+            while j < len(ids) and is_digit(ids[j]):
+                j += 1
+            runs.append(range(i, j))
+            i = j
+        else:
+            i += 1
+    return runs
+
+
 def copy_weights(ids: list[int], answer: list[int], is_digit) -> list[float]:
     """Loss weights of a training sequence ``ids + answer`` (one per next-token target): 1 on the digits
     that can be copied (the key's second occurrence) and on the answer, 0 elsewhere. The filler is
     trivially predictable and the key's first occurrence is random: training on them only delays the
     content-based copying that retrieval needs."""
     weights = [0.0] * (len(ids) + len(answer))
-    runs, i = [], 0
-    while i < len(ids):  # runs of digit tokens: the key's two occurrences
-        if is_digit(ids[i]):
-            j = i
-            while j < len(ids) and is_digit(ids[j]):
-                j += 1
-            runs.append((i, j))
-            i = j
-        else:
-            i += 1
-    for start, end in runs[1:]:
-        for t in range(start, end):
+    for run in digit_runs(ids, is_digit)[1:]:  # the key's occurrences after the first
+        for t in run:
             weights[t - 1] = 1.0
     for t in range(len(ids), len(ids) + len(answer)):
         weights[t - 1] = 1.0

@@ -107,6 +107,25 @@ inline msattn_region_sums sums_view(const at::Tensor &sums, const at::Tensor &co
                               counts.stride(0), counts.stride(1)};
 }
 
+// ms_region_sums_append_'s arguments (any device): k (B, Hkv, n, D) holds the keys of positions
+// [start, end = start + n), `mask` its padding mask (B, n) or undefined, `sums` the sums it adds to
+struct AppendArgs {
+    at::Tensor mask;
+    msattn_region_sums sums;
+    int64_t end;
+};
+
+inline AppendArgs check_append(const at::Tensor &key_sums, const at::Tensor &key_counts, const at::Tensor &k,
+                               const c10::optional<at::Tensor> &mask, int64_t start, int64_t block_k) {
+    TORCH_CHECK(k.dim() == 4, "msattn: ms_region_sums_append_: k must be 4-D (B, Hkv, n, D), got ", shape_str(k));
+    TORCH_CHECK(block_k >= 1, "msattn: block_k must be >= 1, got ", block_k);
+    TORCH_CHECK(start >= 0, "msattn: start must be >= 0, got ", start);
+    dtype_of(k);
+    const int64_t end = start + k.size(2);
+    return {check_mask(mask, k), sums_view(key_sums, key_counts, k, msattn_num_key_regions(end, (int)block_k),
+                                           "ms_region_sums_append_"), end};
+}
+
 // rope tables for rope="selected": float32 (len, dim/2) each, len covering every compact position
 inline msattn_rope check_rope(const c10::optional<at::Tensor> &cos, const c10::optional<at::Tensor> &sin,
                               const at::Tensor &q, int64_t needed_len, at::Tensor &cos_c, at::Tensor &sin_c) {

@@ -97,20 +97,13 @@ at::Tensor ms_select_cpu(const at::Tensor &q, const at::Tensor &k, const c10::op
 
 void ms_region_sums_append_cpu(at::Tensor &key_sums, at::Tensor &key_counts, const at::Tensor &k,
                                const c10::optional<at::Tensor> &mask_, int64_t start, int64_t block_k) {
-    TORCH_CHECK(k.dim() == 4, "msattn: ms_region_sums_append_: k must be 4-D (B, Hkv, n, D), got ", shape_str(k));
-    TORCH_CHECK(block_k >= 1, "msattn: block_k must be >= 1, got ", block_k);
-    TORCH_CHECK(start >= 0, "msattn: start must be >= 0, got ", start);
     TORCH_CHECK(k.device().is_cpu(), "msattn: this is the CPU implementation, got k on ", k.device());
-    dtype_of(k);
-    at::Tensor mask = check_mask(mask_, k);
-    const int64_t n = k.size(2), end = start + n;
-    const msattn_region_sums s = sums_view(key_sums, key_counts, k, msattn_num_key_regions(end, (int)block_k),
-                                           "ms_region_sums_append_");
+    const AppendArgs a = check_append(key_sums, key_counts, k, mask_, start, block_k);
     at::parallel_for(0, k.size(0) * k.size(1), 1, [&](int64_t b, int64_t e) {
-        msattn_region_sums_append_cpu(s, view_of(k), dtype_of(k),
-                                      mask.defined() ? (const uint8_t *)mask.data_ptr<bool>() : nullptr,
-                                      mask.defined() ? mask.stride(0) : 0, (int)k.size(1), (int)k.size(3),
-                                      (int)block_k, start, end, b, e);
+        msattn_region_sums_append_cpu(a.sums, view_of(k), dtype_of(k),
+                                      a.mask.defined() ? (const uint8_t *)a.mask.data_ptr<bool>() : nullptr,
+                                      a.mask.defined() ? a.mask.stride(0) : 0, (int)k.size(1), (int)k.size(3),
+                                      (int)block_k, start, a.end, b, e);
     });
 }
 

@@ -118,19 +118,14 @@ at::Tensor ms_select_cuda(const at::Tensor &q,                            // (B,
 
 void ms_region_sums_append_cuda(at::Tensor &key_sums, at::Tensor &key_counts, const at::Tensor &k,
                                 const c10::optional<at::Tensor> &mask_, int64_t start, int64_t block_k) {
-    TORCH_CHECK(k.dim() == 4, "msattn: ms_region_sums_append_: k must be 4-D (B, Hkv, n, D), got ", shape_str(k));
-    TORCH_CHECK(block_k >= 1, "msattn: block_k must be >= 1, got ", block_k);
-    TORCH_CHECK(start >= 0, "msattn: start must be >= 0, got ", start);
     check_cuda(k, "ms_region_sums_append_");
-    at::Tensor mask = check_mask(mask_, k);
+    const AppendArgs a = check_append(key_sums, key_counts, k, mask_, start, block_k);
     const c10::cuda::CUDAGuard guard(k.device());
-    const int64_t n = k.size(2), end = start + n;
-    const msattn_region_sums s = sums_view(key_sums, key_counts, k, msattn_num_key_regions(end, (int)block_k),
-                                           "ms_region_sums_append_");
-    check_status(msattn_region_sums_append_cuda(s, view_of(k), dtype_of(k),
-                                                mask.defined() ? (const uint8_t *)mask.data_ptr<bool>() : nullptr,
-                                                mask.defined() ? mask.stride(0) : 0, (int)k.size(0), (int)k.size(1),
-                                                (int)k.size(3), (int)block_k, start, end, stream_of()),
+    check_status(msattn_region_sums_append_cuda(a.sums, view_of(k), dtype_of(k),
+                                                a.mask.defined() ? (const uint8_t *)a.mask.data_ptr<bool>() : nullptr,
+                                                a.mask.defined() ? a.mask.stride(0) : 0, (int)k.size(0),
+                                                (int)k.size(1), (int)k.size(3), (int)block_k, start, a.end,
+                                                stream_of()),
                  "ms_region_sums_append_");
 }
 
