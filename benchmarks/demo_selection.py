@@ -2,18 +2,23 @@
 
     python benchmarks/demo_selection.py --model demo_out/ms --lengths 250,256,1k --trials 40
 
-For each prompt (the prompts ``run_passkey`` builds with ``--seed``), the key's first digit is appended:
-the answer's first token, which at a prompt length that is a multiple of ``merge * block_q`` opens a
-new MS group holding answer tokens only. In every layer and KV head it records
+For each prompt (the prompts ``run_passkey`` builds with ``--seed``) and each ``i`` from 1 to the key's
+digits minus one, the key's first ``i`` digits are appended, as exact decoding has them after ``i``
+steps when it is right so far. At a prompt length that is a multiple of ``merge * block_q`` the
+answer then opens a new MS group holding those ``i`` answer tokens only, and that group selects with
+the mean of their queries alone. For every ``i``, layer and KV head it records
 
-- the key regions ``msattn.ms_select`` chooses for that token's group, from the un-rotated q and k
-  the kernel selects with (the outputs of ``q_proj`` and ``k_proj``: ``rope="selected"`` models only);
-- where the key's next digit ranks among all prompt positions by the un-rotated per-token logit
-  ``q . k`` (the quantity that the region means average), best of the KV head's query heads;
+- whether the key regions ``msattn.ms_select`` chooses for the last group (from the un-rotated q and k
+  the kernel selects with: the outputs of ``q_proj`` and ``k_proj``, ``rope="selected"`` models only)
+  hold a whole occurrence of the key, or at least one of its digits;
+- for ``i = 1``, where the key's next digit ranks among all prompt positions by the un-rotated
+  per-token logit ``q . k`` (the quantity that the region means average), best of the KV head's query
+  heads;
 
-and whether exact decoding (``greedy_generate(exact=True)``) answers the prompt. Prints, per length
-and layer/KV head: the share of prompts whose selection holds a whole occurrence of the key, the
-share holding at least one key digit, the median rank; and the accuracy.
+and whether the forward predicts digit ``i`` (prefix-forced accuracy), and whether exact decoding
+(``greedy_generate(exact=True)``) answers the prompt. Prints, per length: the share of prompts whose
+selection holds a whole key occurrence / a key digit and the median rank, per answer tokens fed, layer
+and KV head; the prefix-forced accuracy per answer tokens fed; the exact-decoding accuracy.
 """
 
 from __future__ import annotations
@@ -59,47 +64,57 @@ def main(argv=None):
     hq, hkv = conf.num_attention_heads, conf.num_key_value_heads
     caught = capture(model)
     digits = set(tokenizer.encode("0123456789", bos=False))
-    rows = [["length", "layer", "KV head", "whole key selected", "a key digit selected", "next digit's rank"]]
-    accuracy = []
+    rows = [["length", "answer tokens fed", "layer", "KV head", "whole key selected", "a key digit selected",
+             "next digit's rank"]]
+    forced = [["length", "answer tokens fed", "next digit predicted"]]
+    accuracy = [["length", "exact-decoding accuracy"]]
     for n in args.lengths:
-        start = n // cfg.span * cfg.span  # the answer's group: its queries so far, as exact decoding runs it
         rng = random.Random(f"passkey/{args.seed}/{n}")
         plan = [(_random_key(rng, 5), rng.random()) for _ in range(args.trials)]
-        whole, anykey, ranks = {}, {}, {}
+        whole, anykey, ranks, hits = {}, {}, {}, {}
         right = 0
         for key, depth in plan:
             ids, answer = passkey_prompt(tokenizer, n, key, depth)
             a = tokenizer.encode(answer, bos=False)
             out = greedy_generate(model, torch.tensor([ids]), len(a) + 1, exact=True)
             right += _found(answer, tokenizer.decode(out[0].tolist()))
-            with torch.no_grad():
-                model(torch.tensor([ids + a[:1]]))
             runs = demo.digit_runs(ids, digits.__contains__)
-            succ = [p for run in runs for p in run if p > run.start and ids[p - 1] == a[0] and ids[p] == a[1]]
-            for layer in range(conf.num_hidden_layers):
-                q = caught[("q", layer)].view(1, n + 1, hq, -1).transpose(1, 2)
-                k = caught[("k", layer)].view(1, n + 1, hkv, -1).transpose(1, 2)
-                sel = msattn.ms_select(q[:, :, start:], k, block_q=cfg.block_q, block_k=cfg.block_k, merge=cfg.merge,
-                                       topk=cfg.topk)[0, :, -1]
-                for h in range(hkv):
-                    tokens = {t for j in sel[h].tolist() if j >= 0
-                              for t in range(j * cfg.block_k, (j + 1) * cfg.block_k)}
-                    whole.setdefault((layer, h), []).append(any(set(run) <= tokens for run in runs))
-                    anykey.setdefault((layer, h), []).append(any(t in tokens for run in runs for t in run))
-                    best = n
-                    for qh in range(h * hq // hkv, (h + 1) * hq // hkv):
-                        logits = k[0, h, :n] @ q[0, qh, -1]
-                        order = logits.argsort(descending=True).tolist()
-                        best = min([best] + [order.index(p) for p in succ])
-                    ranks.setdefault((layer, h), []).append(best)
+            for fed in range(1, len(a)):
+                with torch.no_grad():
+                    logits = model(torch.tensor([ids + a[:fed]])).logits
+                hits.setdefault(fed, []).append(logits[0, -1].argmax().item() == a[fed])
+                start = (n + fed - 1) // cfg.span * cfg.span  # the last group: its queries so far
+                succ = [p for run in runs for p in run if p > run.start and ids[p - 1] == a[0] and ids[p] == a[1]]
+                for layer in range(conf.num_hidden_layers):
+                    q = caught[("q", layer)].view(1, n + fed, hq, -1).transpose(1, 2)
+                    k = caught[("k", layer)].view(1, n + fed, hkv, -1).transpose(1, 2)
+                    sel = msattn.ms_select(q[:, :, start:], k, block_q=cfg.block_q, block_k=cfg.block_k,
+                                           merge=cfg.merge, topk=cfg.topk)[0, :, -1]
+                    for h in range(hkv):
+                        tokens = {t for j in sel[h].tolist() if j >= 0
+                                  for t in range(j * cfg.block_k, (j + 1) * cfg.block_k)}
+                        cell = (fed, layer, h)
+                        whole.setdefault(cell, []).append(any(set(run) <= tokens for run in runs))
+                        anykey.setdefault(cell, []).append(any(t in tokens for run in runs for t in run))
+                        if fed == 1:
+                            best = n
+                            for qh in range(h * hq // hkv, (h + 1) * hq // hkv):
+                                order = (k[0, h, :n] @ q[0, qh, n]).argsort(descending=True).tolist()
+                                best = min([best] + [order.index(p) for p in succ])
+                            ranks.setdefault(cell, []).append(best)
         accuracy.append([str(n), f"{right / args.trials:.2f}"])
-        for (layer, h) in sorted(whole):
-            rows.append([str(n), str(layer), str(h), f"{sum(whole[layer, h]) / args.trials:.2f}",
-                         f"{sum(anykey[layer, h]) / args.trials:.2f}", f"{statistics.median(ranks[layer, h]):g}"])
-    print(f"{args.model}: the answer's first token's group, {args.trials} prompts per length")
+        for fed in sorted(hits):
+            forced.append([str(n), str(fed), f"{sum(hits[fed]) / args.trials:.2f}"])
+        for cell in sorted(whole):
+            fed, layer, h = cell
+            rank = f"{statistics.median(ranks[cell]):g}" if cell in ranks else ""
+            rows.append([str(n), str(fed), str(layer), str(h), f"{sum(whole[cell]) / args.trials:.2f}",
+                         f"{sum(anykey[cell]) / args.trials:.2f}", rank])
+    print(f"{args.model}: the last group after the key's first digits, {args.trials} prompts per length")
     print(markdown_table(rows))
-    print(markdown_table([["length", "exact-decoding accuracy"]] + accuracy))
-    return rows, accuracy
+    print(markdown_table(forced))
+    print(markdown_table(accuracy))
+    return rows, forced, accuracy
 
 
 if __name__ == "__main__":

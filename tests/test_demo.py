@@ -64,10 +64,13 @@ def test_demo_selection_diagnostic(tmp_path):
     spec = importlib.util.spec_from_file_location("demo_selection", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    rows, accuracy = script.main(["--model", str(out / "ms"), "--lengths", "100,128", "--trials", "3"])
-    assert [r[:3] for r in rows[1:]] == [[n, layer, h] for n in ("100", "128") for layer in "01" for h in "01"]
-    assert all(r[3] == "1.00" and r[4] == "1.00" for r in rows[1:])
-    assert [a[0] for a in accuracy] == ["100", "128"]
+    rows, forced, accuracy = script.main(["--model", str(out / "ms"), "--lengths", "100,128", "--trials", "3"])
+    assert [r[:4] for r in rows[1:]] == [[n, fed, layer, h] for n in ("100", "128") for fed in "1234"
+                                         for layer in "01" for h in "01"]
+    assert all(r[4] == "1.00" and r[5] == "1.00" for r in rows[1:])
+    assert all((r[6] != "") == (r[1] == "1") for r in rows[1:])  # the rank: for the first digit's group
+    assert [f[:2] for f in forced[1:]] == [[n, fed] for n in ("100", "128") for fed in "1234"]
+    assert [a[0] for a in accuracy[1:]] == ["100", "128"]
     with pytest.raises(SystemExit, match="rope='selected'"):
         dense = tmp_path / "dense"
         demo.main(["--out", str(dense), "--steps", "1", "--batch-size", "2", "--hidden", "32", "--train-len", "128",
