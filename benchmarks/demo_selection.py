@@ -24,7 +24,6 @@ and KV head; the prefix-forced accuracy per answer tokens fed; the exact-decodin
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 
 import torch
@@ -33,7 +32,7 @@ import msattn
 from msattn import demo
 from msattn.eval.__main__ import parse_lengths
 from msattn.eval.loading import load, prepare, settings_from_meta, read_checkpoint_meta
-from msattn.eval.passkey import _found, _random_key, greedy_generate, passkey_prompt
+from msattn.eval.passkey import greedy_generate, passkey_prompt, retrieved, trial_plan
 from msattn.eval.report import markdown_table
 from msattn.hf import model_config
 
@@ -69,15 +68,14 @@ def main(argv=None):
     forced = [["length", "answer tokens fed", "next digit predicted"]]
     accuracy = [["length", "exact-decoding accuracy"]]
     for n in args.lengths:
-        rng = random.Random(f"passkey/{args.seed}/{n}")
-        plan = [(_random_key(rng, 5), rng.random()) for _ in range(args.trials)]
+        plan = trial_plan(n, args.trials, seed=args.seed)
         whole, anykey, ranks, hits = {}, {}, {}, {}
         right = 0
         for key, depth in plan:
             ids, answer = passkey_prompt(tokenizer, n, key, depth)
             a = tokenizer.encode(answer, bos=False)
             out = greedy_generate(model, torch.tensor([ids]), len(a) + 1, exact=True)
-            right += _found(answer, tokenizer.decode(out[0].tolist()))
+            right += retrieved(answer, tokenizer.decode(out[0].tolist()))
             runs = demo.digit_runs(ids, digits.__contains__)
             for fed in range(1, len(a)):
                 with torch.no_grad():

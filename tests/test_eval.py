@@ -15,7 +15,8 @@ import msattn.hf
 from msattn.eval import PasskeyTokenizer, passkey_prompt, save_checkpoint
 from msattn.eval.__main__ import main, parse_lengths
 from msattn.eval.loading import Settings
-from msattn.eval.passkey import FILLER, INSTRUCTION, KEY_SENTENCE, QUESTION, greedy_generate, template_length
+from msattn.eval.passkey import (FILLER, INSTRUCTION, KEY_SENTENCE, QUESTION, greedy_generate, retrieved,
+                                 template_length, trial_plan)
 from msattn.eval.perplexity import window_nll
 from msattn.eval.report import format_table
 
@@ -379,3 +380,16 @@ def test_perplexity_tokens_scores_the_same_text_at_every_length(tmp_path):
     assert [r["windows"] for r in records] == [4, 2, 1]
     with pytest.raises(ValueError, match="tokens must be at least 1"):
         run_perplexity(model, PasskeyTokenizer(), text, [64], method="dense", tokens=0)
+
+
+def test_trial_plan_and_criterion():
+    # the prompts of run_passkey: one deterministic plan per (seed, length), keys of the asked digits
+    plan = trial_plan(300, 8, seed=3, digits=4)
+    assert plan == trial_plan(300, 8, seed=3, digits=4)
+    assert plan != trial_plan(300, 8, seed=4, digits=4) and plan != trial_plan(301, 8, seed=3, digits=4)
+    assert all(1000 <= key <= 9999 and 0.0 <= depth < 1.0 for key, depth in plan)
+    with pytest.raises(ValueError, match="digits must be a positive int"):
+        trial_plan(300, 1, digits=0)
+    # retrieved: the key as a whole number, not a part of one
+    assert retrieved("12345", "The pass key is 12345.") and retrieved("12345", "7 12345 9")
+    assert not retrieved("12345", "123456") and not retrieved("12345", "1234") and not retrieved("12345", "")

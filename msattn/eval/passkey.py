@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from .loading import auto_batch_size, is_patched, model_device, peak_rss_mb, prefill, reset_peak_rss
 
 __all__ = ["INSTRUCTION", "FILLER", "KEY_SENTENCE", "QUESTION", "PasskeyTokenizer", "passkey_prompt",
-           "template_length", "sample", "greedy_generate", "run_passkey"]
+           "template_length", "sample", "greedy_generate", "retrieved", "trial_plan", "run_passkey"]
 
 INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
                "I will quiz you about the important information there.")
@@ -237,9 +237,16 @@ def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, chun
     return torch.stack(tokens, 1)
 
 
-def _found(answer: str, text: str) -> bool:
-    """The key appears as a whole number in the generated text."""
+def retrieved(answer: str, text: str) -> bool:
+    """The criterion of :func:`run_passkey`: the key ``answer`` appears as a whole number in ``text``."""
     return answer in re.findall(r"\d+", text)
+
+
+def trial_plan(length: int, trials: int, *, seed: int = 0, digits: int = 5) -> list[tuple[int, float]]:
+    """The ``(key, depth)`` of each of ``trials`` prompts at ``length`` tokens that :func:`run_passkey`
+    evaluates for ``seed`` (build them with :func:`passkey_prompt`): the same for every method."""
+    rng = random.Random(f"passkey/{seed}/{length}")
+    return [(_random_key(rng, digits), rng.random()) for _ in range(trials)]
 
 
 def run_passkey(model, tokenizer, lengths: Sequence[int], trials: int, *, method: str, seed: int = 0,
@@ -261,8 +268,7 @@ def run_passkey(model, tokenizer, lengths: Sequence[int], trials: int, *, method
         raise ValueError(f"run_passkey: trials must be at least 1, got {trials}")
     plans = {}
     for length in lengths:
-        rng = random.Random(f"passkey/{seed}/{length}")
-        plan = [(_random_key(rng, digits), rng.random()) for _ in range(trials)]
+        plan = trial_plan(length, trials, seed=seed, digits=digits)
         need = max(template_length(tokenizer, key) for key, _ in plan)
         if length < need:
             raise ValueError(f"passkey length {length} is shorter than the prompt template without filler, "
@@ -284,7 +290,7 @@ def run_passkey(model, tokenizer, lengths: Sequence[int], trials: int, *, method
                 rows = ids.shape[0]
                 out = greedy_generate(model, ids, new, chunk_size=chunk_size, exact=exact,
                                       on_chunk=lambda s, e: bar.update(rows * (e - s)))
-                correct += sum(_found(a, tokenizer.decode(row.tolist())) for (_, a), row in zip(prompts, out))
+                correct += sum(retrieved(a, tokenizer.decode(row.tolist())) for (_, a), row in zip(prompts, out))
                 del ids, out
         seconds = time.perf_counter() - start
         record = {"method": method, "length": int(length), "trials": trials, "accuracy": correct / trials,
