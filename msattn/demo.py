@@ -61,6 +61,8 @@ def parse_args(argv=None):
     ap.add_argument("--heads", type=int, default=4, help="query heads (KV heads: half); head dim = hidden / heads")
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--tied-embeddings", action="store_true",
+                    help="tie the output layer to the input embeddings (the default before; see build_model)")
     ap.add_argument("--chunk-size", type=int, default=16384, help="prefill chunk (tokens) at evaluation")
     ap.add_argument("--decode", choices=["exact", "cached"], default="exact",
                     help="how the MS model's answers are generated (msattn.eval.passkey.greedy_generate): exact "
@@ -72,11 +74,15 @@ def parse_args(argv=None):
 
 
 def build_model(tokenizer: PasskeyTokenizer, args) -> LlamaForCausalLM:
-    """A tiny Llama (GQA: --heads query heads, half as many KV heads) for the passkey vocabulary."""
+    """A tiny Llama (GQA: --heads query heads, half as many KV heads) for the passkey vocabulary.
+
+    The output layer is its own matrix unless ``--tied-embeddings``: with tied embeddings the current
+    token's own direction pushes the model to repeat it, the copy's most frequent slip, and the copy is
+    learned on 1 seed of 4; untied, on 4 of 4 (benchmarks/RESULTS.md, issue 4)."""
     config = LlamaConfig(hidden_size=args.hidden, intermediate_size=3 * args.hidden, num_hidden_layers=args.layers,
                          num_attention_heads=args.heads, num_key_value_heads=args.heads // 2,
                          vocab_size=tokenizer.vocab_size,
-                         max_position_embeddings=args.train_len, tie_word_embeddings=True,
+                         max_position_embeddings=args.train_len, tie_word_embeddings=args.tied_embeddings,
                          bos_token_id=1, eos_token_id=2, pad_token_id=0, attn_implementation="sdpa")
     return LlamaForCausalLM(config)
 
