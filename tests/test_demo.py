@@ -76,3 +76,12 @@ def test_demo_selection_diagnostic(tmp_path):
         demo.main(["--out", str(dense), "--steps", "1", "--batch-size", "2", "--hidden", "32", "--train-len", "128",
                    "--max-len", "128", "--trials", "1", "--methods", "dense", "--threads", "1"])
         script.main(["--model", str(dense / "dense")])
+
+
+def test_demo_model_has_its_own_output_layer_unless_tied():
+    tokenizer = PasskeyTokenizer()
+    untied = demo.build_model(tokenizer, demo.parse_args(["--hidden", "32"]))
+    tied = demo.build_model(tokenizer, demo.parse_args(["--hidden", "32", "--tied-embeddings"]))
+    assert untied.lm_head.weight.data_ptr() != untied.model.embed_tokens.weight.data_ptr()
+    assert tied.lm_head.weight.data_ptr() == tied.model.embed_tokens.weight.data_ptr()
+    assert not untied.config.tie_word_embeddings and tied.config.tie_word_embeddings
