@@ -77,12 +77,13 @@ def main(argv=None):
             out = greedy_generate(model, torch.tensor([ids]), len(a) + 1, exact=True)
             right += retrieved(answer, tokenizer.decode(out[0].tolist()))
             runs = demo.digit_runs(ids, digits.__contains__)
+            # the key's second digit inside an occurrence: what the first fed digit's query should find
+            succ = [p for run in runs for p in run if p > run.start and ids[p - 1] == a[0] and ids[p] == a[1]]
             for fed in range(1, len(a)):
                 with torch.no_grad():
                     logits = model(torch.tensor([ids + a[:fed]])).logits
                 hits.setdefault(fed, []).append(logits[0, -1].argmax().item() == a[fed])
                 start = (n + fed - 1) // cfg.span * cfg.span  # the last group: its queries so far
-                succ = [p for run in runs for p in run if p > run.start and ids[p - 1] == a[0] and ids[p] == a[1]]
                 for layer in range(conf.num_hidden_layers):
                     q = caught[("q", layer)].view(1, n + fed, hq, -1).transpose(1, 2)
                     k = caught[("k", layer)].view(1, n + fed, hkv, -1).transpose(1, 2)
