@@ -87,6 +87,12 @@ inline at::Tensor check_mask(const c10::optional<at::Tensor> &mask, const at::Te
     return m.contiguous();
 }
 
+// a checked mask's data and batch stride for the C params (null and 0 when no mask was given)
+inline const uint8_t *mask_data(const at::Tensor &mask) {
+    return mask.defined() ? (const uint8_t *)mask.data_ptr<bool>() : nullptr;
+}
+inline int64_t mask_stride(const at::Tensor &mask) { return mask.defined() ? mask.stride(0) : 0; }
+
 // a cache's region sums: float32 (B, Hkv, >= NK, D) and int32 (B, Hkv, >= NK), region and dim
 // unit-strided, on k's device
 inline msattn_region_sums sums_view(const at::Tensor &sums, const at::Tensor &counts, const at::Tensor &k, int64_t nk,

@@ -78,8 +78,8 @@ msattn_infini_params infini_params(const at::Tensor &q, const at::Tensor &k, con
     p.beta = beta_d.data_ptr<double>();
     p.mem = memory.data_ptr();
     p.norm = norm.data_ptr();
-    p.key_mask = mask.defined() ? (const uint8_t *)mask.data_ptr<bool>() : nullptr;
-    p.mask_sb = mask.defined() ? mask.stride(0) : 0;
+    p.key_mask = mask_data(mask);
+    p.mask_sb = mask_stride(mask);
     p.q_block = (int)kQueryBlock;
     // backward pass 2: an item packs the query columns after its keys once, so the larger its key block
     // the better, as long as every thread still gets a few items

@@ -77,8 +77,8 @@ at::Tensor ms_select_cpu(const at::Tensor &q, const at::Tensor &k, const c10::op
     p.dtype = dtype_of(q);
     p.q = view_of(q);
     p.k = view_of(k);
-    p.key_mask = mask.defined() ? (const uint8_t *)mask.data_ptr<bool>() : nullptr;
-    p.mask_sb = mask.defined() ? mask.stride(0) : 0;
+    p.key_mask = mask_data(mask);
+    p.mask_sb = mask_stride(mask);
     p.ksum = sums_view(sums, counts, k, NK, "ms_select");
     p.sums_given = key_sums.has_value();
     p.qbar = qbar.data_ptr<double>();
@@ -101,8 +101,7 @@ void ms_region_sums_append_cpu(at::Tensor &key_sums, at::Tensor &key_counts, con
     const AppendArgs a = check_append(key_sums, key_counts, k, mask_, start, block_k);
     at::parallel_for(0, k.size(0) * k.size(1), 1, [&](int64_t b, int64_t e) {
         msattn_region_sums_append_cpu(a.sums, view_of(k), dtype_of(k),
-                                      a.mask.defined() ? (const uint8_t *)a.mask.data_ptr<bool>() : nullptr,
-                                      a.mask.defined() ? a.mask.stride(0) : 0, (int)k.size(1), (int)k.size(3),
+                                      mask_data(a.mask), mask_stride(a.mask), (int)k.size(1), (int)k.size(3),
                                       (int)block_k, start, a.end, b, e);
     });
 }
@@ -122,8 +121,8 @@ msattn_ms_params ms_params(const at::Tensor &q, const at::Tensor &k, const at::T
     p.k = view_of(k);
     p.v = view_of(v);
     p.index = index.data_ptr<int32_t>();
-    p.key_mask = mask.defined() ? (const uint8_t *)mask.data_ptr<bool>() : nullptr;
-    p.mask_sb = mask.defined() ? mask.stride(0) : 0;
+    p.key_mask = mask_data(mask);
+    p.mask_sb = mask_stride(mask);
     p.rope = rope;
     return p;
 }

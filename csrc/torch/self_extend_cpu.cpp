@@ -72,8 +72,8 @@ msattn_self_extend_params se_params(const at::Tensor &q, const at::Tensor &k, co
     p.q = view_of(q);
     p.k = view_of(k);
     p.v = view_of(v);
-    p.key_mask = mask.defined() ? (const uint8_t *)mask.data_ptr<bool>() : nullptr;
-    p.mask_sb = mask.defined() ? mask.stride(0) : 0;
+    p.key_mask = mask_data(mask);
+    p.mask_sb = mask_stride(mask);
     p.rope = rope;
     p.block_q = (int)se_block_q(p.Hq / p.Hkv);
     p.block_kv = (int)kSelfExtendBlockKV;
