@@ -103,8 +103,10 @@ int msattn_region_means_cpu(const msattn_select_params *p, int64_t begin, int64_
 int msattn_region_sums_append_cpu(msattn_region_sums s, msattn_view k, msattn_dtype dtype,
                                   const uint8_t *mask, int64_t mask_sb, int Hkv, int D, int block_k,
                                   int64_t t0, int64_t t1, int64_t begin, int64_t end);
-/* items: (b, h, g) for b < B, h < Hkv, g < G */
+/* items: (b, h, g) for b < B, h < Hkv, g < G; consecutive groups of one (b, h) score their candidates
+ * together, up to msattn_select_tile_groups(p) of them: give it ranges of that many */
 int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end, void *scratch);
+int64_t msattn_select_tile_groups(const msattn_select_params *p);
 size_t msattn_select_scratch_bytes(const msattn_select_params *p);
 /* naive twin: items (b, h, g); needs no workspace, computes every mean it uses */
 int msattn_select_ref_cpu(const msattn_select_params *p, int64_t begin, int64_t end);

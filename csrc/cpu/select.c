@@ -11,20 +11,23 @@
  *   msattn_select_cpu        pass 2: per group, candidates; if more than T, each query region ranks
  *                            them by qbar_a . kbar_j (descending, ties to the lower j), keeps its top
  *                            T, and the lists are interleaved rank by rank without duplicates.
- *                            Candidates stream in blocks that every query region of the group scores
- *                            while the block's sums are in cache; each region keeps its top T in a
- *                            bounded heap (O(NK log T), no per-candidate records written).
+ *                            Consecutive groups of one (b, h) form a tile whose query regions score
+ *                            each block of candidates together (the block converted to double and
+ *                            transposed once, so a score is a vector loop over candidates); each
+ *                            region keeps its top T in a bounded heap (O(NK log T), no per-candidate
+ *                            records written).
  *   msattn_select_ref_cpu    the naive twin: recomputes each mean it needs and sorts every list.
  *
  * Key-region sums are float32 (a cache keeps them at 1/(2*block_k) of a float32 KV cache), added in
- * position order; scores are computed from them in double, so the ranking does not depend on the
- * instruction set.
+ * position order; scores are computed from them in double, one fused multiply-add per dim in order
+ * (ops->score_block), so the ranking is the same on every instruction set and on the GPU.
  * Ranking keys map a double to an unsigned integer with the same order (NaN above +inf, as
  * torch.sort puts it), so ranking is a total order and never misbehaves on NaN input.
  *
  * Legend: B batch, Hq/Hkv heads, N keys, Nq queries (the last Nq positions), D head dim,
  * CQ/CK block_q/block_k, NK key regions, NA query regions of the call, G groups of the call, T topk.
  */
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -43,6 +46,13 @@ static inline uint64_t ms_order_key(double s) {
     union { double d; uint64_t u; } x;
     x.d = s;
     return (x.u >> 63) ? ~x.u : (x.u | 0x8000000000000000ull);
+}
+
+/* the score whose image is key (ms_order_key's inverse) */
+static inline double ms_key_score(uint64_t key) {
+    union { double d; uint64_t u; } x;
+    x.u = (key >> 63) ? (key & 0x7fffffffffffffffull) : ~key;
+    return x.d;
 }
 
 /* a ranks before b: higher score first, then lower region */
@@ -220,19 +230,30 @@ static inline void ms_heap_offer(ms_rank *heap, int64_t *n, int64_t t, ms_rank x
     }
 }
 
-/* candidates scored per block: a block of key-region sums stays in cache while every query region
- * of the group scores it, instead of streaming all NK sums once per query region */
-#define MS_SCORE_BLOCK 256
+/* Pass 2 works on tiles: up to msattn_select_tile_groups(p) consecutive groups of one (b, h), whose
+ * query regions (about MS_TILE_QUERIES of them) score each block of candidates together. A block of
+ * MS_SCORE_BLOCK candidates is converted to double and transposed once, (D, MS_SCORE_BLOCK), so the
+ * scores of one query region are a vector loop over candidates (ops->score_block) and the key-region
+ * sums stream from memory once per tile rather than once per group. */
+#define MS_SCORE_BLOCK 128
+#define MS_TILE_QUERIES 16
 
-/* scratch layout (8-byte items first): heaps (merge * T ranks) | heap sizes (merge int64) |
- * query-region means (merge pointers) | scores (merge * MS_SCORE_BLOCK double) | lists (merge * T
- * int32) | candidates (NK int32) | seen (NK bytes). T beyond NK is never needed (a group with at
- * most T candidates takes them all). */
+int64_t msattn_select_tile_groups(const msattn_select_params *p) {
+    return p->merge >= MS_TILE_QUERIES ? 1 : MS_TILE_QUERIES / p->merge;
+}
+
+/* scratch layout (8-byte items first): transposed block (D * MS_SCORE_BLOCK double) | counts and
+ * scores (2 * MS_SCORE_BLOCK double) | heaps (Q * T ranks) | heap sizes (Q int64) | query-region
+ * means (Q pointers) | per query region its tile group (Q int32) | per tile group its first query
+ * region and whether it ranks (3 * tile int32) | lists (merge * T int32) | candidates (NK int32) |
+ * seen (NK bytes); Q = tile * merge. T beyond NK is never needed (a group with at most T candidates
+ * takes them all). */
 size_t msattn_select_scratch_bytes(const msattn_select_params *p) {
     const int64_t NK = msattn_num_key_regions(p->N, p->block_k);
-    const int64_t T = msattn_min64(p->topk, NK), M = p->merge;
-    return (size_t)M * T * (sizeof(ms_rank) + sizeof(int32_t)) + (size_t)M * (sizeof(int64_t) + sizeof(double *)) +
-           (size_t)M * MS_SCORE_BLOCK * sizeof(double) + (size_t)NK * (sizeof(int32_t) + 1) + 64;
+    const int64_t T = msattn_min64(p->topk, NK), M = p->merge, tile = msattn_select_tile_groups(p), Q = tile * M;
+    return (size_t)(p->D + 2) * MS_SCORE_BLOCK * sizeof(double) + (size_t)Q * T * sizeof(ms_rank) +
+           (size_t)Q * (sizeof(int64_t) + sizeof(double *) + sizeof(int32_t)) + (size_t)3 * tile * sizeof(int32_t) +
+           (size_t)M * T * sizeof(int32_t) + (size_t)NK * (sizeof(int32_t) + 1) + 64;
 }
 
 int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end, void *scratch) {
@@ -243,62 +264,106 @@ int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end,
     const int64_t NA = msattn_num_query_regions(N, Nq, p->block_q);
     const int64_t a0 = msattn_first_query_region(N, Nq, p->block_q);
     const int64_t g0 = msattn_first_group(N, Nq, span), G = msattn_num_groups(N, Nq, span);
-    const int64_t TH = msattn_min64(T, NK);
-    ms_rank *heaps = (ms_rank *)scratch;
-    int64_t *fill = (int64_t *)(heaps + M * TH);
-    const double **qbs = (const double **)(fill + M);
-    double *scores = (double *)(qbs + M);
-    int32_t *lists = (int32_t *)(scores + M * MS_SCORE_BLOCK);
+    const int64_t TH = msattn_min64(T, NK), tile = msattn_select_tile_groups(p), Q = tile * M;
+    double *kt = (double *)scratch;
+    double *cnt = kt + D * MS_SCORE_BLOCK;
+    double *scores = cnt + MS_SCORE_BLOCK;
+    ms_rank *heaps = (ms_rank *)(scores + MS_SCORE_BLOCK);
+    int64_t *fill = (int64_t *)(heaps + Q * TH);
+    const double **qbs = (const double **)(fill + Q);
+    int32_t *qtile = (int32_t *)(qbs + Q);
+    int32_t *first = qtile + Q, *last = first + tile, *ranks = last + tile;
+    int32_t *lists = ranks + tile;
     int32_t *cand = lists + M * TH;
     uint8_t *seen = (uint8_t *)(cand + NK);
     memset(seen, 0, (size_t)NK);
 
-    for (int64_t w = begin; w < end; ++w) {
-        const int64_t gi = w % G, bh = w / G, ga = g0 + gi, b = bh / p->Hkv, h = bh % p->Hkv;
-        int32_t *out = p->index + w * T;
+    for (int64_t w = begin; w < end;) {
+        const int64_t bh = w / G, gi0 = w % G, b = bh / p->Hkv, h = bh % p->Hkv;
+        const int64_t nt = msattn_min64(msattn_min64(tile, G - gi0), end - w);
         const int32_t *kcount = p->ksum.count + b * p->ksum.count_sb + h * p->ksum.count_sh;
         const float *ksum = p->ksum.sum + b * p->ksum.sum_sb + h * p->ksum.sum_sh;
-        int64_t nc = 0;
-        for (int64_t j = 0; j < NK; ++j)
-            if (kcount[j] > 0 && msattn_is_candidate(j, ga, span, p->block_k, N, p->causal))
-                cand[nc++] = (int32_t)j;
-        if (nc <= T) { /* few enough: take them all (dense) */
-            memcpy(out, cand, (size_t)nc * sizeof(int32_t));
-            for (int64_t i = nc; i < T; ++i) out[i] = -1;
-            continue;
+        /* each group: at most T candidates -> all of them (dense); else register its ranking query
+         * regions (one without a valid query ranks nothing) */
+        int64_t nq = 0;
+        int any = 0;
+        for (int64_t t = 0; t < nt; ++t) {
+            const int64_t ga = g0 + gi0 + t;
+            int32_t *out = p->index + (w + t) * T;
+            int64_t nc = 0;
+            for (int64_t j = 0; j < NK && nc <= T; ++j)
+                if (kcount[j] > 0 && msattn_is_candidate(j, ga, span, p->block_k, N, p->causal)) cand[nc++] = (int32_t)j;
+            ranks[t] = nc > T;
+            first[t] = last[t] = (int32_t)nq;
+            if (!ranks[t]) {
+                memcpy(out, cand, (size_t)nc * sizeof(int32_t));
+                for (int64_t i = nc; i < T; ++i) out[i] = -1;
+                continue;
+            }
+            any = 1;
+            const int64_t abeg = msattn_max64(ga * M, a0), aend = msattn_min64((ga + 1) * M, a0 + NA);
+            for (int64_t a = abeg; a < aend; ++a)
+                if (p->qcount[bh * NA + (a - a0)] != 0) {
+                    qbs[nq] = p->qbar + (bh * NA + (a - a0)) * D;
+                    qtile[nq] = (int32_t)t;
+                    fill[nq++] = 0;
+                }
+            last[t] = (int32_t)nq;
         }
-        /* the group's query regions that rank (one without a valid query ranks nothing) */
-        int nl = 0;
-        const int64_t abeg = msattn_max64(ga * M, a0);
-        const int64_t aend = msattn_min64((ga + 1) * M, a0 + NA);
-        for (int64_t a = abeg; a < aend; ++a)
-            if (p->qcount[bh * NA + (a - a0)] != 0) {
-                qbs[nl] = p->qbar + (bh * NA + (a - a0)) * D;
-                fill[nl++] = 0;
+        if (any) {
+            /* the candidates of any ranking group, ascending (causal: the last group's, which hold
+             * every earlier group's): each query region offers only its own group's, in ascending
+             * order, to its bounded heap */
+            int64_t nc = 0, tlast = nt - 1;
+            while (!ranks[tlast]) --tlast;
+            for (int64_t j = 0; j < NK; ++j) {
+                if (kcount[j] <= 0) continue;
+                if (p->causal) {
+                    if (msattn_is_candidate(j, g0 + gi0 + tlast, span, p->block_k, N, 1)) cand[nc++] = (int32_t)j;
+                    continue;
+                }
+                for (int64_t t = 0; t < nt; ++t)
+                    if (ranks[t] && msattn_is_candidate(j, g0 + gi0 + t, span, p->block_k, N, 0)) {
+                        cand[nc++] = (int32_t)j;
+                        break;
+                    }
             }
-        for (int64_t c0 = 0; c0 < nc; c0 += MS_SCORE_BLOCK) {
-            const int64_t cn = msattn_min64(MS_SCORE_BLOCK, nc - c0);
-            for (int64_t c = 0; c < cn; ++c) {
-                const int32_t j = cand[c0 + c];
-                const float *row = ksum + (int64_t)j * D;
-                for (int l = 0; l < nl; ++l)
-                    scores[(int64_t)l * MS_SCORE_BLOCK + c] = ops->dot64(qbs[l], row, (int)D) / kcount[j];
-            }
-            for (int l = 0; l < nl; ++l) {
-                ms_rank *heap = heaps + (int64_t)l * T;
-                const double *sc = scores + (int64_t)l * MS_SCORE_BLOCK;
+            for (int64_t c0 = 0; c0 < nc; c0 += MS_SCORE_BLOCK) {
+                const int64_t cn = msattn_min64(MS_SCORE_BLOCK, nc - c0);
                 for (int64_t c = 0; c < cn; ++c) {
-                    const ms_rank x = {ms_order_key(sc[c]), cand[c0 + c]};
-                    ms_heap_offer(heap, &fill[l], T, x);
+                    const float *row = ksum + (int64_t)cand[c0 + c] * D;
+                    for (int64_t d = 0; d < D; ++d) kt[d * MS_SCORE_BLOCK + c] = (double)row[d];
+                    cnt[c] = (double)kcount[cand[c0 + c]];
+                }
+                for (int64_t i = 0; i < nq; ++i) {
+                    const int64_t ga = g0 + gi0 + qtile[i];
+                    ms_rank *heap = heaps + i * TH;
+                    /* a full heap's last kept score: a candidate strictly below it ranks after it
+                     * (NaN compares false and takes the exact path); a block wholly below is done */
+                    double worst = fill[i] == T ? ms_key_score(heap[0].key) : -INFINITY;
+                    if (ops->score_block(scores, qbs[i], kt, MS_SCORE_BLOCK, (int)cn, (int)D, cnt, worst)) continue;
+                    for (int64_t c = 0; c < cn; ++c) {
+                        if (fill[i] == T && scores[c] < worst) continue;
+                        const int32_t j = cand[c0 + c];
+                        if (!msattn_is_candidate(j, ga, span, p->block_k, N, p->causal)) continue;
+                        const ms_rank x = {ms_order_key(scores[c]), j};
+                        ms_heap_offer(heap, &fill[i], T, x);
+                        if (fill[i] == T) worst = ms_key_score(heap[0].key);
+                    }
                 }
             }
+            for (int64_t t = 0; t < nt; ++t) {
+                if (!ranks[t]) continue;
+                const int nl = last[t] - first[t];
+                for (int l = 0; l < nl; ++l) {
+                    ms_rank *heap = heaps + (int64_t)(first[t] + l) * TH;
+                    ms_sort_ranks(heap, T);
+                    for (int64_t r = 0; r < T; ++r) lists[(int64_t)l * T + r] = heap[r].j;
+                }
+                ms_interleave(p->index + (w + t) * T, lists, nl, (int)T, seen);
+            }
         }
-        for (int l = 0; l < nl; ++l) {
-            ms_rank *heap = heaps + (int64_t)l * T;
-            ms_sort_ranks(heap, T);
-            for (int64_t r = 0; r < T; ++r) lists[(int64_t)l * T + r] = heap[r].j;
-        }
-        ms_interleave(out, lists, nl, (int)T, seen);
+        w += nt;
     }
     return MSATTN_OK;
 }

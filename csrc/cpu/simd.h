@@ -53,8 +53,11 @@ typedef struct {
     void (*mul_sub_vec)(float *x, const float *y, const float *c, int n);
     /* sum x[i] * y[i] */
     float (*dot)(const float *x, const float *y, int n);
-    /* sum x[i] * y[i] in double, y float */
-    double (*dot64)(const double *x, const float *y, int n);
+    /* s[c] = (q . kt[:, c]) / count[c] for c < n; kt (d, ldk) holds candidate c in column c; each dot
+     * is one FMA per dim in order, the same bits on every instruction set. Returns whether every
+     * s[c] < below (false where a score is NaN) */
+    int (*score_block)(double *s, const double *q, const double *kt, int64_t ldk, int n, int d,
+                       const double *count, double below);
     /* dst[i] = (float)src[i] * a for n contiguous elements of dtype */
     void (*to_f32)(float *dst, const void *src, int n, msattn_dtype dtype, float a);
     /* dst[i] = src[i] rounded to dtype (round to nearest even), n contiguous elements */
@@ -184,8 +187,10 @@ typedef __m512d vd;
 #define vd_zero() _mm512_setzero_pd()
 #define vd_load(p) _mm512_loadu_pd(p)
 #define vd_fma(a, b, c) _mm512_fmadd_pd(a, b, c)
-#define vd_hsum(v) _mm512_reduce_add_pd(v)
-#define vd_from_f32(p) _mm512_cvtps_pd(_mm256_loadu_ps(p))
+#define vd_set1(x) _mm512_set1_pd(x)
+#define vd_store(p, v) _mm512_storeu_pd(p, v)
+#define vd_div(a, b) _mm512_div_pd(a, b)
+#define vd_all_lt(a, b) (_mm512_cmp_pd_mask(a, b, _CMP_LT_OQ) == 0xFF)
 static inline vf vf_exp2(vf x) {
     /* max/min with the constant first keep a NaN x (they return the second operand on NaN) */
     x = _mm512_min_ps(_mm512_set1_ps(128.0f), _mm512_max_ps(_mm512_set1_ps(-160.0f), x));
@@ -229,11 +234,10 @@ static inline float vf_hmax(vf v) {
 #define vd_zero() _mm256_setzero_pd()
 #define vd_load(p) _mm256_loadu_pd(p)
 #define vd_fma(a, b, c) _mm256_fmadd_pd(a, b, c)
-static inline double vd_hsum(vd v) {
-    __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
-    return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
-}
-#define vd_from_f32(p) _mm256_cvtps_pd(_mm_loadu_ps(p))
+#define vd_set1(x) _mm256_set1_pd(x)
+#define vd_store(p, v) _mm256_storeu_pd(p, v)
+#define vd_div(a, b) _mm256_div_pd(a, b)
+#define vd_all_lt(a, b) (_mm256_movemask_pd(_mm256_cmp_pd(a, b, _CMP_LT_OQ)) == 0xF)
 static inline vf vf_exp2(vf x) {
     vf nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
     vf tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-126.0f), _CMP_LT_OQ); /* flush to exactly 0 */
@@ -254,8 +258,6 @@ static inline vf vf_exp2(vf x) {
 #define MS_SUFFIX(name) name##_scalar
 #define VL 1
 typedef float vf;
-typedef double vd;
-#define VDL 1
 #define vf_zero() 0.0f
 #define vf_set1(x) ((float)(x))
 #define vf_load(p) (*(p))
@@ -267,11 +269,6 @@ typedef double vd;
 #define vf_max(a, b) ((a) > (b) ? (a) : (b))
 #define vf_hsum(v) (v)
 #define vf_hmax(v) (v)
-#define vd_zero() 0.0
-#define vd_load(p) (*(p))
-#define vd_fma(a, b, c) ((a) * (b) + (c))
-#define vd_hsum(v) (v)
-#define vd_from_f32(p) ((double)*(p))
 #define vf_exp2(x) exp2f(x)
 #define vf_from_bf16(p) msattn_bf16_to_f32(*(const uint16_t *)(p))
 #define vf_from_f16(p) msattn_f16_to_f32(*(const uint16_t *)(p))

@@ -263,17 +263,50 @@ static float MS_SUFFIX(dot)(const float *x, const float *y, int n) {
     return s;
 }
 
-static double MS_SUFFIX(dot64)(const double *x, const float *y, int n) {
-    int i = 0;
-    vd acc0 = vd_zero(), acc1 = vd_zero();
-    for (; i + 2 * VDL <= n; i += 2 * VDL) {
-        acc0 = vd_fma(vd_load(x + i), vd_from_f32(y + i), acc0);
-        acc1 = vd_fma(vd_load(x + i + VDL), vd_from_f32(y + i + VDL), acc1);
+/* s[c] = (q . kt[:, c]) / count[c] for c < n, kt (d, ldk) holding candidate c in column c; each dot is
+ * q[0] k[0], then one fused multiply-add per dim in order: the same bits on every instruction set (and
+ * on the GPU, csrc/cuda/select.cu). Returns whether every s[c] < below (false for a NaN score) */
+static int MS_SUFFIX(score_block)(double *s, const double *q, const double *kt, int64_t ldk, int n, int d,
+                                  const double *count, double below) {
+    int c = 0, all_below = 1;
+#if MSATTN_ISA != MSATTN_ISA_SCALAR
+    const vd lim = vd_set1(below);
+    /* four vectors of candidates at once: independent FMA chains hide the FMA latency */
+    for (; c + 4 * VDL <= n; c += 4 * VDL) {
+        vd a0 = vd_zero(), a1 = vd_zero(), a2 = vd_zero(), a3 = vd_zero();
+        for (int i = 0; i < d; ++i) {
+            const vd qi = vd_set1(q[i]);
+            const double *k = kt + (int64_t)i * ldk + c;
+            a0 = vd_fma(qi, vd_load(k), a0);
+            a1 = vd_fma(qi, vd_load(k + VDL), a1);
+            a2 = vd_fma(qi, vd_load(k + 2 * VDL), a2);
+            a3 = vd_fma(qi, vd_load(k + 3 * VDL), a3);
+        }
+        a0 = vd_div(a0, vd_load(count + c));
+        a1 = vd_div(a1, vd_load(count + c + VDL));
+        a2 = vd_div(a2, vd_load(count + c + 2 * VDL));
+        a3 = vd_div(a3, vd_load(count + c + 3 * VDL));
+        all_below &= vd_all_lt(a0, lim) & vd_all_lt(a1, lim) & vd_all_lt(a2, lim) & vd_all_lt(a3, lim);
+        vd_store(s + c, a0);
+        vd_store(s + c + VDL, a1);
+        vd_store(s + c + 2 * VDL, a2);
+        vd_store(s + c + 3 * VDL, a3);
     }
-    for (; i + VDL <= n; i += VDL) acc0 = vd_fma(vd_load(x + i), vd_from_f32(y + i), acc0);
-    double s = vd_hsum(acc0) + vd_hsum(acc1);
-    for (; i < n; ++i) s += x[i] * (double)y[i];
-    return s;
+    for (; c + VDL <= n; c += VDL) {
+        vd a = vd_zero();
+        for (int i = 0; i < d; ++i) a = vd_fma(vd_set1(q[i]), vd_load(kt + (int64_t)i * ldk + c), a);
+        a = vd_div(a, vd_load(count + c));
+        all_below &= vd_all_lt(a, lim);
+        vd_store(s + c, a);
+    }
+#endif
+    for (; c < n; ++c) { /* fma() rounds once, as the vector FMA does */
+        double acc = 0.0;
+        for (int i = 0; i < d; ++i) acc = fma(q[i], kt[(int64_t)i * ldk + c], acc);
+        s[c] = acc / count[c];
+        all_below &= s[c] < below;
+    }
+    return all_below;
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -341,7 +374,7 @@ const msattn_simd_ops MS_SUFFIX(msattn_simd) = {
     MS_SUFFIX(mul_sub),
     MS_SUFFIX(mul_sub_vec),
     MS_SUFFIX(dot),
-    MS_SUFFIX(dot64),
+    MS_SUFFIX(score_block),
     MS_SUFFIX(to_f32),
     MS_SUFFIX(from_f32),
 };

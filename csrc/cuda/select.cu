@@ -11,14 +11,11 @@
  * blocks of msattn_select_cuda_slot_bytes(p) bytes of device workspace at p->cuda_scratch.
  *
  * Bit-for-bit agreement with the CPU. Every sum is added in the CPU's order, with explicitly rounded
- * intrinsics (__fadd_rn, __dadd_rn, __dmul_rn) so that nvcc cannot contract a product and a sum into
- * an FMA:
+ * intrinsics (__fadd_rn, __dadd_rn, __fma_rn) so that nvcc contracts or reorders nothing:
  *   key sums   float32, token by token in position order (ms_add_tokens);
  *   qbar       double, token by token, query heads of the GQA group in order, then / count;
- *   scores     double, dot(qbar_a, ksum_j) / kcount_j with the two interleaved accumulators of the CPU's
- *              dot64 (even dims into one, odd dims into the other, then their sum), which is
- *              exactly the scalar instruction set's order. The AVX2/AVX-512 paths sum in another
- *              order, so only near-ties (1e-16 relative) can rank differently from those.
+ *   scores     double, dot(qbar_a, ksum_j) / kcount_j, the dot one fused multiply-add per dim in
+ *              order (__fma_rn), as the CPU's score_block on every instruction set.
  * The ranking uses the same order-preserving uint64 image of the double (NaN above +inf), ties to
  * the lower region. One caveat: NaN payloads and signs produced by arithmetic differ between x86
  * and NVIDIA GPUs, so with NaN inputs the place of NaN scores may differ from the CPU's.
@@ -395,8 +392,8 @@ __global__ void __launch_bounds__(SEL_THREADS, 1) ms_select_kernel(const msattn_
             }
             const bool scoring = l0 + warp < nl; /* warp-uniform */
             for (int c0 = 0; c0 < nc; c0 += SEL_CT) {
-                // the CPU's dot64 on the scalar path: even dims into acc0, odd dims into acc1
-                double acc0 = 0.0, acc1 = 0.0;
+                // the CPU's score_block: one fused multiply-add per dim, in order
+                double acc = 0.0;
                 for (int d0 = 0; d0 < d.D; d0 += SEL_DC) {
                     __syncthreads(); /* the previous chunk is consumed (and qs is staged) */
                     for (int e = tid; e < SEL_CT * SEL_DC; e += blockDim.x) {
@@ -406,17 +403,13 @@ __global__ void __launch_bounds__(SEL_THREADS, 1) ms_select_kernel(const msattn_
                     __syncthreads();
                     if (scoring) {
                         const int dend = (int)msattn_min64(SEL_DC, d.D - d0);
-                        for (int dd = 0; dd < dend; ++dd) {
-                            const double prod = __dmul_rn(qs[warp][d0 + dd], kt[lane][dd]);
-                            if (((d0 + dd) & 1) == 0) acc0 = __dadd_rn(acc0, prod);
-                            else acc1 = __dadd_rn(acc1, prod);
-                        }
+                        for (int dd = 0; dd < dend; ++dd) acc = __fma_rn(qs[warp][d0 + dd], kt[lane][dd], acc);
                     }
                 }
                 const int c = c0 + lane;
                 if (scoring && c < nc)
                     s.keys[(int64_t)warp * d.NK + c] =
-                        sel_order_key(__ddiv_rn(__dadd_rn(acc0, acc1), (double)kcount[s.cand[c]]));
+                        sel_order_key(__ddiv_rn(acc, (double)kcount[s.cand[c]]));
             }
             __syncthreads();
             for (int l = l0; l < nl && l < l0 + SEL_QR; ++l)

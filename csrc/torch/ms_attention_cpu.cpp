@@ -87,11 +87,15 @@ at::Tensor ms_select_cpu(const at::Tensor &q, const at::Tensor &k, const c10::op
 
     // pass 1: region sums and query means, cheap and uniform
     at::parallel_for(0, B * Hkv * (NK + NA), 64, [&](int64_t b, int64_t e) { msattn_region_means_cpu(&p, b, e); });
-    // pass 2: one item per (b, h, g); later groups have more candidates
-    const int64_t BH = B * Hkv;
+    // pass 2: one item per tile of consecutive groups of one (b, h); later groups have more candidates
+    const int64_t BH = B * Hkv, tile = msattn_select_tile_groups(&p), tiles = (G + tile - 1) / tile;
     run_items_dynamic(
-        BH * G, msattn_select_scratch_bytes(&p), [&](int64_t w) { return (G - 1 - w / BH) + G * (w % BH); },
-        [&](int64_t item, void *scratch) { return msattn_select_cpu(&p, item, item + 1, scratch); }, "ms_select");
+        BH * tiles, msattn_select_scratch_bytes(&p), [&](int64_t w) { return (tiles - 1 - w / BH) + tiles * (w % BH); },
+        [&](int64_t item, void *scratch) {
+            const int64_t begin = (item / tiles) * G + (item % tiles) * tile;
+            return msattn_select_cpu(&p, begin, std::min(begin + tile, (item / tiles + 1) * G), scratch);
+        },
+        "ms_select");
     return index;
 }
 
