@@ -12,15 +12,15 @@
  *                            them by qbar_a . kbar_j (descending, ties to the lower j), keeps its top
  *                            T, and the lists are interleaved rank by rank without duplicates.
  *                            Consecutive groups of one (b, h) form a tile whose query regions score
- *                            each block of candidates together (the block converted to double and
- *                            transposed once, so a score is a vector loop over candidates); each
- *                            region keeps its top T in a bounded heap (O(NK log T), no per-candidate
- *                            records written).
+ *                            each block of candidates while its sums are in cache (eight candidates
+ *                            per vector reduction, ops->score_block); each region keeps its top T
+ *                            in a bounded heap (O(NK log T), no per-candidate records written), and
+ *                            a block scoring wholly below a full heap's last is skipped.
  *   msattn_select_ref_cpu    the naive twin: recomputes each mean it needs and sorts every list.
  *
  * Key-region sums are float32 (a cache keeps them at 1/(2*block_k) of a float32 KV cache), added in
- * position order; scores are computed from them in double, one fused multiply-add per dim in order
- * (ops->score_block), so the ranking is the same on every instruction set and on the GPU.
+ * position order; scores are computed from them in double, in an order fixed by ops->score_block, so
+ * the ranking is the same on every instruction set and on the GPU.
  * Ranking keys map a double to an unsigned integer with the same order (NaN above +inf, as
  * torch.sort puts it), so ranking is a total order and never misbehaves on NaN input.
  *
@@ -231,27 +231,29 @@ static inline void ms_heap_offer(ms_rank *heap, int64_t *n, int64_t t, ms_rank x
 }
 
 /* Pass 2 works on tiles: up to msattn_select_tile_groups(p) consecutive groups of one (b, h), whose
- * query regions (about MS_TILE_QUERIES of them) score each block of candidates together. A block of
- * MS_SCORE_BLOCK candidates is converted to double and transposed once, (D, MS_SCORE_BLOCK), so the
- * scores of one query region are a vector loop over candidates (ops->score_block) and the key-region
- * sums stream from memory once per tile rather than once per group. */
+ * query regions (about MS_TILE_QUERIES of them) score each block of MS_SCORE_BLOCK candidates while
+ * its key-region sums are in cache, so the sums stream from memory once per tile rather than once
+ * per group. */
 #define MS_SCORE_BLOCK 128
 #define MS_TILE_QUERIES 16
+#define MS_WIDEN_QUERIES 4 /* query regions from which a block is widened and transposed once */
+#define MS_KT_LD (MS_SCORE_BLOCK + 8) /* its row stride: not a multiple of 1 KB, so its rows do not all
+                                       * fall into the same few L1 sets */
 
 int64_t msattn_select_tile_groups(const msattn_select_params *p) {
     return p->merge >= MS_TILE_QUERIES ? 1 : MS_TILE_QUERIES / p->merge;
 }
 
-/* scratch layout (8-byte items first): transposed block (D * MS_SCORE_BLOCK double) | counts and
- * scores (2 * MS_SCORE_BLOCK double) | heaps (Q * T ranks) | heap sizes (Q int64) | query-region
- * means (Q pointers) | per query region its tile group (Q int32) | per tile group its first query
- * region and whether it ranks (3 * tile int32) | lists (merge * T int32) | candidates (NK int32) |
- * seen (NK bytes); Q = tile * merge. T beyond NK is never needed (a group with at most T candidates
- * takes them all). */
+/* scratch layout (8-byte items first): scores, widened counts (2 * MS_SCORE_BLOCK double) | widened
+ * block, transposed (D * MS_KT_LD double) | heaps (Q * T ranks) | heap
+ * sizes (Q int64) | query-region means (Q pointers) | per query region its tile group (Q int32) | per
+ * tile group its first and last query region and whether it ranks (3 * tile int32) | lists (merge *
+ * T int32) | candidates (NK int32) | seen (NK bytes); Q = tile * merge. T beyond NK is never needed (a
+ * group with at most T candidates takes them all). */
 size_t msattn_select_scratch_bytes(const msattn_select_params *p) {
     const int64_t NK = msattn_num_key_regions(p->N, p->block_k);
     const int64_t T = msattn_min64(p->topk, NK), M = p->merge, tile = msattn_select_tile_groups(p), Q = tile * M;
-    return (size_t)(p->D + 2) * MS_SCORE_BLOCK * sizeof(double) + (size_t)Q * T * sizeof(ms_rank) +
+    return ((size_t)p->D * MS_KT_LD + 2 * MS_SCORE_BLOCK) * sizeof(double) + (size_t)Q * T * sizeof(ms_rank) +
            (size_t)Q * (sizeof(int64_t) + sizeof(double *) + sizeof(int32_t)) + (size_t)3 * tile * sizeof(int32_t) +
            (size_t)M * T * sizeof(int32_t) + (size_t)NK * (sizeof(int32_t) + 1) + 64;
 }
@@ -265,10 +267,9 @@ int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end,
     const int64_t a0 = msattn_first_query_region(N, Nq, p->block_q);
     const int64_t g0 = msattn_first_group(N, Nq, span), G = msattn_num_groups(N, Nq, span);
     const int64_t TH = msattn_min64(T, NK), tile = msattn_select_tile_groups(p), Q = tile * M;
-    double *kt = (double *)scratch;
-    double *cnt = kt + D * MS_SCORE_BLOCK;
-    double *scores = cnt + MS_SCORE_BLOCK;
-    ms_rank *heaps = (ms_rank *)(scores + MS_SCORE_BLOCK);
+    double *scores = (double *)scratch;
+    double *wcount = scores + MS_SCORE_BLOCK, *wrows = wcount + MS_SCORE_BLOCK;
+    ms_rank *heaps = (ms_rank *)(wrows + D * MS_KT_LD);
     int64_t *fill = (int64_t *)(heaps + Q * TH);
     const double **qbs = (const double **)(fill + Q);
     int32_t *qtile = (int32_t *)(qbs + Q);
@@ -330,18 +331,24 @@ int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end,
             }
             for (int64_t c0 = 0; c0 < nc; c0 += MS_SCORE_BLOCK) {
                 const int64_t cn = msattn_min64(MS_SCORE_BLOCK, nc - c0);
-                for (int64_t c = 0; c < cn; ++c) {
-                    const float *row = ksum + (int64_t)cand[c0 + c] * D;
-                    for (int64_t d = 0; d < D; ++d) kt[d * MS_SCORE_BLOCK + c] = (double)row[d];
-                    cnt[c] = (double)kcount[cand[c0 + c]];
-                }
+                /* several query regions score the block: widen it to double and transpose it once
+                 * (exact, so the scores are those of score_block), a lane per candidate */
+                const int widen = nq >= MS_WIDEN_QUERIES;
+                if (widen)
+                    for (int64_t c = 0; c < cn; ++c) {
+                        const float *row = ksum + (int64_t)cand[c0 + c] * D;
+                        for (int64_t d = 0; d < D; ++d) wrows[d * MS_KT_LD + c] = (double)row[d];
+                        wcount[c] = (double)kcount[cand[c0 + c]];
+                    }
                 for (int64_t i = 0; i < nq; ++i) {
                     const int64_t ga = g0 + gi0 + qtile[i];
                     ms_rank *heap = heaps + i * TH;
                     /* a full heap's last kept score: a candidate strictly below it ranks after it
                      * (NaN compares false and takes the exact path); a block wholly below is done */
                     double worst = fill[i] == T ? ms_key_score(heap[0].key) : -INFINITY;
-                    if (ops->score_block(scores, qbs[i], kt, MS_SCORE_BLOCK, (int)cn, (int)D, cnt, worst)) continue;
+                    if (widen ? ops->score_block_t(scores, qbs[i], wrows, MS_KT_LD, wcount, (int)cn, (int)D, worst)
+                              : ops->score_block(scores, qbs[i], ksum, cand + c0, kcount, (int)cn, (int)D, worst))
+                        continue;
                     for (int64_t c = 0; c < cn; ++c) {
                         if (fill[i] == T && scores[c] < worst) continue;
                         const int32_t j = cand[c0 + c];

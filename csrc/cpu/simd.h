@@ -53,11 +53,16 @@ typedef struct {
     void (*mul_sub_vec)(float *x, const float *y, const float *c, int n);
     /* sum x[i] * y[i] */
     float (*dot)(const float *x, const float *y, int n);
-    /* s[c] = (q . kt[:, c]) / count[c] for c < n; kt (d, ldk) holds candidate c in column c; each dot
-     * is one FMA per dim in order, the same bits on every instruction set. Returns whether every
-     * s[c] < below (false where a score is NaN) */
-    int (*score_block)(double *s, const double *q, const double *kt, int64_t ldk, int n, int d,
-                       const double *count, double below);
+    /* s[c] = score(q, sums + cand[c] * d) / counts[cand[c]] for c < n, the selection's score of a
+     * double query-region mean and a float key-region sum (simd_kernels.h: eight partial sums of
+     * fused multiply-adds and a fixed tree, the same bits on every instruction set). Returns whether
+     * every s[c] < below (false where a score is NaN) */
+    int (*score_block)(double *s, const double *q, const float *sums, const int32_t *cand, const int32_t *counts,
+                       int n, int d, double below);
+    /* the same scores from a block widened to double and transposed: candidate c is column c of kt
+     * (d rows at stride ldk), its count counts[c] */
+    int (*score_block_t)(double *s, const double *q, const double *kt, int64_t ldk, const double *counts, int n,
+                         int d, double below);
     /* dst[i] = (float)src[i] * a for n contiguous elements of dtype */
     void (*to_f32)(float *dst, const void *src, int n, msattn_dtype dtype, float a);
     /* dst[i] = src[i] rounded to dtype (round to nearest even), n contiguous elements */
@@ -171,8 +176,6 @@ static inline void msattn_store_f64(void *base, int64_t off, msattn_dtype dt, do
 #define MS_SUFFIX(name) name##_avx512
 #define VL 16
 typedef __m512 vf;
-typedef __m512d vd;
-#define VDL 8
 #define vf_zero() _mm512_setzero_ps()
 #define vf_set1(x) _mm512_set1_ps(x)
 #define vf_load(p) _mm512_loadu_ps(p)
@@ -184,13 +187,6 @@ typedef __m512d vd;
 #define vf_max(a, b) _mm512_max_ps(a, b)
 #define vf_hsum(v) _mm512_reduce_add_ps(v)
 #define vf_hmax(v) _mm512_reduce_max_ps(v)
-#define vd_zero() _mm512_setzero_pd()
-#define vd_load(p) _mm512_loadu_pd(p)
-#define vd_fma(a, b, c) _mm512_fmadd_pd(a, b, c)
-#define vd_set1(x) _mm512_set1_pd(x)
-#define vd_store(p, v) _mm512_storeu_pd(p, v)
-#define vd_div(a, b) _mm512_div_pd(a, b)
-#define vd_all_lt(a, b) (_mm512_cmp_pd_mask(a, b, _CMP_LT_OQ) == 0xFF)
 static inline vf vf_exp2(vf x) {
     /* max/min with the constant first keep a NaN x (they return the second operand on NaN) */
     x = _mm512_min_ps(_mm512_set1_ps(128.0f), _mm512_max_ps(_mm512_set1_ps(-160.0f), x));
@@ -208,8 +204,6 @@ static inline vf vf_exp2(vf x) {
 #define MS_SUFFIX(name) name##_avx2
 #define VL 8
 typedef __m256 vf;
-typedef __m256d vd;
-#define VDL 4
 #define vf_zero() _mm256_setzero_ps()
 #define vf_set1(x) _mm256_set1_ps(x)
 #define vf_load(p) _mm256_loadu_ps(p)
@@ -231,13 +225,6 @@ static inline float vf_hmax(vf v) {
     s = _mm_max_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
-#define vd_zero() _mm256_setzero_pd()
-#define vd_load(p) _mm256_loadu_pd(p)
-#define vd_fma(a, b, c) _mm256_fmadd_pd(a, b, c)
-#define vd_set1(x) _mm256_set1_pd(x)
-#define vd_store(p, v) _mm256_storeu_pd(p, v)
-#define vd_div(a, b) _mm256_div_pd(a, b)
-#define vd_all_lt(a, b) (_mm256_movemask_pd(_mm256_cmp_pd(a, b, _CMP_LT_OQ)) == 0xF)
 static inline vf vf_exp2(vf x) {
     vf nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
     vf tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-126.0f), _CMP_LT_OQ); /* flush to exactly 0 */

@@ -263,49 +263,172 @@ static float MS_SUFFIX(dot)(const float *x, const float *y, int n) {
     return s;
 }
 
-/* s[c] = (q . kt[:, c]) / count[c] for c < n, kt (d, ldk) holding candidate c in column c; each dot is
- * q[0] k[0], then one fused multiply-add per dim in order: the same bits on every instruction set (and
- * on the GPU, csrc/cuda/select.cu). Returns whether every s[c] < below (false for a NaN score) */
-static int MS_SUFFIX(score_block)(double *s, const double *q, const double *kt, int64_t ldk, int n, int d,
-                                  const double *count, double below) {
-    int c = 0, all_below = 1;
-#if MSATTN_ISA != MSATTN_ISA_SCALAR
-    const vd lim = vd_set1(below);
-    /* four vectors of candidates at once: independent FMA chains hide the FMA latency */
-    for (; c + 4 * VDL <= n; c += 4 * VDL) {
-        vd a0 = vd_zero(), a1 = vd_zero(), a2 = vd_zero(), a3 = vd_zero();
-        for (int i = 0; i < d; ++i) {
-            const vd qi = vd_set1(q[i]);
-            const double *k = kt + (int64_t)i * ldk + c;
-            a0 = vd_fma(qi, vd_load(k), a0);
-            a1 = vd_fma(qi, vd_load(k + VDL), a1);
-            a2 = vd_fma(qi, vd_load(k + 2 * VDL), a2);
-            a3 = vd_fma(qi, vd_load(k + 3 * VDL), a3);
+/* The selection's score of a query-region mean q (double) and a key-region sum k (float), the same
+ * bits on every instruction set and on the GPU (csrc/cuda/select.cu): dims padded with zeros to a
+ * multiple of 8; partial l = fused multiply-adds over dims l, l + 8, l + 16, ... in order from +0;
+ * dot = ((p0 + p1) + (p2 + p3)) + ((p4 + p5) + (p6 + p7)). AVX-512 keeps the eight partials in one
+ * register; the other instruction sets spell them out. */
+#if MSATTN_ISA != MSATTN_ISA_AVX512
+/* k: d floats (f64 == 0) or d doubles (f64 == 1) */
+static inline double MS_SUFFIX(dot8)(const double *q, const void *k, int f64, int d) {
+    double p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int i = 0; i < d; i += 8)
+        for (int l = 0; l < 8; ++l) {
+            const int e = i + l;
+            const double ke = e >= d ? 0.0 : f64 ? ((const double *)k)[e] : (double)((const float *)k)[e];
+            p[l] = fma(e < d ? q[e] : 0.0, ke, p[l]);
         }
-        a0 = vd_div(a0, vd_load(count + c));
-        a1 = vd_div(a1, vd_load(count + c + VDL));
-        a2 = vd_div(a2, vd_load(count + c + 2 * VDL));
-        a3 = vd_div(a3, vd_load(count + c + 3 * VDL));
-        all_below &= vd_all_lt(a0, lim) & vd_all_lt(a1, lim) & vd_all_lt(a2, lim) & vd_all_lt(a3, lim);
-        vd_store(s + c, a0);
-        vd_store(s + c + VDL, a1);
-        vd_store(s + c + 2 * VDL, a2);
-        vd_store(s + c + 3 * VDL, a3);
-    }
-    for (; c + VDL <= n; c += VDL) {
-        vd a = vd_zero();
-        for (int i = 0; i < d; ++i) a = vd_fma(vd_set1(q[i]), vd_load(kt + (int64_t)i * ldk + c), a);
-        a = vd_div(a, vd_load(count + c));
-        all_below &= vd_all_lt(a, lim);
-        vd_store(s + c, a);
-    }
+    return ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
+}
+#else
+/* lane r of the result = the tree sum above of the lanes of a[r] */
+static inline __m512d ms_tree8_pd(const __m512d *a) {
+    __m512d u[4];
+    for (int i = 0; i < 4; ++i) /* lanes (2m, 2m+1) of a[2i], a[2i+1] summed pairwise */
+        u[i] = _mm512_add_pd(_mm512_unpacklo_pd(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_pd(a[2 * i], a[2 * i + 1]));
+    const __m512d x0 = _mm512_add_pd(_mm512_shuffle_f64x2(u[0], u[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                     _mm512_shuffle_f64x2(u[0], u[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    const __m512d x1 = _mm512_add_pd(_mm512_shuffle_f64x2(u[2], u[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                     _mm512_shuffle_f64x2(u[2], u[3], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_pd(_mm512_shuffle_f64x2(x0, x1, _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f64x2(x0, x1, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+/* 8 dims of row r from i (masked: the dims of `tail`, zeros elsewhere) as doubles */
+static inline __m512d ms_row8_pd(const void *row, int f64, int i, __mmask8 tail) {
+    if (f64) return tail ? _mm512_maskz_loadu_pd(tail, (const double *)row + i) : _mm512_loadu_pd((const double *)row + i);
+    return _mm512_cvtps_pd(tail ? _mm256_maskz_loadu_ps(tail, (const float *)row + i)
+                                : _mm256_loadu_ps((const float *)row + i));
+}
 #endif
-    for (; c < n; ++c) { /* fma() rounds once, as the vector FMA does */
-        double acc = 0.0;
-        for (int i = 0; i < d; ++i) acc = fma(q[i], kt[(int64_t)i * ldk + c], acc);
-        s[c] = acc / count[c];
+
+/* s[c] = score(q, row c) / count c for c < n, rows of d floats (f64 == 0: sums + cand[c] * d, count
+ * counts[cand[c]]) or of ld doubles (f64 == 1: sums + c * ld, count dcounts[c]); returns whether every
+ * s[c] < below (false where a score is NaN). f64 is a constant in each caller. */
+static inline int MS_SUFFIX(score_rows)(double *s, const double *q, const void *sums, int f64, int64_t ld,
+                                        const int32_t *cand, const int32_t *counts, const double *dcounts, int n,
+                                        int d, double below) {
+    int all_below = 1;
+#if MSATTN_ISA == MSATTN_ISA_AVX512
+    /* eight candidates at a time (the last batch repeats its last candidate): a register of
+     * partials per candidate, then one transposed tree reduction for the eight */
+    const int dfull = d & ~7;
+    const __mmask8 tail = (__mmask8)((1u << (d & 7)) - 1u);
+    const __m512d lim = _mm512_set1_pd(below);
+    for (int c = 0; c < n; c += 8) {
+        const int m = n - c < 8 ? n - c : 8;
+        const void *row[8];
+        double cnt[8];
+        for (int r = 0; r < 8; ++r) {
+            const int e = c + (r < m ? r : m - 1);
+            if (f64) {
+                row[r] = (const double *)sums + (int64_t)e * ld;
+                cnt[r] = dcounts[e];
+            } else {
+                row[r] = (const float *)sums + (int64_t)cand[e] * d;
+                cnt[r] = (double)counts[cand[e]];
+            }
+        }
+        __m512d acc[8];
+        for (int r = 0; r < 8; ++r) acc[r] = _mm512_setzero_pd();
+        for (int i = 0; i < dfull; i += 8) {
+            const __m512d qi = _mm512_loadu_pd(q + i);
+            for (int r = 0; r < 8; ++r) acc[r] = _mm512_fmadd_pd(qi, ms_row8_pd(row[r], f64, i, 0), acc[r]);
+        }
+        if (tail) { /* padded dims: 0 * 0 added, as dot8 adds them */
+            const __m512d qi = _mm512_maskz_loadu_pd(tail, q + dfull);
+            for (int r = 0; r < 8; ++r) acc[r] = _mm512_fmadd_pd(qi, ms_row8_pd(row[r], f64, dfull, tail), acc[r]);
+        }
+        const __m512d v = _mm512_div_pd(ms_tree8_pd(acc), _mm512_loadu_pd(cnt));
+        const __mmask8 keep = (__mmask8)((1u << m) - 1u);
+        _mm512_mask_storeu_pd(s + c, keep, v);
+        all_below &= (_mm512_cmp_pd_mask(v, lim, _CMP_LT_OQ) & keep) == keep;
+    }
+#else
+    for (int c = 0; c < n; ++c) {
+        s[c] = f64 ? MS_SUFFIX(dot8)(q, (const double *)sums + (int64_t)c * ld, 1, d) / dcounts[c]
+                   : MS_SUFFIX(dot8)(q, (const float *)sums + (int64_t)cand[c] * d, 0, d) / (double)counts[cand[c]];
         all_below &= s[c] < below;
     }
+#endif
+    return all_below;
+}
+
+static int MS_SUFFIX(score_block)(double *s, const double *q, const float *sums, const int32_t *cand,
+                                  const int32_t *counts, int n, int d, double below) {
+    return MS_SUFFIX(score_rows)(s, q, sums, 0, 0, cand, counts, NULL, n, d, below);
+}
+
+/* the same scores from a block already widened and transposed: candidate c is column c of kt (d rows
+ * at stride ldk), its count counts[c]. AVX-512: a lane per candidate, a register per partial. */
+static int MS_SUFFIX(score_block_t)(double *s, const double *q, const double *kt, int64_t ldk,
+                                    const double *counts, int n, int d, double below) {
+    int all_below = 1;
+#if MSATTN_ISA == MSATTN_ISA_AVX512
+    const __m512d lim = _mm512_set1_pd(below);
+    const int dfull = d & ~7;
+    int c = 0;
+    /* sixteen candidates at a time where d % 8 == 0: each broadcast of q feeds two FMAs */
+    if (dfull == d)
+        for (; c + 16 <= n; c += 16) {
+            const double *k = kt + c;
+            __m512d a0 = _mm512_setzero_pd(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+            __m512d b0 = a0, b1 = a0, b2 = a0, b3 = a0, b4 = a0, b5 = a0, b6 = a0, b7 = a0;
+#define MS_PART2(al, bl, e)                                                                  \
+    do {                                                                                     \
+        const __m512d qe = _mm512_set1_pd(q[e]);                                             \
+        al = _mm512_fmadd_pd(qe, _mm512_loadu_pd(k + (int64_t)(e) * ldk), al);              \
+        bl = _mm512_fmadd_pd(qe, _mm512_loadu_pd(k + (int64_t)(e) * ldk + 8), bl);          \
+    } while (0)
+            for (int i = 0; i < d; i += 8) {
+                MS_PART2(a0, b0, i); MS_PART2(a1, b1, i + 1); MS_PART2(a2, b2, i + 2); MS_PART2(a3, b3, i + 3);
+                MS_PART2(a4, b4, i + 4); MS_PART2(a5, b5, i + 5); MS_PART2(a6, b6, i + 6); MS_PART2(a7, b7, i + 7);
+            }
+#undef MS_PART2
+            const __m512d va = _mm512_div_pd(_mm512_add_pd(_mm512_add_pd(_mm512_add_pd(a0, a1), _mm512_add_pd(a2, a3)),
+                                                           _mm512_add_pd(_mm512_add_pd(a4, a5), _mm512_add_pd(a6, a7))),
+                                             _mm512_loadu_pd(counts + c));
+            const __m512d vb = _mm512_div_pd(_mm512_add_pd(_mm512_add_pd(_mm512_add_pd(b0, b1), _mm512_add_pd(b2, b3)),
+                                                           _mm512_add_pd(_mm512_add_pd(b4, b5), _mm512_add_pd(b6, b7))),
+                                             _mm512_loadu_pd(counts + c + 8));
+            _mm512_storeu_pd(s + c, va);
+            _mm512_storeu_pd(s + c + 8, vb);
+            all_below &= _mm512_cmp_pd_mask(va, lim, _CMP_LT_OQ) == 0xFF && _mm512_cmp_pd_mask(vb, lim, _CMP_LT_OQ) == 0xFF;
+        }
+    for (; c < n; c += 8) {
+        const int m = n - c < 8 ? n - c : 8;
+        const __mmask8 keep = (__mmask8)((1u << m) - 1u);
+        const double *k = kt + c;
+        __m512d p0 = _mm512_setzero_pd(), p1 = p0, p2 = p0, p3 = p0, p4 = p0, p5 = p0, p6 = p0, p7 = p0;
+#define MS_PART(pl, e) pl = _mm512_fmadd_pd(_mm512_set1_pd(q[e]), _mm512_maskz_loadu_pd(keep, k + (int64_t)(e) * ldk), pl)
+        for (int i = 0; i < dfull; i += 8) {
+            MS_PART(p0, i); MS_PART(p1, i + 1); MS_PART(p2, i + 2); MS_PART(p3, i + 3);
+            MS_PART(p4, i + 4); MS_PART(p5, i + 5); MS_PART(p6, i + 6); MS_PART(p7, i + 7);
+        }
+#undef MS_PART
+        if (dfull < d) { /* the last dims, then 0 * 0 for the padding, as dot8 */
+            __m512d *p[8] = {&p0, &p1, &p2, &p3, &p4, &p5, &p6, &p7};
+            for (int l = 0; l < 8; ++l) {
+                const int e = dfull + l;
+                const __m512d qe = e < d ? _mm512_set1_pd(q[e]) : _mm512_setzero_pd();
+                const __m512d ke = e < d ? _mm512_maskz_loadu_pd(keep, k + (int64_t)e * ldk) : _mm512_setzero_pd();
+                *p[l] = _mm512_fmadd_pd(qe, ke, *p[l]);
+            }
+        }
+        const __m512d dot = _mm512_add_pd(_mm512_add_pd(_mm512_add_pd(p0, p1), _mm512_add_pd(p2, p3)),
+                                          _mm512_add_pd(_mm512_add_pd(p4, p5), _mm512_add_pd(p6, p7)));
+        const __m512d v = _mm512_div_pd(dot, _mm512_mask_loadu_pd(_mm512_set1_pd(1.0), keep, counts + c));
+        _mm512_mask_storeu_pd(s + c, keep, v);
+        all_below &= (_mm512_cmp_pd_mask(v, lim, _CMP_LT_OQ) & keep) == keep;
+    }
+#else
+    double col[256]; /* d <= 256 */
+    for (int c = 0; c < n; ++c) {
+        for (int i = 0; i < d; ++i) col[i] = kt[(int64_t)i * ldk + c];
+        s[c] = MS_SUFFIX(dot8)(q, col, 1, d) / counts[c];
+        all_below &= s[c] < below;
+    }
+#endif
     return all_below;
 }
 
@@ -375,6 +498,7 @@ const msattn_simd_ops MS_SUFFIX(msattn_simd) = {
     MS_SUFFIX(mul_sub_vec),
     MS_SUFFIX(dot),
     MS_SUFFIX(score_block),
+    MS_SUFFIX(score_block_t),
     MS_SUFFIX(to_f32),
     MS_SUFFIX(from_f32),
 };

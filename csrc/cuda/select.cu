@@ -14,8 +14,10 @@
  * intrinsics (__fadd_rn, __dadd_rn, __fma_rn) so that nvcc contracts or reorders nothing:
  *   key sums   float32, token by token in position order (ms_add_tokens);
  *   qbar       double, token by token, query heads of the GQA group in order, then / count;
- *   scores     double, dot(qbar_a, ksum_j) / kcount_j, the dot one fused multiply-add per dim in
- *              order (__fma_rn), as the CPU's score_block on every instruction set.
+ *   scores     double, dot(qbar_a, ksum_j) / kcount_j with the CPU's score_block order on every
+ *              instruction set: dims padded with zeros to a multiple of 8, partial l = fused
+ *              multiply-adds (__fma_rn) over dims l, l + 8, ... in order, then the tree
+ *              ((p0 + p1) + (p2 + p3)) + ((p4 + p5) + (p6 + p7)).
  * The ranking uses the same order-preserving uint64 image of the double (NaN above +inf), ties to
  * the lower region. One caveat: NaN payloads and signs produced by arithmetic differ between x86
  * and NVIDIA GPUs, so with NaN inputs the place of NaN scores may differ from the CPU's.
@@ -392,8 +394,8 @@ __global__ void __launch_bounds__(SEL_THREADS, 1) ms_select_kernel(const msattn_
             }
             const bool scoring = l0 + warp < nl; /* warp-uniform */
             for (int c0 = 0; c0 < nc; c0 += SEL_CT) {
-                // the CPU's score_block: one fused multiply-add per dim, in order
-                double acc = 0.0;
+                // the CPU's score_block: eight partials (dim d into partial d % 8), then a fixed tree
+                double part[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
                 for (int d0 = 0; d0 < d.D; d0 += SEL_DC) {
                     __syncthreads(); /* the previous chunk is consumed (and qs is staged) */
                     for (int e = tid; e < SEL_CT * SEL_DC; e += blockDim.x) {
@@ -403,13 +405,17 @@ __global__ void __launch_bounds__(SEL_THREADS, 1) ms_select_kernel(const msattn_
                     __syncthreads();
                     if (scoring) {
                         const int dend = (int)msattn_min64(SEL_DC, d.D - d0);
-                        for (int dd = 0; dd < dend; ++dd) acc = __fma_rn(qs[warp][d0 + dd], kt[lane][dd], acc);
+                        for (int dd = 0; dd < dend; ++dd)
+                            part[(d0 + dd) & 7] = __fma_rn(qs[warp][d0 + dd], kt[lane][dd], part[(d0 + dd) & 7]);
                     }
                 }
                 const int c = c0 + lane;
-                if (scoring && c < nc)
-                    s.keys[(int64_t)warp * d.NK + c] =
-                        sel_order_key(__ddiv_rn(acc, (double)kcount[s.cand[c]]));
+                if (scoring && c < nc) {
+                    for (int dd = (int)d.D; dd & 7; ++dd) part[dd & 7] = __fma_rn(0.0, 0.0, part[dd & 7]); /* padding */
+                    const double dot = __dadd_rn(__dadd_rn(__dadd_rn(part[0], part[1]), __dadd_rn(part[2], part[3])),
+                                                 __dadd_rn(__dadd_rn(part[4], part[5]), __dadd_rn(part[6], part[7])));
+                    s.keys[(int64_t)warp * d.NK + c] = sel_order_key(__ddiv_rn(dot, (double)kcount[s.cand[c]]));
+                }
             }
             __syncthreads();
             for (int l = l0; l < nl && l < l0 + SEL_QR; ++l)
