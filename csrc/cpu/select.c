@@ -12,8 +12,9 @@
  *                            them by qbar_a . kbar_j (descending, ties to the lower j), keeps its top
  *                            T, and the lists are interleaved rank by rank without duplicates.
  *                            Consecutive groups of one (b, h) form a tile whose query regions score
- *                            each block of candidates while its sums are in cache (eight candidates
- *                            per vector reduction, ops->score_block); each region keeps its top T
+ *                            each block of candidates while its sums are in cache (ops->score_block
+ *                            from the sums, or score_block_t from the block widened and transposed
+ *                            once when several query regions score it); each region keeps its top T
  *                            in a bounded heap (O(NK log T), no per-candidate records written), and
  *                            a block scoring wholly below a full heap's last is skipped.
  *   msattn_select_ref_cpu    the naive twin: recomputes each mean it needs and sorts every list.
