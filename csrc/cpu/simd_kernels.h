@@ -269,14 +269,12 @@ static float MS_SUFFIX(dot)(const float *x, const float *y, int n) {
  * dot = ((p0 + p1) + (p2 + p3)) + ((p4 + p5) + (p6 + p7)). AVX-512 keeps the eight partials in one
  * register; the other instruction sets spell them out. */
 #if MSATTN_ISA != MSATTN_ISA_AVX512
-/* k: d floats (f64 == 0) or d doubles (f64 == 1) */
-static inline double MS_SUFFIX(dot8)(const double *q, const void *k, int f64, int d) {
+static inline double MS_SUFFIX(dot8)(const double *q, const double *k, int d) {
     double p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     for (int i = 0; i < d; i += 8)
         for (int l = 0; l < 8; ++l) {
             const int e = i + l;
-            const double ke = e >= d ? 0.0 : f64 ? ((const double *)k)[e] : (double)((const float *)k)[e];
-            p[l] = fma(e < d ? q[e] : 0.0, ke, p[l]);
+            p[l] = fma(e < d ? q[e] : 0.0, e < d ? k[e] : 0.0, p[l]);
         }
     return ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
 }
@@ -293,21 +291,12 @@ static inline __m512d ms_tree8_pd(const __m512d *a) {
     return _mm512_add_pd(_mm512_shuffle_f64x2(x0, x1, _MM_SHUFFLE(2, 0, 2, 0)),
                          _mm512_shuffle_f64x2(x0, x1, _MM_SHUFFLE(3, 1, 3, 1)));
 }
-
-/* 8 dims of row r from i (masked: the dims of `tail`, zeros elsewhere) as doubles */
-static inline __m512d ms_row8_pd(const void *row, int f64, int i, __mmask8 tail) {
-    if (f64) return tail ? _mm512_maskz_loadu_pd(tail, (const double *)row + i) : _mm512_loadu_pd((const double *)row + i);
-    return _mm512_cvtps_pd(tail ? _mm256_maskz_loadu_ps(tail, (const float *)row + i)
-                                : _mm256_loadu_ps((const float *)row + i));
-}
 #endif
 
-/* s[c] = score(q, row c) / count c for c < n, rows of d floats (f64 == 0: sums + cand[c] * d, count
- * counts[cand[c]]) or of ld doubles (f64 == 1: sums + c * ld, count dcounts[c]); returns whether every
- * s[c] < below (false where a score is NaN). f64 is a constant in each caller. */
-static inline int MS_SUFFIX(score_rows)(double *s, const double *q, const void *sums, int f64, int64_t ld,
-                                        const int32_t *cand, const int32_t *counts, const double *dcounts, int n,
-                                        int d, double below) {
+/* s[c] = score(q, sums + cand[c] * d) / counts[cand[c]] for c < n; returns whether every s[c] < below
+ * (false where a score is NaN) */
+static int MS_SUFFIX(score_block)(double *s, const double *q, const float *sums, const int32_t *cand,
+                                  const int32_t *counts, int n, int d, double below) {
     int all_below = 1;
 #if MSATTN_ISA == MSATTN_ISA_AVX512
     /* eight candidates at a time (the last batch repeats its last candidate): a register of
@@ -317,27 +306,23 @@ static inline int MS_SUFFIX(score_rows)(double *s, const double *q, const void *
     const __m512d lim = _mm512_set1_pd(below);
     for (int c = 0; c < n; c += 8) {
         const int m = n - c < 8 ? n - c : 8;
-        const void *row[8];
+        const float *row[8];
         double cnt[8];
         for (int r = 0; r < 8; ++r) {
-            const int e = c + (r < m ? r : m - 1);
-            if (f64) {
-                row[r] = (const double *)sums + (int64_t)e * ld;
-                cnt[r] = dcounts[e];
-            } else {
-                row[r] = (const float *)sums + (int64_t)cand[e] * d;
-                cnt[r] = (double)counts[cand[e]];
-            }
+            const int32_t j = cand[c + (r < m ? r : m - 1)];
+            row[r] = sums + (int64_t)j * d;
+            cnt[r] = (double)counts[j];
         }
         __m512d acc[8];
         for (int r = 0; r < 8; ++r) acc[r] = _mm512_setzero_pd();
         for (int i = 0; i < dfull; i += 8) {
             const __m512d qi = _mm512_loadu_pd(q + i);
-            for (int r = 0; r < 8; ++r) acc[r] = _mm512_fmadd_pd(qi, ms_row8_pd(row[r], f64, i, 0), acc[r]);
+            for (int r = 0; r < 8; ++r) acc[r] = _mm512_fmadd_pd(qi, _mm512_cvtps_pd(_mm256_loadu_ps(row[r] + i)), acc[r]);
         }
-        if (tail) { /* padded dims: 0 * 0 added, as dot8 adds them */
+        if (tail) { /* the last dims, and 0 * 0 for the padding, as dot8 */
             const __m512d qi = _mm512_maskz_loadu_pd(tail, q + dfull);
-            for (int r = 0; r < 8; ++r) acc[r] = _mm512_fmadd_pd(qi, ms_row8_pd(row[r], f64, dfull, tail), acc[r]);
+            for (int r = 0; r < 8; ++r)
+                acc[r] = _mm512_fmadd_pd(qi, _mm512_cvtps_pd(_mm256_maskz_loadu_ps(tail, row[r] + dfull)), acc[r]);
         }
         const __m512d v = _mm512_div_pd(ms_tree8_pd(acc), _mm512_loadu_pd(cnt));
         const __mmask8 keep = (__mmask8)((1u << m) - 1u);
@@ -345,18 +330,15 @@ static inline int MS_SUFFIX(score_rows)(double *s, const double *q, const void *
         all_below &= (_mm512_cmp_pd_mask(v, lim, _CMP_LT_OQ) & keep) == keep;
     }
 #else
+    double row[256]; /* d <= 256 */
     for (int c = 0; c < n; ++c) {
-        s[c] = f64 ? MS_SUFFIX(dot8)(q, (const double *)sums + (int64_t)c * ld, 1, d) / dcounts[c]
-                   : MS_SUFFIX(dot8)(q, (const float *)sums + (int64_t)cand[c] * d, 0, d) / (double)counts[cand[c]];
+        const float *k = sums + (int64_t)cand[c] * d;
+        for (int i = 0; i < d; ++i) row[i] = (double)k[i];
+        s[c] = MS_SUFFIX(dot8)(q, row, d) / (double)counts[cand[c]];
         all_below &= s[c] < below;
     }
 #endif
     return all_below;
-}
-
-static int MS_SUFFIX(score_block)(double *s, const double *q, const float *sums, const int32_t *cand,
-                                  const int32_t *counts, int n, int d, double below) {
-    return MS_SUFFIX(score_rows)(s, q, sums, 0, 0, cand, counts, NULL, n, d, below);
 }
 
 /* the same scores from a block already widened and transposed: candidate c is column c of kt (d rows
@@ -425,7 +407,7 @@ static int MS_SUFFIX(score_block_t)(double *s, const double *q, const double *kt
     double col[256]; /* d <= 256 */
     for (int c = 0; c < n; ++c) {
         for (int i = 0; i < d; ++i) col[i] = kt[(int64_t)i * ldk + c];
-        s[c] = MS_SUFFIX(dot8)(q, col, 1, d) / counts[c];
+        s[c] = MS_SUFFIX(dot8)(q, col, d) / counts[c];
         all_below &= s[c] < below;
     }
 #endif
