@@ -330,11 +330,11 @@ int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end,
                         break;
                     }
             }
+            /* several query regions score each block: widen it to double and transpose it once
+             * (exact, so the scores are those of score_block), a lane per candidate */
+            const int widen = nq >= MS_WIDEN_QUERIES;
             for (int64_t c0 = 0; c0 < nc; c0 += MS_SCORE_BLOCK) {
                 const int64_t cn = msattn_min64(MS_SCORE_BLOCK, nc - c0);
-                /* several query regions score the block: widen it to double and transpose it once
-                 * (exact, so the scores are those of score_block), a lane per candidate */
-                const int widen = nq >= MS_WIDEN_QUERIES;
                 if (widen)
                     for (int64_t c = 0; c < cn; ++c) {
                         const float *row = ksum + (int64_t)cand[c0 + c] * D;

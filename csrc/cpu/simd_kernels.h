@@ -279,6 +279,13 @@ static inline double MS_SUFFIX(dot8)(const double *q, const double *k, int d) {
     return ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
 }
 #else
+/* the tree sum above, lane by lane, of eight registers of partials */
+static inline __m512d ms_sum8_pd(__m512d p0, __m512d p1, __m512d p2, __m512d p3, __m512d p4, __m512d p5,
+                                 __m512d p6, __m512d p7) {
+    return _mm512_add_pd(_mm512_add_pd(_mm512_add_pd(p0, p1), _mm512_add_pd(p2, p3)),
+                         _mm512_add_pd(_mm512_add_pd(p4, p5), _mm512_add_pd(p6, p7)));
+}
+
 /* lane r of the result = the tree sum above of the lanes of a[r] */
 static inline __m512d ms_tree8_pd(const __m512d *a) {
     __m512d u[4];
@@ -367,12 +374,8 @@ static int MS_SUFFIX(score_block_t)(double *s, const double *q, const double *kt
                 MS_PART2(a4, b4, i + 4); MS_PART2(a5, b5, i + 5); MS_PART2(a6, b6, i + 6); MS_PART2(a7, b7, i + 7);
             }
 #undef MS_PART2
-            const __m512d va = _mm512_div_pd(_mm512_add_pd(_mm512_add_pd(_mm512_add_pd(a0, a1), _mm512_add_pd(a2, a3)),
-                                                           _mm512_add_pd(_mm512_add_pd(a4, a5), _mm512_add_pd(a6, a7))),
-                                             _mm512_loadu_pd(counts + c));
-            const __m512d vb = _mm512_div_pd(_mm512_add_pd(_mm512_add_pd(_mm512_add_pd(b0, b1), _mm512_add_pd(b2, b3)),
-                                                           _mm512_add_pd(_mm512_add_pd(b4, b5), _mm512_add_pd(b6, b7))),
-                                             _mm512_loadu_pd(counts + c + 8));
+            const __m512d va = _mm512_div_pd(ms_sum8_pd(a0, a1, a2, a3, a4, a5, a6, a7), _mm512_loadu_pd(counts + c));
+            const __m512d vb = _mm512_div_pd(ms_sum8_pd(b0, b1, b2, b3, b4, b5, b6, b7), _mm512_loadu_pd(counts + c + 8));
             _mm512_storeu_pd(s + c, va);
             _mm512_storeu_pd(s + c + 8, vb);
             all_below &= _mm512_cmp_pd_mask(va, lim, _CMP_LT_OQ) == 0xFF && _mm512_cmp_pd_mask(vb, lim, _CMP_LT_OQ) == 0xFF;
@@ -397,9 +400,8 @@ static int MS_SUFFIX(score_block_t)(double *s, const double *q, const double *kt
                 *p[l] = _mm512_fmadd_pd(qe, ke, *p[l]);
             }
         }
-        const __m512d dot = _mm512_add_pd(_mm512_add_pd(_mm512_add_pd(p0, p1), _mm512_add_pd(p2, p3)),
-                                          _mm512_add_pd(_mm512_add_pd(p4, p5), _mm512_add_pd(p6, p7)));
-        const __m512d v = _mm512_div_pd(dot, _mm512_mask_loadu_pd(_mm512_set1_pd(1.0), keep, counts + c));
+        const __m512d v = _mm512_div_pd(ms_sum8_pd(p0, p1, p2, p3, p4, p5, p6, p7),
+                                        _mm512_mask_loadu_pd(_mm512_set1_pd(1.0), keep, counts + c));
         _mm512_mask_storeu_pd(s + c, keep, v);
         all_below &= (_mm512_cmp_pd_mask(v, lim, _CMP_LT_OQ) & keep) == keep;
     }
