@@ -1,5 +1,5 @@
 """The CUDA kernels: they compile cleanly everywhere nvcc is (sm_80 and sm_90, no warnings, no register
-spills), and where a GPU and a CUDA build of msattn are present they agree with the CPU op: the
+spills, no local memory), and where a GPU and a CUDA build of msattn are present they agree with the CPU op: the
 selection bit for bit (against the CPU's scalar instruction set, whose summation order the GPU
 reproduces), attention and its gradients up to fp32 rounding, dense cases equal to SDPA, and the same
 call twice gives bit-identical results."""
@@ -31,13 +31,14 @@ NVCC = shutil.which("nvcc")
 @pytest.mark.parametrize("source", CU_SOURCES, ids=os.path.basename)
 def test_cuda_source_compiles_cleanly(source, tmp_path):
     # the flags of the extension build (setup.py, plus torch's half/bfloat16 defines), every
-    # warning an error, and register spills reported by ptxas as warnings
+    # warning an error, and register spills and local memory (a per-thread array indexed at run time)
+    # reported by ptxas as warnings
     cmd = [NVCC, "-c", source, "-o", str(tmp_path / "out.o"), "-std=c++17", "-O3", "--use_fast_math",
            "-I", os.path.join(ROOT, "csrc"),
            "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
            "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
            "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
-           "-Werror", "all-warnings", "-Xcompiler", "-Wall,-Wextra", "-Xptxas", "-warn-spills",
+           "-Werror", "all-warnings", "-Xcompiler", "-Wall,-Wextra", "-Xptxas", "-warn-spills,-warn-lmem-usage",
            "--threads", "0"]  # the two architectures in parallel
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, f"nvcc failed:\n{res.stderr}"

@@ -53,6 +53,7 @@
 #define SEL_CT 32       /* candidates per staged tile: one per lane */
 #define SEL_DC 32       /* dims per staged chunk of key sums */
 #define SEL_DMAX 256    /* largest head dim (the glue checks D <= 256) */
+static_assert(SEL_DC % 8 == 0 && SEL_DMAX % 8 == 0, "a chunk of dims must hold whole groups of the eight partials");
 
 // ----------------------------------------------------------------------------------------------
 // dimensions and the per-block workspace
@@ -387,16 +388,17 @@ __global__ void __launch_bounds__(SEL_THREADS, 1) ms_select_kernel(const msattn_
         }
 
         // 3. scores of SEL_QR regions at a time, then each region's top T
+        const int d8 = ((int)d.D + 7) & ~7; /* D rounded up to the eight partials; dims D..d8-1 are zeros */
         for (int l0 = 0; l0 < nl; l0 += SEL_QR) {
-            for (int e = tid; e < SEL_QR * d.D; e += blockDim.x) {
-                const int r = e / (int)d.D, dd = e % (int)d.D;
-                qs[r][dd] = l0 + r < nl ? p.qbar[(bh * d.NA + s.alist[l0 + r]) * d.D + dd] : 0.0;
+            for (int e = tid; e < SEL_QR * d8; e += blockDim.x) { /* zero from D to d8: the padding */
+                const int r = e / d8, dd = e % d8;
+                qs[r][dd] = l0 + r < nl && dd < d.D ? p.qbar[(bh * d.NA + s.alist[l0 + r]) * d.D + dd] : 0.0;
             }
             const bool scoring = l0 + warp < nl; /* warp-uniform */
             for (int c0 = 0; c0 < nc; c0 += SEL_CT) {
                 // the CPU's score_block: eight partials (dim d into partial d % 8), then a fixed tree
                 double part[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
-                for (int d0 = 0; d0 < d.D; d0 += SEL_DC) {
+                for (int d0 = 0; d0 < d8; d0 += SEL_DC) {
                     __syncthreads(); /* the previous chunk is consumed (and qs is staged) */
                     for (int e = tid; e < SEL_CT * SEL_DC; e += blockDim.x) {
                         const int r = e / SEL_DC, dd = e % SEL_DC, c = c0 + r;
@@ -404,14 +406,19 @@ __global__ void __launch_bounds__(SEL_THREADS, 1) ms_select_kernel(const msattn_
                     }
                     __syncthreads();
                     if (scoring) {
-                        const int dend = (int)msattn_min64(SEL_DC, d.D - d0);
-                        for (int dd = 0; dd < dend; ++dd)
-                            part[(d0 + dd) & 7] = __fma_rn(qs[warp][d0 + dd], kt[lane][dd], part[(d0 + dd) & 7]);
+                        /* d0 and SEL_DC are multiples of 8: dim d0 + dd + u goes to partial u; indices known at
+                           compile time keep part[] in registers */
+                        const int dend = (int)msattn_min64(SEL_DC, d8 - d0);
+#pragma unroll 1
+                        for (int dd = 0; dd < dend; dd += 8) {
+#pragma unroll
+                            for (int u = 0; u < 8; ++u)
+                                part[u] = __fma_rn(qs[warp][d0 + dd + u], kt[lane][dd + u], part[u]);
+                        }
                     }
                 }
                 const int c = c0 + lane;
                 if (scoring && c < nc) {
-                    for (int dd = (int)d.D; dd & 7; ++dd) part[dd & 7] = __fma_rn(0.0, 0.0, part[dd & 7]); /* padding */
                     const double dot = __dadd_rn(__dadd_rn(__dadd_rn(part[0], part[1]), __dadd_rn(part[2], part[3])),
                                                  __dadd_rn(__dadd_rn(part[4], part[5]), __dadd_rn(part[6], part[7])));
                     s.keys[(int64_t)warp * d.NK + c] = sel_order_key(__ddiv_rn(dot, (double)kcount[s.cand[c]]));
