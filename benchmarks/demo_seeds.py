@@ -22,7 +22,7 @@ from msattn.eval.report import format_length, markdown_table
 
 def one_seed(seed: int, flags: list[str], lengths: list[int], trials: int) -> dict:
     args = demo.parse_args([*flags, "--seed", str(seed)])
-    model, tokenizer, _, timings = demo.train_model("ms", args, position=seed % 2, threads=1)
+    model, tokenizer, _, timings = demo.train_model("ms", args, position=seed % 2)
     records = run_passkey(model, tokenizer, lengths, trials, method="ms", seed=args.seed + 1, digits=demo.DIGITS,
                           exact=True, progress=False)
     return {"seed": seed, **timings, "accuracy": {r["length"]: r["accuracy"] for r in records}}

@@ -85,3 +85,20 @@ def test_demo_model_has_its_own_output_layer_unless_tied():
     assert untied.lm_head.weight.data_ptr() != untied.model.embed_tokens.weight.data_ptr()
     assert tied.lm_head.weight.data_ptr() == tied.model.embed_tokens.weight.data_ptr()
     assert not untied.config.tie_word_embeddings and tied.config.tie_word_embeddings
+
+
+def test_demo_training_is_the_same_whatever_the_callers_threads():
+    # train_model trains on one thread and gives the caller's count back: how many threads share a
+    # product changes its rounding, which training amplifies into another model
+    args = demo.parse_args(["--steps", "3", "--batch-size", "8"])
+    before = torch.get_num_threads()
+    states = []
+    try:
+        for threads in (2, 1):
+            torch.set_num_threads(threads)
+            model, *_ = demo.train_model("ms", args)
+            assert torch.get_num_threads() == threads
+            states.append(model.state_dict())
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
