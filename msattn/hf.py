@@ -97,9 +97,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         cfg = MSConfig(block_q=cfg.block_q, block_k=cfg.block_k, merge=cfg.merge,
                        topk=max(1, math.ceil(n / cfg.block_k)))
     rotary = None
-    if state.rotary is not None:
-        need = max(cfg.topk * cfg.block_k + cfg.span, n)
-        rotary = state.rotary.tables(need, query.device)
+    if state.rotary is not None:  # compact positions stay below topk * block_k + span, whatever n is
+        rotary = state.rotary.tables(cfg.topk * cfg.block_k + cfg.span, query.device)
     kw = dict(block_q=cfg.block_q, block_k=cfg.block_k, merge=cfg.merge, topk=cfg.topk, causal=causal,
               key_padding_mask=attention_mask)
     index = None

@@ -139,6 +139,20 @@ def test_selected_rope_ignores_position_offsets():
     assert torch.equal(a, b)
 
 
+def test_selected_rope_tables_cover_the_compact_positions_only():
+    # compact positions stay below topk * block_k + span: a forward over n tokens builds tables that
+    # long, not n rows (at 1M tokens, n rows of cos and sin per forward took a third of a passkey trial)
+    model = tiny()
+    cfg = msattn.MSConfig(block_q=4, block_k=4, merge=2, topk=3, rope="selected")
+    msattn.hf.patch(model, cfg)
+    ids, _ = batch(1, 100)
+    with torch.no_grad():
+        model(ids)
+    rotary = model.model.rotary_emb
+    assert isinstance(rotary, msattn.hf.SelectedRotary)
+    assert [t.shape[0] for t in rotary.tables(1, ids.device)] == [cfg.topk * cfg.block_k + cfg.span] * 2
+
+
 def test_selected_rope_unselected_past_tokens_change_nothing():
     # queries and keys share a direction u; inserted keys point away from it, so no group selects them
     torch.manual_seed(1)
