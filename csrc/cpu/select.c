@@ -14,9 +14,10 @@
  *                            Consecutive groups of one (b, h) form a tile whose query regions score
  *                            each block of candidates while its sums are in cache (ops->score_block
  *                            from the sums, or score_block_t from the block widened and transposed
- *                            once when several query regions score it); each region keeps its top T
- *                            in a bounded heap (O(NK log T), no per-candidate records written), and
- *                            a block scoring wholly below a full heap's last is skipped.
+ *                            once by ops->widen_block when several query regions score it); each
+ *                            region keeps its top T in a bounded heap (O(NK log T), no per-candidate
+ *                            records written), offered only the candidates that the scoring op
+ *                            found not below the full heap's last.
  *   msattn_select_ref_cpu    the naive twin: recomputes each mean it needs and sorts every list.
  *
  * Key-region sums are float32 (a cache keeps them at 1/(2*block_k) of a float32 KV cache), added in
@@ -249,14 +250,15 @@ int64_t msattn_select_tile_groups(const msattn_select_params *p) {
  * block, transposed (D * MS_KT_LD double) | heaps (Q * T ranks) | heap
  * sizes (Q int64) | query-region means (Q pointers) | per query region its tile group (Q int32) | per
  * tile group its first and last query region and whether it ranks (3 * tile int32) | lists (merge *
- * T int32) | candidates (NK int32) | seen (NK bytes); Q = tile * merge. T beyond NK is never needed (a
- * group with at most T candidates takes them all). */
+ * T int32) | the block's candidates not below a heap's last (MS_SCORE_BLOCK + 8 int32) | candidates
+ * (NK int32) | seen (NK bytes); Q = tile * merge. T beyond NK is never needed (a group with at most T
+ * candidates takes them all). */
 size_t msattn_select_scratch_bytes(const msattn_select_params *p) {
     const int64_t NK = msattn_num_key_regions(p->N, p->block_k);
     const int64_t T = msattn_min64(p->topk, NK), M = p->merge, tile = msattn_select_tile_groups(p), Q = tile * M;
     return ((size_t)p->D * MS_KT_LD + 2 * MS_SCORE_BLOCK) * sizeof(double) + (size_t)Q * T * sizeof(ms_rank) +
            (size_t)Q * (sizeof(int64_t) + sizeof(double *) + sizeof(int32_t)) + (size_t)3 * tile * sizeof(int32_t) +
-           (size_t)M * T * sizeof(int32_t) + (size_t)NK * (sizeof(int32_t) + 1) + 64;
+           (size_t)(M * T + MS_SCORE_BLOCK + 8) * sizeof(int32_t) + (size_t)NK * (sizeof(int32_t) + 1) + 64;
 }
 
 int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end, void *scratch) {
@@ -276,7 +278,8 @@ int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end,
     int32_t *qtile = (int32_t *)(qbs + Q);
     int32_t *first = qtile + Q, *last = first + tile, *ranks = last + tile;
     int32_t *lists = ranks + tile;
-    int32_t *cand = lists + M * TH;
+    int32_t *keep = lists + M * TH;
+    int32_t *cand = keep + MS_SCORE_BLOCK + 8;
     uint8_t *seen = (uint8_t *)(cand + NK);
     memset(seen, 0, (size_t)NK);
 
@@ -335,22 +338,17 @@ int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end,
             const int widen = nq >= MS_WIDEN_QUERIES;
             for (int64_t c0 = 0; c0 < nc; c0 += MS_SCORE_BLOCK) {
                 const int64_t cn = msattn_min64(MS_SCORE_BLOCK, nc - c0);
-                if (widen)
-                    for (int64_t c = 0; c < cn; ++c) {
-                        const float *row = ksum + (int64_t)cand[c0 + c] * D;
-                        for (int64_t d = 0; d < D; ++d) wrows[d * MS_KT_LD + c] = (double)row[d];
-                        wcount[c] = (double)kcount[cand[c0 + c]];
-                    }
+                if (widen) ops->widen_block(wrows, MS_KT_LD, wcount, ksum, cand + c0, kcount, (int)cn, (int)D);
                 for (int64_t i = 0; i < nq; ++i) {
                     const int64_t ga = g0 + gi0 + qtile[i];
                     ms_rank *heap = heaps + i * TH;
                     /* a full heap's last kept score: a candidate strictly below it ranks after it
-                     * (NaN compares false and takes the exact path); a block wholly below is done */
+                     * (NaN compares false and takes the exact path); only the others are offered */
                     double worst = fill[i] == T ? ms_key_score(heap[0].key) : -INFINITY;
-                    if (widen ? ops->score_block_t(scores, qbs[i], wrows, MS_KT_LD, wcount, (int)cn, (int)D, worst)
-                              : ops->score_block(scores, qbs[i], ksum, cand + c0, kcount, (int)cn, (int)D, worst))
-                        continue;
-                    for (int64_t c = 0; c < cn; ++c) {
+                    const int nk = widen ? ops->score_block_t(scores, keep, qbs[i], wrows, MS_KT_LD, wcount, (int)cn, (int)D, worst)
+                                         : ops->score_block(scores, keep, qbs[i], ksum, cand + c0, kcount, (int)cn, (int)D, worst);
+                    for (int k = 0; k < nk; ++k) {
+                        const int64_t c = keep[k];
                         if (fill[i] == T && scores[c] < worst) continue;
                         const int32_t j = cand[c0 + c];
                         if (!msattn_is_candidate(j, ga, span, p->block_k, N, p->causal)) continue;

@@ -55,14 +55,19 @@ typedef struct {
     float (*dot)(const float *x, const float *y, int n);
     /* s[c] = score(q, sums + cand[c] * d) / counts[cand[c]] for c < n, the selection's score of a
      * double query-region mean and a float key-region sum (simd_kernels.h: eight partial sums of
-     * fused multiply-adds and a fixed tree, the same bits on every instruction set). Returns whether
-     * every s[c] < below (false where a score is NaN) */
-    int (*score_block)(double *s, const double *q, const float *sums, const int32_t *cand, const int32_t *counts,
-                       int n, int d, double below);
-    /* the same scores from a block widened to double and transposed: candidate c is column c of kt
-     * (d rows at stride ldk), its count counts[c] */
-    int (*score_block_t)(double *s, const double *q, const double *kt, int64_t ldk, const double *counts, int n,
-                         int d, double below);
+     * fused multiply-adds and a fixed tree, the same bits on every instruction set). Writes to
+     * keep[0..m), ascending, the c whose s[c] is not below `below` (a NaN score is kept); returns m.
+     * keep must have room for n + 8 (slots past m may be written) */
+    int (*score_block)(double *s, int32_t *keep, const double *q, const float *sums, const int32_t *cand,
+                       const int32_t *counts, int n, int d, double below);
+    /* the same scores from a block widened to double and transposed (widen_block): candidate c is
+     * column c of kt (d rows at stride ldk), its count counts[c] */
+    int (*score_block_t)(double *s, int32_t *keep, const double *q, const double *kt, int64_t ldk,
+                         const double *counts, int n, int d, double below);
+    /* kt[i * ldk + c] = sums[cand[c] * d + i] and counts[c] = ccounts[cand[c]], widened to double,
+     * for c < n, i < d (columns from n up to a multiple of 8 may be written too: ldk >= that) */
+    void (*widen_block)(double *kt, int64_t ldk, double *counts, const float *sums, const int32_t *cand,
+                        const int32_t *ccounts, int n, int d);
     /* dst[i] = (float)src[i] * a for n contiguous elements of dtype */
     void (*to_f32)(float *dst, const void *src, int n, msattn_dtype dtype, float a);
     /* dst[i] = src[i] rounded to dtype (round to nearest even), n contiguous elements */

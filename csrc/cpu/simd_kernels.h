@@ -300,11 +300,22 @@ static inline __m512d ms_tree8_pd(const __m512d *a) {
 }
 #endif
 
-/* s[c] = score(q, sums + cand[c] * d) / counts[cand[c]] for c < n; returns whether every s[c] < below
- * (false where a score is NaN) */
-static int MS_SUFFIX(score_block)(double *s, const double *q, const float *sums, const int32_t *cand,
+#if MSATTN_ISA == MSATTN_ISA_AVX512
+/* appends to keep the c0 + r (r < 8, in mask m) whose v[r] is not below lim; returns how many. Writes
+ * eight slots whatever it keeps (a compress to memory is microcoded and slow on AMD's Zen 4) */
+static inline int ms_keep_not_below(int32_t *keep, __m512d v, __m512d lim, __mmask8 m, int c0) {
+    const __mmask8 k = (__mmask8)(_mm512_cmp_pd_mask(v, lim, _CMP_NLT_UQ) & m);
+    const __m256i idx = _mm256_add_epi32(_mm256_set1_epi32(c0), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    _mm256_storeu_si256((__m256i *)keep, _mm256_maskz_compress_epi32(k, idx));
+    return __builtin_popcount((unsigned)k);
+}
+#endif
+
+/* s[c] = score(q, sums + cand[c] * d) / counts[cand[c]] for c < n; keep[0..m) = the c whose s[c] is
+ * not below `below` (NaN kept), ascending; returns m. keep has room for n + 8 */
+static int MS_SUFFIX(score_block)(double *s, int32_t *keep, const double *q, const float *sums, const int32_t *cand,
                                   const int32_t *counts, int n, int d, double below) {
-    int all_below = 1;
+    int kept = 0;
 #if MSATTN_ISA == MSATTN_ISA_AVX512
     /* eight candidates at a time (the last batch repeats its last candidate): a register of
      * partials per candidate, then one transposed tree reduction for the eight */
@@ -332,9 +343,9 @@ static int MS_SUFFIX(score_block)(double *s, const double *q, const float *sums,
                 acc[r] = _mm512_fmadd_pd(qi, _mm512_cvtps_pd(_mm256_maskz_loadu_ps(tail, row[r] + dfull)), acc[r]);
         }
         const __m512d v = _mm512_div_pd(ms_tree8_pd(acc), _mm512_loadu_pd(cnt));
-        const __mmask8 keep = (__mmask8)((1u << m) - 1u);
-        _mm512_mask_storeu_pd(s + c, keep, v);
-        all_below &= (_mm512_cmp_pd_mask(v, lim, _CMP_LT_OQ) & keep) == keep;
+        const __mmask8 valid = (__mmask8)((1u << m) - 1u);
+        _mm512_mask_storeu_pd(s + c, valid, v);
+        kept += ms_keep_not_below(keep + kept, v, lim, valid, c);
     }
 #else
     double row[256]; /* d <= 256 */
@@ -342,17 +353,17 @@ static int MS_SUFFIX(score_block)(double *s, const double *q, const float *sums,
         const float *k = sums + (int64_t)cand[c] * d;
         for (int i = 0; i < d; ++i) row[i] = (double)k[i];
         s[c] = MS_SUFFIX(dot8)(q, row, d) / (double)counts[cand[c]];
-        all_below &= s[c] < below;
+        if (!(s[c] < below)) keep[kept++] = c;
     }
 #endif
-    return all_below;
+    return kept;
 }
 
 /* the same scores from a block already widened and transposed: candidate c is column c of kt (d rows
  * at stride ldk), its count counts[c]. AVX-512: a lane per candidate, a register per partial. */
-static int MS_SUFFIX(score_block_t)(double *s, const double *q, const double *kt, int64_t ldk,
+static int MS_SUFFIX(score_block_t)(double *s, int32_t *keep, const double *q, const double *kt, int64_t ldk,
                                     const double *counts, int n, int d, double below) {
-    int all_below = 1;
+    int kept = 0;
 #if MSATTN_ISA == MSATTN_ISA_AVX512
     const __m512d lim = _mm512_set1_pd(below);
     const int dfull = d & ~7;
@@ -378,14 +389,15 @@ static int MS_SUFFIX(score_block_t)(double *s, const double *q, const double *kt
             const __m512d vb = _mm512_div_pd(ms_sum8_pd(b0, b1, b2, b3, b4, b5, b6, b7), _mm512_loadu_pd(counts + c + 8));
             _mm512_storeu_pd(s + c, va);
             _mm512_storeu_pd(s + c + 8, vb);
-            all_below &= _mm512_cmp_pd_mask(va, lim, _CMP_LT_OQ) == 0xFF && _mm512_cmp_pd_mask(vb, lim, _CMP_LT_OQ) == 0xFF;
+            kept += ms_keep_not_below(keep + kept, va, lim, 0xFF, c);
+            kept += ms_keep_not_below(keep + kept, vb, lim, 0xFF, c + 8);
         }
     for (; c < n; c += 8) {
         const int m = n - c < 8 ? n - c : 8;
-        const __mmask8 keep = (__mmask8)((1u << m) - 1u);
+        const __mmask8 valid = (__mmask8)((1u << m) - 1u);
         const double *k = kt + c;
         __m512d p0 = _mm512_setzero_pd(), p1 = p0, p2 = p0, p3 = p0, p4 = p0, p5 = p0, p6 = p0, p7 = p0;
-#define MS_PART(pl, e) pl = _mm512_fmadd_pd(_mm512_set1_pd(q[e]), _mm512_maskz_loadu_pd(keep, k + (int64_t)(e) * ldk), pl)
+#define MS_PART(pl, e) pl = _mm512_fmadd_pd(_mm512_set1_pd(q[e]), _mm512_maskz_loadu_pd(valid, k + (int64_t)(e) * ldk), pl)
         for (int i = 0; i < dfull; i += 8) {
             MS_PART(p0, i); MS_PART(p1, i + 1); MS_PART(p2, i + 2); MS_PART(p3, i + 3);
             MS_PART(p4, i + 4); MS_PART(p5, i + 5); MS_PART(p6, i + 6); MS_PART(p7, i + 7);
@@ -396,24 +408,67 @@ static int MS_SUFFIX(score_block_t)(double *s, const double *q, const double *kt
             for (int l = 0; l < 8; ++l) {
                 const int e = dfull + l;
                 const __m512d qe = e < d ? _mm512_set1_pd(q[e]) : _mm512_setzero_pd();
-                const __m512d ke = e < d ? _mm512_maskz_loadu_pd(keep, k + (int64_t)e * ldk) : _mm512_setzero_pd();
+                const __m512d ke = e < d ? _mm512_maskz_loadu_pd(valid, k + (int64_t)e * ldk) : _mm512_setzero_pd();
                 *p[l] = _mm512_fmadd_pd(qe, ke, *p[l]);
             }
         }
         const __m512d v = _mm512_div_pd(ms_sum8_pd(p0, p1, p2, p3, p4, p5, p6, p7),
-                                        _mm512_mask_loadu_pd(_mm512_set1_pd(1.0), keep, counts + c));
-        _mm512_mask_storeu_pd(s + c, keep, v);
-        all_below &= (_mm512_cmp_pd_mask(v, lim, _CMP_LT_OQ) & keep) == keep;
+                                        _mm512_mask_loadu_pd(_mm512_set1_pd(1.0), valid, counts + c));
+        _mm512_mask_storeu_pd(s + c, valid, v);
+        kept += ms_keep_not_below(keep + kept, v, lim, valid, c);
     }
 #else
     double col[256]; /* d <= 256 */
     for (int c = 0; c < n; ++c) {
         for (int i = 0; i < d; ++i) col[i] = kt[(int64_t)i * ldk + c];
         s[c] = MS_SUFFIX(dot8)(q, col, d) / counts[c];
-        all_below &= s[c] < below;
+        if (!(s[c] < below)) keep[kept++] = c;
     }
 #endif
-    return all_below;
+    return kept;
+}
+
+/* kt[i * ldk + c] = sums[cand[c] * d + i], counts[c] = ccounts[cand[c]] (exact widenings to double).
+ * AVX-512: eight candidates by eight dims at a time, transposed in registers (columns n..n+7 of the
+ * last batch get zeros) */
+static void MS_SUFFIX(widen_block)(double *kt, int64_t ldk, double *counts, const float *sums, const int32_t *cand,
+                                   const int32_t *ccounts, int n, int d) {
+    for (int c = 0; c < n; ++c) counts[c] = (double)ccounts[cand[c]];
+#if MSATTN_ISA == MSATTN_ISA_AVX512
+    for (int c = 0; c < n; c += 8) {
+        const int m = n - c < 8 ? n - c : 8;
+        const float *row[8];
+        for (int r = 0; r < 8; ++r) row[r] = r < m ? sums + (int64_t)cand[c + r] * d : NULL;
+        for (int i = 0; i < d; i += 8) {
+            const int w = d - i < 8 ? d - i : 8;
+            const __mmask8 dims = (__mmask8)((1u << w) - 1u);
+            __m512d x[8], t[8];
+            for (int r = 0; r < 8; ++r)
+                x[r] = row[r] ? _mm512_cvtps_pd(_mm256_maskz_loadu_ps(dims, row[r] + i)) : _mm512_setzero_pd();
+            for (int r = 0; r < 8; r += 2) { /* t[r]: dims 0, 2, 4, 6 of rows r, r + 1; t[r + 1]: 1, 3, 5, 7 */
+                t[r] = _mm512_unpacklo_pd(x[r], x[r + 1]);
+                t[r + 1] = _mm512_unpackhi_pd(x[r], x[r + 1]);
+            }
+            for (int o = 0; o < 2; ++o) { /* o = 0: even dims, 1: odd */
+                const __m512d u0 = _mm512_shuffle_f64x2(t[o], t[2 + o], _MM_SHUFFLE(2, 0, 2, 0));
+                const __m512d u1 = _mm512_shuffle_f64x2(t[o], t[2 + o], _MM_SHUFFLE(3, 1, 3, 1));
+                const __m512d u2 = _mm512_shuffle_f64x2(t[4 + o], t[6 + o], _MM_SHUFFLE(2, 0, 2, 0));
+                const __m512d u3 = _mm512_shuffle_f64x2(t[4 + o], t[6 + o], _MM_SHUFFLE(3, 1, 3, 1));
+                const __m512d y[4] = {_mm512_shuffle_f64x2(u0, u2, _MM_SHUFFLE(2, 0, 2, 0)),  /* dim o */
+                                      _mm512_shuffle_f64x2(u1, u3, _MM_SHUFFLE(2, 0, 2, 0)),  /* o + 2 */
+                                      _mm512_shuffle_f64x2(u0, u2, _MM_SHUFFLE(3, 1, 3, 1)),  /* o + 4 */
+                                      _mm512_shuffle_f64x2(u1, u3, _MM_SHUFFLE(3, 1, 3, 1))}; /* o + 6 */
+                for (int e = 0; e < 4; ++e)
+                    if (o + 2 * e < w) _mm512_storeu_pd(kt + (int64_t)(i + o + 2 * e) * ldk + c, y[e]);
+            }
+        }
+    }
+#else
+    for (int c = 0; c < n; ++c) {
+        const float *row = sums + (int64_t)cand[c] * d;
+        for (int i = 0; i < d; ++i) kt[(int64_t)i * ldk + c] = (double)row[i];
+    }
+#endif
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -483,6 +538,7 @@ const msattn_simd_ops MS_SUFFIX(msattn_simd) = {
     MS_SUFFIX(dot),
     MS_SUFFIX(score_block),
     MS_SUFFIX(score_block_t),
+    MS_SUFFIX(widen_block),
     MS_SUFFIX(to_f32),
     MS_SUFFIX(from_f32),
 };
