@@ -13,11 +13,11 @@
  *                            T, and the lists are interleaved rank by rank without duplicates.
  *                            Consecutive groups of one (b, h) form a tile whose query regions score
  *                            each block of candidates while its sums are in cache (ops->score_block
- *                            from the sums, or score_block_t from the block widened and transposed
- *                            once by ops->widen_block when several query regions score it); each
- *                            region keeps its top T in a bounded heap (O(NK log T), no per-candidate
- *                            records written), offered only the candidates that the scoring op
- *                            found not below the full heap's last.
+ *                            from the sums; when several query regions score a block, ops->
+ *                            screen_block first rules out in float32 those that provably cannot
+ *                            reach the heap, and only the rest get exact scores); each region keeps
+ *                            its top T in a bounded heap (O(NK log T), no per-candidate records
+ *                            written), offered only the candidates not below the full heap's last.
  *   msattn_select_ref_cpu    the naive twin: recomputes each mean it needs and sorts every list.
  *
  * Key-region sums are float32 (a cache keeps them at 1/(2*block_k) of a float32 KV cache), added in
@@ -238,27 +238,30 @@ static inline void ms_heap_offer(ms_rank *heap, int64_t *n, int64_t t, ms_rank x
  * per group. */
 #define MS_SCORE_BLOCK 128
 #define MS_TILE_QUERIES 64 /* 16 -> 64: a 1M passkey trial of the demo's model 38 -> 34.5 s (RESULTS) */
-#define MS_WIDEN_QUERIES 4 /* query regions from which a block is widened and transposed once */
-#define MS_KT_LD (MS_SCORE_BLOCK + 8) /* its row stride: not a multiple of 1 KB, so its rows do not all
-                                       * fall into the same few L1 sets */
+#define MS_SCREEN_QUERIES 4 /* query regions from which a block is transposed once and screened */
+#define MS_KT_LD (MS_SCORE_BLOCK + 16) /* its row stride (floats): not a multiple of 1 KB, so its rows do
+                                        * not all fall into the same few L1 sets */
 
 int64_t msattn_select_tile_groups(const msattn_select_params *p) {
     return p->merge >= MS_TILE_QUERIES ? 1 : MS_TILE_QUERIES / p->merge;
 }
 
-/* scratch layout (8-byte items first): scores, widened counts (2 * MS_SCORE_BLOCK double) | widened
- * block, transposed (D * MS_KT_LD double) | heaps (Q * T ranks) | heap
- * sizes (Q int64) | query-region means (Q pointers) | per query region its tile group (Q int32) | per
+/* scratch layout (8-byte items first): scores, exact scores of a screened block (2 * MS_SCORE_BLOCK
+ * double) | heaps (Q * T ranks) | heap sizes (Q int64) | query-region means (Q pointers) | the block
+ * transposed (D * MS_KT_LD float) | its 1 / count and norm / count (2 * MS_SCORE_BLOCK float) | the
+ * means in float (Q * D) and their bounds (Q float) | per query region its tile group (Q int32) | per
  * tile group its first and last query region and whether it ranks (3 * tile int32) | lists (merge *
- * T int32) | the block's candidates not below a heap's last (MS_SCORE_BLOCK + 8 int32) | candidates
- * (NK int32) | seen (NK bytes); Q = tile * merge. T beyond NK is never needed (a group with at most T
- * candidates takes them all). */
+ * T int32) | two lists of a block's candidates (2 * (MS_SCORE_BLOCK + 16) int32) and their region
+ * ids (MS_SCORE_BLOCK int32) | candidates (NK int32) | seen (NK bytes); Q = tile * merge. T beyond NK
+ * is never needed (a group with at most T candidates takes them all). */
 size_t msattn_select_scratch_bytes(const msattn_select_params *p) {
     const int64_t NK = msattn_num_key_regions(p->N, p->block_k);
     const int64_t T = msattn_min64(p->topk, NK), M = p->merge, tile = msattn_select_tile_groups(p), Q = tile * M;
-    return ((size_t)p->D * MS_KT_LD + 2 * MS_SCORE_BLOCK) * sizeof(double) + (size_t)Q * T * sizeof(ms_rank) +
-           (size_t)Q * (sizeof(int64_t) + sizeof(double *) + sizeof(int32_t)) + (size_t)3 * tile * sizeof(int32_t) +
-           (size_t)(M * T + MS_SCORE_BLOCK + 8) * sizeof(int32_t) + (size_t)NK * (sizeof(int32_t) + 1) + 64;
+    return (size_t)2 * MS_SCORE_BLOCK * sizeof(double) + (size_t)Q * T * sizeof(ms_rank) +
+           (size_t)Q * (sizeof(int64_t) + sizeof(double *)) +
+           ((size_t)p->D * MS_KT_LD + 2 * MS_SCORE_BLOCK + (size_t)Q * (p->D + 1)) * sizeof(float) +
+           (size_t)Q * sizeof(int32_t) + (size_t)3 * tile * sizeof(int32_t) +
+           (size_t)(M * T + 3 * MS_SCORE_BLOCK + 32) * sizeof(int32_t) + (size_t)NK * (sizeof(int32_t) + 1) + 64;
 }
 
 int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end, void *scratch) {
@@ -270,16 +273,17 @@ int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end,
     const int64_t a0 = msattn_first_query_region(N, Nq, p->block_q);
     const int64_t g0 = msattn_first_group(N, Nq, span), G = msattn_num_groups(N, Nq, span);
     const int64_t TH = msattn_min64(T, NK), tile = msattn_select_tile_groups(p), Q = tile * M;
-    double *scores = (double *)scratch;
-    double *wcount = scores + MS_SCORE_BLOCK, *wrows = wcount + MS_SCORE_BLOCK;
-    ms_rank *heaps = (ms_rank *)(wrows + D * MS_KT_LD);
+    double *scores = (double *)scratch, *exact = scores + MS_SCORE_BLOCK;
+    ms_rank *heaps = (ms_rank *)(exact + MS_SCORE_BLOCK);
     int64_t *fill = (int64_t *)(heaps + Q * TH);
     const double **qbs = (const double **)(fill + Q);
-    int32_t *qtile = (int32_t *)(qbs + Q);
+    float *kt = (float *)(qbs + Q), *kinv = kt + D * MS_KT_LD, *kscale = kinv + MS_SCORE_BLOCK;
+    float *qfs = kscale + MS_SCORE_BLOCK, *qbound = qfs + Q * D;
+    int32_t *qtile = (int32_t *)(qbound + Q);
     int32_t *first = qtile + Q, *last = first + tile, *ranks = last + tile;
     int32_t *lists = ranks + tile;
-    int32_t *keep = lists + M * TH;
-    int32_t *cand = keep + MS_SCORE_BLOCK + 8;
+    int32_t *keep = lists + M * TH, *keep2 = keep + MS_SCORE_BLOCK + 16, *sub = keep2 + MS_SCORE_BLOCK + 16;
+    int32_t *cand = sub + MS_SCORE_BLOCK;
     uint8_t *seen = (uint8_t *)(cand + NK);
     memset(seen, 0, (size_t)NK);
 
@@ -333,20 +337,41 @@ int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end,
                         break;
                     }
             }
-            /* several query regions score each block: widen it to double and transpose it once
-             * (exact, so the scores are those of score_block), a lane per candidate */
-            const int widen = nq >= MS_WIDEN_QUERIES;
+            /* several query regions score each block: transpose it once, screen each region's
+             * candidates in float (simd_kernels.h) and score exactly only those that may reach its
+             * heap; the means in float and their bounds 4 (D + 5) 2^-24 |q|, rounded up */
+            const int screen = nq >= MS_SCREEN_QUERIES;
+            if (screen)
+                for (int64_t i = 0; i < nq; ++i) {
+                    double sq = 0.0;
+                    for (int64_t d = 0; d < D; ++d) {
+                        qfs[i * D + d] = (float)qbs[i][d];
+                        sq += qbs[i][d] * qbs[i][d];
+                    }
+                    qbound[i] = msattn_float_up(4.0 * (double)(D + 5) * 0x1p-24 * sqrt(sq) * (1.0 + 0x1p-20));
+                }
             for (int64_t c0 = 0; c0 < nc; c0 += MS_SCORE_BLOCK) {
                 const int64_t cn = msattn_min64(MS_SCORE_BLOCK, nc - c0);
-                if (widen) ops->widen_block(wrows, MS_KT_LD, wcount, ksum, cand + c0, kcount, (int)cn, (int)D);
+                if (screen) ops->screen_prep(kt, MS_KT_LD, kinv, kscale, ksum, cand + c0, kcount, (int)cn, (int)D);
                 for (int64_t i = 0; i < nq; ++i) {
                     const int64_t ga = g0 + gi0 + qtile[i];
                     ms_rank *heap = heaps + i * TH;
                     /* a full heap's last kept score: a candidate strictly below it ranks after it
                      * (NaN compares false and takes the exact path); only the others are offered */
                     double worst = fill[i] == T ? ms_key_score(heap[0].key) : -INFINITY;
-                    const int nk = widen ? ops->score_block_t(scores, keep, qbs[i], wrows, MS_KT_LD, wcount, (int)cn, (int)D, worst)
-                                         : ops->score_block(scores, keep, qbs[i], ksum, cand + c0, kcount, (int)cn, (int)D, worst);
+                    int nk;
+                    if (screen) {
+                        const int m = ops->screen_block(keep, qfs + i * D, qbound[i], kt, MS_KT_LD, kinv, kscale, (int)cn,
+                                                        (int)D, worst);
+                        for (int k = 0; k < m; ++k) sub[k] = cand[c0 + keep[k]];
+                        nk = ops->score_block(exact, keep2, qbs[i], ksum, sub, kcount, m, (int)D, worst);
+                        for (int k = 0; k < nk; ++k) { /* keep2 ascends and keep2[k] >= k: compact in place */
+                            keep[k] = keep[keep2[k]];
+                            scores[keep[k]] = exact[keep2[k]];
+                        }
+                    } else {
+                        nk = ops->score_block(scores, keep, qbs[i], ksum, cand + c0, kcount, (int)cn, (int)D, worst);
+                    }
                     for (int k = 0; k < nk; ++k) {
                         const int64_t c = keep[k];
                         if (fill[i] == T && scores[c] < worst) continue;

@@ -15,6 +15,7 @@
 #ifndef MSATTN_SIMD_H
 #define MSATTN_SIMD_H
 
+#include <math.h>
 #include <stdint.h>
 
 #include "../msattn.h"
@@ -60,14 +61,17 @@ typedef struct {
      * keep must have room for n + 8 (slots past m may be written) */
     int (*score_block)(double *s, int32_t *keep, const double *q, const float *sums, const int32_t *cand,
                        const int32_t *counts, int n, int d, double below);
-    /* the same scores from a block widened to double and transposed (widen_block): candidate c is
-     * column c of kt (d rows at stride ldk), its count counts[c] */
-    int (*score_block_t)(double *s, int32_t *keep, const double *q, const double *kt, int64_t ldk,
-                         const double *counts, int n, int d, double below);
-    /* kt[i * ldk + c] = sums[cand[c] * d + i] and counts[c] = ccounts[cand[c]], widened to double,
-     * for c < n, i < d (columns from n up to a multiple of 8 may be written too: ldk >= that) */
-    void (*widen_block)(double *kt, int64_t ldk, double *counts, const float *sums, const int32_t *cand,
+    /* screening for blocks that many query regions score (simd_kernels.h): kt[i * ldk + c] =
+     * sums[cand[c] * d + i] (c < n, i < d; up to 8 further columns may be written: ldk >= n + 8),
+     * kinv[c] = 1 / ccounts[cand[c]], kscale[c] >= |sums row| / ccounts[cand[c]] */
+    void (*screen_prep)(float *kt, int64_t ldk, float *kinv, float *kscale, const float *sums, const int32_t *cand,
                         const int32_t *ccounts, int n, int d);
+    /* keep[0..m) = the c < n, ascending, whose float score (qf . column c of kt) * kinv[c] plus qbound *
+     * kscale[c] is not below `below` rounded down to float (NaN kept); returns m. With qbound >= 4 (d + 5)
+     * 2^-24 |q| (rounded up) no candidate whose score_block score is >= below is dropped. Reads up
+     * to 16 columns past n (ldk >= n + 16); keep has room for n + 16 */
+    int (*screen_block)(int32_t *keep, const float *qf, float qbound, const float *kt, int64_t ldk, const float *kinv,
+                        const float *kscale, int n, int d, double below);
     /* dst[i] = (float)src[i] * a for n contiguous elements of dtype */
     void (*to_f32)(float *dst, const void *src, int n, msattn_dtype dtype, float a);
     /* dst[i] = src[i] rounded to dtype (round to nearest even), n contiguous elements */
@@ -83,6 +87,17 @@ const msattn_simd_ops *msattn_simd(void);
 
 // ----------------------------------------------------------------------------------------------
 // scalar conversions, shared by every path (C11, no intrinsics)
+
+/* x as a float no smaller (msattn_float_up) / no larger (msattn_float_down) than x; NaN stays NaN */
+static inline float msattn_float_up(double x) {
+    float f = (float)x;
+    return (double)f < x ? nextafterf(f, INFINITY) : f;
+}
+
+static inline float msattn_float_down(double x) {
+    float f = (float)x;
+    return (double)f > x ? nextafterf(f, -INFINITY) : f;
+}
 
 static inline float msattn_bf16_to_f32(uint16_t h) {
     union { uint32_t u; float f; } x;

@@ -279,13 +279,6 @@ static inline double MS_SUFFIX(dot8)(const double *q, const double *k, int d) {
     return ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
 }
 #else
-/* the tree sum above, lane by lane, of eight registers of partials */
-static inline __m512d ms_sum8_pd(__m512d p0, __m512d p1, __m512d p2, __m512d p3, __m512d p4, __m512d p5,
-                                 __m512d p6, __m512d p7) {
-    return _mm512_add_pd(_mm512_add_pd(_mm512_add_pd(p0, p1), _mm512_add_pd(p2, p3)),
-                         _mm512_add_pd(_mm512_add_pd(p4, p5), _mm512_add_pd(p6, p7)));
-}
-
 /* lane r of the result = the tree sum above of the lanes of a[r] */
 static inline __m512d ms_tree8_pd(const __m512d *a) {
     __m512d u[4];
@@ -359,81 +352,26 @@ static int MS_SUFFIX(score_block)(double *s, int32_t *keep, const double *q, con
     return kept;
 }
 
-/* the same scores from a block already widened and transposed: candidate c is column c of kt (d rows
- * at stride ldk), its count counts[c]. AVX-512: a lane per candidate, a register per partial. */
-static int MS_SUFFIX(score_block_t)(double *s, int32_t *keep, const double *q, const double *kt, int64_t ldk,
-                                    const double *counts, int n, int d, double below) {
-    int kept = 0;
-#if MSATTN_ISA == MSATTN_ISA_AVX512
-    const __m512d lim = _mm512_set1_pd(below);
-    const int dfull = d & ~7;
-    int c = 0;
-    /* sixteen candidates at a time where d % 8 == 0: each broadcast of q feeds two FMAs */
-    if (dfull == d)
-        for (; c + 16 <= n; c += 16) {
-            const double *k = kt + c;
-            __m512d a0 = _mm512_setzero_pd(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-            __m512d b0 = a0, b1 = a0, b2 = a0, b3 = a0, b4 = a0, b5 = a0, b6 = a0, b7 = a0;
-#define MS_PART2(al, bl, e)                                                                  \
-    do {                                                                                     \
-        const __m512d qe = _mm512_set1_pd(q[e]);                                             \
-        al = _mm512_fmadd_pd(qe, _mm512_loadu_pd(k + (int64_t)(e) * ldk), al);              \
-        bl = _mm512_fmadd_pd(qe, _mm512_loadu_pd(k + (int64_t)(e) * ldk + 8), bl);          \
-    } while (0)
-            for (int i = 0; i < d; i += 8) {
-                MS_PART2(a0, b0, i); MS_PART2(a1, b1, i + 1); MS_PART2(a2, b2, i + 2); MS_PART2(a3, b3, i + 3);
-                MS_PART2(a4, b4, i + 4); MS_PART2(a5, b5, i + 5); MS_PART2(a6, b6, i + 6); MS_PART2(a7, b7, i + 7);
-            }
-#undef MS_PART2
-            const __m512d va = _mm512_div_pd(ms_sum8_pd(a0, a1, a2, a3, a4, a5, a6, a7), _mm512_loadu_pd(counts + c));
-            const __m512d vb = _mm512_div_pd(ms_sum8_pd(b0, b1, b2, b3, b4, b5, b6, b7), _mm512_loadu_pd(counts + c + 8));
-            _mm512_storeu_pd(s + c, va);
-            _mm512_storeu_pd(s + c + 8, vb);
-            kept += ms_keep_not_below(keep + kept, va, lim, 0xFF, c);
-            kept += ms_keep_not_below(keep + kept, vb, lim, 0xFF, c + 8);
-        }
-    for (; c < n; c += 8) {
-        const int m = n - c < 8 ? n - c : 8;
-        const __mmask8 valid = (__mmask8)((1u << m) - 1u);
-        const double *k = kt + c;
-        __m512d p0 = _mm512_setzero_pd(), p1 = p0, p2 = p0, p3 = p0, p4 = p0, p5 = p0, p6 = p0, p7 = p0;
-#define MS_PART(pl, e) pl = _mm512_fmadd_pd(_mm512_set1_pd(q[e]), _mm512_maskz_loadu_pd(valid, k + (int64_t)(e) * ldk), pl)
-        for (int i = 0; i < dfull; i += 8) {
-            MS_PART(p0, i); MS_PART(p1, i + 1); MS_PART(p2, i + 2); MS_PART(p3, i + 3);
-            MS_PART(p4, i + 4); MS_PART(p5, i + 5); MS_PART(p6, i + 6); MS_PART(p7, i + 7);
-        }
-#undef MS_PART
-        if (dfull < d) { /* the last dims, then 0 * 0 for the padding, as dot8 */
-            __m512d *p[8] = {&p0, &p1, &p2, &p3, &p4, &p5, &p6, &p7};
-            for (int l = 0; l < 8; ++l) {
-                const int e = dfull + l;
-                const __m512d qe = e < d ? _mm512_set1_pd(q[e]) : _mm512_setzero_pd();
-                const __m512d ke = e < d ? _mm512_maskz_loadu_pd(valid, k + (int64_t)e * ldk) : _mm512_setzero_pd();
-                *p[l] = _mm512_fmadd_pd(qe, ke, *p[l]);
-            }
-        }
-        const __m512d v = _mm512_div_pd(ms_sum8_pd(p0, p1, p2, p3, p4, p5, p6, p7),
-                                        _mm512_mask_loadu_pd(_mm512_set1_pd(1.0), valid, counts + c));
-        _mm512_mask_storeu_pd(s + c, valid, v);
-        kept += ms_keep_not_below(keep + kept, v, lim, valid, c);
-    }
-#else
-    double col[256]; /* d <= 256 */
-    for (int c = 0; c < n; ++c) {
-        for (int i = 0; i < d; ++i) col[i] = kt[(int64_t)i * ldk + c];
-        s[c] = MS_SUFFIX(dot8)(q, col, d) / counts[c];
-        if (!(s[c] < below)) keep[kept++] = c;
-    }
-#endif
-    return kept;
-}
+/* Screening before exact scores, for blocks that many query regions score. A candidate's float score
+ * (the same dot product in float32, any order: fused or not, d FMAs) differs from the exact one by
+ * at most (d + 5) * 2^-24 * sum_i |q_i k_i| / count <= (d + 5) * 2^-24 * |q| |k| / count (Cauchy-Schwarz;
+ * the 5 covers rounding q to float, the division, and the double path's own rounding). The select
+ * pass gives qbound >= 4 (d + 5) 2^-24 |q| and kscale[c] >= |k_c| / count_c, rounded up; a candidate
+ * whose float score plus qbound * kscale[c] is below the heap's last (rounded down to float) cannot
+ * reach it, and only the others get exact scores (score_block). The factor 4 covers the rounding of
+ * the bound and of the sum. The exact scores decide, so the selection is the one score_block gives. */
 
-/* kt[i * ldk + c] = sums[cand[c] * d + i], counts[c] = ccounts[cand[c]] (exact widenings to double).
- * AVX-512: eight candidates by eight dims at a time, transposed in registers (columns n..n+7 of the
- * last batch get zeros) */
-static void MS_SUFFIX(widen_block)(double *kt, int64_t ldk, double *counts, const float *sums, const int32_t *cand,
-                                   const int32_t *ccounts, int n, int d) {
-    for (int c = 0; c < n; ++c) counts[c] = (double)ccounts[cand[c]];
+/* kt[i * ldk + c] = sums[cand[c] * d + i] for c < n, i < d (AVX-512: columns n..n+7 of the last
+ * batch may get zeros); kinv[c] = 1 / count; kscale[c] >= |k_c| / count, rounded up */
+static void MS_SUFFIX(screen_prep)(float *kt, int64_t ldk, float *kinv, float *kscale, const float *sums,
+                                   const int32_t *cand, const int32_t *ccounts, int n, int d) {
+    for (int c = 0; c < n; ++c) {
+        const float *row = sums + (int64_t)cand[c] * d;
+        double sq = 0.0;
+        for (int i = 0; i < d; ++i) sq += (double)row[i] * (double)row[i];
+        kinv[c] = 1.0f / (float)ccounts[cand[c]];
+        kscale[c] = msattn_float_up(sqrt(sq) / (double)ccounts[cand[c]] * (1.0 + 0x1p-20));
+    }
 #if MSATTN_ISA == MSATTN_ISA_AVX512
     for (int c = 0; c < n; c += 8) {
         const int m = n - c < 8 ? n - c : 8;
@@ -442,33 +380,72 @@ static void MS_SUFFIX(widen_block)(double *kt, int64_t ldk, double *counts, cons
         for (int i = 0; i < d; i += 8) {
             const int w = d - i < 8 ? d - i : 8;
             const __mmask8 dims = (__mmask8)((1u << w) - 1u);
-            __m512d x[8], t[8];
-            for (int r = 0; r < 8; ++r)
-                x[r] = row[r] ? _mm512_cvtps_pd(_mm256_maskz_loadu_ps(dims, row[r] + i)) : _mm512_setzero_pd();
-            for (int r = 0; r < 8; r += 2) { /* t[r]: dims 0, 2, 4, 6 of rows r, r + 1; t[r + 1]: 1, 3, 5, 7 */
-                t[r] = _mm512_unpacklo_pd(x[r], x[r + 1]);
-                t[r + 1] = _mm512_unpackhi_pd(x[r], x[r + 1]);
+            __m256 x[8];
+            for (int r = 0; r < 8; ++r) x[r] = row[r] ? _mm256_maskz_loadu_ps(dims, row[r] + i) : _mm256_setzero_ps();
+            /* an 8 x 8 transpose: t pairs rows, u holds dims (j, j + 4) of four rows, y[j] dim j */
+            __m256 t[8], u[8], y[8];
+            for (int r = 0; r < 8; r += 2) {
+                t[r] = _mm256_unpacklo_ps(x[r], x[r + 1]);     /* dims 0, 1 | 4, 5 of rows r, r + 1 */
+                t[r + 1] = _mm256_unpackhi_ps(x[r], x[r + 1]); /* dims 2, 3 | 6, 7 */
             }
-            for (int o = 0; o < 2; ++o) { /* o = 0: even dims, 1: odd */
-                const __m512d u0 = _mm512_shuffle_f64x2(t[o], t[2 + o], _MM_SHUFFLE(2, 0, 2, 0));
-                const __m512d u1 = _mm512_shuffle_f64x2(t[o], t[2 + o], _MM_SHUFFLE(3, 1, 3, 1));
-                const __m512d u2 = _mm512_shuffle_f64x2(t[4 + o], t[6 + o], _MM_SHUFFLE(2, 0, 2, 0));
-                const __m512d u3 = _mm512_shuffle_f64x2(t[4 + o], t[6 + o], _MM_SHUFFLE(3, 1, 3, 1));
-                const __m512d y[4] = {_mm512_shuffle_f64x2(u0, u2, _MM_SHUFFLE(2, 0, 2, 0)),  /* dim o */
-                                      _mm512_shuffle_f64x2(u1, u3, _MM_SHUFFLE(2, 0, 2, 0)),  /* o + 2 */
-                                      _mm512_shuffle_f64x2(u0, u2, _MM_SHUFFLE(3, 1, 3, 1)),  /* o + 4 */
-                                      _mm512_shuffle_f64x2(u1, u3, _MM_SHUFFLE(3, 1, 3, 1))}; /* o + 6 */
-                for (int e = 0; e < 4; ++e)
-                    if (o + 2 * e < w) _mm512_storeu_pd(kt + (int64_t)(i + o + 2 * e) * ldk + c, y[e]);
+            for (int h = 0; h < 2; ++h) { /* rows 0-3, then 4-7 */
+                u[4 * h + 0] = _mm256_shuffle_ps(t[4 * h], t[4 * h + 2], _MM_SHUFFLE(1, 0, 1, 0));     /* dims 0 | 4 */
+                u[4 * h + 1] = _mm256_shuffle_ps(t[4 * h], t[4 * h + 2], _MM_SHUFFLE(3, 2, 3, 2));     /* 1 | 5 */
+                u[4 * h + 2] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], _MM_SHUFFLE(1, 0, 1, 0)); /* 2 | 6 */
+                u[4 * h + 3] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], _MM_SHUFFLE(3, 2, 3, 2)); /* 3 | 7 */
             }
+            for (int j = 0; j < 4; ++j) {
+                y[j] = _mm256_permute2f128_ps(u[j], u[4 + j], 0x20);
+                y[j + 4] = _mm256_permute2f128_ps(u[j], u[4 + j], 0x31);
+            }
+            for (int j = 0; j < w; ++j) _mm256_storeu_ps(kt + (int64_t)(i + j) * ldk + c, y[j]);
         }
     }
 #else
     for (int c = 0; c < n; ++c) {
         const float *row = sums + (int64_t)cand[c] * d;
-        for (int i = 0; i < d; ++i) kt[(int64_t)i * ldk + c] = (double)row[i];
+        for (int i = 0; i < d; ++i) kt[(int64_t)i * ldk + c] = row[i];
     }
 #endif
+}
+
+/* keep[0..m) = the c < n, ascending, that screening cannot rule out against `below` (NaN kept);
+ * returns m. qf: the query-region mean in float; keep has room for n + 16 */
+static int MS_SUFFIX(screen_block)(int32_t *keep, const float *qf, float qbound, const float *kt, int64_t ldk,
+                                   const float *kinv, const float *kscale, int n, int d, double below) {
+    const float lim = msattn_float_down(below);
+    int kept = 0;
+#if MSATTN_ISA == MSATTN_ISA_AVX512
+    const __m512 vlim = _mm512_set1_ps(lim), vqb = _mm512_set1_ps(qbound);
+    const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (int c0 = 0; c0 < n; c0 += 64) { /* four vectors of candidates: four independent FMA chains */
+        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        const int nv = (n - c0 + 15) / 16 < 4 ? (n - c0 + 15) / 16 : 4;
+        for (int i = 0; i < d; ++i) {
+            const __m512 qi = _mm512_set1_ps(qf[i]);
+            const float *k = kt + (int64_t)i * ldk + c0;
+            for (int v = 0; v < 4; ++v)
+                if (v < nv) acc[v] = _mm512_fmadd_ps(qi, _mm512_loadu_ps(k + 16 * v), acc[v]);
+        }
+        for (int v = 0; v < nv; ++v) {
+            const int c = c0 + 16 * v, m = n - c < 16 ? n - c : 16;
+            const __mmask16 valid = (__mmask16)((1u << m) - 1u);
+            const __m512 sc = _mm512_mul_ps(acc[v], _mm512_maskz_loadu_ps(valid, kinv + c));
+            const __m512 hi = _mm512_fmadd_ps(vqb, _mm512_maskz_loadu_ps(valid, kscale + c), sc);
+            const __mmask16 k = (__mmask16)(_mm512_cmp_ps_mask(hi, vlim, _CMP_NLT_UQ) & valid);
+            _mm512_storeu_si512(keep + kept, _mm512_maskz_compress_epi32(k, _mm512_add_epi32(_mm512_set1_epi32(c), lanes)));
+            kept += __builtin_popcount((unsigned)k);
+        }
+    }
+#else
+    for (int c = 0; c < n; ++c) {
+        float acc = 0.0f;
+        for (int i = 0; i < d; ++i) acc = fmaf(qf[i], kt[(int64_t)i * ldk + c], acc);
+        const float hi = fmaf(qbound, kscale[c], acc * kinv[c]);
+        if (!(hi < lim)) keep[kept++] = c;
+    }
+#endif
+    return kept;
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -537,8 +514,8 @@ const msattn_simd_ops MS_SUFFIX(msattn_simd) = {
     MS_SUFFIX(mul_sub_vec),
     MS_SUFFIX(dot),
     MS_SUFFIX(score_block),
-    MS_SUFFIX(score_block_t),
-    MS_SUFFIX(widen_block),
+    MS_SUFFIX(screen_prep),
+    MS_SUFFIX(screen_block),
     MS_SUFFIX(to_f32),
     MS_SUFFIX(from_f32),
 };
