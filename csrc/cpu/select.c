@@ -360,7 +360,7 @@ int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end,
                      * (NaN compares false and takes the exact path); only the others are offered */
                     double worst = fill[i] == T ? ms_key_score(heap[0].key) : -INFINITY;
                     int nk;
-                    if (screen) {
+                    if (screen && fill[i] == T) { /* a heap not yet full takes every candidate: nothing to screen */
                         const int m = ops->screen_block(keep, qfs + i * D, qbound[i], kt, MS_KT_LD, kinv, kscale, (int)cn,
                                                         (int)D, worst);
                         for (int k = 0; k < m; ++k) sub[k] = cand[c0 + keep[k]];
