@@ -1,10 +1,14 @@
 """The main job: a tiny Llama trained on short sequences retrieves a passkey from far longer ones.
 
 ``python -m msattn.demo`` (``make demo``) needs nothing downloaded. It trains a tiny Llama from
-scratch on synthetic passkey prompts of ``--train-len`` tokens, twice with the same data and steps:
+scratch on synthetic passkey prompts of ``--train-len`` tokens, twice with the same data and steps
+(the first ``--short-steps`` on prompts short enough for MS attention to be exactly dense, where the
+copy is learned first; then prompts up to ``--train-len``):
 
 - ``ms``: MS attention with RoPE on selected tokens only (``MSConfig(rope="selected")``): every
-  distance it ever sees is bounded by ``topk * block_k + merge * block_q``, whatever the length;
+  distance it ever sees is bounded by ``topk * block_k + merge * block_q``, whatever the length; its
+  loss adds :class:`SelectionLoss`, which teaches the answer's queries to select the key's regions
+  (selection itself passes no gradient);
 - ``dense``: PyTorch SDPA with ordinary RoPE, the baseline;
 - ``infini`` (only when asked, ``--methods ms,dense,infini``): Infini-attention with segments of
   ``--segment-len`` tokens and ordinary RoPE, trained the same way.
@@ -47,7 +51,12 @@ def parse_args(argv=None):
     ap.add_argument("--out", default="demo_out", help="directory for models, table, JSON and plot")
     ap.add_argument("--train-len", type=int, default=256, help="training sequence length (tokens)")
     ap.add_argument("--max-len", type=int, default=None, help="longest evaluated length (default 64x train-len)")
-    ap.add_argument("--steps", type=int, default=1000, help="optimizer steps per model")
+    ap.add_argument("--steps", type=int, default=1400, help="optimizer steps per model")
+    ap.add_argument("--short-steps", type=int, default=800,
+                    help="the first steps train on sequences of at most topk*block_k + merge*block_q tokens, where "
+                         "MS attention is exactly dense (both models: the same data)")
+    ap.add_argument("--select-weight", type=float, default=0.1,
+                    help="weight of the MS model's selection loss (msattn.demo.SelectionLoss; 0: none)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--trials", type=int, default=20, help="passkey trials per length")
@@ -143,28 +152,132 @@ def batch(tokenizer: PasskeyTokenizer, rng: random.Random, max_len: int, size: i
     return x, torch.cat([x[:, 1:], torch.zeros_like(x[:, :1])], 1), torch.tensor(weights)
 
 
-def train(model, tokenizer, args, name: str, position: int = 0) -> list[float]:
-    """AdamW with warm-up and cosine decay; the same data stream (seeded) for every method."""
+def short_length(config: MSConfig) -> int:
+    """The longest sequence on which MS attention with ``config`` is exactly dense: every group has at
+    most ``topk`` candidate regions (DESIGN section 1, step 5)."""
+    return config.topk * config.block_k + config.span
+
+
+class SelectionLoss:
+    """A loss that teaches the MS model's queries to select the key (DESIGN section 1 has no gradient
+    through selection: without this, the region means rank the key first only as far as training the
+    attention happens to make them).
+
+    For every query that predicts an answer digit (the question's last token and the answer's digits
+    but the last) and every layer and KV head, the regions the op could select for that query's group
+    (those lying entirely before the group) are scored as ``ms_select`` ranks them: the sum over the KV
+    head's query heads of ``q . kbar_j``, ``kbar_j`` the mean un-rotated key of region ``j``
+    (``rope="selected"``: the outputs of ``q_proj`` and ``k_proj``), but with the query itself rather
+    than its region's mean (scores are linear in the query, so queries that each rank the key first
+    make means that do). The loss is the cross-entropy of choosing a region holding a digit of the
+    key (either occurrence) among them, averaged over queries, KV heads and layers. Queries whose group
+    takes every candidate (at most ``topk``) or sees no key region among them are left out.
+
+    Hooks on ``q_proj``/``k_proj`` keep their latest outputs; :meth:`remove` takes them off.
+    """
+
+    def __init__(self, model, config: MSConfig, digit_ids: set[int]):
+        if config.rope != "selected":
+            raise ValueError(f"SelectionLoss: selection scores un-rotated q and k only with rope='selected', "
+                             f"got rope={config.rope!r}")
+        mc = model.config
+        self.heads, self.kv_heads = mc.num_attention_heads, mc.num_key_value_heads
+        self.head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+        self.config, self.digit_ids = config, digit_ids
+        self.outputs, self.handles = {}, []
+        for i, layer in enumerate(model.model.layers):
+            for name in ("q_proj", "k_proj"):
+                hook = (lambda m, a, out, key=(name, i): self.outputs.__setitem__(key, out))
+                self.handles.append(getattr(layer.self_attn, name).register_forward_hook(hook))
+        self.layers = len(model.model.layers)
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+        self.handles, self.outputs = [], {}
+
+    def targets(self, x: torch.Tensor):
+        """For the batch ``x`` ``(B, n)``: ``(rows, cols, candidates, key)``, the scored queries' batch
+        rows and positions, and boolean ``(I, n // block_k)`` masks of their candidate regions and of
+        the candidates holding a key digit; None when no query qualifies."""
+        cfg, n = self.config, x.shape[1]
+        regions = n // cfg.block_k
+        rows, cols, cand, key = [], [], [], []
+        for b, ids in enumerate(x.tolist()):
+            runs = digit_runs(ids, self.digit_ids.__contains__)
+            if len(runs) < 3:
+                continue
+            key_regions = {p // cfg.block_k for run in runs[:2] for p in run}
+            answer = runs[-1]
+            for t in range(answer.start - 1, answer.stop - 1):
+                before = (t // cfg.span) * cfg.span // cfg.block_k  # candidates: regions [0, before)
+                hits = [j for j in key_regions if j < before]
+                if before <= cfg.topk or not hits:
+                    continue
+                rows.append(b)
+                cols.append(t)
+                cand.append([j < before for j in range(regions)])
+                key.append([j in key_regions and j < before for j in range(regions)])
+        if not rows:
+            return None
+        return torch.tensor(rows), torch.tensor(cols), torch.tensor(cand), torch.tensor(key)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The loss for the forward just run on ``x`` ``(B, n)``, or None where no query qualifies."""
+        found = self.targets(x)
+        if found is None:
+            return None
+        rows, cols, cand, key = found
+        (B, n), ck = x.shape, self.config.block_k
+        regions, group = cand.shape[1], self.heads // self.kv_heads
+        total = 0.0
+        for i in range(self.layers):
+            q = self.outputs[("q_proj", i)].view(B, n, self.kv_heads, group, self.head_dim).sum(3)[rows, cols]
+            k = self.outputs[("k_proj", i)][:, :regions * ck].view(B, regions, ck, self.kv_heads, self.head_dim)
+            scores = torch.einsum("ihd,irhd->ihr", q.float(), k.float().mean(2)[rows])  # (I, Hkv, regions)
+            scores = scores.masked_fill(~cand[:, None], float("-inf"))
+            picked = scores.masked_fill(~key[:, None], float("-inf"))
+            total = total + (scores.logsumexp(-1) - picked.logsumexp(-1)).mean()
+        return total / self.layers
+
+
+def train(model, tokenizer, args, name: str, position: int = 0, config: MSConfig | None = None) -> list[float]:
+    """AdamW with warm-up and cosine decay; the same data stream (seeded) for every method.
+
+    The first ``--short-steps`` batches are at most :func:`short_length` tokens, where MS attention is
+    exactly dense: the copy is learned there first. Given the MS ``config``, the loss adds
+    ``--select-weight`` times :class:`SelectionLoss`. Returns the copy loss of each step."""
     rng = random.Random(args.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     warmup = max(1, args.steps // 40)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
+    short = short_length(method_settings(args).ms)
+    digit_ids = set(tokenizer.encode("0123456789", bos=False))
+    select = SelectionLoss(model, config, digit_ids) if config is not None and args.select_weight else None
     model.train()
     losses = []
-    with tqdm(range(args.steps), desc=f"train {name}", position=position) as bar:
-        for _ in bar:
-            x, y, w = batch(tokenizer, rng, args.train_len, args.batch_size)
-            logits = model(x).logits
-            nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none")
-            loss = (nll * w.flatten()).sum() / w.sum()
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-            bar.set_postfix(copy_nll=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+    try:
+        with tqdm(range(args.steps), desc=f"train {name}", position=position) as bar:
+            for step in bar:
+                x, y, w = batch(tokenizer, rng, short if step < args.short_steps else args.train_len,
+                                args.batch_size)
+                logits = model(x).logits
+                nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none")
+                loss = (nll * w.flatten()).sum() / w.sum()
+                total = loss
+                if select is not None and (extra := select(x)) is not None:
+                    total = loss + args.select_weight * extra
+                opt.zero_grad()
+                total.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                sched.step()
+                losses.append(loss.item())
+                bar.set_postfix(copy_nll=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+    finally:
+        if select is not None:
+            select.remove()
     model.eval()
     return losses
 
@@ -187,7 +300,7 @@ def train_model(method: str, args, position: int = 0):
         settings = method_settings(args)
         prepare(model, method, settings)
         t0 = time.perf_counter()
-        losses = train(model, tokenizer, args, method, position)
+        losses = train(model, tokenizer, args, method, position, config=settings.ms if method == "ms" else None)
     finally:
         torch.set_num_threads(threads)
     timings = {"train_seconds": time.perf_counter() - t0, "final_copy_nll": sum(losses[-20:]) / len(losses[-20:])}

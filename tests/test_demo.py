@@ -7,8 +7,9 @@ import os
 import pytest
 import torch
 
-from msattn import demo
+from msattn import MSConfig, demo
 from msattn.eval import PasskeyTokenizer, load, prepare
+from msattn.eval.passkey import passkey_prompt
 from msattn.eval.loading import read_checkpoint_meta, settings_from_meta
 
 
@@ -102,3 +103,90 @@ def test_demo_training_is_the_same_whatever_the_callers_threads():
     finally:
         torch.set_num_threads(before)
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def _tiny_ms_model(args):
+    torch.manual_seed(0)
+    tokenizer = PasskeyTokenizer()
+    model = demo.build_model(tokenizer, args)
+    prepare(model, "ms", demo.method_settings(args))
+    return model, tokenizer
+
+
+def test_selection_loss_scores_the_key_regions_as_ms_select_ranks_them():
+    args = demo.parse_args(["--hidden", "32", "--heads", "4"])
+    model, tokenizer = _tiny_ms_model(args)
+    cfg = demo.method_settings(args).ms
+    digit_ids = set(tokenizer.encode("0123456789", bos=False))
+    prompts = [passkey_prompt(tokenizer, 250, 31415, 0.3), passkey_prompt(tokenizer, 250, 27182, 0.8)]
+    x = torch.tensor([ids + tokenizer.encode(key + ".", bos=False) for ids, key in prompts])
+    loss = demo.SelectionLoss(model, cfg, digit_ids)
+    model(x)
+    rows, cols, cand, key = loss.targets(x)
+    value = loss(x)
+    # the scored queries: those predicting the answer's digits (its first from the question's last token)
+    assert rows.tolist() == [0] * 5 + [1] * 5 and cols.tolist() == [249, 250, 251, 252, 253] * 2
+    for i, (b, t) in enumerate(zip(rows.tolist(), cols.tolist())):
+        before = t // 32 * 32 // 16
+        assert cand[i].tolist() == [j < before for j in range(cand.shape[1])]
+        ids = x[b].tolist()
+        digits = [p for p in range(len(ids)) if ids[p] in digit_ids and p < 250]  # both key occurrences
+        assert key[i].tolist() == [j < before and any(p // 16 == j for p in digits) for j in range(cand.shape[1])]
+    # the value, from the captured projections by plain loops
+    expect = []
+    outputs = loss.outputs
+    for i in range(len(model.model.layers)):
+        q, k = outputs[("q_proj", i)].view(2, -1, 4, 8), outputs[("k_proj", i)].view(2, -1, 2, 8)
+        for r in range(len(rows)):
+            b, t = int(rows[r]), int(cols[r])
+            for h in range(2):
+                qs = q[b, t, 2 * h] + q[b, t, 2 * h + 1]
+                scores = torch.stack([qs @ k[b, 16 * j:16 * j + 16, h].mean(0) for j in range(cand.shape[1])])
+                scores = scores.masked_fill(~cand[r], float("-inf"))
+                expect.append(scores.logsumexp(0) - scores.masked_fill(~key[r], float("-inf")).logsumexp(0))
+    assert torch.allclose(value, torch.stack(expect).mean(), rtol=1e-5)
+    value.backward()
+    attn = model.model.layers[1].self_attn
+    assert attn.q_proj.weight.grad.abs().sum() > 0 and attn.k_proj.weight.grad.abs().sum() > 0
+    assert attn.v_proj.weight.grad is None
+    loss.remove()
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_selection_loss_skips_what_ms_select_takes_whole_and_needs_rope_on_selected():
+    args = demo.parse_args(["--hidden", "32", "--heads", "4"])
+    model, tokenizer = _tiny_ms_model(args)
+    digit_ids = set(tokenizer.encode("0123456789", bos=False))
+    loss = demo.SelectionLoss(model, demo.method_settings(args).ms, digit_ids)
+    ids, key = passkey_prompt(tokenizer, 90, 31415, 0.5)  # 96 tokens with the answer: dense
+    x = torch.tensor([ids + tokenizer.encode(key + ".", bos=False)])
+    model(x)
+    assert loss.targets(x) is None and loss(x) is None
+    with pytest.raises(ValueError, match="rope='selected'"):
+        demo.SelectionLoss(model, MSConfig(), digit_ids)
+
+
+def test_demo_training_starts_short_and_adds_the_selection_loss_to_ms_only():
+    flags = ["--steps", "4", "--short-steps", "2", "--batch-size", "4", "--hidden", "32"]
+    lengths = []
+    original = demo.batch
+
+    def recording(tokenizer, rng, max_len, size):
+        lengths.append(max_len)
+        return original(tokenizer, rng, max_len, size)
+
+    demo.batch = recording
+    try:
+        states = {}
+        for method, weight in (("ms", "0.1"), ("ms", "0"), ("dense", "0.1"), ("dense", "0")):
+            model, *_ = demo.train_model(method, demo.parse_args([*flags, "--select-weight", weight]))
+            states[method, weight] = model.state_dict()
+    finally:
+        demo.batch = original
+    assert lengths == [96, 96, 256, 256] * 4  # topk * block_k + merge * block_q, then --train-len
+
+    def same(a, b):
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    assert not same(states["ms", "0.1"], states["ms", "0"])
+    assert same(states["dense", "0.1"], states["dense", "0"])
