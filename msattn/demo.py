@@ -244,15 +244,16 @@ class SelectionLoss:
 def train(model, tokenizer, args, name: str, position: int = 0, config: MSConfig | None = None) -> list[float]:
     """AdamW with warm-up and cosine decay; the same data stream (seeded) for every method.
 
-    The first ``--short-steps`` batches are at most :func:`short_length` tokens, where MS attention is
-    exactly dense: the copy is learned there first. Given the MS ``config``, the loss adds
-    ``--select-weight`` times :class:`SelectionLoss`. Returns the copy loss of each step."""
+    The first ``--short-steps`` batches are at most :func:`short_length` tokens (or ``--train-len``,
+    if shorter), where MS attention is exactly dense: the copy is learned there first. Given the MS
+    ``config``, the loss adds ``--select-weight`` times :class:`SelectionLoss`. Returns the copy loss
+    of each step."""
     rng = random.Random(args.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     warmup = max(1, args.steps // 40)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
-    short = short_length(method_settings(args).ms)
+    short = min(short_length(method_settings(args).ms), args.train_len)
     digit_ids = set(tokenizer.encode("0123456789", bos=False))
     select = SelectionLoss(model, config, digit_ids) if config is not None and args.select_weight else None
     model.train()
@@ -333,6 +334,10 @@ def main(argv=None):
     if args.train_len < shortest:
         raise SystemExit(f"msattn.demo: --train-len must be at least {shortest} tokens (the passkey prompt without "
                          f"filler, a {MAX_TRAIN_DIGITS}-digit key and its answer), got {args.train_len}")
+    if not 0 <= args.short_steps <= args.steps:
+        raise SystemExit(f"msattn.demo: --short-steps must lie in [0, --steps = {args.steps}], got {args.short_steps}")
+    if not args.select_weight >= 0:
+        raise SystemExit(f"msattn.demo: --select-weight must be >= 0, got {args.select_weight}")
     max_len = args.max_len or 64 * args.train_len
     lengths = []
     n = args.train_len

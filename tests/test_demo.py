@@ -15,9 +15,9 @@ from msattn.eval.loading import read_checkpoint_meta, settings_from_meta
 
 def test_demo_trains_saves_and_reports_every_method(tmp_path):
     out = tmp_path / "demo"
-    demo.main(["--out", str(out), "--steps", "3", "--batch-size", "2", "--hidden", "32", "--heads", "4",
-               "--train-len", "128", "--max-len", "256", "--trials", "2", "--methods", "ms,dense,infini",
-               "--segment-len", "32", "--threads", "1"])
+    demo.main(["--out", str(out), "--steps", "3", "--short-steps", "1", "--batch-size", "2", "--hidden", "32",
+               "--heads", "4", "--train-len", "128", "--max-len", "256", "--trials", "2",
+               "--methods", "ms,dense,infini", "--segment-len", "32", "--threads", "1"])
     records = json.loads((out / "passkey.json").read_text())
     assert sorted((r["method"], r["length"]) for r in records) == sorted(
         (m, n) for m in ("ms", "dense", "infini") for n in (128, 256))
@@ -50,6 +50,10 @@ def test_demo_bad_input(tmp_path):
         demo.main(["--out", str(tmp_path), "--methods", "ms,flash"])
     with pytest.raises(SystemExit, match="--train-len must be at least"):
         demo.main(["--out", str(tmp_path), "--train-len", "40"])
+    with pytest.raises(SystemExit, match="--short-steps must lie in \\[0, --steps = 10\\], got 11"):
+        demo.main(["--out", str(tmp_path), "--steps", "10", "--short-steps", "11"])
+    with pytest.raises(SystemExit, match="--select-weight must be >= 0, got -0.1"):
+        demo.main(["--out", str(tmp_path), "--select-weight", "-0.1"])
     with pytest.raises(SystemExit, match="--chunk-size must be a multiple of merge \\* block_q = 32"):
         demo.main(["--out", str(tmp_path), "--chunk-size", "100"])
 
@@ -58,8 +62,9 @@ def test_demo_selection_diagnostic(tmp_path):
     # benchmarks/demo_selection.py on a toy demo model whose groups take every candidate (topk 16 at
     # 128 tokens): every layer and head must hold the whole key, whatever the weights
     out = tmp_path / "demo"
-    demo.main(["--out", str(out), "--steps", "2", "--batch-size", "2", "--hidden", "32", "--train-len", "128",
-               "--max-len", "128", "--trials", "1", "--methods", "ms", "--topk", "16", "--threads", "1"])
+    demo.main(["--out", str(out), "--steps", "2", "--short-steps", "1", "--batch-size", "2", "--hidden", "32",
+               "--train-len", "128", "--max-len", "128", "--trials", "1", "--methods", "ms", "--topk", "16",
+               "--threads", "1"])
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
                         "demo_selection.py")
     spec = importlib.util.spec_from_file_location("demo_selection", path)
@@ -74,8 +79,8 @@ def test_demo_selection_diagnostic(tmp_path):
     assert [a[0] for a in accuracy[1:]] == ["100", "128"]
     with pytest.raises(SystemExit, match="rope='selected'"):
         dense = tmp_path / "dense"
-        demo.main(["--out", str(dense), "--steps", "1", "--batch-size", "2", "--hidden", "32", "--train-len", "128",
-                   "--max-len", "128", "--trials", "1", "--methods", "dense", "--threads", "1"])
+        demo.main(["--out", str(dense), "--steps", "1", "--short-steps", "0", "--batch-size", "2", "--hidden", "32",
+                   "--train-len", "128", "--max-len", "128", "--trials", "1", "--methods", "dense", "--threads", "1"])
         script.main(["--model", str(dense / "dense")])
 
 
