@@ -62,7 +62,7 @@ def main(argv=None):
     conf = model.config
     hq, hkv = conf.num_attention_heads, conf.num_key_value_heads
     caught = capture(model)
-    digits = set(tokenizer.encode("0123456789", bos=False))
+    digits = demo.digit_ids(tokenizer)
     rows = [["length", "answer tokens fed", "layer", "KV head", "whole key selected", "a key digit selected",
              "next digit's rank"]]
     forced = [["length", "answer tokens fed", "next digit predicted"]]

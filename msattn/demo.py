@@ -126,6 +126,11 @@ def copy_weights(ids: list[int], answer: list[int], is_digit) -> list[float]:
     return weights
 
 
+def digit_ids(tokenizer: PasskeyTokenizer) -> set[int]:
+    """The ids of the ten digit tokens."""
+    return set(tokenizer.encode("0123456789", bos=False))
+
+
 def shortest_training_length(tokenizer: PasskeyTokenizer) -> int:
     """Tokens of a training sequence without filler: the prompt, the longest key, its answer and "."."""
     return template_length(tokenizer, "9" * MAX_TRAIN_DIGITS) + MAX_TRAIN_DIGITS + 1
@@ -140,22 +145,23 @@ def batch(tokenizer: PasskeyTokenizer, rng: random.Random, max_len: int, size: i
     lo = shortest_training_length(tokenizer)
     mid = min(2 * lo, max_len)
     n = rng.randint(lo, mid) if rng.random() < 0.5 else rng.randint(mid, max_len)
-    digit_ids = set(tokenizer.encode("0123456789", bos=False))
+    is_digit = digit_ids(tokenizer).__contains__
     end = tokenizer.encode(".", bos=False)  # the answer ends like the key sentence's key
     inputs, weights = [], []
     for _ in range(size):
         digits = rng.randint(DIGITS, MAX_TRAIN_DIGITS)
         ids, answer = tokenizer.sample(rng, n - digits - len(end), digits=digits)
         inputs.append(ids + answer + end)
-        weights.append(copy_weights(ids, answer + end, digit_ids.__contains__))
+        weights.append(copy_weights(ids, answer + end, is_digit))
     x = torch.tensor(inputs)
     return x, torch.cat([x[:, 1:], torch.zeros_like(x[:, :1])], 1), torch.tensor(weights)
 
 
 def short_length(config: MSConfig) -> int:
     """The longest sequence on which MS attention with ``config`` is exactly dense: every group has at
-    most ``topk`` candidate regions (DESIGN section 1, step 5)."""
-    return config.topk * config.block_k + config.span
+    most ``topk`` candidate regions (DESIGN section 1, step 5), i.e. the last group starts at most
+    ``topk * block_k`` tokens in (96 tokens for the demo's defaults)."""
+    return (config.topk * config.block_k // config.span + 1) * config.span
 
 
 class SelectionLoss:
@@ -200,27 +206,28 @@ class SelectionLoss:
         """For the batch ``x`` ``(B, n)``: ``(rows, cols, candidates, key)``, the scored queries' batch
         rows and positions, and boolean ``(I, n // block_k)`` masks of their candidate regions and of
         the candidates holding a key digit; None when no query qualifies."""
-        cfg, n = self.config, x.shape[1]
+        cfg, (B, n) = self.config, x.shape
         regions = n // cfg.block_k
-        rows, cols, cand, key = [], [], [], []
+        rows, cols, ends = [], [], []
+        key_regions = torch.zeros(B, regions, dtype=torch.bool)
         for b, ids in enumerate(x.tolist()):
             runs = digit_runs(ids, self.digit_ids.__contains__)
             if len(runs) < 3:
                 continue
-            key_regions = {p // cfg.block_k for run in runs[:2] for p in run}
+            held = [j for j in {p // cfg.block_k for run in runs[:2] for p in run} if j < regions]
+            key_regions[b, held] = True
             answer = runs[-1]
             for t in range(answer.start - 1, answer.stop - 1):
-                before = (t // cfg.span) * cfg.span // cfg.block_k  # candidates: regions [0, before)
-                hits = [j for j in key_regions if j < before]
-                if before <= cfg.topk or not hits:
-                    continue
-                rows.append(b)
-                cols.append(t)
-                cand.append([j < before for j in range(regions)])
-                key.append([j in key_regions and j < before for j in range(regions)])
+                end = (t // cfg.span) * cfg.span // cfg.block_k  # candidates: regions [0, end)
+                if end > cfg.topk and held and min(held) < end:
+                    rows.append(b)
+                    cols.append(t)
+                    ends.append(end)
         if not rows:
             return None
-        return torch.tensor(rows), torch.tensor(cols), torch.tensor(cand), torch.tensor(key)
+        rows = torch.tensor(rows)
+        cand = torch.arange(regions) < torch.tensor(ends)[:, None]
+        return rows, torch.tensor(cols), cand, cand & key_regions[rows]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
         """The loss for the forward just run on ``x`` ``(B, n)``, or None where no query qualifies."""
@@ -254,8 +261,7 @@ def train(model, tokenizer, args, name: str, position: int = 0, config: MSConfig
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
     short = min(short_length(method_settings(args).ms), args.train_len)
-    digit_ids = set(tokenizer.encode("0123456789", bos=False))
-    select = SelectionLoss(model, config, digit_ids) if config is not None and args.select_weight else None
+    select = SelectionLoss(model, config, digit_ids(tokenizer)) if config is not None and args.select_weight else None
     model.train()
     losses = []
     try:
@@ -338,6 +344,11 @@ def main(argv=None):
         raise SystemExit(f"msattn.demo: --short-steps must lie in [0, --steps = {args.steps}], got {args.short_steps}")
     if not args.select_weight >= 0:
         raise SystemExit(f"msattn.demo: --select-weight must be >= 0, got {args.select_weight}")
+    settings = method_settings(args)
+    if args.short_steps and short_length(settings.ms) < shortest:
+        raise SystemExit(f"msattn.demo: --short-steps trains on sequences where MS attention is dense, at most "
+                         f"{short_length(settings.ms)} tokens with these MS parameters, shorter than a training "
+                         f"sequence ({shortest} tokens); give --short-steps 0 or a larger --topk")
     max_len = args.max_len or 64 * args.train_len
     lengths = []
     n = args.train_len
@@ -347,7 +358,6 @@ def main(argv=None):
     if lengths[-1] != max_len:
         lengths.append(max_len)
     os.makedirs(args.out, exist_ok=True)
-    settings = method_settings(args)
     cfg = settings.ms
     if args.chunk_size % cfg.span:
         raise SystemExit(f"msattn.demo: --chunk-size must be a multiple of merge * block_q = {cfg.span}")

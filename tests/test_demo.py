@@ -54,6 +54,8 @@ def test_demo_bad_input(tmp_path):
         demo.main(["--out", str(tmp_path), "--steps", "10", "--short-steps", "11"])
     with pytest.raises(SystemExit, match="--select-weight must be >= 0, got -0.1"):
         demo.main(["--out", str(tmp_path), "--select-weight", "-0.1"])
+    with pytest.raises(SystemExit, match="dense, at most 64 tokens .* shorter than a training sequence"):
+        demo.main(["--out", str(tmp_path), "--topk", "2"])
     with pytest.raises(SystemExit, match="--chunk-size must be a multiple of merge \\* block_q = 32"):
         demo.main(["--out", str(tmp_path), "--chunk-size", "100"])
 
@@ -122,7 +124,7 @@ def test_selection_loss_scores_the_key_regions_as_ms_select_ranks_them():
     args = demo.parse_args(["--hidden", "32", "--heads", "4"])
     model, tokenizer = _tiny_ms_model(args)
     cfg = demo.method_settings(args).ms
-    digit_ids = set(tokenizer.encode("0123456789", bos=False))
+    digit_ids = demo.digit_ids(tokenizer)
     prompts = [passkey_prompt(tokenizer, 250, 31415, 0.3), passkey_prompt(tokenizer, 250, 27182, 0.8)]
     x = torch.tensor([ids + tokenizer.encode(key + ".", bos=False) for ids, key in prompts])
     loss = demo.SelectionLoss(model, cfg, digit_ids)
@@ -161,7 +163,7 @@ def test_selection_loss_scores_the_key_regions_as_ms_select_ranks_them():
 def test_selection_loss_skips_what_ms_select_takes_whole_and_needs_rope_on_selected():
     args = demo.parse_args(["--hidden", "32", "--heads", "4"])
     model, tokenizer = _tiny_ms_model(args)
-    digit_ids = set(tokenizer.encode("0123456789", bos=False))
+    digit_ids = demo.digit_ids(tokenizer)
     loss = demo.SelectionLoss(model, demo.method_settings(args).ms, digit_ids)
     ids, key = passkey_prompt(tokenizer, 90, 31415, 0.5)  # 96 tokens with the answer: dense
     x = torch.tensor([ids + tokenizer.encode(key + ".", bos=False)])
@@ -171,7 +173,19 @@ def test_selection_loss_skips_what_ms_select_takes_whole_and_needs_rope_on_selec
         demo.SelectionLoss(model, MSConfig(), digit_ids)
 
 
-def test_demo_training_starts_short_and_adds_the_selection_loss_to_ms_only():
+def test_short_length_is_the_longest_on_which_every_group_takes_all_its_candidates():
+    for block_q, block_k, merge, topk in ((16, 16, 2, 4), (16, 16, 2, 3), (8, 16, 4, 5), (16, 8, 1, 7), (4, 4, 2, 1)):
+        cfg = MSConfig(block_q=block_q, block_k=block_k, merge=merge, topk=topk, rope="selected")
+
+        def dense(n):  # the last group's candidates: the key regions wholly before its start
+            return (n - 1) // cfg.span * cfg.span // block_k <= topk
+
+        n = demo.short_length(cfg)
+        assert all(dense(m) for m in range(1, n + 1)) and not dense(n + 1), (cfg, n)
+    assert demo.short_length(demo.method_settings(demo.parse_args([])).ms) == 96
+
+
+def test_demo_training_starts_short_and_adds_the_selection_loss_to_ms_only(monkeypatch):
     flags = ["--steps", "4", "--short-steps", "2", "--batch-size", "4", "--hidden", "32"]
     lengths = []
     original = demo.batch
@@ -180,14 +194,11 @@ def test_demo_training_starts_short_and_adds_the_selection_loss_to_ms_only():
         lengths.append(max_len)
         return original(tokenizer, rng, max_len, size)
 
-    demo.batch = recording
-    try:
-        states = {}
-        for method, weight in (("ms", "0.1"), ("ms", "0"), ("dense", "0.1"), ("dense", "0")):
-            model, *_ = demo.train_model(method, demo.parse_args([*flags, "--select-weight", weight]))
-            states[method, weight] = model.state_dict()
-    finally:
-        demo.batch = original
+    monkeypatch.setattr(demo, "batch", recording)
+    states = {}
+    for method, weight in (("ms", "0.1"), ("ms", "0"), ("dense", "0.1"), ("dense", "0")):
+        model, *_ = demo.train_model(method, demo.parse_args([*flags, "--select-weight", weight]))
+        states[method, weight] = model.state_dict()
     assert lengths == [96, 96, 256, 256] * 4  # topk * block_k + merge * block_q, then --train-len
 
     def same(a, b):
