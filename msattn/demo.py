@@ -53,8 +53,8 @@ def parse_args(argv=None):
     ap.add_argument("--max-len", type=int, default=None, help="longest evaluated length (default 64x train-len)")
     ap.add_argument("--steps", type=int, default=1400, help="optimizer steps per model")
     ap.add_argument("--short-steps", type=int, default=800,
-                    help="the first steps train on sequences of at most topk*block_k + merge*block_q tokens, where "
-                         "MS attention is exactly dense (both models: the same data)")
+                    help="the first steps train on sequences short enough for MS attention to be exactly dense (96 "
+                         "tokens for the default MS parameters: msattn.demo.short_length; both models: the same data)")
     ap.add_argument("--select-weight", type=float, default=0.1,
                     help="weight of the MS model's selection loss (msattn.demo.SelectionLoss; 0: none)")
     ap.add_argument("--batch-size", type=int, default=32)
