@@ -256,7 +256,7 @@ def test_attention_and_gradients_match_cpu(case, dtype):
     dout = torch.randn_like(out_c)
     (out_c * dout).sum().backward()
 
-    qg, kg, vg = [x.to(DEV).requires_grad_() for x in (q, k, v)]
+    qg, kg, vg = [x.detach().to(DEV).requires_grad_() for x in (q, k, v)]
     rot_g = tuple(x.to(DEV) for x in rot) if rot else None
     mask_g = mask.to(DEV) if mask is not None else None
     out_g, lse_g = msattn.ms_attention(qg, kg, vg, key_padding_mask=mask_g, rotary=rot_g, index=index.to(DEV), **kw)
