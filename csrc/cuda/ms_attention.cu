@@ -30,8 +30,10 @@
  *
  * Arithmetic: fp32 in registers for every input dtype (16-bit inputs are widened on load, results
  * rounded to nearest even on store), scores in the log2 domain (s * scale * log2 e, exp2), warp
- * butterflies for row max/sum, a double for the final lse. No tensor cores: plain FMA loops over
- * shared-memory tiles, conservative and easy to check (a tensor-core path is future work).
+ * butterflies for row max/sum, a double for the final lse. The forward of 16-bit inputs with D in
+ * {16, 32, 64, 128} runs on tensor cores (ms_fwd_tc_kernel: mma.sync with fp32 accumulators, a KV
+ * head's query heads in one block); everything else is plain FMA loops over fp32 shared-memory tiles
+ * (a tensor-core backward is future work).
  *
  * Validity. The kernels trust the index to come from ms_select (ascending candidates, -1 padded)
  * but stay inside their buffers for any int32 content: entries outside [0, NK) end a row, group
@@ -314,6 +316,257 @@ __global__ void __launch_bounds__(MS_WARPS * 32, 1) ms_fwd_kernel(const msattn_m
             if (dd < d.D) ms_store(p.out.data, ms_off(p.out, b, hq, i, dd), p.dtype, l[r] != 0.0f ? o[r][x] * scale_o : 0.0f);
         }
         if (lane == 0) lse[(b * p.Hq + hq) * d.Nq + i] = lse_r;
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
+// forward on tensor cores: 16-bit inputs (bf16, fp16) with D in {16, 32, 64, 128}
+//
+// Block: (b, KV head, group, tile of 64 rows), 4 warps of 16 rows. A row is one (query, query head)
+// pair, query-major: row r of the group is query r / hg of its query head r % hg, so the block's
+// query heads share every staged K/V tile (GQA without re-reading K/V per head). Tiles of 64 key
+// slots are staged in shared memory as 16-bit (rotated in fp32, then rounded, for rope="selected");
+// S = Q K^T and O += P V are mma.sync m16n8k16 with fp32 accumulators; P is rounded to the input
+// dtype for the second product, its fp32 row sums feed the softmax denominator. Same masking,
+// online softmax, NaN and empty-row rules as ms_fwd_kernel.
+
+#define MS_TC_ROWS 64  /* rows (query, head) of a block */
+#define MS_TC_KEYS 64  /* key slots of a staged tile */
+#define MS_TC_PAD 8    /* 16-bit elements of padding per shared row: conflict-free fragment loads */
+
+template <bool BF16>
+__device__ __forceinline__ uint16_t ms_to16(float x) {
+    if constexpr (BF16) return __bfloat16_as_ushort(__float2bfloat16_rn(x));
+    else return __half_as_ushort(__float2half_rn(x));
+}
+
+template <bool BF16>
+__device__ __forceinline__ uint32_t ms_pack16(float lo, float hi) {
+    return (uint32_t)ms_to16<BF16>(lo) | ((uint32_t)ms_to16<BF16>(hi) << 16);
+}
+
+/* d[0..3] += A (16x16, row) * B (16x8, col), fp32 accumulate */
+template <bool BF16>
+__device__ __forceinline__ void ms_mma16816(float *d, const uint32_t *a, uint32_t b0, uint32_t b1) {
+    if constexpr (BF16)
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+                     "{%8,%9}, {%0,%1,%2,%3};"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    else
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+                     "{%8,%9}, {%0,%1,%2,%3};"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+/* dst (MS_TC_KEYS or MS_TC_ROWS rows, ld) 16-bit = rows of a view starting at element offsets
+ * off[r] (-1: a zero row), each rotated by RoPE at compact position comp[r] (-1: not rotated) */
+template <int D, bool BF16>
+__device__ __forceinline__ void ms_stage16(uint16_t *dst, int ld, int rows, const void *base, msattn_dtype dt,
+                                           int64_t sd, const int64_t *off, const int *comp,
+                                           const msattn_rope &r) {
+    const int half = r.cos != nullptr ? r.dim / 2 : 0, tail0 = 2 * half;
+    for (int e = threadIdx.x; e < rows * half; e += blockDim.x) { /* the rotated pairs (i, i + half) */
+        const int row = e / half, i = e % half;
+        float x1 = 0.0f, x2 = 0.0f;
+        if (off[row] >= 0) {
+            x1 = ms_load(base, off[row] + i * sd, dt);
+            x2 = ms_load(base, off[row] + (i + half) * sd, dt);
+            const int ps = comp[row];
+            if (ps >= 0) {
+                const float c = r.cos[(int64_t)ps * half + i], s = r.sin[(int64_t)ps * half + i];
+                const float y1 = x1 * c - x2 * s, y2 = x2 * c + x1 * s;
+                x1 = y1;
+                x2 = y2;
+            }
+        }
+        dst[row * ld + i] = ms_to16<BF16>(x1);
+        dst[row * ld + i + half] = ms_to16<BF16>(x2);
+    }
+    const int tail = D - tail0;
+    for (int e = threadIdx.x; e < rows * tail; e += blockDim.x) { /* the dims RoPE leaves alone */
+        const int row = e / tail, dd = tail0 + e % tail;
+        dst[row * ld + dd] = off[row] >= 0 ? ms_to16<BF16>(ms_load(base, off[row] + dd * sd, dt)) : (uint16_t)0;
+    }
+}
+
+/* shared: Qs, Ks, Vs (64, D + PAD) 16-bit | qoff, koff, voff (64) int64 | qcomp, kcomp, kpos,
+ * rowpos, rowhq (64) int | red (33) int */
+template <int D>
+static size_t ms_fwd_tc_smem() {
+    return (size_t)3 * 64 * (D + MS_TC_PAD) * 2 + (size_t)3 * 64 * 8 + (size_t)(5 * 64 + 33) * 4;
+}
+
+/* as ms_fwd_kernel. grid: B * Hkv * G * ceil(hg * span / 64) blocks of 128 threads */
+template <int D, bool BF16>
+__global__ void __launch_bounds__(128) ms_fwd_tc_kernel(const msattn_ms_params p) {
+    extern __shared__ float4 ms_smem4[];
+    constexpr int LD = D + MS_TC_PAD, KS16 = D / 16, NT = D / 8, ST = MS_TC_KEYS / 8;
+    const MsDims d = ms_dims(p);
+    uint16_t *Qs = reinterpret_cast<uint16_t *>(ms_smem4), *Ks = Qs + 64 * LD, *Vs = Ks + 64 * LD;
+    int64_t *qoff = reinterpret_cast<int64_t *>(Vs + 64 * LD), *koff = qoff + 64, *voff = koff + 64;
+    int *qcomp = reinterpret_cast<int *>(voff + 64), *kcomp = qcomp + 64, *kpos = kcomp + 64;
+    int *rowpos = kpos + 64, *rowhq = rowpos + 64, *red = rowhq + 64;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t4 = lane & 3;
+
+    // the block's item, heaviest (last) groups first
+    const int64_t tpg = msattn_cdiv(d.hg * d.span, MS_TC_ROWS);
+    int64_t x = blockIdx.x;
+    const int64_t tile = x % tpg;
+    x /= tpg;
+    const int64_t bh = x % d.BH, gi = d.G - 1 - x / d.BH, b = bh / p.Hkv, h = bh % p.Hkv;
+    const msattn_range qr = msattn_group_queries(d.g0 + gi, d.span, d.N, d.Nq);
+    const int64_t rows_g = d.hg * (qr.end - qr.begin), r0 = tile * MS_TC_ROWS;
+    if (r0 >= rows_g) return; /* block-uniform */
+    const int64_t qlast = qr.begin + (msattn_min64(rows_g, r0 + MS_TC_ROWS) - 1) / d.hg;
+    const MsGroupKeys gk = ms_group_keys(p, d, bh, gi, qlast, red);
+    const bool rope = p.rope.cos != nullptr;
+    const int64_t q_first = d.N - d.Nq; /* absolute position of q's row 0 */
+
+    for (int r = tid; r < MS_TC_ROWS; r += blockDim.x) {
+        const int64_t rg = r0 + r;
+        int64_t off = -1;
+        int pos = -1, hq = 0, comp = -1;
+        if (rg < rows_g) {
+            const int64_t qp = qr.begin + rg / d.hg;
+            hq = (int)(h * d.hg + rg % d.hg);
+            pos = (int)qp;
+            off = ms_off(p.q, b, hq, qp - q_first, 0);
+            const int64_t cp = msattn_compact_own(gk.n_sel, d.CK, qp, gk.ga, d.span);
+            comp = rope && cp < p.rope.len ? (int)cp : -1;
+        }
+        qoff[r] = off;
+        qcomp[r] = comp;
+        rowpos[r] = pos;
+        rowhq[r] = hq;
+    }
+    __syncthreads();
+    ms_stage16<D, BF16>(Qs, LD, MS_TC_ROWS, p.q.data, p.dtype, p.q.sd, qoff, qcomp, p.rope);
+    __syncthreads();
+
+    // this warp's rows g and g + 8 of its 16: query fragments, positions
+    const int wr = warp * 16;
+    uint32_t qf[KS16][4];
+#pragma unroll
+    for (int kk = 0; kk < KS16; ++kk) {
+        const uint16_t *q0 = Qs + (wr + g) * LD + kk * 16 + 2 * t4, *q8 = q0 + 8 * LD;
+        qf[kk][0] = *reinterpret_cast<const uint32_t *>(q0);
+        qf[kk][1] = *reinterpret_cast<const uint32_t *>(q8);
+        qf[kk][2] = *reinterpret_cast<const uint32_t *>(q0 + 8);
+        qf[kk][3] = *reinterpret_cast<const uint32_t *>(q8 + 8);
+    }
+    const int pos0 = rowpos[wr + g], pos8 = rowpos[wr + g + 8];
+
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, o[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+
+    for (int64_t t0 = 0; t0 < gk.kend; t0 += MS_TC_KEYS) {
+        if (tid < MS_TC_KEYS) {
+            int pos = -1, comp = -1;
+            if (t0 + tid < gk.kend) ms_slot(p, d, gk, b, t0 + tid, &pos, &comp);
+            kpos[tid] = pos;
+            kcomp[tid] = comp;
+            koff[tid] = pos >= 0 ? ms_off(p.k, b, h, pos, 0) : -1;
+            voff[tid] = pos >= 0 ? ms_off(p.v, b, h, pos, 0) : -1;
+        }
+        __syncthreads();
+        ms_stage16<D, BF16>(Ks, LD, MS_TC_KEYS, p.k.data, p.dtype, p.k.sd, koff, kcomp, p.rope);
+        ms_stage16<D, BF16>(Vs, LD, MS_TC_KEYS, p.v.data, p.dtype, p.v.sd, voff, kcomp, msattn_rope{});
+        __syncthreads();
+
+        // S = Q K^T for the warp's 16 rows and the tile's 64 slots, masked, in the log2 domain
+        float s[ST][4];
+#pragma unroll
+        for (int j = 0; j < ST; ++j) {
+            s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+            const uint16_t *kr = Ks + (j * 8 + g) * LD + 2 * t4;
+#pragma unroll
+            for (int kk = 0; kk < KS16; ++kk)
+                ms_mma16816<BF16>(s[j], qf[kk], *reinterpret_cast<const uint32_t *>(kr + kk * 16),
+                                  *reinterpret_cast<const uint32_t *>(kr + kk * 16 + 8));
+            const int kp0 = kpos[j * 8 + 2 * t4], kp1 = kpos[j * 8 + 2 * t4 + 1];
+            const bool v00 = kp0 >= 0 && pos0 >= 0 && (!p.causal || kp0 <= pos0);
+            const bool v01 = kp1 >= 0 && pos0 >= 0 && (!p.causal || kp1 <= pos0);
+            const bool v80 = kp0 >= 0 && pos8 >= 0 && (!p.causal || kp0 <= pos8);
+            const bool v81 = kp1 >= 0 && pos8 >= 0 && (!p.causal || kp1 <= pos8);
+            s[j][0] = v00 ? s[j][0] * d.c : -INFINITY;
+            s[j][1] = v01 ? s[j][1] * d.c : -INFINITY;
+            s[j][2] = v80 ? s[j][2] * d.c : -INFINITY;
+            s[j][3] = v81 ? s[j][3] * d.c : -INFINITY;
+        }
+        // online softmax: a row's 64 scores lie in the 4 lanes of a quad
+        uint32_t pf[ST / 2][4];
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) {
+            float mx = -INFINITY;
+#pragma unroll
+            for (int j = 0; j < ST; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * hr], s[j][2 * hr + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(MS_FULL_MASK, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(MS_FULL_MASK, mx, 2));
+            const float mnew = fmaxf(m[hr], mx);
+            float alpha = 1.0f, sum = 0.0f;
+#pragma unroll
+            for (int j = 0; j < ST; ++j)
+#pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                    float &v = s[j][2 * hr + c];
+                    v = mnew == -INFINITY ? (v != v ? v : 0.0f) : exp2f(v - mnew); /* NaN in, NaN out */
+                    sum += v;
+                }
+            if (mnew != -INFINITY) alpha = exp2f(m[hr] - mnew);
+            l[hr] = l[hr] * alpha + sum; /* this lane's share; the quad's shares are added at the end */
+            m[hr] = mnew;
+#pragma unroll
+            for (int n = 0; n < NT; ++n) {
+                o[n][2 * hr] *= alpha;
+                o[n][2 * hr + 1] *= alpha;
+            }
+        }
+#pragma unroll
+        for (int kk = 0; kk < ST / 2; ++kk) {
+            pf[kk][0] = ms_pack16<BF16>(s[2 * kk][0], s[2 * kk][1]);
+            pf[kk][1] = ms_pack16<BF16>(s[2 * kk][2], s[2 * kk][3]);
+            pf[kk][2] = ms_pack16<BF16>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            pf[kk][3] = ms_pack16<BF16>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+        }
+        // O += P V: B fragments are columns of V (two 16-bit loads per register)
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+            const uint16_t *vc = Vs + 2 * t4 * LD + n * 8 + g;
+#pragma unroll
+            for (int kk = 0; kk < ST / 2; ++kk) {
+                const uint16_t *v0 = vc + kk * 16 * LD;
+                const uint32_t b0 = (uint32_t)v0[0] | ((uint32_t)v0[LD] << 16);
+                const uint32_t b1 = (uint32_t)v0[8 * LD] | ((uint32_t)v0[9 * LD] << 16);
+                ms_mma16816<BF16>(o[n], pf[kk], b0, b1);
+            }
+        }
+        __syncthreads(); /* before the next tile overwrites Ks, Vs, kpos */
+    }
+
+    // the quad's shares of l, then out = O / l and lse, as ms_fwd_kernel
+    float *lse = static_cast<float *>(p.lse);
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+        float lt = l[hr];
+        lt += __shfl_xor_sync(MS_FULL_MASK, lt, 1);
+        lt += __shfl_xor_sync(MS_FULL_MASK, lt, 2);
+        const int row = wr + g + 8 * hr, pos = rowpos[row];
+        if (pos < 0) continue;
+        const int64_t i = pos - q_first, hq = rowhq[row];
+        const float scale_o = lt != 0.0f ? __frcp_rn(lt) : 0.0f;
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+            const int dd = n * 8 + 2 * t4;
+            ms_store(p.out.data, ms_off(p.out, b, hq, i, dd), p.dtype, lt != 0.0f ? o[n][2 * hr] * scale_o : 0.0f);
+            ms_store(p.out.data, ms_off(p.out, b, hq, i, dd + 1), p.dtype,
+                     lt != 0.0f ? o[n][2 * hr + 1] * scale_o : 0.0f);
+        }
+        if (t4 == 0)
+            lse[(b * p.Hq + hq) * d.Nq + i] =
+                lt != 0.0f ? (float)(((double)m[hr] + log2((double)lt)) * MS_LN2) : -INFINITY;
     }
 }
 
@@ -746,10 +999,32 @@ static int ms_launch_dl(Kernel kernel, int64_t blocks, int threads, size_t smem,
     return ms_launch_status();
 }
 
+/* the tensor-core forward for head dim D and dtype BF16 (else fp16) */
+template <int D, bool BF16>
+static int ms_fwd_tc_launch(const msattn_ms_params *p, const MsDims &d, cudaStream_t stream) {
+    const int64_t blocks = d.BH * d.G * msattn_cdiv(d.hg * d.span, MS_TC_ROWS);
+    if (blocks == 0) return MSATTN_OK;
+    if (blocks > INT_MAX) return MSATTN_ERR_ARG;
+    return ms_launch_dl(ms_fwd_tc_kernel<D, BF16>, blocks, 128, ms_fwd_tc_smem<D>(), stream, p);
+}
+
+template <bool BF16>
+static int ms_fwd_tc(const msattn_ms_params *p, const MsDims &d, cudaStream_t stream) {
+    switch (p->D) {
+    case 16: return ms_fwd_tc_launch<16, BF16>(p, d, stream);
+    case 32: return ms_fwd_tc_launch<32, BF16>(p, d, stream);
+    case 64: return ms_fwd_tc_launch<64, BF16>(p, d, stream);
+    default: return ms_fwd_tc_launch<128, BF16>(p, d, stream);
+    }
+}
+
 int msattn_ms_fwd_cuda(const msattn_ms_params *p, void *stream) {
     int status = ms_check(p);
     if (status != MSATTN_OK) return status;
     const MsDims d = ms_dims(*p);
+    const bool tc_dim = p->D == 16 || p->D == 32 || p->D == 64 || p->D == 128;
+    if (tc_dim && p->dtype == MSATTN_BF16) return ms_fwd_tc<true>(p, d, (cudaStream_t)stream);
+    if (tc_dim && p->dtype == MSATTN_F16) return ms_fwd_tc<false>(p, d, (cudaStream_t)stream);
     const int64_t blocks = ms_query_blocks(p, d);
     if (blocks == 0) return MSATTN_OK;
     if (blocks > INT_MAX) return MSATTN_ERR_ARG;
