@@ -30,10 +30,11 @@
  *
  * Arithmetic: fp32 in registers for every input dtype (16-bit inputs are widened on load, results
  * rounded to nearest even on store), scores in the log2 domain (s * scale * log2 e, exp2), warp
- * butterflies for row max/sum, a double for the final lse. The forward of 16-bit inputs with D in
- * {16, 32, 64, 128} runs on tensor cores (ms_fwd_tc_kernel: mma.sync with fp32 accumulators, a KV
- * head's query heads in one block); everything else is plain FMA loops over fp32 shared-memory tiles
- * (a tensor-core backward is future work).
+ * butterflies for row max/sum, a double for the final lse. 16-bit inputs with D in {16, 32, 64, 128}
+ * run on tensor cores, forward and both backward passes (ms_*_tc_kernel: mma.sync m16n8k16 with fp32
+ * accumulators, a KV head's query heads in one block, the same work items and summation order on
+ * every run); everything else (fp32, other head dims) runs the FMA loops over fp32 shared-memory
+ * tiles below.
  *
  * Validity. The kernels trust the index to come from ms_select (ascending candidates, -1 padded)
  * but stay inside their buffers for any int32 content: entries outside [0, NK) end a row, group
@@ -360,6 +361,41 @@ __device__ __forceinline__ void ms_mma16816(float *d, const uint32_t *a, uint32_
                      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+/* A fragment (16 x 16, row-major) of a 16-bit shared tile: rows [r0, r0 + 16), columns [c0, c0 + 16) */
+__device__ __forceinline__ void ms_frag_a(uint32_t *a, const uint16_t *t, int ld, int r0, int c0) {
+    const int g = (threadIdx.x & 31) >> 2, t4 = threadIdx.x & 3;
+    const uint16_t *p0 = t + (r0 + g) * ld + c0 + 2 * t4, *p8 = p0 + 8 * ld;
+    a[0] = *reinterpret_cast<const uint32_t *>(p0);
+    a[1] = *reinterpret_cast<const uint32_t *>(p8);
+    a[2] = *reinterpret_cast<const uint32_t *>(p0 + 8);
+    a[3] = *reinterpret_cast<const uint32_t *>(p8 + 8);
+}
+
+/* B fragment (16 x 8) with B[k][n] = t[n0 + n][k0 + k]: the tile's rows are B's columns */
+__device__ __forceinline__ void ms_frag_b_rows(uint32_t *b, const uint16_t *t, int ld, int n0, int k0) {
+    const int g = (threadIdx.x & 31) >> 2, t4 = threadIdx.x & 3;
+    const uint16_t *p = t + (n0 + g) * ld + k0 + 2 * t4;
+    b[0] = *reinterpret_cast<const uint32_t *>(p);
+    b[1] = *reinterpret_cast<const uint32_t *>(p + 8);
+}
+
+/* B fragment (16 x 8) with B[k][n] = t[k0 + k][n0 + n]: the tile's rows are B's rows */
+__device__ __forceinline__ void ms_frag_b_cols(uint32_t *b, const uint16_t *t, int ld, int k0, int n0) {
+    const int g = (threadIdx.x & 31) >> 2, t4 = threadIdx.x & 3;
+    const uint16_t *p = t + (k0 + 2 * t4) * ld + n0 + g;
+    b[0] = (uint32_t)p[0] | ((uint32_t)p[ld] << 16);
+    b[1] = (uint32_t)p[8 * ld] | ((uint32_t)p[9 * ld] << 16);
+}
+
+/* the A fragment (16 x 16) of two 16 x 8 accumulators side by side (columns 0-7, 8-15), rounded */
+template <bool BF16>
+__device__ __forceinline__ void ms_frag_a_of(uint32_t *a, const float *c0, const float *c1) {
+    a[0] = ms_pack16<BF16>(c0[0], c0[1]);
+    a[1] = ms_pack16<BF16>(c0[2], c0[3]);
+    a[2] = ms_pack16<BF16>(c1[0], c1[1]);
+    a[3] = ms_pack16<BF16>(c1[2], c1[3]);
+}
+
 /* dst (MS_TC_KEYS or MS_TC_ROWS rows, ld) 16-bit = rows of a view starting at element offsets
  * off[r] (-1: a zero row), each rotated by RoPE at compact position comp[r] (-1: not rotated) */
 template <int D, bool BF16>
@@ -391,6 +427,57 @@ __device__ __forceinline__ void ms_stage16(uint16_t *dst, int ld, int rows, cons
     }
 }
 
+/* a tensor-core block's rows: the (query, query head) pairs [r0, r0 + 64) of group gi under KV head
+ * (b, h), query-major (pair r: query qr.begin + r / hg, query head h * hg + r % hg) */
+struct MsTcItem {
+    int64_t b, h, bh, gi, r0, rows_g;
+    msattn_range qr;
+};
+
+/* the item of this block, heaviest (last) groups first; false: past the group's last pair */
+__device__ static inline bool ms_tc_item(const msattn_ms_params &p, const MsDims &d, MsTcItem *it) {
+    const int64_t tpg = msattn_cdiv(d.hg * d.span, MS_TC_ROWS);
+    int64_t x = blockIdx.x;
+    it->r0 = (x % tpg) * MS_TC_ROWS;
+    x /= tpg;
+    it->bh = x % d.BH;
+    it->gi = d.G - 1 - x / d.BH;
+    it->b = it->bh / p.Hkv;
+    it->h = it->bh % p.Hkv;
+    it->qr = msattn_group_queries(d.g0 + it->gi, d.span, d.N, d.Nq);
+    it->rows_g = d.hg * (it->qr.end - it->qr.begin);
+    return it->r0 < it->rows_g;
+}
+
+/* per row of the block, for rows [c0, c0 + 64) of group (ga, n_sel): element offsets of the row in
+ * q and in `second` (a (B, Hq, Nq, D) view) or -1, absolute position or -1, query head, compact
+ * RoPE position or -1 */
+__device__ static inline void ms_tc_rows(const msattn_ms_params &p, const MsDims &d, int64_t b, int64_t h,
+                                         msattn_range qr, int64_t c0, int64_t ga, int64_t n_sel,
+                                         const msattn_view &second, int64_t *qoff, int64_t *off2, int *rowpos,
+                                         int *rowhq, int *qcomp) {
+    const int64_t rows_g = d.hg * (qr.end - qr.begin), q_first = d.N - d.Nq;
+    for (int r = threadIdx.x; r < MS_TC_ROWS; r += blockDim.x) {
+        const int64_t rg = c0 + r;
+        int64_t o1 = -1, o2 = -1;
+        int pos = -1, hq = 0, comp = -1;
+        if (rg < rows_g) {
+            const int64_t qp = qr.begin + rg / d.hg;
+            hq = (int)(h * d.hg + rg % d.hg);
+            pos = (int)qp;
+            o1 = ms_off(p.q, b, hq, qp - q_first, 0);
+            o2 = ms_off(second, b, hq, qp - q_first, 0);
+            const int64_t cp = msattn_compact_own(n_sel, d.CK, qp, ga, d.span);
+            comp = p.rope.cos != nullptr && cp < p.rope.len ? (int)cp : -1;
+        }
+        qoff[r] = o1;
+        off2[r] = o2;
+        rowpos[r] = pos;
+        rowhq[r] = hq;
+        qcomp[r] = comp;
+    }
+}
+
 /* shared: Qs, Ks, Vs (64, D + PAD) 16-bit | qoff, koff, voff (64) int64 | qcomp, kcomp, kpos,
  * rowpos, rowhq (64) int | red (33) int */
 template <int D>
@@ -410,37 +497,13 @@ __global__ void __launch_bounds__(128) ms_fwd_tc_kernel(const msattn_ms_params p
     int *rowpos = kpos + 64, *rowhq = rowpos + 64, *red = rowhq + 64;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t4 = lane & 3;
 
-    // the block's item, heaviest (last) groups first
-    const int64_t tpg = msattn_cdiv(d.hg * d.span, MS_TC_ROWS);
-    int64_t x = blockIdx.x;
-    const int64_t tile = x % tpg;
-    x /= tpg;
-    const int64_t bh = x % d.BH, gi = d.G - 1 - x / d.BH, b = bh / p.Hkv, h = bh % p.Hkv;
-    const msattn_range qr = msattn_group_queries(d.g0 + gi, d.span, d.N, d.Nq);
-    const int64_t rows_g = d.hg * (qr.end - qr.begin), r0 = tile * MS_TC_ROWS;
-    if (r0 >= rows_g) return; /* block-uniform */
-    const int64_t qlast = qr.begin + (msattn_min64(rows_g, r0 + MS_TC_ROWS) - 1) / d.hg;
-    const MsGroupKeys gk = ms_group_keys(p, d, bh, gi, qlast, red);
-    const bool rope = p.rope.cos != nullptr;
+    MsTcItem it;
+    if (!ms_tc_item(p, d, &it)) return; /* block-uniform */
+    const int64_t b = it.b, h = it.h;
+    const int64_t qlast = it.qr.begin + (msattn_min64(it.rows_g, it.r0 + MS_TC_ROWS) - 1) / d.hg;
+    const MsGroupKeys gk = ms_group_keys(p, d, it.bh, it.gi, qlast, red);
     const int64_t q_first = d.N - d.Nq; /* absolute position of q's row 0 */
-
-    for (int r = tid; r < MS_TC_ROWS; r += blockDim.x) {
-        const int64_t rg = r0 + r;
-        int64_t off = -1;
-        int pos = -1, hq = 0, comp = -1;
-        if (rg < rows_g) {
-            const int64_t qp = qr.begin + rg / d.hg;
-            hq = (int)(h * d.hg + rg % d.hg);
-            pos = (int)qp;
-            off = ms_off(p.q, b, hq, qp - q_first, 0);
-            const int64_t cp = msattn_compact_own(gk.n_sel, d.CK, qp, gk.ga, d.span);
-            comp = rope && cp < p.rope.len ? (int)cp : -1;
-        }
-        qoff[r] = off;
-        qcomp[r] = comp;
-        rowpos[r] = pos;
-        rowhq[r] = hq;
-    }
+    ms_tc_rows(p, d, b, h, it.qr, it.r0, gk.ga, gk.n_sel, p.out, qoff, koff, rowpos, rowhq, qcomp);
     __syncthreads();
     ms_stage16<D, BF16>(Qs, LD, MS_TC_ROWS, p.q.data, p.dtype, p.q.sd, qoff, qcomp, p.rope);
     __syncthreads();
@@ -449,13 +512,7 @@ __global__ void __launch_bounds__(128) ms_fwd_tc_kernel(const msattn_ms_params p
     const int wr = warp * 16;
     uint32_t qf[KS16][4];
 #pragma unroll
-    for (int kk = 0; kk < KS16; ++kk) {
-        const uint16_t *q0 = Qs + (wr + g) * LD + kk * 16 + 2 * t4, *q8 = q0 + 8 * LD;
-        qf[kk][0] = *reinterpret_cast<const uint32_t *>(q0);
-        qf[kk][1] = *reinterpret_cast<const uint32_t *>(q8);
-        qf[kk][2] = *reinterpret_cast<const uint32_t *>(q0 + 8);
-        qf[kk][3] = *reinterpret_cast<const uint32_t *>(q8 + 8);
-    }
+    for (int kk = 0; kk < KS16; ++kk) ms_frag_a(qf[kk], Qs, LD, wr, kk * 16);
     const int pos0 = rowpos[wr + g], pos8 = rowpos[wr + g + 8];
 
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, o[NT][4];
@@ -481,11 +538,12 @@ __global__ void __launch_bounds__(128) ms_fwd_tc_kernel(const msattn_ms_params p
 #pragma unroll
         for (int j = 0; j < ST; ++j) {
             s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
-            const uint16_t *kr = Ks + (j * 8 + g) * LD + 2 * t4;
 #pragma unroll
-            for (int kk = 0; kk < KS16; ++kk)
-                ms_mma16816<BF16>(s[j], qf[kk], *reinterpret_cast<const uint32_t *>(kr + kk * 16),
-                                  *reinterpret_cast<const uint32_t *>(kr + kk * 16 + 8));
+            for (int kk = 0; kk < KS16; ++kk) {
+                uint32_t bf[2];
+                ms_frag_b_rows(bf, Ks, LD, j * 8, kk * 16);
+                ms_mma16816<BF16>(s[j], qf[kk], bf[0], bf[1]);
+            }
             const int kp0 = kpos[j * 8 + 2 * t4], kp1 = kpos[j * 8 + 2 * t4 + 1];
             const bool v00 = kp0 >= 0 && pos0 >= 0 && (!p.causal || kp0 <= pos0);
             const bool v01 = kp1 >= 0 && pos0 >= 0 && (!p.causal || kp1 <= pos0);
@@ -525,24 +583,16 @@ __global__ void __launch_bounds__(128) ms_fwd_tc_kernel(const msattn_ms_params p
             }
         }
 #pragma unroll
-        for (int kk = 0; kk < ST / 2; ++kk) {
-            pf[kk][0] = ms_pack16<BF16>(s[2 * kk][0], s[2 * kk][1]);
-            pf[kk][1] = ms_pack16<BF16>(s[2 * kk][2], s[2 * kk][3]);
-            pf[kk][2] = ms_pack16<BF16>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-            pf[kk][3] = ms_pack16<BF16>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-        }
+        for (int kk = 0; kk < ST / 2; ++kk) ms_frag_a_of<BF16>(pf[kk], s[2 * kk], s[2 * kk + 1]);
         // O += P V: B fragments are columns of V (two 16-bit loads per register)
 #pragma unroll
-        for (int n = 0; n < NT; ++n) {
-            const uint16_t *vc = Vs + 2 * t4 * LD + n * 8 + g;
+        for (int n = 0; n < NT; ++n)
 #pragma unroll
             for (int kk = 0; kk < ST / 2; ++kk) {
-                const uint16_t *v0 = vc + kk * 16 * LD;
-                const uint32_t b0 = (uint32_t)v0[0] | ((uint32_t)v0[LD] << 16);
-                const uint32_t b1 = (uint32_t)v0[8 * LD] | ((uint32_t)v0[9 * LD] << 16);
-                ms_mma16816<BF16>(o[n], pf[kk], b0, b1);
+                uint32_t bf[2];
+                ms_frag_b_cols(bf, Vs, LD, kk * 16, n * 8);
+                ms_mma16816<BF16>(o[n], pf[kk], bf[0], bf[1]);
             }
-        }
         __syncthreads(); /* before the next tile overwrites Ks, Vs, kpos */
     }
 
@@ -965,6 +1015,379 @@ __global__ void __launch_bounds__(256, 1) ms_bwd_dkv_kernel(const msattn_ms_para
 }
 
 // ----------------------------------------------------------------------------------------------
+// backward on tensor cores: 16-bit inputs with D in {16, 32, 64, 128}, the same passes and the same
+// order of every sum on every run (deterministic). Pass 1 as the tensor-core forward (64 rows of
+// (query, query head) per block, tiles of 64 key slots): S = QK^T and dP = dO V^T recomputed, dS =
+// P (dP - delta), dq += dS K. Pass 2: a block owns 16 keys of one region; for each reader group
+// (ascending, as ms_bwd_dkv_kernel) the group's rows come in chunks of 64, a warp takes 16 of them:
+// S^T = K Q^T, dP^T = V dO^T, dv += P^T dO, dk_g += dS^T Q; the warps' shares are added in warp
+// order through shared memory (per group when dK must be rotated back to the key's frame). P and dS
+// are rounded to the input dtype for their products, as in the forward.
+
+/* shared: Qs, dOs, Ks, Vs (64, D + PAD) 16-bit | qoff, ooff, koff, voff (64) int64 | lse2, delta (64)
+ * float | qcomp, kcomp, kpos, rowpos, rowhq (64) int | red (33) int */
+template <int D>
+static size_t ms_bwd_dq_tc_smem() {
+    return (size_t)4 * 64 * (D + MS_TC_PAD) * 2 + (size_t)4 * 64 * 8 + (size_t)2 * 64 * 4 + (size_t)(5 * 64 + 33) * 4;
+}
+
+/* as ms_bwd_dq_kernel (writes delta and dq). grid as the tensor-core forward's */
+template <int D, bool BF16>
+__global__ void __launch_bounds__(128) ms_bwd_dq_tc_kernel(const msattn_ms_params p) {
+    extern __shared__ float4 ms_smem4[];
+    constexpr int LD = D + MS_TC_PAD, KS16 = D / 16, NT = D / 8, ST = MS_TC_KEYS / 8;
+    const MsDims d = ms_dims(p);
+    uint16_t *Qs = reinterpret_cast<uint16_t *>(ms_smem4), *dOs = Qs + 64 * LD, *Ks = dOs + 64 * LD;
+    uint16_t *Vs = Ks + 64 * LD;
+    int64_t *qoff = reinterpret_cast<int64_t *>(Vs + 64 * LD), *ooff = qoff + 64, *koff = ooff + 64;
+    int64_t *voff = koff + 64;
+    float *lse2 = reinterpret_cast<float *>(voff + 64), *delta = lse2 + 64;
+    int *qcomp = reinterpret_cast<int *>(delta + 64), *kcomp = qcomp + 64, *kpos = kcomp + 64;
+    int *rowpos = kpos + 64, *rowhq = rowpos + 64, *red = rowhq + 64;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t4 = lane & 3;
+
+    MsTcItem it;
+    if (!ms_tc_item(p, d, &it)) return;
+    const int64_t b = it.b, h = it.h;
+    const int64_t qlast = it.qr.begin + (msattn_min64(it.rows_g, it.r0 + MS_TC_ROWS) - 1) / d.hg;
+    const MsGroupKeys gk = ms_group_keys(p, d, it.bh, it.gi, qlast, red);
+    const int64_t q_first = d.N - d.Nq;
+    ms_tc_rows(p, d, b, h, it.qr, it.r0, gk.ga, gk.n_sel, p.dout, qoff, ooff, rowpos, rowhq, qcomp);
+    __syncthreads();
+    ms_stage16<D, BF16>(Qs, LD, MS_TC_ROWS, p.q.data, p.dtype, p.q.sd, qoff, qcomp, p.rope);
+    ms_stage16<D, BF16>(dOs, LD, MS_TC_ROWS, p.dout.data, p.dtype, p.dout.sd, ooff, qcomp, msattn_rope{});
+    // delta = rowsum(dout * out) - dlse, a warp per row; lse in log2 units, +inf for "no key"
+    for (int r = warp; r < MS_TC_ROWS; r += 4) {
+        if (rowpos[r] < 0) { /* warp-uniform */
+            if (lane == 0) {
+                delta[r] = 0.0f;
+                lse2[r] = INFINITY;
+            }
+            continue;
+        }
+        const int64_t i = rowpos[r] - q_first, lrow = (b * p.Hq + rowhq[r]) * d.Nq + i;
+        float acc = 0.0f;
+        for (int dd = lane; dd < D; dd += 32)
+            acc = fmaf(ms_load(p.dout.data, ms_off(p.dout, b, rowhq[r], i, dd), p.dtype),
+                       ms_load(p.out.data, ms_off(p.out, b, rowhq[r], i, dd), p.dtype), acc);
+        acc = ms_warp_sum(acc);
+        if (lane == 0) {
+            if (p.dlse) acc -= static_cast<const float *>(p.dlse)[lrow];
+            p.delta[lrow] = acc;
+            delta[r] = acc;
+            const float ls = static_cast<const float *>(p.lse)[lrow];
+            lse2[r] = ls == -INFINITY ? INFINITY : (float)((double)ls * MS_LOG2E);
+        }
+    }
+    __syncthreads();
+
+    const int wr = warp * 16;
+    const int pos0 = rowpos[wr + g], pos8 = rowpos[wr + g + 8];
+    const float l0 = lse2[wr + g], l8 = lse2[wr + g + 8], dl0 = delta[wr + g], dl8 = delta[wr + g + 8];
+    float dq[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.0f;
+
+    for (int64_t t0 = 0; t0 < gk.kend; t0 += MS_TC_KEYS) {
+        if (tid < MS_TC_KEYS) {
+            int pos = -1, comp = -1;
+            if (t0 + tid < gk.kend) ms_slot(p, d, gk, b, t0 + tid, &pos, &comp);
+            kpos[tid] = pos;
+            kcomp[tid] = comp;
+            koff[tid] = pos >= 0 ? ms_off(p.k, b, h, pos, 0) : -1;
+            voff[tid] = pos >= 0 ? ms_off(p.v, b, h, pos, 0) : -1;
+        }
+        __syncthreads();
+        ms_stage16<D, BF16>(Ks, LD, MS_TC_KEYS, p.k.data, p.dtype, p.k.sd, koff, kcomp, p.rope);
+        ms_stage16<D, BF16>(Vs, LD, MS_TC_KEYS, p.v.data, p.dtype, p.v.sd, voff, kcomp, msattn_rope{});
+        __syncthreads();
+
+        float s[ST][4], dp[ST][4];
+#pragma unroll
+        for (int j = 0; j < ST; ++j)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) s[j][c] = dp[j][c] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < KS16; ++kk) {
+            uint32_t qa[4], oa[4];
+            ms_frag_a(qa, Qs, LD, wr, kk * 16);
+            ms_frag_a(oa, dOs, LD, wr, kk * 16);
+#pragma unroll
+            for (int j = 0; j < ST; ++j) {
+                uint32_t bf[2];
+                ms_frag_b_rows(bf, Ks, LD, j * 8, kk * 16);
+                ms_mma16816<BF16>(s[j], qa, bf[0], bf[1]);
+                ms_frag_b_rows(bf, Vs, LD, j * 8, kk * 16);
+                ms_mma16816<BF16>(dp[j], oa, bf[0], bf[1]);
+            }
+        }
+        // dS = P (dP - delta), exactly 0 where unseen (even if the row's delta is NaN)
+#pragma unroll
+        for (int j = 0; j < ST; ++j)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                const int kp = kpos[j * 8 + 2 * t4 + (c & 1)], pos = c < 2 ? pos0 : pos8;
+                const bool vis = kp >= 0 && pos >= 0 && (!p.causal || kp <= pos);
+                const float pr = exp2f(s[j][c] * d.c - (c < 2 ? l0 : l8));
+                s[j][c] = vis ? pr * (dp[j][c] - (c < 2 ? dl0 : dl8)) : 0.0f;
+            }
+        // dq += dS K (rotated keys: dq is rotated back at the end)
+#pragma unroll
+        for (int kk = 0; kk < ST / 2; ++kk) {
+            uint32_t da[4];
+            ms_frag_a_of<BF16>(da, s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+            for (int n = 0; n < NT; ++n) {
+                uint32_t bf[2];
+                ms_frag_b_cols(bf, Ks, LD, kk * 16, n * 8);
+                ms_mma16816<BF16>(dq[n], da, bf[0], bf[1]);
+            }
+        }
+        __syncthreads();
+    }
+
+    // dq * scale through shared memory (Ks and Vs, no longer needed), rotated back, stored
+    float *dqs = reinterpret_cast<float *>(Ks); /* (64, D) floats fit in Ks + Vs */
+    const float scale = (float)p.scale;
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+        const int dd = n * 8 + 2 * t4;
+        dqs[(wr + g) * D + dd] = dq[n][0] * scale;
+        dqs[(wr + g) * D + dd + 1] = dq[n][1] * scale;
+        dqs[(wr + g + 8) * D + dd] = dq[n][2] * scale;
+        dqs[(wr + g + 8) * D + dd + 1] = dq[n][3] * scale;
+    }
+    __syncthreads();
+    if (p.rope.cos != nullptr) {
+        ms_rope_tile(dqs, D, MS_TC_ROWS, qcomp, p.rope, -1.0f);
+        __syncthreads();
+    }
+    for (int e = tid; e < MS_TC_ROWS * D; e += blockDim.x) {
+        const int r = e / D, dd = e % D;
+        if (rowpos[r] >= 0) ms_store(p.dq.data, ms_off(p.dq, b, rowhq[r], rowpos[r] - q_first, dd), p.dtype, dqs[e]);
+    }
+}
+
+#define MS_TC_KT 16 /* keys of a pass-2 block */
+
+/* shared: Ks, Vs (16, D + PAD) | Qs, dOs (64, D + PAD) 16-bit | part (4, 16, D) | dkt (16, D) floats |
+ * koff, voff (16), qoff, ooff (64) int64 | lse2, delta (64) float | kpos, kcomp (16), qcomp, rowpos,
+ * rowhq (64) int | red (33) int */
+template <int D>
+static size_t ms_bwd_dkv_tc_smem() {
+    return (size_t)(2 * MS_TC_KT + 2 * 64) * (D + MS_TC_PAD) * 2 + (size_t)5 * MS_TC_KT * D * 4 +
+           (size_t)(2 * MS_TC_KT + 2 * 64) * 8 + (size_t)2 * 64 * 4 + (size_t)(2 * MS_TC_KT + 3 * 64 + 33) * 4;
+}
+
+/* the four warps' (16, D) accumulators c[NT][4] added in warp order into out (16, D), through part */
+template <int D>
+__device__ __forceinline__ void ms_tc_sum_warps(float *out, float *part, const float (*c)[4], bool add) {
+    constexpr int NT = D / 8;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t4 = lane & 3;
+    float *mine = part + warp * MS_TC_KT * D;
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+        const int dd = n * 8 + 2 * t4;
+        mine[g * D + dd] = c[n][0];
+        mine[g * D + dd + 1] = c[n][1];
+        mine[(g + 8) * D + dd] = c[n][2];
+        mine[(g + 8) * D + dd + 1] = c[n][3];
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < MS_TC_KT * D; e += blockDim.x) {
+        const float v = ((part[e] + part[MS_TC_KT * D + e]) + part[2 * MS_TC_KT * D + e]) + part[3 * MS_TC_KT * D + e];
+        out[e] = add ? out[e] + v : v;
+    }
+    __syncthreads();
+}
+
+/* as ms_bwd_dkv_kernel. grid: B * Hkv * NK * ceil(CK / 16) blocks of 128 threads */
+template <int D, bool BF16>
+__global__ void __launch_bounds__(128) ms_bwd_dkv_tc_kernel(const msattn_ms_params p) {
+    extern __shared__ float4 ms_smem4[];
+    constexpr int LD = D + MS_TC_PAD, KS16 = D / 16, NT = D / 8, KT = MS_TC_KT;
+    const MsDims d = ms_dims(p);
+    uint16_t *Ks = reinterpret_cast<uint16_t *>(ms_smem4), *Vs = Ks + KT * LD, *Qs = Vs + KT * LD;
+    uint16_t *dOs = Qs + 64 * LD;
+    float *part = reinterpret_cast<float *>(dOs + 64 * LD), *dkt = part + 4 * KT * D;
+    int64_t *koff = reinterpret_cast<int64_t *>(dkt + KT * D), *voff = koff + KT, *qoff = voff + KT;
+    int64_t *ooff = qoff + 64;
+    float *lse2 = reinterpret_cast<float *>(ooff + 64), *delta = lse2 + 64;
+    int *kpos = reinterpret_cast<int *>(delta + 64), *kcomp = kpos + KT, *qcomp = kcomp + KT;
+    int *rowpos = qcomp + 64, *rowhq = rowpos + 64, *red = rowhq + 64;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t4 = lane & 3;
+    const bool rope = p.rope.cos != nullptr;
+
+    // the item: 16 keys of region j of (b, h); early regions are read by the most groups, so first
+    const int64_t tpr = msattn_cdiv(d.CK, KT);
+    int64_t x = blockIdx.x;
+    const int64_t u = x % tpr;
+    x /= tpr;
+    const int64_t bh = x % d.BH, j = x / d.BH, b = bh / p.Hkv, h = bh % p.Hkv;
+    const msattn_range reg = msattn_key_region(j, d.CK, d.N);
+    const int64_t t0 = reg.begin + u * KT;
+    if (t0 >= reg.end) return; /* block-uniform */
+    const int nk = (int)msattn_min64(KT, reg.end - t0);
+
+    for (int r = tid; r < KT; r += blockDim.x) {
+        const bool ok = r < nk && ms_key_valid(p.key_mask, p.mask_sb, b, t0 + r);
+        kpos[r] = ok ? (int)(t0 + r) : -1;
+        koff[r] = ok ? ms_off(p.k, b, h, t0 + r, 0) : -1;
+        voff[r] = ok ? ms_off(p.v, b, h, t0 + r, 0) : -1;
+        kcomp[r] = -1;
+    }
+    for (int e = tid; e < KT * D; e += blockDim.x) dkt[e] = 0.0f;
+    __syncthreads();
+    ms_stage16<D, BF16>(Vs, LD, KT, p.v.data, p.dtype, p.v.sd, voff, kcomp, msattn_rope{});
+    if (!rope) ms_stage16<D, BF16>(Ks, LD, KT, p.k.data, p.dtype, p.k.sd, koff, kcomp, p.rope);
+    __syncthreads();
+    // this lane's keys g and g + 8
+    const int kp0 = kpos[g], kp8 = kpos[g + 8];
+
+    float dk[NT][4], dv[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) dk[n][c] = dv[n][c] = 0.0f;
+
+    // readers in ascending group order: the inverted index of region j merged with its own group
+    const int32_t *offs = p.inv_offsets + bh * (d.NK + 1), *grp = p.inv_groups + bh * d.G * d.T;
+    int64_t e = msattn_max64(0, offs[j]);
+    const int64_t e_end = msattn_min64(offs[j + 1], d.G * d.T);
+    const int64_t gown = msattn_group_of_position(reg.begin, d.span) - d.g0;
+    bool own_pending = gown >= 0 && gown < d.G;
+    for (;;) {
+        int64_t gi;
+        bool is_own;
+        const int64_t next_sel = e < e_end ? grp[e] : INT64_MAX;
+        if (own_pending && gown <= next_sel) {
+            gi = gown;
+            is_own = true;
+            own_pending = false;
+        } else if (e < e_end) {
+            gi = next_sel;
+            is_own = false;
+            ++e;
+        } else {
+            break;
+        }
+        if (gi < 0 || gi >= d.G) continue; /* only a corrupt index gets here */
+        const int64_t ga = d.g0 + gi;
+        const int32_t *sel = p.index + (bh * d.G + gi) * d.T;
+        const int n_sel = ms_count_selected(sel, d.T, d.NK, red);
+        const int rank = is_own ? 0 : ms_find_rank(sel, n_sel, j, red);
+        if (rank < 0) continue;
+
+        // the keys in this group's frame: compact positions as the forward gave them
+        if (rope) {
+            for (int r = tid; r < KT; r += blockDim.x) {
+                const int64_t cp = is_own ? msattn_compact_own(n_sel, d.CK, t0 + r, ga, d.span)
+                                          : msattn_compact_selected(rank, t0 + r - reg.begin, d.CK);
+                kcomp[r] = kpos[r] >= 0 && cp < p.rope.len ? (int)cp : -1;
+            }
+            __syncthreads();
+            ms_stage16<D, BF16>(Ks, LD, KT, p.k.data, p.dtype, p.k.sd, koff, kcomp, p.rope);
+        }
+
+        // the group's rows in chunks of 64; causal own span: queries before the first key skip
+        const bool masked = p.causal && is_own;
+        const msattn_range qr = msattn_group_queries(ga, d.span, d.N, d.Nq);
+        const int64_t qlo = masked ? msattn_max64(qr.begin, t0) : qr.begin;
+        const int64_t rows_g = d.hg * (qr.end - qr.begin);
+        for (int64_t c0 = (qlo - qr.begin) * d.hg; c0 < rows_g; c0 += MS_TC_ROWS) {
+            ms_tc_rows(p, d, b, h, qr, c0, ga, n_sel, p.dout, qoff, ooff, rowpos, rowhq, qcomp);
+            __syncthreads();
+            for (int r = tid; r < MS_TC_ROWS; r += blockDim.x) {
+                float ls = INFINITY, dl = 0.0f; /* no row: probability 0 */
+                if (rowpos[r] >= 0) {
+                    const int64_t lrow = (b * p.Hq + rowhq[r]) * d.Nq + rowpos[r] - (d.N - d.Nq);
+                    const float lv = static_cast<const float *>(p.lse)[lrow];
+                    ls = lv == -INFINITY ? INFINITY : (float)((double)lv * MS_LOG2E);
+                    dl = p.delta[lrow];
+                }
+                lse2[r] = ls;
+                delta[r] = dl;
+            }
+            ms_stage16<D, BF16>(Qs, LD, MS_TC_ROWS, p.q.data, p.dtype, p.q.sd, qoff, qcomp, p.rope);
+            ms_stage16<D, BF16>(dOs, LD, MS_TC_ROWS, p.dout.data, p.dtype, p.dout.sd, ooff, qcomp, msattn_rope{});
+            __syncthreads();
+
+            // this warp's 16 rows: S^T and dP^T (16 keys x 16 rows)
+            const int wr = warp * 16;
+            float s[2][4], dp[2][4];
+#pragma unroll
+            for (int jn = 0; jn < 2; ++jn)
+#pragma unroll
+                for (int c = 0; c < 4; ++c) s[jn][c] = dp[jn][c] = 0.0f;
+#pragma unroll
+            for (int kk = 0; kk < KS16; ++kk) {
+                uint32_t ka[4], va[4];
+                ms_frag_a(ka, Ks, LD, 0, kk * 16);
+                ms_frag_a(va, Vs, LD, 0, kk * 16);
+#pragma unroll
+                for (int jn = 0; jn < 2; ++jn) {
+                    uint32_t bf[2];
+                    ms_frag_b_rows(bf, Qs, LD, wr + jn * 8, kk * 16);
+                    ms_mma16816<BF16>(s[jn], ka, bf[0], bf[1]);
+                    ms_frag_b_rows(bf, dOs, LD, wr + jn * 8, kk * 16);
+                    ms_mma16816<BF16>(dp[jn], va, bf[0], bf[1]);
+                }
+            }
+            // P^T into s, dS^T into dp; exactly 0 where unseen
+#pragma unroll
+            for (int jn = 0; jn < 2; ++jn)
+#pragma unroll
+                for (int c = 0; c < 4; ++c) {
+                    const int row = wr + jn * 8 + 2 * t4 + (c & 1), kp = c < 2 ? kp0 : kp8, pos = rowpos[row];
+                    const bool vis = kp >= 0 && pos >= 0 && (!masked || kp <= pos);
+                    const float pr = vis ? exp2f(s[jn][c] * d.c - lse2[row]) : 0.0f;
+                    dp[jn][c] = vis ? pr * (dp[jn][c] - delta[row]) : 0.0f;
+                    s[jn][c] = pr;
+                }
+            // dv += P^T dO, dk (or this group's dk) += dS^T Q
+            uint32_t pa[4], da[4];
+            ms_frag_a_of<BF16>(pa, s[0], s[1]);
+            ms_frag_a_of<BF16>(da, dp[0], dp[1]);
+#pragma unroll
+            for (int n = 0; n < NT; ++n) {
+                uint32_t bf[2];
+                ms_frag_b_cols(bf, dOs, LD, wr, n * 8);
+                ms_mma16816<BF16>(dv[n], pa, bf[0], bf[1]);
+                ms_frag_b_cols(bf, Qs, LD, wr, n * 8);
+                ms_mma16816<BF16>(dk[n], da, bf[0], bf[1]);
+            }
+            __syncthreads(); /* before the next chunk restages Qs, dOs, rows */
+        }
+
+        // this group's dK joins the total in the key's own frame
+        if (rope) {
+            float *dkg = part; /* the warps' sum lands in part's first slot, then is rotated back */
+            ms_tc_sum_warps<D>(dkg, part, dk, false);
+            ms_rope_tile(dkg, D, KT, kcomp, p.rope, -1.0f);
+            __syncthreads();
+            for (int i = tid; i < KT * D; i += blockDim.x) dkt[i] += dkg[i];
+#pragma unroll
+            for (int n = 0; n < NT; ++n) dk[n][0] = dk[n][1] = dk[n][2] = dk[n][3] = 0.0f;
+            __syncthreads();
+        }
+    }
+
+    // the warps' shares in warp order, then stored; keys past the region or padded get 0
+    if (!rope) ms_tc_sum_warps<D>(dkt, part, dk, false);
+    const float scale = (float)p.scale;
+    for (int i = tid; i < KT * D; i += blockDim.x) {
+        const int r = i / D, dd = i % D;
+        if (r < nk) ms_store(p.dk.data, ms_off(p.dk, b, h, t0 + r, dd), p.dtype, kpos[r] >= 0 ? dkt[i] * scale : 0.0f);
+    }
+    __syncthreads();
+    ms_tc_sum_warps<D>(dkt, part, dv, false);
+    for (int i = tid; i < KT * D; i += blockDim.x) {
+        const int r = i / D, dd = i % D;
+        if (r < nk) ms_store(p.dv.data, ms_off(p.dv, b, h, t0 + r, dd), p.dtype, kpos[r] >= 0 ? dkt[i] : 0.0f);
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
 // launchers
 
 /* the checks every attention launcher shares */
@@ -1008,23 +1431,41 @@ static int ms_fwd_tc_launch(const msattn_ms_params *p, const MsDims &d, cudaStre
     return ms_launch_dl(ms_fwd_tc_kernel<D, BF16>, blocks, 128, ms_fwd_tc_smem<D>(), stream, p);
 }
 
-template <bool BF16>
-static int ms_fwd_tc(const msattn_ms_params *p, const MsDims &d, cudaStream_t stream) {
-    switch (p->D) {
-    case 16: return ms_fwd_tc_launch<16, BF16>(p, d, stream);
-    case 32: return ms_fwd_tc_launch<32, BF16>(p, d, stream);
-    case 64: return ms_fwd_tc_launch<64, BF16>(p, d, stream);
-    default: return ms_fwd_tc_launch<128, BF16>(p, d, stream);
-    }
+template <int D, bool BF16>
+static int ms_bwd_dq_tc_launch(const msattn_ms_params *p, const MsDims &d, cudaStream_t stream) {
+    const int64_t blocks = d.BH * d.G * msattn_cdiv(d.hg * d.span, MS_TC_ROWS);
+    if (blocks == 0) return MSATTN_OK;
+    if (blocks > INT_MAX) return MSATTN_ERR_ARG;
+    return ms_launch_dl(ms_bwd_dq_tc_kernel<D, BF16>, blocks, 128, ms_bwd_dq_tc_smem<D>(), stream, p);
 }
+
+template <int D, bool BF16>
+static int ms_bwd_dkv_tc_launch(const msattn_ms_params *p, const MsDims &d, cudaStream_t stream) {
+    const int64_t blocks = d.BH * d.NK * msattn_cdiv(p->block_k, MS_TC_KT);
+    if (blocks == 0) return MSATTN_OK;
+    if (blocks > INT_MAX) return MSATTN_ERR_ARG;
+    return ms_launch_dl(ms_bwd_dkv_tc_kernel<D, BF16>, blocks, 128, ms_bwd_dkv_tc_smem<D>(), stream, p);
+}
+
+/* the tensor-core kernels: 16-bit inputs, D in {16, 32, 64, 128} */
+static bool ms_tc_applies(const msattn_ms_params *p) {
+    return (p->dtype == MSATTN_BF16 || p->dtype == MSATTN_F16) &&
+           (p->D == 16 || p->D == 32 || p->D == 64 || p->D == 128);
+}
+
+/* LAUNCH<D, BF16>(p, d, stream) for the call's head dim and dtype */
+#define MS_TC_DISPATCH(LAUNCH, p, d, stream)                                                     \
+    ((p)->dtype == MSATTN_BF16                                                                  \
+         ? ((p)->D == 16 ? LAUNCH<16, true>(p, d, stream) : (p)->D == 32 ? LAUNCH<32, true>(p, d, stream) \
+            : (p)->D == 64 ? LAUNCH<64, true>(p, d, stream) : LAUNCH<128, true>(p, d, stream))  \
+         : ((p)->D == 16 ? LAUNCH<16, false>(p, d, stream) : (p)->D == 32 ? LAUNCH<32, false>(p, d, stream) \
+            : (p)->D == 64 ? LAUNCH<64, false>(p, d, stream) : LAUNCH<128, false>(p, d, stream)))
 
 int msattn_ms_fwd_cuda(const msattn_ms_params *p, void *stream) {
     int status = ms_check(p);
     if (status != MSATTN_OK) return status;
     const MsDims d = ms_dims(*p);
-    const bool tc_dim = p->D == 16 || p->D == 32 || p->D == 64 || p->D == 128;
-    if (tc_dim && p->dtype == MSATTN_BF16) return ms_fwd_tc<true>(p, d, (cudaStream_t)stream);
-    if (tc_dim && p->dtype == MSATTN_F16) return ms_fwd_tc<false>(p, d, (cudaStream_t)stream);
+    if (ms_tc_applies(p)) return MS_TC_DISPATCH(ms_fwd_tc_launch, p, d, (cudaStream_t)stream);
     const int64_t blocks = ms_query_blocks(p, d);
     if (blocks == 0) return MSATTN_OK;
     if (blocks > INT_MAX) return MSATTN_ERR_ARG;
@@ -1044,6 +1485,7 @@ int msattn_ms_bwd_dq_cuda(const msattn_ms_params *p, void *stream) {
     int status = ms_check(p);
     if (status != MSATTN_OK) return status;
     const MsDims d = ms_dims(*p);
+    if (ms_tc_applies(p)) return MS_TC_DISPATCH(ms_bwd_dq_tc_launch, p, d, (cudaStream_t)stream);
     const int64_t blocks = ms_query_blocks(p, d);
     if (blocks == 0) return MSATTN_OK;
     if (blocks > INT_MAX) return MSATTN_ERR_ARG;
@@ -1055,6 +1497,7 @@ int msattn_ms_bwd_dkv_cuda(const msattn_ms_params *p, void *stream) {
     int status = ms_check(p);
     if (status != MSATTN_OK) return status;
     const MsDims d = ms_dims(*p);
+    if (ms_tc_applies(p)) return MS_TC_DISPATCH(ms_bwd_dkv_tc_launch, p, d, (cudaStream_t)stream);
     const int KT = ms_dkv_keys(p->block_k);
     const int64_t blocks = d.BH * d.NK * msattn_cdiv(p->block_k, KT);
     if (blocks == 0) return MSATTN_OK;
