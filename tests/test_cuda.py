@@ -231,7 +231,7 @@ ATTN_CASES = [
     (1, 4, 4, 300, 300, 128, 8, 16, 4, 3, True, 0, True),
     (1, 2, 1, 200, 1, 96, 4, 4, 8, 6, True, 3, False),  # decoding: one query
     (1, 2, 2, 160, 160, 256, 16, 48, 6, 2, False, 0, True),  # regions larger than a key tile
-    # 16-bit inputs with D in {16, 32, 64, 128} take the tensor-core forward (cases 0, 3, 4 too): four
+    # 16-bit inputs with D in {16, 32, 64, 128} take the tensor-core kernels (cases 0, 3, 4 too): four
     # query heads per KV head share a block's rows, groups span several row tiles
     (2, 8, 2, 300, 300, 32, 16, 16, 4, 3, True, 7, True),
     (1, 4, 1, 150, 150, 128, 8, 8, 4, 4, False, 0, False),
@@ -268,7 +268,7 @@ def test_attention_and_gradients_match_cpu(case, dtype):
 
     tol = dict(rtol=2e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(out_g.float().cpu(), out_c, **tol)
-    # 16-bit: the tensor-core forward rounds rotated q and k to the input dtype before their product
+    # 16-bit: the tensor-core kernels round rotated q and k to the input dtype before their product
     ltol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(lse_g.cpu(), lse_c, **ltol)
     gtol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2)
