@@ -396,13 +396,88 @@ __device__ __forceinline__ void ms_frag_a_of(uint32_t *a, const float *c0, const
     a[3] = ms_pack16<BF16>(c1[2], c1[3]);
 }
 
-/* dst (MS_TC_KEYS or MS_TC_ROWS rows, ld) 16-bit = rows of a view starting at element offsets
- * off[r] (-1: a zero row), each rotated by RoPE at compact position comp[r] (-1: not rotated) */
+template <bool BF16>
+__device__ __forceinline__ float ms_from16(uint32_t x) {
+    if constexpr (BF16) return __uint_as_float(x << 16);
+    else return __half2float(__ushort_as_half((unsigned short)x));
+}
+
+/* 8 16-bit elements from a uint4, as floats */
+template <bool BF16>
+__device__ __forceinline__ void ms_unpack8(float *x, uint4 u) {
+    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        x[2 * i] = ms_from16<BF16>(w[i] & 0xffffu);
+        x[2 * i + 1] = ms_from16<BF16>(w[i] >> 16);
+    }
+}
+
+template <bool BF16>
+__device__ __forceinline__ uint4 ms_pack8(const float *x) {
+    return make_uint4(ms_pack16<BF16>(x[0], x[1]), ms_pack16<BF16>(x[2], x[3]), ms_pack16<BF16>(x[4], x[5]),
+                      ms_pack16<BF16>(x[6], x[7]));
+}
+
+/* x1, x2 (8 each) rotated by RoPE at compact position ps, pair dims i0 .. i0 + 7 */
+__device__ __forceinline__ void ms_rope8(float *x1, float *x2, const msattn_rope &r, int ps, int i0) {
+    const int half = r.dim / 2;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        const float c = r.cos[(int64_t)ps * half + i0 + i], s = r.sin[(int64_t)ps * half + i0 + i];
+        const float y1 = x1[i] * c - x2[i] * s, y2 = x2[i] * c + x1[i] * s;
+        x1[i] = y1;
+        x2[i] = y2;
+    }
+}
+
+/* dst (rows, ld) 16-bit = rows of a view of the kernel's 16-bit dtype starting at element offsets
+ * off[r] (-1: a zero row), each rotated by RoPE at compact position comp[r] (-1: not rotated; RoPE
+ * in fp32, then rounded). Rows with unit dim stride and 16-byte alignment move 8 elements at a time
+ * (the common case); others element by element. */
 template <int D, bool BF16>
 __device__ __forceinline__ void ms_stage16(uint16_t *dst, int ld, int rows, const void *base, msattn_dtype dt,
                                            int64_t sd, const int64_t *off, const int *comp,
                                            const msattn_rope &r) {
-    const int half = r.cos != nullptr ? r.dim / 2 : 0, tail0 = 2 * half;
+    const int half = r.cos != nullptr ? r.dim / 2 : 0, tail0 = 2 * half, tail = D - tail0;
+    const uint16_t *src = static_cast<const uint16_t *>(base);
+    if (sd == 1 && half % 8 == 0 && (reinterpret_cast<uintptr_t>(base) & 15) == 0) {
+        for (int e = threadIdx.x; e < rows * (half / 8); e += blockDim.x) { /* rotated pairs, 8 at a time */
+            const int row = e / (half / 8), i0 = 8 * (e % (half / 8));
+            const int64_t o = off[row];
+            float x1[8], x2[8];
+#pragma unroll
+            for (int i = 0; i < 8; ++i) x1[i] = x2[i] = 0.0f;
+            if (o >= 0 && (o & 7) == 0) {
+                ms_unpack8<BF16>(x1, *reinterpret_cast<const uint4 *>(src + o + i0));
+                ms_unpack8<BF16>(x2, *reinterpret_cast<const uint4 *>(src + o + i0 + half));
+            } else if (o >= 0) {
+#pragma unroll
+                for (int i = 0; i < 8; ++i) {
+                    x1[i] = ms_load(base, o + i0 + i, dt);
+                    x2[i] = ms_load(base, o + i0 + i + half, dt);
+                }
+            }
+            if (o >= 0 && comp[row] >= 0) ms_rope8(x1, x2, r, comp[row], i0);
+            *reinterpret_cast<uint4 *>(dst + row * ld + i0) = ms_pack8<BF16>(x1);
+            *reinterpret_cast<uint4 *>(dst + row * ld + i0 + half) = ms_pack8<BF16>(x2);
+        }
+        for (int e = threadIdx.x; e < rows * (tail / 8); e += blockDim.x) { /* the rest, copied as is */
+            const int row = e / (tail / 8), dd = tail0 + 8 * (e % (tail / 8));
+            const int64_t o = off[row];
+            uint4 v = make_uint4(0u, 0u, 0u, 0u);
+            if (o >= 0 && (o & 7) == 0) {
+                v = *reinterpret_cast<const uint4 *>(src + o + dd);
+            } else if (o >= 0) {
+                float x[8];
+#pragma unroll
+                for (int i = 0; i < 8; ++i) x[i] = ms_load(base, o + dd + i, dt);
+                v = ms_pack8<BF16>(x);
+            }
+            *reinterpret_cast<uint4 *>(dst + row * ld + dd) = v;
+        }
+        return;
+    }
     for (int e = threadIdx.x; e < rows * half; e += blockDim.x) { /* the rotated pairs (i, i + half) */
         const int row = e / half, i = e % half;
         float x1 = 0.0f, x2 = 0.0f;
@@ -420,7 +495,6 @@ __device__ __forceinline__ void ms_stage16(uint16_t *dst, int ld, int rows, cons
         dst[row * ld + i] = ms_to16<BF16>(x1);
         dst[row * ld + i + half] = ms_to16<BF16>(x2);
     }
-    const int tail = D - tail0;
     for (int e = threadIdx.x; e < rows * tail; e += blockDim.x) { /* the dims RoPE leaves alone */
         const int row = e / tail, dd = tail0 + e % tail;
         dst[row * ld + dd] = off[row] >= 0 ? ms_to16<BF16>(ms_load(base, off[row] + dd * sd, dt)) : (uint16_t)0;
@@ -1203,7 +1277,7 @@ __device__ __forceinline__ void ms_tc_sum_warps(float *out, float *part, const f
 
 /* as ms_bwd_dkv_kernel. grid: B * Hkv * NK * ceil(CK / 16) blocks of 128 threads */
 template <int D, bool BF16>
-__global__ void __launch_bounds__(128) ms_bwd_dkv_tc_kernel(const msattn_ms_params p) {
+__global__ void __launch_bounds__(128, 1) ms_bwd_dkv_tc_kernel(const msattn_ms_params p) {
     extern __shared__ float4 ms_smem4[];
     constexpr int LD = D + MS_TC_PAD, KS16 = D / 16, NT = D / 8, KT = MS_TC_KT;
     const MsDims d = ms_dims(p);
