@@ -552,6 +552,28 @@ __device__ static inline void ms_tc_rows(const msattn_ms_params &p, const MsDims
     }
 }
 
+/* the key slots [t0, t0 + 64) of group gk under KV head (b, h): absolute positions kpos (-1: none),
+ * compact RoPE positions kcomp, and K (rotated for rope="selected") and V staged 16-bit into Ks, Vs
+ * (64, D + PAD). Every thread of the block; synchronises before it returns. */
+template <int D, bool BF16>
+__device__ __forceinline__ void ms_tc_stage_keys(const msattn_ms_params &p, const MsDims &d, const MsGroupKeys &gk,
+                                                 int64_t b, int64_t h, int64_t t0, uint16_t *Ks, uint16_t *Vs,
+                                                 int *kpos, int *kcomp, int64_t *koff, int64_t *voff) {
+    const int tid = threadIdx.x;
+    if (tid < MS_TC_KEYS) {
+        int pos = -1, comp = -1;
+        if (t0 + tid < gk.kend) ms_slot(p, d, gk, b, t0 + tid, &pos, &comp);
+        kpos[tid] = pos;
+        kcomp[tid] = comp;
+        koff[tid] = pos >= 0 ? ms_off(p.k, b, h, pos, 0) : -1;
+        voff[tid] = pos >= 0 ? ms_off(p.v, b, h, pos, 0) : -1;
+    }
+    __syncthreads();
+    ms_stage16<D, BF16>(Ks, D + MS_TC_PAD, MS_TC_KEYS, p.k.data, p.dtype, p.k.sd, koff, kcomp, p.rope);
+    ms_stage16<D, BF16>(Vs, D + MS_TC_PAD, MS_TC_KEYS, p.v.data, p.dtype, p.v.sd, voff, kcomp, msattn_rope{});
+    __syncthreads();
+}
+
 /* shared: Qs, Ks, Vs (64, D + PAD) 16-bit | qoff, koff, voff (64) int64 | qcomp, kcomp, kpos,
  * rowpos, rowhq (64) int | red (33) int */
 template <int D>
@@ -594,18 +616,7 @@ __global__ void __launch_bounds__(128) ms_fwd_tc_kernel(const msattn_ms_params p
     for (int n = 0; n < NT; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
 
     for (int64_t t0 = 0; t0 < gk.kend; t0 += MS_TC_KEYS) {
-        if (tid < MS_TC_KEYS) {
-            int pos = -1, comp = -1;
-            if (t0 + tid < gk.kend) ms_slot(p, d, gk, b, t0 + tid, &pos, &comp);
-            kpos[tid] = pos;
-            kcomp[tid] = comp;
-            koff[tid] = pos >= 0 ? ms_off(p.k, b, h, pos, 0) : -1;
-            voff[tid] = pos >= 0 ? ms_off(p.v, b, h, pos, 0) : -1;
-        }
-        __syncthreads();
-        ms_stage16<D, BF16>(Ks, LD, MS_TC_KEYS, p.k.data, p.dtype, p.k.sd, koff, kcomp, p.rope);
-        ms_stage16<D, BF16>(Vs, LD, MS_TC_KEYS, p.v.data, p.dtype, p.v.sd, voff, kcomp, msattn_rope{});
-        __syncthreads();
+        ms_tc_stage_keys<D, BF16>(p, d, gk, b, h, t0, Ks, Vs, kpos, kcomp, koff, voff);
 
         // S = Q K^T for the warp's 16 rows and the tile's 64 slots, masked, in the log2 domain
         float s[ST][4];
@@ -884,6 +895,87 @@ __global__ void __launch_bounds__(MS_WARPS * 32, 1) ms_bwd_dq_kernel(const msatt
 // backward pass 2: dk and dv, block (b, h, key tile of one region), MS_KPW keys per warp; a lane
 // holds one query column of the staged query tile for the scores, and dims lane + 32 i of its keys
 
+/* a pass-2 block's keys: [t0, t0 + nk) of key region j of (b, h), the region's u-th tile of KT */
+struct MsKeyItem {
+    int64_t b, h, bh, j, t0;
+    msattn_range reg;
+    int nk;
+};
+
+/* the item of this block; early regions are read by the most groups, so they come first. false:
+ * past the region's end (the last region is short) */
+__device__ static inline bool ms_key_item(const msattn_ms_params &p, const MsDims &d, int KT, MsKeyItem *it) {
+    const int64_t tpr = msattn_cdiv(d.CK, KT);
+    int64_t x = blockIdx.x;
+    const int64_t u = x % tpr;
+    x /= tpr;
+    it->bh = x % d.BH;
+    it->j = x / d.BH;
+    it->b = it->bh / p.Hkv;
+    it->h = it->bh % p.Hkv;
+    it->reg = msattn_key_region(it->j, d.CK, d.N);
+    it->t0 = it->reg.begin + u * KT;
+    it->nk = (int)msattn_min64(KT, it->reg.end - it->t0);
+    return it->t0 < it->reg.end;
+}
+
+/* one reader of a key region: its group, whether it owns the region, its selection's length and
+ * the region's rank in it (0 for the owner) */
+struct MsReader {
+    int64_t gi, ga;
+    bool is_own;
+    int n_sel, rank;
+
+    /* the compact RoPE position (-1: beyond the tables) of key t of the region starting at
+     * region_begin, in this reader's frame, as the forward gave it */
+    __device__ int key_comp(const msattn_ms_params &p, const MsDims &d, int64_t t, int64_t region_begin) const {
+        const int64_t cp = is_own ? msattn_compact_own(n_sel, d.CK, t, ga, d.span)
+                                  : msattn_compact_selected(rank, t - region_begin, d.CK);
+        return cp < p.rope.len ? (int)cp : -1;
+    }
+};
+
+/* the groups that read key region j of (b, h), ascending: those whose selection holds j (the inverted
+ * index) merged with the group that owns j. next() must be reached by every thread of the block. */
+struct MsReaders {
+    const int32_t *grp;
+    int64_t e, e_end, gown, bh;
+    bool own_pending;
+
+    __device__ MsReaders(const msattn_ms_params &p, const MsDims &d, int64_t bh_, int64_t j) : bh(bh_) {
+        const int32_t *offs = p.inv_offsets + bh * (d.NK + 1);
+        grp = p.inv_groups + bh * d.G * d.T;
+        e = msattn_max64(0, offs[j]);
+        e_end = msattn_min64(offs[j + 1], d.G * d.T);
+        gown = msattn_group_of_position(msattn_key_region(j, p.block_k, d.N).begin, d.span) - d.g0;
+        own_pending = gown >= 0 && gown < d.G;
+    }
+
+    /* the next reader into *r; false when there is none */
+    __device__ bool next(const msattn_ms_params &p, const MsDims &d, int64_t j, int *red, MsReader *r) {
+        for (;;) {
+            const int64_t next_sel = e < e_end ? grp[e] : INT64_MAX;
+            if (own_pending && gown <= next_sel) {
+                r->gi = gown;
+                r->is_own = true;
+                own_pending = false;
+            } else if (e < e_end) {
+                r->gi = next_sel;
+                r->is_own = false;
+                ++e;
+            } else {
+                return false;
+            }
+            if (r->gi < 0 || r->gi >= d.G) continue; /* only a corrupt index gets here */
+            r->ga = d.g0 + r->gi;
+            const int32_t *sel = p.index + (bh * d.G + r->gi) * d.T;
+            r->n_sel = ms_count_selected(sel, d.T, d.NK, red);
+            r->rank = r->is_own ? 0 : ms_find_rank(sel, r->n_sel, j, red);
+            if (r->rank >= 0) return true;
+        }
+    }
+};
+
 /* keys per pass-2 block: the region size rounded up to MS_KPW, at most 32 */
 static int ms_dkv_keys(int CK) { return CK >= 32 ? 32 : (CK + MS_KPW - 1) / MS_KPW * MS_KPW; }
 
@@ -908,17 +1000,11 @@ __global__ void __launch_bounds__(256, 1) ms_bwd_dkv_kernel(const msattn_ms_para
     int *red = qcomp + 32;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, krow0 = warp * MS_KPW;
 
-    // the item: region j's key tile u of (b, h); early regions are read by the most groups, so
-    // they come first
-    const int64_t tpr = msattn_cdiv(d.CK, KT);
-    int64_t x = blockIdx.x;
-    const int64_t u = x % tpr;
-    x /= tpr;
-    const int64_t bh = x % d.BH, j = x / d.BH, b = bh / p.Hkv, h = bh % p.Hkv;
-    const msattn_range reg = msattn_key_region(j, d.CK, d.N);
-    const int64_t t0 = reg.begin + u * KT;
-    if (t0 >= reg.end) return; /* block-uniform: the last region is short */
-    const int nk = (int)msattn_min64(KT, reg.end - t0);
+    MsKeyItem it;
+    if (!ms_key_item(p, d, KT, &it)) return; /* block-uniform: the last region is short */
+    const int64_t bh = it.bh, j = it.j, b = it.b, h = it.h, t0 = it.t0;
+    const msattn_range reg = it.reg;
+    const int nk = it.nk;
     const bool rope = p.rope.cos != nullptr;
 
     for (int r = tid; r < KT; r += blockDim.x)
@@ -934,41 +1020,13 @@ __global__ void __launch_bounds__(256, 1) ms_bwd_dkv_kernel(const msattn_ms_para
 #pragma unroll
         for (int i = 0; i < DL; ++i) dk[r][i] = dv[r][i] = dkg[r][i] = 0.0f;
 
-    // readers in ascending group order: the inverted index of region j merged with its own group
-    const int32_t *offs = p.inv_offsets + bh * (d.NK + 1), *grp = p.inv_groups + bh * d.G * d.T;
-    int64_t e = msattn_max64(0, offs[j]);
-    const int64_t e_end = msattn_min64(offs[j + 1], d.G * d.T);
-    const int64_t gown = msattn_group_of_position(reg.begin, d.span) - d.g0;
-    bool own_pending = gown >= 0 && gown < d.G;
-    for (;;) {
-        int64_t gi;
-        bool is_own;
-        const int64_t next_sel = e < e_end ? grp[e] : INT64_MAX;
-        if (own_pending && gown <= next_sel) {
-            gi = gown;
-            is_own = true;
-            own_pending = false;
-        } else if (e < e_end) {
-            gi = next_sel;
-            is_own = false;
-            ++e;
-        } else {
-            break;
-        }
-        if (gi < 0 || gi >= d.G) continue; /* only a corrupt index gets here */
-        const int64_t ga = d.g0 + gi;
-        const int32_t *sel = p.index + (bh * d.G + gi) * d.T;
-        const int n_sel = ms_count_selected(sel, d.T, d.NK, red);
-        const int rank = is_own ? 0 : ms_find_rank(sel, n_sel, j, red);
-        if (rank < 0) continue;
-
+    MsReaders rd(p, d, bh, j);
+    MsReader rdr;
+    while (rd.next(p, d, j, red, &rdr)) {
         // the keys in this group's frame: compact positions as the forward gave them
         if (rope) {
-            for (int r = tid; r < KT; r += blockDim.x) {
-                const int64_t cp = is_own ? msattn_compact_own(n_sel, d.CK, t0 + r, ga, d.span)
-                                          : msattn_compact_selected(rank, t0 + r - reg.begin, d.CK);
-                kcomp[r] = kpos[r] >= 0 && cp < p.rope.len ? (int)cp : -1;
-            }
+            for (int r = tid; r < KT; r += blockDim.x)
+                kcomp[r] = kpos[r] >= 0 ? rdr.key_comp(p, d, t0 + r, reg.begin) : -1;
             ms_stage_keys(Ks, d.DS, KT, p.k, p.dtype, b, h, kpos, d.D);
             __syncthreads();
             ms_rope_tile(Ks, d.DS, KT, kcomp, p.rope, 1.0f);
@@ -977,8 +1035,8 @@ __global__ void __launch_bounds__(256, 1) ms_bwd_dkv_kernel(const msattn_ms_para
 
         // causal own span: a key is seen only by queries at or after it, so earlier query tiles are
         // skipped whole; selected regions lie before the group and every query sees them
-        const bool masked = p.causal && is_own;
-        const msattn_range qr = msattn_group_queries(ga, d.span, d.N, d.Nq);
+        const bool masked = p.causal && rdr.is_own;
+        const msattn_range qr = msattn_group_queries(rdr.ga, d.span, d.N, d.Nq);
         const int64_t qlo = masked ? msattn_max64(qr.begin, t0) : qr.begin;
         for (int64_t hq = h * d.hg; hq < (h + 1) * d.hg; ++hq) {
             for (int64_t c0 = qlo; c0 < qr.end; c0 += 32) {
@@ -987,7 +1045,7 @@ __global__ void __launch_bounds__(256, 1) ms_bwd_dkv_kernel(const msattn_ms_para
                 ms_stage_rows(Qs, d.KS, 32, p.q, p.dtype, b, hq, qrow0, ncol, d.D);
                 ms_stage_rows(dOs, d.KS, 32, p.dout, p.dtype, b, hq, qrow0, ncol, d.D);
                 for (int c = tid; c < 32; c += blockDim.x) {
-                    const int64_t cp = msattn_compact_own(n_sel, d.CK, c0 + c, ga, d.span);
+                    const int64_t cp = msattn_compact_own(rdr.n_sel, d.CK, c0 + c, rdr.ga, d.span);
                     qcomp[c] = rope && c < ncol && cp < p.rope.len ? (int)cp : -1;
                     float ls = INFINITY, dl = 0.0f; /* padding columns: probability 0 */
                     if (c < ncol) {
@@ -1163,18 +1221,7 @@ __global__ void __launch_bounds__(128) ms_bwd_dq_tc_kernel(const msattn_ms_param
     for (int n = 0; n < NT; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.0f;
 
     for (int64_t t0 = 0; t0 < gk.kend; t0 += MS_TC_KEYS) {
-        if (tid < MS_TC_KEYS) {
-            int pos = -1, comp = -1;
-            if (t0 + tid < gk.kend) ms_slot(p, d, gk, b, t0 + tid, &pos, &comp);
-            kpos[tid] = pos;
-            kcomp[tid] = comp;
-            koff[tid] = pos >= 0 ? ms_off(p.k, b, h, pos, 0) : -1;
-            voff[tid] = pos >= 0 ? ms_off(p.v, b, h, pos, 0) : -1;
-        }
-        __syncthreads();
-        ms_stage16<D, BF16>(Ks, LD, MS_TC_KEYS, p.k.data, p.dtype, p.k.sd, koff, kcomp, p.rope);
-        ms_stage16<D, BF16>(Vs, LD, MS_TC_KEYS, p.v.data, p.dtype, p.v.sd, voff, kcomp, msattn_rope{});
-        __syncthreads();
+        ms_tc_stage_keys<D, BF16>(p, d, gk, b, h, t0, Ks, Vs, kpos, kcomp, koff, voff);
 
         float s[ST][4], dp[ST][4];
 #pragma unroll
@@ -1292,16 +1339,11 @@ __global__ void __launch_bounds__(128, 1) ms_bwd_dkv_tc_kernel(const msattn_ms_p
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t4 = lane & 3;
     const bool rope = p.rope.cos != nullptr;
 
-    // the item: 16 keys of region j of (b, h); early regions are read by the most groups, so first
-    const int64_t tpr = msattn_cdiv(d.CK, KT);
-    int64_t x = blockIdx.x;
-    const int64_t u = x % tpr;
-    x /= tpr;
-    const int64_t bh = x % d.BH, j = x / d.BH, b = bh / p.Hkv, h = bh % p.Hkv;
-    const msattn_range reg = msattn_key_region(j, d.CK, d.N);
-    const int64_t t0 = reg.begin + u * KT;
-    if (t0 >= reg.end) return; /* block-uniform */
-    const int nk = (int)msattn_min64(KT, reg.end - t0);
+    MsKeyItem it;
+    if (!ms_key_item(p, d, KT, &it)) return; /* block-uniform: the last region is short */
+    const int64_t bh = it.bh, j = it.j, b = it.b, h = it.h, t0 = it.t0;
+    const msattn_range reg = it.reg;
+    const int nk = it.nk;
 
     for (int r = tid; r < KT; r += blockDim.x) {
         const bool ok = r < nk && ms_key_valid(p.key_mask, p.mask_sb, b, t0 + r);
@@ -1324,52 +1366,24 @@ __global__ void __launch_bounds__(128, 1) ms_bwd_dkv_tc_kernel(const msattn_ms_p
 #pragma unroll
         for (int c = 0; c < 4; ++c) dk[n][c] = dv[n][c] = 0.0f;
 
-    // readers in ascending group order: the inverted index of region j merged with its own group
-    const int32_t *offs = p.inv_offsets + bh * (d.NK + 1), *grp = p.inv_groups + bh * d.G * d.T;
-    int64_t e = msattn_max64(0, offs[j]);
-    const int64_t e_end = msattn_min64(offs[j + 1], d.G * d.T);
-    const int64_t gown = msattn_group_of_position(reg.begin, d.span) - d.g0;
-    bool own_pending = gown >= 0 && gown < d.G;
-    for (;;) {
-        int64_t gi;
-        bool is_own;
-        const int64_t next_sel = e < e_end ? grp[e] : INT64_MAX;
-        if (own_pending && gown <= next_sel) {
-            gi = gown;
-            is_own = true;
-            own_pending = false;
-        } else if (e < e_end) {
-            gi = next_sel;
-            is_own = false;
-            ++e;
-        } else {
-            break;
-        }
-        if (gi < 0 || gi >= d.G) continue; /* only a corrupt index gets here */
-        const int64_t ga = d.g0 + gi;
-        const int32_t *sel = p.index + (bh * d.G + gi) * d.T;
-        const int n_sel = ms_count_selected(sel, d.T, d.NK, red);
-        const int rank = is_own ? 0 : ms_find_rank(sel, n_sel, j, red);
-        if (rank < 0) continue;
-
+    MsReaders rd(p, d, bh, j);
+    MsReader rdr;
+    while (rd.next(p, d, j, red, &rdr)) {
         // the keys in this group's frame: compact positions as the forward gave them
         if (rope) {
-            for (int r = tid; r < KT; r += blockDim.x) {
-                const int64_t cp = is_own ? msattn_compact_own(n_sel, d.CK, t0 + r, ga, d.span)
-                                          : msattn_compact_selected(rank, t0 + r - reg.begin, d.CK);
-                kcomp[r] = kpos[r] >= 0 && cp < p.rope.len ? (int)cp : -1;
-            }
+            for (int r = tid; r < KT; r += blockDim.x)
+                kcomp[r] = kpos[r] >= 0 ? rdr.key_comp(p, d, t0 + r, reg.begin) : -1;
             __syncthreads();
             ms_stage16<D, BF16>(Ks, LD, KT, p.k.data, p.dtype, p.k.sd, koff, kcomp, p.rope);
         }
 
         // the group's rows in chunks of 64; causal own span: queries before the first key skip
-        const bool masked = p.causal && is_own;
-        const msattn_range qr = msattn_group_queries(ga, d.span, d.N, d.Nq);
+        const bool masked = p.causal && rdr.is_own;
+        const msattn_range qr = msattn_group_queries(rdr.ga, d.span, d.N, d.Nq);
         const int64_t qlo = masked ? msattn_max64(qr.begin, t0) : qr.begin;
         const int64_t rows_g = d.hg * (qr.end - qr.begin);
         for (int64_t c0 = (qlo - qr.begin) * d.hg; c0 < rows_g; c0 += MS_TC_ROWS) {
-            ms_tc_rows(p, d, b, h, qr, c0, ga, n_sel, p.dout, qoff, ooff, rowpos, rowhq, qcomp);
+            ms_tc_rows(p, d, b, h, qr, c0, rdr.ga, rdr.n_sel, p.dout, qoff, ooff, rowpos, rowhq, qcomp);
             __syncthreads();
             for (int r = tid; r < MS_TC_ROWS; r += blockDim.x) {
                 float ls = INFINITY, dl = 0.0f; /* no row: probability 0 */
@@ -1496,29 +1510,31 @@ static int ms_launch_dl(Kernel kernel, int64_t blocks, int threads, size_t smem,
     return ms_launch_status();
 }
 
-/* the tensor-core forward for head dim D and dtype BF16 (else fp16) */
-template <int D, bool BF16>
-static int ms_fwd_tc_launch(const msattn_ms_params *p, const MsDims &d, cudaStream_t stream) {
-    const int64_t blocks = d.BH * d.G * msattn_cdiv(d.hg * d.span, MS_TC_ROWS);
+/* launch a tensor-core kernel on `blocks` blocks of 128 threads (none: nothing to do) */
+template <class Kernel>
+static int ms_launch_tc(Kernel kernel, int64_t blocks, size_t smem, cudaStream_t stream, const msattn_ms_params *p) {
     if (blocks == 0) return MSATTN_OK;
     if (blocks > INT_MAX) return MSATTN_ERR_ARG;
-    return ms_launch_dl(ms_fwd_tc_kernel<D, BF16>, blocks, 128, ms_fwd_tc_smem<D>(), stream, p);
+    return ms_launch_dl(kernel, blocks, 128, smem, stream, p);
+}
+
+/* the grid of the tensor-core forward and pass 1: 64-row tiles of every group's (query, head) rows */
+static int64_t ms_tc_query_blocks(const MsDims &d) { return d.BH * d.G * msattn_cdiv(d.hg * d.span, MS_TC_ROWS); }
+
+template <int D, bool BF16>
+static int ms_fwd_tc_launch(const msattn_ms_params *p, const MsDims &d, cudaStream_t stream) {
+    return ms_launch_tc(ms_fwd_tc_kernel<D, BF16>, ms_tc_query_blocks(d), ms_fwd_tc_smem<D>(), stream, p);
 }
 
 template <int D, bool BF16>
 static int ms_bwd_dq_tc_launch(const msattn_ms_params *p, const MsDims &d, cudaStream_t stream) {
-    const int64_t blocks = d.BH * d.G * msattn_cdiv(d.hg * d.span, MS_TC_ROWS);
-    if (blocks == 0) return MSATTN_OK;
-    if (blocks > INT_MAX) return MSATTN_ERR_ARG;
-    return ms_launch_dl(ms_bwd_dq_tc_kernel<D, BF16>, blocks, 128, ms_bwd_dq_tc_smem<D>(), stream, p);
+    return ms_launch_tc(ms_bwd_dq_tc_kernel<D, BF16>, ms_tc_query_blocks(d), ms_bwd_dq_tc_smem<D>(), stream, p);
 }
 
 template <int D, bool BF16>
 static int ms_bwd_dkv_tc_launch(const msattn_ms_params *p, const MsDims &d, cudaStream_t stream) {
-    const int64_t blocks = d.BH * d.NK * msattn_cdiv(p->block_k, MS_TC_KT);
-    if (blocks == 0) return MSATTN_OK;
-    if (blocks > INT_MAX) return MSATTN_ERR_ARG;
-    return ms_launch_dl(ms_bwd_dkv_tc_kernel<D, BF16>, blocks, 128, ms_bwd_dkv_tc_smem<D>(), stream, p);
+    return ms_launch_tc(ms_bwd_dkv_tc_kernel<D, BF16>, d.BH * d.NK * msattn_cdiv(p->block_k, MS_TC_KT),
+                        ms_bwd_dkv_tc_smem<D>(), stream, p);
 }
 
 /* the tensor-core kernels: 16-bit inputs, D in {16, 32, 64, 128} */
