@@ -1,0 +1,64 @@
+"""MS attention's three ops alone: selection, forward over a selection, backward.
+
+Times ``torch.ops.msattn.ms_select``, ``ms_fwd`` (given the selection) and ``ms_bwd`` separately on one
+shape per length, median of --repeats after --warmup, so a change to one kernel shows in its own
+column (``bench_attention.py`` times the whole op against SDPA).
+
+    python benchmarks/bench_ops.py --device cuda --dtype bfloat16 --lengths 16384,65536
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+from measure import median_ms
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--lengths", default="16384,65536", help="comma-separated sequence lengths")
+    ap.add_argument("--heads", type=int, default=8, help="query heads Hq")
+    ap.add_argument("--kv-heads", type=int, default=2, help="key/value heads Hkv")
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    ap.add_argument("--block-q", type=int, default=16)
+    ap.add_argument("--block-k", type=int, default=16)
+    ap.add_argument("--merge", type=int, default=16)
+    ap.add_argument("--topk", type=int, default=64)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=10)
+    args = ap.parse_args(argv)
+
+    import msattn  # noqa: F401  (registers torch.ops.msattn)
+
+    ops = torch.ops.msattn
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    params = (args.block_q, args.block_k, args.merge)
+    scale = 1.0 / math.sqrt(args.head_dim)
+    print(f"B1 Hq{args.heads} Hkv{args.kv_heads} D{args.head_dim} {args.dtype} causal bq{args.block_q} "
+          f"bk{args.block_k} m{args.merge} k{args.topk} on {device}")
+    print(f"{'N':>8} | {'select ms':>9} | {'fwd ms':>8} | {'bwd ms':>8}")
+    for n in [int(x) for x in args.lengths.split(",")]:
+        torch.manual_seed(0)
+        q = torch.randn(1, args.heads, n, args.head_dim, device=device, dtype=dtype)
+        k = torch.randn(1, args.kv_heads, n, args.head_dim, device=device, dtype=dtype)
+        v = torch.randn_like(k)
+        index = ops.ms_select(q, k, None, None, None, *params, args.topk, True)
+        out, lse = ops.ms_fwd(q, k, v, index, None, None, None, *params, True, scale)
+        dout = torch.randn_like(out)
+        t_sel = median_ms(lambda: ops.ms_select(q, k, None, None, None, *params, args.topk, True),
+                          args.warmup, args.repeats, device)
+        t_fwd = median_ms(lambda: ops.ms_fwd(q, k, v, index, None, None, None, *params, True, scale),
+                          args.warmup, args.repeats, device)
+        t_bwd = median_ms(lambda: ops.ms_bwd(dout, None, q, k, v, out, lse, index, None, None, None, *params,
+                                             True, scale), args.warmup, args.repeats, device)
+        print(f"{n:>8} | {t_sel:>9.2f} | {t_fwd:>8.2f} | {t_bwd:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()
