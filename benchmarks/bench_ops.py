@@ -34,9 +34,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=10)
     args = ap.parse_args(argv)
 
-    import msattn  # noqa: F401  (registers torch.ops.msattn)
-
-    ops = torch.ops.msattn
+    from msattn.ops import ops  # torch.ops.msattn, registered by the import
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     params = (args.block_q, args.block_k, args.merge)
     scale = 1.0 / math.sqrt(args.head_dim)
