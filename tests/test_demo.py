@@ -199,7 +199,7 @@ def test_demo_training_starts_short_and_adds_the_selection_loss_to_ms_only(monke
     for method, weight in (("ms", "0.1"), ("ms", "0"), ("dense", "0.1"), ("dense", "0")):
         model, *_ = demo.train_model(method, demo.parse_args([*flags, "--select-weight", weight]))
         states[method, weight] = model.state_dict()
-    assert lengths == [96, 96, 256, 256] * 4  # topk * block_k + merge * block_q, then --train-len
+    assert lengths == [96, 96, 256, 256] * 4  # short_length, then --train-len
 
     def same(a, b):
         return all(torch.equal(a[k], b[k]) for k in a)

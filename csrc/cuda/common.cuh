@@ -137,17 +137,21 @@ __device__ __forceinline__ int ms_block_excl_scan(int v, int *total, int *red) {
 // position outside the table, leaves the row alone. One thread per pair, so no two threads touch
 // one element; the caller syncs before and after.
 
+/* the pair (x1, x2) rotated by the angle of cosine c and sine s, as the CPU's ms_rope_rotate */
+__device__ __forceinline__ void ms_rotate_pair(float &x1, float &x2, float c, float s) {
+    const float y1 = x1 * c - x2 * s, y2 = x2 * c + x1 * s;
+    x1 = y1;
+    x2 = y2;
+}
+
 __device__ __forceinline__ void ms_rope_tile(float *x, int ld, int rows, const int *pos, const msattn_rope &r,
                                              float sign) {
     const int half = r.dim / 2;
     for (int e = threadIdx.x; e < rows * half; e += blockDim.x) {
         const int row = e / half, i = e % half, ps = pos[row];
         if (ps < 0 || ps >= r.len) continue;
-        const float c = r.cos[(int64_t)ps * half + i], s = sign * r.sin[(int64_t)ps * half + i];
         float *xr = x + (int64_t)row * ld;
-        const float x1 = xr[i], x2 = xr[i + half];
-        xr[i] = x1 * c - x2 * s;
-        xr[i + half] = x2 * c + x1 * s;
+        ms_rotate_pair(xr[i], xr[i + half], r.cos[(int64_t)ps * half + i], sign * r.sin[(int64_t)ps * half + i]);
     }
 }
 

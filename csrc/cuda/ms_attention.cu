@@ -423,12 +423,8 @@ __device__ __forceinline__ uint4 ms_pack8(const float *x) {
 __device__ __forceinline__ void ms_rope8(float *x1, float *x2, const msattn_rope &r, int ps, int i0) {
     const int half = r.dim / 2;
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-        const float c = r.cos[(int64_t)ps * half + i0 + i], s = r.sin[(int64_t)ps * half + i0 + i];
-        const float y1 = x1[i] * c - x2[i] * s, y2 = x2[i] * c + x1[i] * s;
-        x1[i] = y1;
-        x2[i] = y2;
-    }
+    for (int i = 0; i < 8; ++i)
+        ms_rotate_pair(x1[i], x2[i], r.cos[(int64_t)ps * half + i0 + i], r.sin[(int64_t)ps * half + i0 + i]);
 }
 
 /* dst (rows, ld) 16-bit = rows of a view of the kernel's 16-bit dtype starting at element offsets
@@ -485,12 +481,7 @@ __device__ __forceinline__ void ms_stage16(uint16_t *dst, int ld, int rows, cons
             x1 = ms_load(base, off[row] + i * sd, dt);
             x2 = ms_load(base, off[row] + (i + half) * sd, dt);
             const int ps = comp[row];
-            if (ps >= 0) {
-                const float c = r.cos[(int64_t)ps * half + i], s = r.sin[(int64_t)ps * half + i];
-                const float y1 = x1 * c - x2 * s, y2 = x2 * c + x1 * s;
-                x1 = y1;
-                x2 = y2;
-            }
+            if (ps >= 0) ms_rotate_pair(x1, x2, r.cos[(int64_t)ps * half + i], r.sin[(int64_t)ps * half + i]);
         }
         dst[row * ld + i] = ms_to16<BF16>(x1);
         dst[row * ld + i + half] = ms_to16<BF16>(x2);
@@ -524,11 +515,11 @@ __device__ static inline bool ms_tc_item(const msattn_ms_params &p, const MsDims
 }
 
 /* per row of the block, for rows [c0, c0 + 64) of group (ga, n_sel): element offsets of the row in
- * q and in `second` (a (B, Hq, Nq, D) view) or -1, absolute position or -1, query head, compact
- * RoPE position or -1 */
+ * q and, when `second` (a (B, Hq, Nq, D) view) is given, in it (into off2), or -1; absolute position
+ * or -1, query head, compact RoPE position or -1 */
 __device__ static inline void ms_tc_rows(const msattn_ms_params &p, const MsDims &d, int64_t b, int64_t h,
                                          msattn_range qr, int64_t c0, int64_t ga, int64_t n_sel,
-                                         const msattn_view &second, int64_t *qoff, int64_t *off2, int *rowpos,
+                                         const msattn_view *second, int64_t *qoff, int64_t *off2, int *rowpos,
                                          int *rowhq, int *qcomp) {
     const int64_t rows_g = d.hg * (qr.end - qr.begin), q_first = d.N - d.Nq;
     for (int r = threadIdx.x; r < MS_TC_ROWS; r += blockDim.x) {
@@ -540,12 +531,12 @@ __device__ static inline void ms_tc_rows(const msattn_ms_params &p, const MsDims
             hq = (int)(h * d.hg + rg % d.hg);
             pos = (int)qp;
             o1 = ms_off(p.q, b, hq, qp - q_first, 0);
-            o2 = ms_off(second, b, hq, qp - q_first, 0);
+            if (second) o2 = ms_off(*second, b, hq, qp - q_first, 0);
             const int64_t cp = msattn_compact_own(n_sel, d.CK, qp, ga, d.span);
             comp = p.rope.cos != nullptr && cp < p.rope.len ? (int)cp : -1;
         }
         qoff[r] = o1;
-        off2[r] = o2;
+        if (second) off2[r] = o2;
         rowpos[r] = pos;
         rowhq[r] = hq;
         qcomp[r] = comp;
@@ -599,7 +590,7 @@ __global__ void __launch_bounds__(128) ms_fwd_tc_kernel(const msattn_ms_params p
     const int64_t qlast = it.qr.begin + (msattn_min64(it.rows_g, it.r0 + MS_TC_ROWS) - 1) / d.hg;
     const MsGroupKeys gk = ms_group_keys(p, d, it.bh, it.gi, qlast, red);
     const int64_t q_first = d.N - d.Nq; /* absolute position of q's row 0 */
-    ms_tc_rows(p, d, b, h, it.qr, it.r0, gk.ga, gk.n_sel, p.out, qoff, koff, rowpos, rowhq, qcomp);
+    ms_tc_rows(p, d, b, h, it.qr, it.r0, gk.ga, gk.n_sel, nullptr, qoff, nullptr, rowpos, rowhq, qcomp);
     __syncthreads();
     ms_stage16<D, BF16>(Qs, LD, MS_TC_ROWS, p.q.data, p.dtype, p.q.sd, qoff, qcomp, p.rope);
     __syncthreads();
@@ -1184,7 +1175,7 @@ __global__ void __launch_bounds__(128) ms_bwd_dq_tc_kernel(const msattn_ms_param
     const int64_t qlast = it.qr.begin + (msattn_min64(it.rows_g, it.r0 + MS_TC_ROWS) - 1) / d.hg;
     const MsGroupKeys gk = ms_group_keys(p, d, it.bh, it.gi, qlast, red);
     const int64_t q_first = d.N - d.Nq;
-    ms_tc_rows(p, d, b, h, it.qr, it.r0, gk.ga, gk.n_sel, p.dout, qoff, ooff, rowpos, rowhq, qcomp);
+    ms_tc_rows(p, d, b, h, it.qr, it.r0, gk.ga, gk.n_sel, &p.dout, qoff, ooff, rowpos, rowhq, qcomp);
     __syncthreads();
     ms_stage16<D, BF16>(Qs, LD, MS_TC_ROWS, p.q.data, p.dtype, p.q.sd, qoff, qcomp, p.rope);
     ms_stage16<D, BF16>(dOs, LD, MS_TC_ROWS, p.dout.data, p.dtype, p.dout.sd, ooff, qcomp, msattn_rope{});
@@ -1383,7 +1374,7 @@ __global__ void __launch_bounds__(128, 1) ms_bwd_dkv_tc_kernel(const msattn_ms_p
         const int64_t qlo = masked ? msattn_max64(qr.begin, t0) : qr.begin;
         const int64_t rows_g = d.hg * (qr.end - qr.begin);
         for (int64_t c0 = (qlo - qr.begin) * d.hg; c0 < rows_g; c0 += MS_TC_ROWS) {
-            ms_tc_rows(p, d, b, h, qr, c0, rdr.ga, rdr.n_sel, p.dout, qoff, ooff, rowpos, rowhq, qcomp);
+            ms_tc_rows(p, d, b, h, qr, c0, rdr.ga, rdr.n_sel, &p.dout, qoff, ooff, rowpos, rowhq, qcomp);
             __syncthreads();
             for (int r = tid; r < MS_TC_ROWS; r += blockDim.x) {
                 float ls = INFINITY, dl = 0.0f; /* no row: probability 0 */
