@@ -24,23 +24,13 @@ import subprocess
 import sys
 
 import torch
-from measure import median_ms
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from measure import DTYPES, add_attention_args, median_ms
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--lengths", default="4096,16384,32768", help="comma-separated sequence lengths")
+    add_attention_args(ap, lengths="4096,16384,32768", dtype="float32")
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--heads", type=int, default=8, help="query heads Hq")
-    ap.add_argument("--kv-heads", type=int, default=2, help="key/value heads Hkv")
-    ap.add_argument("--head-dim", type=int, default=64)
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    ap.add_argument("--block-q", type=int, default=16)
-    ap.add_argument("--block-k", type=int, default=16)
-    ap.add_argument("--merge", type=int, default=16)
-    ap.add_argument("--topk", type=int, default=64)
     ap.add_argument("--non-causal", action="store_true")
     ap.add_argument("--impls", default="sdpa,msattn", help="of sdpa, msattn, flash (CUDA)")
     ap.add_argument("--device", default="cpu")

@@ -13,22 +13,12 @@ import argparse
 import math
 
 import torch
-from measure import median_ms
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from measure import DTYPES, add_attention_args, median_ms
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--lengths", default="16384,65536", help="comma-separated sequence lengths")
-    ap.add_argument("--heads", type=int, default=8, help="query heads Hq")
-    ap.add_argument("--kv-heads", type=int, default=2, help="key/value heads Hkv")
-    ap.add_argument("--head-dim", type=int, default=64)
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
-    ap.add_argument("--block-q", type=int, default=16)
-    ap.add_argument("--block-k", type=int, default=16)
-    ap.add_argument("--merge", type=int, default=16)
-    ap.add_argument("--topk", type=int, default=64)
+    add_attention_args(ap, lengths="16384,65536", dtype="bfloat16")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=10)
