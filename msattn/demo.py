@@ -1,9 +1,11 @@
 """The main job: a tiny Llama trained on short sequences retrieves a passkey from far longer ones.
 
 ``python -m msattn.demo`` (``make demo``) needs nothing downloaded. It trains a tiny Llama from
-scratch on synthetic passkey prompts of ``--train-len`` tokens, twice with the same data and steps
-(the first ``--short-steps`` on prompts short enough for MS attention to be exactly dense, where the
-copy is learned first; then prompts up to ``--train-len``):
+scratch on synthetic passkey prompts of ``--train-len`` tokens, with the same data and steps for
+every method. The first ``--short-steps`` are on prompts short enough for MS attention to be exactly
+dense, where the copy is learned first: this first stage is trained once (:func:`train_first_stage`)
+and both the MS model and the dense baseline continue from it on prompts up to ``--train-len``, each
+with its own attention, side by side:
 
 - ``ms``: MS attention with RoPE on selected tokens only (``MSConfig(rope="selected")``): every
   distance it ever sees is bounded by ``topk * block_k + merge * block_q``, whatever the length; its
@@ -11,7 +13,8 @@ copy is learned first; then prompts up to ``--train-len``):
   (selection itself passes no gradient);
 - ``dense``: PyTorch SDPA with ordinary RoPE, the baseline;
 - ``infini`` (only when asked, ``--methods ms,dense,infini``): Infini-attention with segments of
-  ``--segment-len`` tokens and ordinary RoPE, trained the same way.
+  ``--segment-len`` tokens and ordinary RoPE, trained on the same data, every step with its own
+  attention (which is not dense on the first stage's prompts).
 
 Then it evaluates passkey retrieval (``msattn.eval.passkey``) at lengths from 1x to ``--max-len``
 (default 64x the training length; the MS model's answer tokens are predicted exactly as a forward over
@@ -26,6 +29,8 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
+import io
 import json
 import math
 import multiprocessing
@@ -54,7 +59,8 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, default=1400, help="optimizer steps per model")
     ap.add_argument("--short-steps", type=int, default=800,
                     help="the first steps train on sequences short enough for MS attention to be exactly dense (96 "
-                         "tokens for the default MS parameters: msattn.demo.short_length; both models: the same data)")
+                         "tokens for the default MS parameters: msattn.demo.short_length), once for both models "
+                         "(msattn.demo.train_first_stage)")
     ap.add_argument("--select-weight", type=float, default=0.1,
                     help="weight of the MS model's selection loss (msattn.demo.SelectionLoss; 0: none)")
     ap.add_argument("--batch-size", type=int, default=32)
@@ -248,75 +254,142 @@ class SelectionLoss:
         return total / self.layers
 
 
-def train(model, tokenizer, args, name: str, position: int = 0, config: MSConfig | None = None) -> list[float]:
-    """AdamW with warm-up and cosine decay; the same data stream (seeded) for every method.
+FIRST_STAGE_THREADS = 2  # the shared first stage's threads, whatever the cores: see train_first_stage
+SHARES_FIRST_STAGE = ("ms", "dense")  # methods whose attention is exactly dense on the first stage's sequences
 
-    The first ``--short-steps`` batches are at most :func:`short_length` tokens (or ``--train-len``,
-    if shorter), where MS attention is exactly dense: the copy is learned there first. Given the MS
-    ``config``, the loss adds ``--select-weight`` times :class:`SelectionLoss`. Returns the copy loss
-    of each step."""
-    rng = random.Random(args.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    warmup = max(1, args.steps // 40)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
-    short = min(short_length(method_settings(args).ms), args.train_len)
-    select = SelectionLoss(model, config, digit_ids(tokenizer)) if config is not None and args.select_weight else None
-    model.train()
-    losses = []
+
+class Training:
+    """One model's run of the demo's recipe: AdamW with warm-up and cosine decay over ``--steps``, and the
+    seeded data stream (:func:`batch`); the same stream for every method.
+
+    The first ``--short-steps`` batches are at most :func:`short_length` tokens (or ``--train-len``, if
+    shorter), where MS attention is exactly dense: the copy is learned there first. :meth:`run` trains
+    up to a given step and can stop after the first stage; :meth:`state_dict` and
+    :meth:`load_state_dict` carry the model, optimizer, schedule and data stream to another process."""
+
+    def __init__(self, model, tokenizer, args):
+        self.model, self.tokenizer, self.args = model, tokenizer, args
+        self.rng = random.Random(args.seed)
+        self.opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+        warmup, steps = max(1, args.steps // 40), args.steps
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+        self.losses: list[float] = []  # the copy loss of each step so far
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "rng": self.rng.getstate(), "losses": list(self.losses)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.rng.setstate(state["rng"])
+        self.losses = list(state["losses"])
+
+    def run(self, stop: int, name: str, position: int = 0, config: MSConfig | None = None) -> None:
+        """Train from the current step up to step ``stop``. Given the MS ``config``, the loss adds
+        ``--select-weight`` times :class:`SelectionLoss` (which never applies in the first stage)."""
+        args, model = self.args, self.model
+        short = min(short_length(method_settings(args).ms), args.train_len)
+        select = (SelectionLoss(model, config, digit_ids(self.tokenizer))
+                  if config is not None and args.select_weight else None)
+        model.train()
+        try:
+            with tqdm(range(len(self.losses), stop), desc=f"train {name}", position=position) as bar:
+                for step in bar:
+                    x, y, w = batch(self.tokenizer, self.rng, short if step < args.short_steps else args.train_len,
+                                    args.batch_size)
+                    logits = model(x).logits
+                    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten(),
+                                                            reduction="none")
+                    loss = (nll * w.flatten()).sum() / w.sum()
+                    total = loss
+                    if select is not None and (extra := select(x)) is not None:
+                        total = loss + args.select_weight * extra
+                    self.opt.zero_grad()
+                    total.backward()
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                    self.opt.step()
+                    self.sched.step()
+                    self.losses.append(loss.item())
+                    bar.set_postfix(copy_nll=f"{sum(self.losses[-20:]) / len(self.losses[-20:]):.3f}")
+        finally:
+            if select is not None:
+                select.remove()
+        model.eval()
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
     try:
-        with tqdm(range(args.steps), desc=f"train {name}", position=position) as bar:
-            for step in bar:
-                x, y, w = batch(tokenizer, rng, short if step < args.short_steps else args.train_len,
-                                args.batch_size)
-                logits = model(x).logits
-                nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none")
-                loss = (nll * w.flatten()).sum() / w.sum()
-                total = loss
-                if select is not None and (extra := select(x)) is not None:
-                    total = loss + args.select_weight * extra
-                opt.zero_grad()
-                total.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-                sched.step()
-                losses.append(loss.item())
-                bar.set_postfix(copy_nll=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+        yield
     finally:
-        if select is not None:
-            select.remove()
-    model.eval()
-    return losses
+        torch.set_num_threads(before)
 
 
-def train_model(method: str, args, position: int = 0):
-    """Build one method's model from scratch (seeded by ``--seed``) and train it (:func:`train`) on one
-    thread. Returns ``(model, tokenizer, settings, timings)``, the model in eval mode.
+def _new_model(args):
+    torch.manual_seed(args.seed)
+    tokenizer = PasskeyTokenizer()
+    return build_model(tokenizer, args), tokenizer
 
-    One thread, always: how many threads share a matrix product changes its rounding, and this tiny
-    model's training amplifies rounding into a different model (seed 0 on two threads retrieves 0.15
-    at 256 tokens and nothing beyond, on one thread 0.65 to 0.50 up to 16K: benchmarks/RESULTS.md). With
-    one thread a seed gives the same model whichever methods are trained and on any number of cores
-    (of the same instruction set)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        torch.manual_seed(args.seed)
-        tokenizer = PasskeyTokenizer()
-        model = build_model(tokenizer, args)
-        settings = method_settings(args)
-        prepare(model, method, settings)
+
+def train_first_stage(args, position: int = 0) -> bytes:
+    """The first ``--short-steps`` of the recipe, trained once for every method in
+    ``SHARES_FIRST_STAGE``: on these sequences MS attention is exactly dense attention (every group takes
+    all its candidates, and compact positions are absolute positions; tests/test_demo.py checks the
+    logits), so the MS model and the dense baseline would train the same model twice. Trained with
+    dense attention (SDPA) on ``FIRST_STAGE_THREADS`` threads; returns the :class:`Training` state
+    (``torch.save`` bytes, for :func:`train_model` in this or another process) with its seconds.
+
+    The thread count is fixed, not the machine's: how many threads share a matrix product changes its
+    rounding, and this tiny model's training amplifies rounding into a different model (seed 0 on two
+    threads instead of one once retrieved 0.15 at 256 tokens and nothing beyond, on one thread 0.65 to
+    0.50 up to 16K: benchmarks/RESULTS.md). With fixed counts a seed gives the same model on any number
+    of cores (of the same instruction set)."""
+    with _threads(FIRST_STAGE_THREADS):
+        model, tokenizer = _new_model(args)
+        prepare(model, "dense", method_settings(args))
+        run = Training(model, tokenizer, args)
         t0 = time.perf_counter()
-        losses = train(model, tokenizer, args, method, position, config=settings.ms if method == "ms" else None)
-    finally:
-        torch.set_num_threads(threads)
-    timings = {"train_seconds": time.perf_counter() - t0, "final_copy_nll": sum(losses[-20:]) / len(losses[-20:])}
+        run.run(args.short_steps, "first stage (shared)", position)
+        state = {"training": run.state_dict(), "seconds": time.perf_counter() - t0}
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+def train_model(method: str, args, position: int = 0, first_stage: bytes | None = None):
+    """One method's model, trained from scratch (seeded by ``--seed``). Methods in
+    ``SHARES_FIRST_STAGE`` start from ``first_stage`` (:func:`train_first_stage`'s state; trained here
+    when None) and train the remaining steps with their own attention; others (``infini``) train every
+    step with theirs. The remaining steps run on one thread (see :func:`train_first_stage`). Returns
+    ``(model, tokenizer, settings, timings)``, the model in eval mode."""
+    settings = method_settings(args)
+    first_seconds = 0.0
+    with _threads(1):
+        model, tokenizer = _new_model(args)
+        prepare(model, method, settings)  # before the optimizer: Infini-attention adds its gates
+        run = Training(model, tokenizer, args)
+        if method in SHARES_FIRST_STAGE:
+            if first_stage is None:
+                first_stage = train_first_stage(args, position)
+            state = torch.load(io.BytesIO(first_stage), weights_only=False)
+            run.load_state_dict(state["training"])
+            first_seconds = state["seconds"]
+        t0 = time.perf_counter()
+        run.run(args.steps, method, position, config=settings.ms if method == "ms" else None)
+    losses = run.losses
+    timings = {"first_stage_seconds": first_seconds, "train_seconds": time.perf_counter() - t0,
+               "final_copy_nll": sum(losses[-20:]) / len(losses[-20:])}
     return model, tokenizer, settings, timings
 
 
-def train_and_save(method: str, args, position: int = 0) -> dict:
+def train_and_save(method: str, args, position: int = 0, first_stage: bytes | None = None) -> dict:
     """Train one method's model (:func:`train_model`) and save it to ``--out/method``; returns its timings."""
-    model, tokenizer, settings, timings = train_model(method, args, position)
+    model, tokenizer, settings, timings = train_model(method, args, position, first_stage)
     save_checkpoint(model, tokenizer, os.path.join(args.out, method), method=method, settings=settings)
     return timings
 
@@ -365,15 +438,17 @@ def main(argv=None):
           f"({lengths[-1] // args.train_len}x), {args.trials} trials per length; MS {cfg}")
     timings = {}
     if not args.eval_only:
-        # each model trains on one thread (train_model): side by side, one per core, where there are cores
+        # the first stage once (train_first_stage), then each model's own steps on one thread: side by
+        # side, one per core, where there are cores
+        first = train_first_stage(args) if any(m in SHARES_FIRST_STAGE for m in methods) else None
         cores = os.cpu_count() or 1
         if len(methods) > 1 and cores >= len(methods):
             ctx = multiprocessing.get_context("spawn")
             with concurrent.futures.ProcessPoolExecutor(len(methods), mp_context=ctx) as pool:
-                jobs = {m: pool.submit(train_and_save, m, args, i) for i, m in enumerate(methods)}
+                jobs = {m: pool.submit(train_and_save, m, args, i, first) for i, m in enumerate(methods)}
                 timings = {m: job.result() for m, job in jobs.items()}
         else:
-            timings = {m: train_and_save(m, args) for m in methods}
+            timings = {m: train_and_save(m, args, 0, first) for m in methods}
     records = []
     for method in methods:
         model, _ = load(model=os.path.join(args.out, method))

@@ -1,8 +1,10 @@
 """The demo (python -m msattn.demo) end to end at a toy size: training, checkpoints, report files."""
 
 import importlib.util
+import io
 import json
 import os
+import random
 
 import pytest
 import torch
@@ -110,6 +112,39 @@ def test_demo_training_is_the_same_whatever_the_callers_threads():
     finally:
         torch.set_num_threads(before)
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_the_first_stage_is_dense_attention_for_both_models_and_is_shared():
+    # MS attention is exactly dense on the first stage's sequences (short_length tokens), so one first
+    # stage serves the MS model and the dense baseline; each continues from the same state
+    args = demo.parse_args(["--steps", "4", "--short-steps", "2", "--batch-size", "4", "--hidden", "32"])
+    first = demo.train_first_stage(args)
+    state = torch.load(io.BytesIO(first), weights_only=False)["training"]
+    assert len(state["losses"]) == 2
+    model, tokenizer = demo._new_model(args)
+    model.load_state_dict(state["model"])
+    model.eval()
+    x, *_ = demo.batch(tokenizer, random.Random(3), demo.short_length(demo.method_settings(args).ms), 4)
+    logits = {}
+    for method in ("dense", "ms"):
+        prepare(model, method, demo.method_settings(args))
+        with torch.no_grad():
+            logits[method] = model(x).logits
+    torch.testing.assert_close(logits["ms"], logits["dense"], rtol=1e-5, atol=1e-5)
+
+    def params(method, short_steps=2, shared=None):
+        a = demo.parse_args(["--steps", "4", "--short-steps", str(short_steps), "--batch-size", "4", "--hidden", "32"])
+        trained, *_, timings = demo.train_model(method, a, first_stage=shared)
+        return trained.state_dict(), timings
+
+    def same(a, b):
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    (ms, ms_time), (dense, _) = params("ms", shared=first), params("dense", shared=first)
+    assert ms_time["first_stage_seconds"] > 0 and ms_time["train_seconds"] > 0
+    assert same(ms, params("ms")[0])  # the shared first stage is the one each would train alone
+    assert not same(ms, dense)  # their own steps differ
+    assert same(params("ms", short_steps=4)[0], params("dense", short_steps=4)[0])  # no own steps: one model
 
 
 def _tiny_ms_model(args):
