@@ -147,6 +147,21 @@ def test_the_first_stage_is_dense_attention_for_both_models_and_is_shared():
     assert same(params("ms", short_steps=4)[0], params("dense", short_steps=4)[0])  # no own steps: one model
 
 
+def test_training_batches_weigh_the_answer_and_its_end_only():
+    tokenizer = PasskeyTokenizer()
+    digits = demo.digit_ids(tokenizer).__contains__
+    dot = tokenizer.encode(".", bos=False)
+    x, y, w = demo.batch(tokenizer, random.Random(0), 200, 6)
+    assert x.shape == y.shape == w.shape
+    for row in range(x.shape[0]):
+        ids = x[row].tolist()
+        key, _, answer = demo.digit_runs(ids, digits)  # the key twice, then the answer
+        assert ids[answer.start:answer.stop] == ids[key.start:key.stop] and ids[answer.stop:] == dot
+        assert torch.equal(y[row, :-1], x[row, 1:])
+        weighted = w[row].nonzero().flatten().tolist()  # the targets: the answer's digits and its "."
+        assert weighted == list(range(answer.start - 1, len(ids) - 1))
+
+
 def _tiny_ms_model(args):
     torch.manual_seed(0)
     tokenizer = PasskeyTokenizer()
