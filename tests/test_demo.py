@@ -98,8 +98,9 @@ def test_demo_model_has_its_own_output_layer_unless_tied():
 
 
 def test_demo_training_is_the_same_whatever_the_callers_threads():
-    # train_model trains on one thread and gives the caller's count back: how many threads share a
-    # product changes its rounding, which training amplifies into another model
+    # train_model trains the first stage on demo.FIRST_STAGE_THREADS threads and the rest on one, and
+    # gives the caller's count back: how many threads share a product changes its rounding, which
+    # training amplifies into another model
     args = demo.parse_args(["--steps", "3", "--batch-size", "8"])
     before = torch.get_num_threads()
     states = []
