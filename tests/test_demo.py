@@ -97,6 +97,11 @@ def test_demo_model_has_its_own_output_layer_unless_tied():
     assert not untied.config.tie_word_embeddings and tied.config.tie_word_embeddings
 
 
+def _same(a: dict, b: dict) -> bool:
+    """Whether two state dicts hold bit-identical tensors."""
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_demo_training_is_the_same_whatever_the_callers_threads():
     # train_model trains the first stage on demo.FIRST_STAGE_THREADS threads and the rest on one, and
     # gives the caller's count back: how many threads share a product changes its rounding, which
@@ -112,7 +117,7 @@ def test_demo_training_is_the_same_whatever_the_callers_threads():
             states.append(model.state_dict())
     finally:
         torch.set_num_threads(before)
-    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert _same(states[0], states[1])
 
 
 def test_the_first_stage_is_dense_attention_for_both_models_and_is_shared():
@@ -138,14 +143,11 @@ def test_the_first_stage_is_dense_attention_for_both_models_and_is_shared():
         trained, *_, timings = demo.train_model(method, a, first_stage=shared)
         return trained.state_dict(), timings
 
-    def same(a, b):
-        return all(torch.equal(a[k], b[k]) for k in a)
-
     (ms, ms_time), (dense, _) = params("ms", shared=first), params("dense", shared=first)
     assert ms_time["first_stage_seconds"] > 0 and ms_time["train_seconds"] > 0
-    assert same(ms, params("ms")[0])  # the shared first stage is the one each would train alone
-    assert not same(ms, dense)  # their own steps differ
-    assert same(params("ms", short_steps=4)[0], params("dense", short_steps=4)[0])  # no own steps: one model
+    assert _same(ms, params("ms")[0])  # the shared first stage is the one each would train alone
+    assert not _same(ms, dense)  # their own steps differ
+    assert _same(params("ms", short_steps=4)[0], params("dense", short_steps=4)[0])  # no own steps: one model
 
 
 def test_training_batches_weigh_the_answer_and_its_end_only():
@@ -251,9 +253,5 @@ def test_demo_training_starts_short_and_adds_the_selection_loss_to_ms_only(monke
         model, *_ = demo.train_model(method, demo.parse_args([*flags, "--select-weight", weight]))
         states[method, weight] = model.state_dict()
     assert lengths == [96, 96, 256, 256] * 4  # short_length, then --train-len
-
-    def same(a, b):
-        return all(torch.equal(a[k], b[k]) for k in a)
-
-    assert not same(states["ms", "0.1"], states["ms", "0"])
-    assert same(states["dense", "0.1"], states["dense", "0"])
+    assert not _same(states["ms", "0.1"], states["ms", "0"])
+    assert _same(states["dense", "0.1"], states["dense", "0"])
