@@ -76,6 +76,8 @@ typedef struct {
 typedef struct {
     int B, Hq, Hkv, Nq, N, D;
     int block_q, block_k, merge, topk, causal;
+    int local;                    /* 0 <= local <= topk: a ranking group first takes the valid regions of
+                                   * msattn_local_regions, then topk - (their number) ranked ones */
     msattn_dtype dtype;
     msattn_view q;                /* (B, Hq, Nq, D) */
     msattn_view k;                /* (B, Hkv, N, D) */
@@ -108,8 +110,6 @@ int msattn_region_sums_append_cpu(msattn_region_sums s, msattn_view k, msattn_dt
 int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end, void *scratch);
 int64_t msattn_select_tile_groups(const msattn_select_params *p);
 size_t msattn_select_scratch_bytes(const msattn_select_params *p);
-/* naive twin: items (b, h, g); needs no workspace, computes every mean it uses */
-int msattn_select_ref_cpu(const msattn_select_params *p, int64_t begin, int64_t end);
 
 // ----------------------------------------------------------------------------------------------
 // MS attention: forward and backward over a selection (DESIGN section 1, steps 6-7)

@@ -87,6 +87,15 @@ MSATTN_HD int msattn_is_candidate(int64_t j, int64_t ga, int64_t span, int block
     return j < own.begin || j >= own.end;
 }
 
+/* the key regions a ranking group takes before any ranked one when `local` > 0: the `local` regions
+ * just before its own span, [s_g/CK - local, s_g/CK) (those holding no valid key excepted, by the
+ * caller); they count towards topk, so local <= topk */
+MSATTN_HD msattn_range msattn_local_regions(int64_t ga, int64_t span, int block_k, int local) {
+    const int64_t end = ga * span / block_k;
+    msattn_range r = {msattn_max64(end - local, 0), end};
+    return r;
+}
+
 /* the absolute group whose own span holds key position t */
 MSATTN_HD int64_t msattn_group_of_position(int64_t t, int64_t span) { return t / span; }
 

@@ -19,6 +19,9 @@ class MSConfig:
         block_k: key region size CK (tokens); ``(merge * block_q) % block_k == 0``.
         merge: query regions per group; a group spans ``merge * block_q`` tokens.
         topk: key regions each group selects besides its own tokens.
+        local: of these, how many are always the regions just before the group (``0 <= local <=
+            topk``; see :func:`msattn.ms_select`): with small groups, the first tokens of each group
+            otherwise lose their nearest context whenever ranking does not pick it. 0: the authors' rule.
         rope: ``"inputs"``: the model rotates q and k before attention (fine-tuning a pretrained
             model; selection sees rotated vectors). ``"selected"``: q and k reach the kernel
             un-rotated; selection uses un-rotated means and the kernel rotates selected tokens with
@@ -31,6 +34,7 @@ class MSConfig:
     block_k: int = 16
     merge: int = 64
     topk: int = 448
+    local: int = 0
     rope: str = "inputs"
     layers: Sequence[int] | None = field(default=None)
 
@@ -39,6 +43,8 @@ class MSConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"MSConfig.{name} must be a positive int, got {value!r}")
+        if not isinstance(self.local, int) or isinstance(self.local, bool) or not 0 <= self.local <= self.topk:
+            raise ValueError(f"MSConfig.local must be an int in [0, topk = {self.topk}], got {self.local!r}")
         if (self.merge * self.block_q) % self.block_k != 0:
             raise ValueError(f"MSConfig: merge * block_q must be a multiple of block_k, got "
                              f"{self.merge} * {self.block_q} and {self.block_k}")

@@ -72,6 +72,9 @@ def parse_args(argv=None):
     ap.add_argument("--block-k", type=int, default=16)
     ap.add_argument("--merge", type=int, default=2)
     ap.add_argument("--topk", type=int, default=4)
+    ap.add_argument("--local", type=int, default=1,
+                    help="of the topk regions, how many are always the ones just before the group (MSConfig.local): "
+                         "without it a token at the start of a group sees only the regions ranking picks")
     ap.add_argument("--segment-len", type=int, default=64, help="Infini-attention segment length (tokens)")
     ap.add_argument("--heads", type=int, default=4, help="query heads (KV heads: half); head dim = hidden / heads")
     ap.add_argument("--hidden", type=int, default=128)
@@ -394,7 +397,8 @@ def train_and_save(method: str, args, position: int = 0, first_stage: bytes | No
 
 def method_settings(args) -> Settings:
     """Every method's parameters: MS with RoPE on selected tokens, Infini with ``--segment-len``."""
-    ms = MSConfig(block_q=args.block_q, block_k=args.block_k, merge=args.merge, topk=args.topk, rope="selected")
+    ms = MSConfig(block_q=args.block_q, block_k=args.block_k, merge=args.merge, topk=args.topk, local=args.local,
+                  rope="selected")
     return Settings(ms=ms, segment_len=args.segment_len)
 
 
@@ -415,7 +419,10 @@ def main(argv=None):
         raise SystemExit(f"msattn.demo: --short-steps must lie in [0, --steps = {args.steps}], got {args.short_steps}")
     if not args.select_weight >= 0:
         raise SystemExit(f"msattn.demo: --select-weight must be >= 0, got {args.select_weight}")
-    settings = method_settings(args)
+    try:
+        settings = method_settings(args)
+    except ValueError as e:
+        raise SystemExit(f"msattn.demo: {e}") from None
     if args.short_steps and short_length(settings.ms) < shortest:
         raise SystemExit(f"msattn.demo: --short-steps trains on sequences where MS attention is dense, at most "
                          f"{short_length(settings.ms)} tokens with these MS parameters, shorter than a training "

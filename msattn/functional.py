@@ -20,6 +20,7 @@ def ms_select(
     merge: int = 64,
     topk: int = 448,
     causal: bool = True,
+    local: int = 0,
     key_padding_mask: torch.Tensor | None = None,
     key_sums: torch.Tensor | None = None,
     key_counts: torch.Tensor | None = None,
@@ -33,7 +34,9 @@ def ms_select(
     heads of ``qbar_a . kbar_j``. A group whose candidates (causal: regions ending before the group;
     non-causal: regions outside it) number at most ``topk`` takes them all; otherwise each of its query
     regions ranks the candidates (descending, ties to the lower ``j``), keeps ``topk``, and the lists
-    are interleaved rank by rank, skipping duplicates, until ``topk`` regions are collected.
+    are interleaved rank by rank, skipping duplicates, until ``topk`` regions are collected. With
+    ``local > 0`` such a group first takes the ``local`` regions just before its own tokens (those
+    holding a valid key), then interleaves for the rest.
 
     Args:
         q: ``(B, Hq, Nq, D)``, the queries at the last ``Nq`` of the ``N`` positions.
@@ -42,6 +45,10 @@ def ms_select(
         merge: query regions per group.
         topk: key regions selected per group besides its own tokens.
         causal: candidates lie before the group (else anywhere outside it).
+        local: ``0 <= local <= topk`` key regions right before each ranking group that it always
+            selects (counted in ``topk``): the tokens at the start of a group keep their nearest
+            context, which ranking by region means cannot tell from any other region. 0 (default):
+            DESIGN section 1's rule.
         key_padding_mask: bool ``(B, N)``, True for real tokens (HF's ``attention_mask``). Padded
             keys do not count in means; padded queries do not rank; empty regions are never chosen.
         key_sums, key_counts: a cache's region summaries of all ``N`` keys (float32
@@ -53,7 +60,7 @@ def ms_select(
         int32 ``(B, Hkv, G, topk)``: for each group holding a query of the call (first to last), its
         regions ascending, padded with -1.
     """
-    return ops.ms_select(q, k, key_padding_mask, key_sums, key_counts, block_q, block_k, merge, topk, causal)
+    return ops.ms_select(q, k, key_padding_mask, key_sums, key_counts, block_q, block_k, merge, topk, causal, local)
 
 
 def ms_attention(
@@ -66,6 +73,7 @@ def ms_attention(
     merge: int = 64,
     topk: int = 448,
     causal: bool = True,
+    local: int = 0,
     scale: float | None = None,
     key_padding_mask: torch.Tensor | None = None,
     return_lse: bool = False,
@@ -86,7 +94,7 @@ def ms_attention(
             against a cache. Any strides; float32, float64, bfloat16 or float16 (16-bit inputs
             accumulate in float32); head dim 1..256.
         k, v: ``(B, Hkv, N, D)`` with ``Hq % Hkv == 0``.
-        block_q, block_k, merge, topk, causal: see :func:`ms_select` (defaults: the authors').
+        block_q, block_k, merge, topk, causal, local: see :func:`ms_select` (defaults: the authors').
         scale: softmax scale, default ``1 / sqrt(D)``.
         key_padding_mask: bool ``(B, N)``, True for real tokens. Padded keys are never attended; a
             query with no visible key outputs zeros (and lse ``-inf``).
@@ -107,7 +115,7 @@ def ms_attention(
         scale = 1.0 / math.sqrt(q.shape[-1])
     cos, sin = rotary if rotary is not None else (None, None)
     if index is None:
-        index = ops.ms_select(q, k, key_padding_mask, None, None, block_q, block_k, merge, topk, causal)
+        index = ops.ms_select(q, k, key_padding_mask, None, None, block_q, block_k, merge, topk, causal, local)
     out, lse = ops.ms_fwd(q, k, v, index, key_padding_mask, cos, sin, block_q, block_k, merge, causal, float(scale))
     return (out, lse) if return_lse else out
 

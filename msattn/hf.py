@@ -99,8 +99,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     rotary = None
     if state.rotary is not None:  # compact positions stay below topk * block_k + span, whatever n is
         rotary = state.rotary.tables(cfg.topk * cfg.block_k + cfg.span, query.device)
-    kw = dict(block_q=cfg.block_q, block_k=cfg.block_k, merge=cfg.merge, topk=cfg.topk, causal=causal,
-              key_padding_mask=attention_mask)
+    kw = dict(block_q=cfg.block_q, block_k=cfg.block_k, merge=cfg.merge, topk=cfg.topk, local=cfg.local,
+              causal=causal, key_padding_mask=attention_mask)
     index = None
     layer = getattr(key, "_msattn_layer", None)  # an MSCache layer (weak reference): select from its region sums
     layer = layer() if layer is not None else None

@@ -21,7 +21,7 @@ def num_groups(n: int, nq: int, span: int) -> int:
 
 
 @torch.library.register_fake("msattn::ms_select")
-def _ms_select_fake(q, k, key_padding_mask, key_sums, key_counts, block_q, block_k, merge, topk, causal):
+def _ms_select_fake(q, k, key_padding_mask, key_sums, key_counts, block_q, block_k, merge, topk, causal, local=0):
     g = num_groups(k.shape[2], q.shape[2], block_q * merge)
     return q.new_empty((k.shape[0], k.shape[1], g, topk), dtype=torch.int32)
 

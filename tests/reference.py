@@ -15,9 +15,11 @@ def groups_of_call(n: int, nq: int, span: int) -> range:
     return range((n - nq) // span, (n - 1) // span + 1) if nq > 0 else range(0)
 
 
-def select_ref(q, k, *, block_q, block_k, merge, topk, causal=True, key_padding_mask=None):
+def select_ref(q, k, *, block_q, block_k, merge, topk, causal=True, local=0, key_padding_mask=None):
     """DESIGN 1.1-1.5 -> int32 (B, Hkv, G, topk), ascending, -1 padded. Key regions are summarised by
-    float32 sums and counts (score = qbar . sum / count, in float64), as the kernels do."""
+    float32 sums and counts (score = qbar . sum / count, in float64), as the kernels do. ``local``: a
+    group that ranks (and has a valid query) first takes the non-empty regions among the ``local``
+    just before its first token."""
     q, k = q.double(), k.double()
     B, Hq, Nq, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]
@@ -56,7 +58,8 @@ def select_ref(q, k, *, block_q, block_k, merge, topk, causal=True, key_padding_
                     scores = (kbar_sum[cand_t] @ qbar) / torch.tensor([kcount[j] for j in cand], dtype=torch.float64)
                     order = torch.sort(scores, descending=True, stable=True).indices  # ties: lower j first
                     lists.append(cand_t[order[:topk]].tolist())
-                chosen: list[int] = []
+                near = range(max(0, s_g // block_k - local), s_g // block_k)
+                chosen = [j for j in near if kcount[j] > 0] if lists else []
                 for r in range(topk):
                     for lst in lists:
                         if len(chosen) < topk and lst[r] not in chosen:

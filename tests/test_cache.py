@@ -20,9 +20,10 @@ def tiny(**kw):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("pad", [False, True])
-def test_decode_from_region_sums_equals_the_op_on_the_whole_sequence(dtype, pad):
+@pytest.mark.parametrize("local", [0, 1])
+def test_decode_from_region_sums_equals_the_op_on_the_whole_sequence(dtype, pad, local):
     B, Hq, Hkv, D, n = 2, 4, 2, 16, 150
-    kw = dict(block_q=4, block_k=4, merge=2, topk=3)
+    kw = dict(block_q=4, block_k=4, merge=2, topk=3, local=local)
     q = torch.randn(B, Hq, n, D, dtype=dtype)
     k = torch.randn(B, Hkv, n, D, dtype=dtype)
     v = torch.randn(B, Hkv, n, D, dtype=dtype)
@@ -91,9 +92,11 @@ def test_generation_runs_past_eight_times_the_training_length():
 
 
 @pytest.mark.parametrize("pad", [False, True])
-def test_chunked_prefill_equals_one_call(pad):
-    model = msattn.hf.patch(tiny(), SPARSE)
-    n, span = 96, SPARSE.span
+@pytest.mark.parametrize("local", [0, 2])
+def test_chunked_prefill_equals_one_call(pad, local):
+    config = msattn.MSConfig(block_q=4, block_k=4, merge=2, topk=3, local=local)
+    model = msattn.hf.patch(tiny(), config)
+    n, span = 96, config.span
     ids = torch.randint(3, 97, (2, n))
     mask = torch.ones_like(ids)
     if pad:

@@ -101,10 +101,11 @@ SELECT_CASES = [
 
 @needs_gpu
 @pytest.mark.parametrize("case", SELECT_CASES)
-def test_select_matches_cpu_bit_for_bit(case):
+@pytest.mark.parametrize("local", [0, 1, 2])
+def test_select_matches_cpu_bit_for_bit(case, local):
     B, Hq, Hkv, N, Nq, D, bq, bk, merge, topk, causal, pad = case
     q, k, _, mask = _tensors(B, Hq, Hkv, N, Nq, D, pad=pad)
-    params = (bq, bk, merge, topk, causal)
+    params = (bq, bk, merge, topk, causal, min(local, topk))
     want = _select_cpu_scalar(q, k, mask, *params)
     got = ops.ms_select(*_cuda(q, k, mask), None, None, *params)
     assert got.dtype == torch.int32 and got.device.type == "cuda"

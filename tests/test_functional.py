@@ -69,15 +69,39 @@ SELECT_CASES = [  # (B, Hq, Hkv, Nq, N, D, block_q, block_k, merge, topk, causal
 @pytest.mark.parametrize("case", SELECT_CASES, ids=lambda c: "-".join(map(str, c)))
 @pytest.mark.parametrize("pad", [None, "left", "right"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["f64", "f32", "bf16"])
-def test_select_equals_reference(case, pad, dtype):
+@pytest.mark.parametrize("local", [0, 1, 2])
+def test_select_equals_reference(case, pad, dtype, local):
     B, Hq, Hkv, Nq, N, D, bq, bk, merge, topk, causal = case
     q, k, _ = make_qkv(B, Hq, Hkv, Nq, N, D, dtype)
     mask = make_mask(B, N, pad)
-    got = msattn.ms_select(q, k, block_q=bq, block_k=bk, merge=merge, topk=topk, causal=causal,
-                           key_padding_mask=mask)
-    want = select_ref(q, k, block_q=bq, block_k=bk, merge=merge, topk=topk, causal=causal, key_padding_mask=mask)
+    kw = dict(block_q=bq, block_k=bk, merge=merge, topk=topk, causal=causal, local=local, key_padding_mask=mask)
+    got = msattn.ms_select(q, k, **kw)
+    want = select_ref(q, k, **kw)
     assert got.dtype == torch.int32 and got.shape == want.shape
     assert torch.equal(got, want)
+
+
+def test_select_local_regions():
+    # every ranking group holds the `local` regions just before it, and local = topk selects only them
+    q, k, _ = make_qkv(1, 4, 2, 256, 256, 8, torch.float32)
+    kw = dict(block_q=4, block_k=4, merge=2, topk=3)
+    plain = msattn.ms_select(q, k, **kw)
+    for local in (1, 2, 3):
+        got = msattn.ms_select(q, k, local=local, **kw)
+        for g in range(2, 32):  # the groups with more than topk candidates (2g regions before group g)
+            near = set(range(2 * g - local, 2 * g))
+            assert near <= set(got[0, 0, g].tolist()), (local, g)
+            if local == 3:
+                assert got[0, 0, g].tolist() == sorted(near)
+        assert torch.equal(got[:, :, :2], plain[:, :, :2])  # dense groups: unchanged
+    assert not torch.equal(msattn.ms_select(q, k, local=1, **kw), plain)
+
+
+@pytest.mark.parametrize("local", [-1, 4])
+def test_select_rejects_local_outside_topk(local):
+    q, k, _ = make_qkv(1, 2, 1, 64, 64, 8, torch.float32)
+    with pytest.raises(RuntimeError, match=r"local must lie in \[0, topk = 3\], got " + str(local)):
+        msattn.ms_select(q, k, block_q=4, block_k=4, merge=2, topk=3, local=local)
 
 
 @pytest.mark.parametrize("D", [32, 13])

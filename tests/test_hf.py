@@ -215,6 +215,10 @@ def test_bad_configs():
         msattn.MSConfig(block_q=0)
     with pytest.raises(ValueError, match="multiple of block_k"):
         msattn.MSConfig(block_q=3, block_k=8, merge=1)
+    with pytest.raises(ValueError, match=r"MSConfig.local must be an int in \[0, topk = 4\], got 5"):
+        msattn.MSConfig(topk=4, local=5)
+    with pytest.raises(ValueError, match="MSConfig.local must be"):
+        msattn.MSConfig(local=-1)
     with pytest.raises(ValueError, match="MSConfig.rope must be one of"):
         msattn.MSConfig(rope="everywhere")
     with pytest.raises(ValueError, match="names layers beyond"):

@@ -10,7 +10,8 @@
  *   msattn_region_sums_append_cpu  adds new tokens to a cache's region sums, exactly as pass 1 would.
  *   msattn_select_cpu        pass 2: per group, candidates; if more than T, each query region ranks
  *                            them by qbar_a . kbar_j (descending, ties to the lower j), keeps its top
- *                            T, and the lists are interleaved rank by rank without duplicates.
+ *                            T, and the lists are interleaved rank by rank without duplicates,
+ *                            after the `local` regions just before the group (msattn_local_regions).
  *                            Consecutive groups of one (b, h) form a tile whose query regions score
  *                            each block of candidates while its sums are in cache (ops->score_block
  *                            from the sums; when several query regions score a block, ops->
@@ -18,7 +19,6 @@
  *                            reach the heap, and only the rest get exact scores); each region keeps
  *                            its top T in a bounded heap (O(NK log T), no per-candidate records
  *                            written), offered only the candidates not below the full heap's last.
- *   msattn_select_ref_cpu    the naive twin: recomputes each mean it needs and sorts every list.
  *
  * Key-region sums are float32 (a cache keeps them at 1/(2*block_k) of a float32 KV cache), added in
  * position order; scores are computed from them in double, in an order fixed by ops->score_block, so
@@ -99,11 +99,15 @@ static int ms_cmp_int32(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
-/* interleave nl sorted lists of t regions each (list l at lists + l*t) rank by rank, skipping
- * duplicates, until t distinct regions are in out; then sort out ascending and pad with -1.
- * seen: NK bytes, all zero on entry and on return. */
-static void ms_interleave(int32_t *out, const int32_t *lists, int nl, int t, uint8_t *seen) {
+/* a ranking group's selection: first the valid regions of `local` (msattn_local_regions), then nl
+ * sorted lists of t regions each (list l at lists + l*t) interleaved rank by rank, skipping
+ * duplicates, until t distinct regions are in out; then sort out ascending and pad with -1. A group
+ * with no list (no valid query ranks) selects nothing. seen: NK bytes, all zero on entry and on return. */
+static void ms_interleave(int32_t *out, const int32_t *lists, int nl, int t, msattn_range local,
+                          const int32_t *kcount, uint8_t *seen) {
     int n = 0;
+    for (int64_t j = local.begin; j < local.end && nl > 0; ++j)
+        if (kcount[j] > 0) { seen[j] = 1; out[n++] = (int32_t)j; }
     for (int r = 0; r < t && n < t; ++r)
         for (int l = 0; l < nl && n < t; ++l) {
             int32_t j = lists[(int64_t)l * t + r];
@@ -391,81 +395,11 @@ int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end,
                     ms_sort_ranks(heap, T);
                     for (int64_t r = 0; r < T; ++r) lists[(int64_t)l * T + r] = heap[r].j;
                 }
-                ms_interleave(p->index + (w + t) * T, lists, nl, (int)T, seen);
+                ms_interleave(p->index + (w + t) * T, lists, nl, (int)T,
+                              msattn_local_regions(g0 + gi0 + t, span, p->block_k, p->local), kcount, seen);
             }
         }
         w += nt;
     }
     return MSATTN_OK;
-}
-
-// ----------------------------------------------------------------------------------------------
-// the naive twin
-
-int msattn_select_ref_cpu(const msattn_select_params *p, int64_t begin, int64_t end) {
-    const int64_t N = p->N, Nq = p->Nq, D = p->D, T = p->topk, hg = p->Hq / p->Hkv;
-    const int64_t span = msattn_span(p->block_q, p->merge);
-    const int64_t NK = msattn_num_key_regions(N, p->block_k);
-    const int64_t g0 = msattn_first_group(N, Nq, span), G = msattn_num_groups(N, Nq, span);
-    float *kbar = (float *)malloc((size_t)(NK * D) * sizeof(float));
-    int32_t *kcnt = (int32_t *)malloc((size_t)NK * sizeof(int32_t));
-    double *qbar = (double *)malloc((size_t)D * sizeof(double));
-    ms_rank *ranks = (ms_rank *)malloc((size_t)NK * sizeof(ms_rank));
-    int32_t *lists = (int32_t *)malloc((size_t)(p->merge * T) * sizeof(int32_t));
-    uint8_t *seen = (uint8_t *)calloc((size_t)NK, 1);
-    int status = MSATTN_OK;
-    if (!kbar || !kcnt || !qbar || !ranks || !lists || !seen) { status = MSATTN_ERR_NOMEM; goto done; }
-
-    for (int64_t w = begin; w < end; ++w) {
-        const int64_t gi = w % G, bh = w / G, b = bh / p->Hkv, h = bh % p->Hkv, ga = g0 + gi;
-        int32_t *out = p->index + w * T;
-        for (int64_t j = 0; j < NK; ++j) { /* every key-region mean, from scratch */
-            kcnt[j] = 0;
-            for (int64_t d = 0; d < D; ++d) kbar[j * D + d] = 0.0f;
-            for (int64_t t = j * p->block_k; t < (j + 1) * p->block_k && t < N; ++t) {
-                if (!ms_key_valid(p, b, t)) continue;
-                kcnt[j]++;
-                for (int64_t d = 0; d < D; ++d)
-                    kbar[j * D + d] += msattn_load_f32(
-                        p->k.data, b * p->k.sb + h * p->k.sh + t * p->k.sn + d * p->k.sd, p->dtype);
-            }
-        }
-        int64_t nc = 0;
-        for (int64_t j = 0; j < NK; ++j) {
-            int cand = p->causal ? (j + 1) * p->block_k <= ga * span
-                                 : (j + 1) * p->block_k <= ga * span || j * p->block_k >= (ga + 1) * span;
-            if (cand && kcnt[j] > 0) ranks[nc++].j = (int32_t)j;
-        }
-        if (nc <= T) {
-            for (int64_t i = 0; i < T; ++i) out[i] = i < nc ? ranks[i].j : -1;
-            continue;
-        }
-        int nl = 0;
-        for (int64_t a = ga * p->merge; a < (ga + 1) * p->merge; ++a) {
-            int64_t cnt = 0;
-            for (int64_t d = 0; d < D; ++d) qbar[d] = 0.0;
-            for (int64_t t = a * p->block_q; t < (a + 1) * p->block_q && t < N; ++t) {
-                if (t < N - Nq || !ms_key_valid(p, b, t)) continue;
-                ++cnt;
-                for (int64_t hq = h * hg; hq < (h + 1) * hg; ++hq)
-                    for (int64_t d = 0; d < D; ++d)
-                        qbar[d] += msattn_load_f64(p->q.data, b * p->q.sb + hq * p->q.sh +
-                                                                  (t - (N - Nq)) * p->q.sn + d * p->q.sd,
-                                                   p->dtype);
-            }
-            if (cnt == 0) continue;
-            for (int64_t c = 0; c < nc; ++c) {
-                double s = 0.0;
-                for (int64_t d = 0; d < D; ++d) s += (qbar[d] / cnt) * (double)kbar[ranks[c].j * D + d];
-                ranks[c].key = ms_order_key(s / kcnt[ranks[c].j]);
-            }
-            ms_sort_ranks(ranks, nc);
-            for (int64_t r = 0; r < T; ++r) lists[(int64_t)nl * T + r] = ranks[r].j;
-            ++nl;
-        }
-        ms_interleave(out, lists, nl, (int)T, seen);
-    }
-done:
-    free(kbar); free(kcnt); free(qbar); free(ranks); free(lists); free(seen);
-    return status;
 }

@@ -32,10 +32,11 @@
  *      the lowest-c keys equal to K (block scan in c order); a bitonic sort orders the T winners
  *      by (key desc, c asc) -- the list, rank by rank.
  *   4. the interleave: list l's rank r sits at position r*nl + l of the CPU's walk; firstpos[c] =
- *      the smallest position holding c (atomicMin: order-free). The CPU keeps exactly the first T
+ *      the smallest position holding c (atomicMin: order-free), -1 for the nloc local regions
+ *      (p.local), which the CPU takes before the walk. The CPU then keeps the first T - nloc
  *      distinct regions of the walk, i.e. every c with firstpos[c] <= pT, pT the position where
- *      the T-th new region appears (block scan over positions in order). Those c, ascending, are
- *      the output.
+ *      the (T - nloc)-th new region appears (block scan over positions in order). Those c,
+ *      ascending, are the output.
  * Nothing depends on thread scheduling: scans and sorts are deterministic, atomics only count or
  * take minima.
  *
@@ -380,7 +381,12 @@ __global__ void __launch_bounds__(SEL_THREADS, 1) ms_select_kernel(const msattn_
             if (flag) s.alist[nl + pos] = (int32_t)(a - d.a0);
             nl += total;
         }
-        for (int c = tid; c < nc; c += blockDim.x) s.firstpos[c] = INT_MAX;
+        // the local regions (msattn_local_regions) come before the walk: walk position -1
+        const msattn_range loc = msattn_local_regions(ga, d.span, p.block_k, p.local);
+        int nloc = 0;
+        for (int64_t j = loc.begin; j < loc.end; ++j) nloc += kcount[j] > 0;
+        for (int c = tid; c < nc; c += blockDim.x)
+            s.firstpos[c] = s.cand[c] >= loc.begin && s.cand[c] < loc.end ? -1 : INT_MAX;
         __syncthreads();
         if (nl == 0) { /* no valid query in the group: nothing ranks, nothing is selected */
             for (int i = tid; i < T; i += blockDim.x) out[i] = -1;
@@ -429,12 +435,14 @@ __global__ void __launch_bounds__(SEL_THREADS, 1) ms_select_kernel(const msattn_
                 sel_top_list(s.keys + (int64_t)(l - l0) * d.NK, nc, T, p2t, l, nl, s, hist, red, misc);
         }
 
-        // 4. the walk position where the T-th distinct region appears
-        if (tid == 0) misc[2] = INT_MAX;
+        // 4. the walk position where the (T - nloc)-th distinct region not local appears (-1: none
+        // needed, the local regions fill the set)
+        const int need = T - nloc;
+        if (tid == 0) misc[2] = need == 0 ? -1 : INT_MAX;
         __syncthreads();
         const int64_t npos = (int64_t)nl * T;
         int taken = 0;
-        for (int64_t x0 = 0; x0 < npos && taken < T; x0 += blockDim.x) {
+        for (int64_t x0 = 0; x0 < npos && taken < need; x0 += blockDim.x) {
             const int64_t x = x0 + tid;
             int fresh = 0;
             if (x < npos) {
@@ -443,7 +451,7 @@ __global__ void __launch_bounds__(SEL_THREADS, 1) ms_select_kernel(const msattn_
             }
             int total;
             const int before = ms_block_excl_scan(fresh, &total, red);
-            if (fresh && taken + before + 1 == T) misc[2] = (int)x;
+            if (fresh && taken + before + 1 == need) misc[2] = (int)x;
             taken += total;
         }
         __syncthreads();
@@ -497,7 +505,9 @@ int msattn_region_sums_append_cuda(msattn_region_sums s, msattn_view k, msattn_d
 }
 
 int msattn_select_cuda(const msattn_select_params *p, void *stream) {
-    if (p->D < 1 || p->D > SEL_DMAX || p->Hkv < 1 || p->Hq % p->Hkv != 0 || p->topk < 1) return MSATTN_ERR_ARG;
+    if (p->D < 1 || p->D > SEL_DMAX || p->Hkv < 1 || p->Hq % p->Hkv != 0 || p->topk < 1 || p->local < 0 ||
+        p->local > p->topk)
+        return MSATTN_ERR_ARG;
     const SelDims d = sel_dims(*p);
     if (d.BH * d.G == 0) return MSATTN_OK;
     /* walk positions r*nl + l and candidate indices are int; sizes beyond that are unsupported */

@@ -61,6 +61,11 @@ inline void check_qkv(const at::Tensor &q, const at::Tensor &k, const at::Tensor
     }
 }
 
+// local: the regions just before each ranking group that it takes first, counted in topk
+inline void check_local(int64_t local, int64_t topk) {
+    TORCH_CHECK(local >= 0 && local <= topk, "msattn: local must lie in [0, topk = ", topk, "], got ", local);
+}
+
 inline void check_blocks(int64_t block_q, int64_t block_k, int64_t merge, int64_t topk) {
     TORCH_CHECK(block_q >= 1, "msattn: block_q must be >= 1, got ", block_q);
     TORCH_CHECK(block_k >= 1, "msattn: block_k must be >= 1, got ", block_k);

@@ -47,9 +47,11 @@ void check_index_values(const at::Tensor &index, int64_t N, int64_t Nq, int64_t 
 
 at::Tensor ms_select_cpu(const at::Tensor &q, const at::Tensor &k, const c10::optional<at::Tensor> &mask_,
                          const c10::optional<at::Tensor> &key_sums, const c10::optional<at::Tensor> &key_counts,
-                         int64_t block_q, int64_t block_k, int64_t merge, int64_t topk, bool causal) {
+                         int64_t block_q, int64_t block_k, int64_t merge, int64_t topk, bool causal,
+                         int64_t local) {
     check_qkv(q, k, nullptr);
     check_blocks(block_q, block_k, merge, topk);
+    check_local(local, topk);
     TORCH_CHECK(q.device().is_cpu(), "msattn: this is the CPU implementation, got q on ", q.device());
     at::Tensor mask = check_mask(mask_, k);
     TORCH_CHECK(key_sums.has_value() == key_counts.has_value(), "msattn: key_sums and key_counts go together");
@@ -74,6 +76,7 @@ at::Tensor ms_select_cpu(const at::Tensor &q, const at::Tensor &k, const c10::op
     p.B = (int)B; p.Hq = (int)Hq; p.Hkv = (int)Hkv; p.Nq = (int)Nq; p.N = (int)N; p.D = (int)D;
     p.block_q = (int)block_q; p.block_k = (int)block_k; p.merge = (int)merge; p.topk = (int)topk;
     p.causal = causal;
+    p.local = (int)local;
     p.dtype = dtype_of(q);
     p.q = view_of(q);
     p.k = view_of(k);

@@ -63,9 +63,11 @@ at::Tensor ms_select_cuda(const at::Tensor &q,                            // (B,
                           const c10::optional<at::Tensor> &mask_,         // bool (B, N), True = real
                           const c10::optional<at::Tensor> &key_sums,      // float32 (B, Hkv, >= NK, D)
                           const c10::optional<at::Tensor> &key_counts,    // int32 (B, Hkv, >= NK)
-                          int64_t block_q, int64_t block_k, int64_t merge, int64_t topk, bool causal) {
+                          int64_t block_q, int64_t block_k, int64_t merge, int64_t topk, bool causal,
+                          int64_t local) {  // the regions before the group taken first
     check_qkv(q, k, nullptr);
     check_blocks(block_q, block_k, merge, topk);
+    check_local(local, topk);
     check_cuda(q, "ms_select");
     at::Tensor mask = check_mask(mask_, k);
     TORCH_CHECK(key_sums.has_value() == key_counts.has_value(), "msattn: key_sums and key_counts go together");
@@ -91,6 +93,7 @@ at::Tensor ms_select_cuda(const at::Tensor &q,                            // (B,
     p.B = (int)B; p.Hq = (int)Hq; p.Hkv = (int)Hkv; p.Nq = (int)Nq; p.N = (int)N; p.D = (int)D;
     p.block_q = (int)block_q; p.block_k = (int)block_k; p.merge = (int)merge; p.topk = (int)topk;
     p.causal = causal;
+    p.local = (int)local;
     p.dtype = dtype_of(q);
     p.q = view_of(q);
     p.k = view_of(k);

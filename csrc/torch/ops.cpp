@@ -13,8 +13,9 @@ TORCH_LIBRARY(msattn, m) {
     // selection (DESIGN 1.1-1.5) -> int32 (B, Hkv, G, topk), ascending, -1 padded
     // key_sums float32 (B, Hkv, >= NK, D) and key_counts int32 (B, Hkv, >= NK): a cache's region sums
     // of all N keys (see ms_region_sums_append_), used instead of reading k
+    // local (0 <= local <= topk): a ranking group first takes the local regions just before it (0: DESIGN's rule)
     m.def("ms_select(Tensor q, Tensor k, Tensor? key_padding_mask, Tensor? key_sums, Tensor? key_counts, "
-          "int block_q, int block_k, int merge, int topk, bool causal) -> Tensor");
+          "int block_q, int block_k, int merge, int topk, bool causal, int local=0) -> Tensor");
     // append the keys at positions [start, start + n) of k (B, Hkv, n, D) to region sums that hold the
     // keys [0, start); key_padding_mask (B, n) for the new keys
     m.def("ms_region_sums_append_(Tensor(a!) key_sums, Tensor(b!) key_counts, Tensor k, "
