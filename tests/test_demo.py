@@ -54,6 +54,12 @@ def test_demo_bad_input(tmp_path):
         demo.main(["--out", str(tmp_path), "--train-len", "40"])
     with pytest.raises(SystemExit, match="--short-steps must lie in \\[0, --steps = 10\\], got 11"):
         demo.main(["--out", str(tmp_path), "--steps", "10", "--short-steps", "11"])
+    with pytest.raises(SystemExit, match="--hard-keys is a share of the training keys, in \\[0, 1\\], got 1.5"):
+        demo.main(["--out", str(tmp_path), "--hard-keys", "1.5"])
+    with pytest.raises(SystemExit, match="MSConfig.local must be an int in \\[0, topk = 4\\], got 5"):
+        demo.main(["--out", str(tmp_path), "--local", "5"])
+    with pytest.raises(ValueError, match="short_steps must lie in \\[0, steps = 3\\], got 1400"):
+        demo.train_first_stage(demo.parse_args(["--steps", "3"]))  # the API checks what main checks
     with pytest.raises(SystemExit, match="--select-weight must be >= 0, got -0.1"):
         demo.main(["--out", str(tmp_path), "--select-weight", "-0.1"])
     with pytest.raises(SystemExit, match="dense, at most 64 tokens .* shorter than a training sequence"):
@@ -106,7 +112,7 @@ def test_demo_training_is_the_same_whatever_the_callers_threads():
     # train_model trains the first stage on demo.FIRST_STAGE_THREADS threads and the rest on one, and
     # gives the caller's count back: how many threads share a product changes its rounding, which
     # training amplifies into another model
-    args = demo.parse_args(["--steps", "3", "--batch-size", "8"])
+    args = demo.parse_args(["--steps", "3", "--short-steps", "2", "--batch-size", "8"])
     before = torch.get_num_threads()
     states = []
     try:
@@ -150,19 +156,34 @@ def test_the_first_stage_is_dense_attention_for_both_models_and_is_shared():
     assert _same(params("ms", short_steps=4)[0], params("dense", short_steps=4)[0])  # no own steps: one model
 
 
-def test_training_batches_weigh_the_answer_and_its_end_only():
+@pytest.mark.parametrize("hard", [0.0, 1.0])
+def test_training_batches_weigh_the_answer_and_its_end_only(hard):
     tokenizer = PasskeyTokenizer()
     digits = demo.digit_ids(tokenizer).__contains__
     dot = tokenizer.encode(".", bos=False)
-    x, y, w = demo.batch(tokenizer, random.Random(0), 200, 6)
+    x, y, w = demo.batch(tokenizer, random.Random(0), 200, 6, hard)
     assert x.shape == y.shape == w.shape
     for row in range(x.shape[0]):
         ids = x[row].tolist()
-        key, _, answer = demo.digit_runs(ids, digits)  # the key twice, then the answer
-        assert ids[answer.start:answer.stop] == ids[key.start:key.stop] and ids[answer.stop:] == dot
+        key, second, answer = demo.digit_runs(ids, digits)  # the key twice, then the answer
+        assert ids[answer.start:answer.stop] == ids[key.start:key.stop] == ids[second.start:second.stop]
+        assert ids[answer.stop:] == dot and demo.DIGITS <= len(key) <= demo.MAX_TRAIN_DIGITS
+        if hard:
+            assert len(set(ids[key.start:key.stop])) <= 3
         assert torch.equal(y[row, :-1], x[row, 1:])
         weighted = w[row].nonzero().flatten().tolist()  # the targets: the answer's digits and its "."
         assert weighted == list(range(answer.start - 1, len(ids) - 1))
+
+
+def test_training_keys():
+    rng = random.Random(0)
+    easy = [demo.training_key(rng, 5, 0.0) for _ in range(200)]
+    hard = [demo.training_key(rng, 7, 1.0) for _ in range(200)]
+    half = [demo.training_key(rng, 6, 0.5) for _ in range(400)]
+    assert all(len(k) == 5 and k[0] != "0" for k in easy) and len({len(set(k)) for k in easy}) > 2
+    assert all(len(k) == 7 and len(set(k)) <= 3 for k in hard) and sum(len(set(k)) >= 2 for k in hard) > 180
+    assert all(len(k) == 6 for k in half)
+    assert 120 < sum(len(set(k)) <= 3 for k in half) < 280  # about half, plus the few uniform keys with <= 3
 
 
 def _tiny_ms_model(args):
@@ -243,9 +264,10 @@ def test_demo_training_starts_short_and_adds_the_selection_loss_to_ms_only(monke
     lengths = []
     original = demo.batch
 
-    def recording(tokenizer, rng, max_len, size):
+    def recording(tokenizer, rng, max_len, size, hard):
         lengths.append(max_len)
-        return original(tokenizer, rng, max_len, size)
+        assert hard == 0.5  # --hard-keys
+        return original(tokenizer, rng, max_len, size, hard)
 
     monkeypatch.setattr(demo, "batch", recording)
     states = {}
