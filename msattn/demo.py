@@ -47,7 +47,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from .config import MSConfig
 from .eval import report
 from .eval.loading import Settings, load, prepare, save_checkpoint
-from .eval.passkey import PasskeyTokenizer, passkey_prompt, run_passkey, template_length
+from .eval.passkey import PasskeyTokenizer, _random_key, passkey_prompt, run_passkey, template_length
 
 DIGITS = 5             # evaluation keys, the standard passkey
 MAX_TRAIN_DIGITS = 7   # training keys have 5..7 digits
@@ -153,20 +153,20 @@ def training_key(rng: random.Random, digits: int, hard: float) -> str:
     digits (repeated digits and repeated pairs, where the digit before is not enough to tell which
     comes next), else uniform like the evaluation's keys. The MS model's last misses were such slips
     (87113 -> 87111); with half the keys hard, seeds 0 and 2 answer 140 / 140 and 137 / 140 prompts
-    from 1x to 64x instead of 139 and 119 (benchmarks/RESULTS.md)."""
-    if rng.random() < hard:
+    from 1x to 64x instead of 139 and 119 (benchmarks/RESULTS.md). ``hard=0`` draws nothing more than
+    the evaluation's key (``msattn.eval.passkey.sample``), so recipes from before it reproduce."""
+    if hard and rng.random() < hard:
         pool = rng.sample("0123456789", rng.randint(2, 3))
         return "".join(rng.choice(pool) for _ in range(digits))
-    return str(rng.randint(10 ** (digits - 1), 10 ** digits - 1))
+    return str(_random_key(rng, digits))
 
 
 def batch(tokenizer: PasskeyTokenizer, rng: random.Random, max_len: int, size: int, hard: float = 0.0):
     """``size`` training sequences, all of one length drawn for the batch: half the batches short (up
     to twice the prompt template), half up to ``max_len``. Each is a passkey prompt followed by its
     answer and the "." that ends it; keys have ``DIGITS`` to ``MAX_TRAIN_DIGITS`` digits and come from
-    :func:`training_key` (a share ``hard`` of them repeating digits on purpose; ``hard=0``: all uniform,
-    drawn as before that function existed, so earlier recipes reproduce). Returns ``(inputs, targets,
-    weights)``, ``(size, n)`` each."""
+    :func:`training_key` (a share ``hard`` of them repeating digits on purpose). Returns ``(inputs,
+    targets, weights)``, ``(size, n)`` each."""
     lo = shortest_training_length(tokenizer)
     mid = min(2 * lo, max_len)
     n = rng.randint(lo, mid) if rng.random() < 0.5 else rng.randint(mid, max_len)
@@ -174,11 +174,8 @@ def batch(tokenizer: PasskeyTokenizer, rng: random.Random, max_len: int, size: i
     inputs, weights = [], []
     for _ in range(size):
         digits = rng.randint(DIGITS, MAX_TRAIN_DIGITS)
-        if hard:
-            ids, text = passkey_prompt(tokenizer, n - digits - len(end), training_key(rng, digits, hard), rng.random())
-            answer = tokenizer.encode(text, bos=False)
-        else:
-            ids, answer = tokenizer.sample(rng, n - digits - len(end), digits=digits)
+        ids, text = passkey_prompt(tokenizer, n - digits - len(end), training_key(rng, digits, hard), rng.random())
+        answer = tokenizer.encode(text, bos=False)
         inputs.append(ids + answer + end)
         weights.append(copy_weights(ids, answer + end))
     x = torch.tensor(inputs)
