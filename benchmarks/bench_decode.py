@@ -24,7 +24,7 @@ import torch
 import msattn
 from measure import median_ms
 from msattn.eval.__main__ import parse_lengths
-from msattn.cache import MSLayer
+from msattn.hf.cache import MSLayer
 
 
 def parse_args(argv=None):

@@ -34,7 +34,7 @@ from msattn.eval.__main__ import parse_lengths
 from msattn.eval.loading import load, prepare, settings_from_meta, read_checkpoint_meta
 from msattn.eval.passkey import greedy_generate, passkey_prompt, retrieved, trial_plan
 from msattn.eval.report import markdown_table
-from msattn.hf import model_config
+from msattn.hf import patched_config
 
 
 def capture(model) -> dict:
@@ -55,7 +55,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     model, tokenizer = load(model=args.model)
     prepare(model, "ms", settings_from_meta(read_checkpoint_meta(args.model)))
-    cfg = model_config(model)
+    cfg = patched_config(model)
     if cfg.rope != "selected":
         raise SystemExit(f"demo_selection: --model must use rope='selected' (q_proj/k_proj outputs are then what "
                          f"the kernel selects with), got rope={cfg.rope!r}")

@@ -1,11 +1,14 @@
-"""MSConfig: the parameters of MS attention for a model, validated when built."""
+"""The parameters of each attention method for a model, validated when built: :class:`MSConfig`,
+:class:`SelfExtendConfig`, :class:`InfiniConfig`. The type of the config passed to
+``msattn.hf.patch`` picks the method."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["MSConfig"]
+__all__ = ["InfiniConfig", "MSConfig", "SelfExtendConfig"]
 
 ROPE_MODES = ("inputs", "selected")
 
@@ -64,3 +67,53 @@ class MSConfig:
     def covers(self, n: int) -> bool:
         """True when ``topk`` reaches every key region of ``n`` tokens: attention is then exactly dense."""
         return self.topk * self.block_k >= n
+
+
+def _check_int(owner: str, name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{owner}.{name} must be an int >= {minimum}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class SelfExtendConfig:
+    """SelfExtend parameters (training-free; arXiv 2401.01325, DESIGN section 3).
+
+    Attributes:
+        group_size: ``G >= 1``, positions per group beyond the neighbour window (the paper's G).
+        window: ``W >= 0``, the neighbour window (the paper's w_n): neighbours within it keep their
+            distance, farther keys get ``floor(i/G) - floor(j/G) + W - floor(W/G)``. A window at least
+            the sequence length reproduces the unpatched model.
+    """
+
+    group_size: int = 8
+    window: int = 128
+
+    def __post_init__(self):
+        _check_int("SelfExtendConfig", "group_size", self.group_size, 1)
+        _check_int("SelfExtendConfig", "window", self.window, 0)
+
+
+@dataclass(frozen=True)
+class InfiniConfig:
+    """Infini-attention parameters (arXiv 2404.07143, DESIGN section 3).
+
+    Attributes:
+        segment_len: positions per segment; local attention stays within a segment, earlier segments
+            are read through the compressive memory.
+        delta_rule: write the memory with the delta rule instead of the linear update.
+        gate_init: the initial gate logit ``beta`` of every head (-3: ``sigmoid(-3) = 0.047``, mostly
+            local attention, so a pretrained model starts from a working state while the memory path
+            still gets gradient).
+    """
+
+    segment_len: int = 256
+    delta_rule: bool = False
+    gate_init: float = -3.0
+
+    def __post_init__(self):
+        _check_int("InfiniConfig", "segment_len", self.segment_len, 1)
+        if not isinstance(self.delta_rule, bool):
+            raise ValueError(f"InfiniConfig.delta_rule must be a bool, got {self.delta_rule!r}")
+        if isinstance(self.gate_init, bool) or not isinstance(self.gate_init, (int, float)) \
+                or not math.isfinite(self.gate_init):
+            raise ValueError(f"InfiniConfig.gate_init must be a finite number, got {self.gate_init!r}")

@@ -44,7 +44,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from .config import MSConfig
+from .config import InfiniConfig, MSConfig
 from .eval import report
 from .eval.loading import Settings, load, prepare, save_checkpoint
 from .eval.passkey import PasskeyTokenizer, _random_key, passkey_prompt, run_passkey, template_length
@@ -101,7 +101,7 @@ def build_model(tokenizer: PasskeyTokenizer, args) -> LlamaForCausalLM:
 
     The output layer is its own matrix unless ``--tied-embeddings``: with tied embeddings the current
     token's own direction pushes the model to repeat it, the copy's most frequent slip, and the copy is
-    learned on 1 seed of 4; untied, on 4 of 4 (benchmarks/RESULTS.md, issue 4)."""
+    learned on 1 seed of 4; untied, on 4 of 4 (docs/notebook.md)."""
     config = LlamaConfig(hidden_size=args.hidden, intermediate_size=3 * args.hidden, num_hidden_layers=args.layers,
                          num_attention_heads=args.heads, num_key_value_heads=args.heads // 2,
                          vocab_size=tokenizer.vocab_size,
@@ -131,7 +131,7 @@ def copy_weights(ids: list[int], answer: list[int]) -> list[float]:
     occurrence is random; its second occurrence repeats the first at a fixed distance, and training on
     that positional copy slows the content-based copy that retrieval needs (after 1000 dense steps,
     seeds 2 and 4 answer 0.68 and 0.57 of 80-token prompts with it, 0.93 and 0.97 without it:
-    benchmarks/RESULTS.md)."""
+    docs/notebook.md)."""
     weights = [0.0] * (len(ids) + len(answer))
     for t in range(len(ids), len(ids) + len(answer)):
         weights[t - 1] = 1.0
@@ -153,7 +153,7 @@ def training_key(rng: random.Random, digits: int, hard: float) -> str:
     digits (repeated digits and repeated pairs, where the digit before is not enough to tell which
     comes next), else uniform like the evaluation's keys. The MS model's last misses were such slips
     (87113 -> 87111); with half the keys hard, seeds 0 and 2 answer 140 / 140 and 137 / 140 prompts
-    from 1x to 64x instead of 139 and 119 (benchmarks/RESULTS.md). ``hard=0`` draws nothing more than
+    from 1x to 64x instead of 139 and 119 (docs/notebook.md). ``hard=0`` draws nothing more than
     the evaluation's key (``msattn.eval.passkey.sample``), so recipes from before it reproduce."""
     if hard and rng.random() < hard:
         pool = rng.sample("0123456789", rng.randint(2, 3))
@@ -366,7 +366,7 @@ def train_first_stage(args, position: int = 0) -> bytes:
     The thread count is fixed, not the machine's: how many threads share a matrix product changes its
     rounding, and this tiny model's training amplifies rounding into a different model (seed 0 on two
     threads instead of one once retrieved 0.15 at 256 tokens and nothing beyond, on one thread 0.65 to
-    0.50 up to 16K: benchmarks/RESULTS.md). With fixed counts a seed gives the same model on any number
+    0.50 up to 16K: docs/notebook.md). With fixed counts a seed gives the same model on any number
     of cores (of the same instruction set)."""
     if not 0 <= args.short_steps <= args.steps:
         raise ValueError(f"train_first_stage: short_steps must lie in [0, steps = {args.steps}], got {args.short_steps}")
@@ -419,7 +419,7 @@ def method_settings(args) -> Settings:
     """Every method's parameters: MS with RoPE on selected tokens, Infini with ``--segment-len``."""
     ms = MSConfig(block_q=args.block_q, block_k=args.block_k, merge=args.merge, topk=args.topk, local=args.local,
                   rope="selected")
-    return Settings(ms=ms, segment_len=args.segment_len)
+    return Settings(ms=ms, infini=InfiniConfig(segment_len=args.segment_len))
 
 
 def main(argv=None):

@@ -53,7 +53,7 @@ def ms_select(
             keys do not count in means; padded queries do not rank; empty regions are never chosen.
         key_sums, key_counts: a cache's region summaries of all ``N`` keys (float32
             ``(B, Hkv, >= N/block_k, D)`` and int32 ``(B, Hkv, >= N/block_k)``, see
-            :class:`msattn.cache.MSCache`), used instead of reading ``k``: selection then costs
+            :class:`msattn.hf.MSCache`), used instead of reading ``k``: selection then costs
             ``O(N/block_k * D)`` per query region. The result is the same, bit for bit.
 
     Returns:

@@ -1,4 +1,4 @@
-"""msattn.cache: MSCache (region sums, decode), chunked prefill."""
+"""msattn.hf.cache: MSCache (region sums, decode, the cache contract), chunked prefill."""
 
 import pytest
 import torch
@@ -6,7 +6,8 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import msattn
 import msattn.hf
-from msattn.cache import MSCache, MSLayer
+from hf_compat import output_cache, with_cache
+from msattn.hf.cache import InfiniLayer, MSCache, MSLayer
 
 SPARSE = msattn.MSConfig(block_q=4, block_k=4, merge=2, topk=3)
 
@@ -59,6 +60,20 @@ def test_region_sums_equal_sums_from_scratch_after_crop():
     assert torch.equal(sums[:, :, :13], want_sums[:, :, :13]) and torch.equal(counts[:, :, :13], want_counts[:, :, :13])
 
 
+def test_crop_follows_the_cache_contract():
+    """transformers' ``crop(max_length)``: a length to keep, or a negative number of tokens to drop."""
+    k, v = torch.randn(1, 2, 30, 8), torch.randn(1, 2, 30, 8)
+    for make in (lambda: MSCache(block_k=4), lambda: msattn.hf.InfiniCache(segment_len=64)):
+        cache = make()
+        cache.update(k, v, 0)
+        cache.crop(25)  # keep 25
+        assert cache.get_seq_length() == 25 and torch.equal(cache.layers[0].keys, k[:, :, :25])
+        cache.crop(-5)  # drop 5
+        assert cache.get_seq_length() == 20 and torch.equal(cache.layers[0].values, v[:, :, :20])
+        cache.crop(40)  # longer than the cache: nothing to do
+        assert cache.get_seq_length() == 20
+
+
 def test_generate_uses_ms_cache_and_matches_dynamic_cache():
     model = msattn.hf.patch(tiny(), SPARSE)
     ids = torch.randint(3, 97, (2, 50))
@@ -67,8 +82,8 @@ def test_generate_uses_ms_cache_and_matches_dynamic_cache():
     kw = dict(attention_mask=mask, max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0,
               return_dict_in_generate=True, output_scores=True)
     ms = model.generate(ids, **kw)
-    dyn = model.generate(ids, past_key_values=DynamicCache(config=model.config), **kw)
-    assert isinstance(ms.past_key_values, MSCache)
+    dyn = model.generate(ids, **with_cache(model, DynamicCache(config=model.config)), **kw)
+    assert isinstance(output_cache(ms), MSCache) and isinstance(output_cache(dyn), DynamicCache)
     assert torch.equal(ms.sequences, dyn.sequences)
     for a, b in zip(ms.scores, dyn.scores):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
@@ -79,7 +94,7 @@ def test_beam_search_reorders_the_cache():
     ids = torch.randint(3, 97, (1, 40))
     out = model.generate(ids, max_new_tokens=10, min_new_tokens=10, num_beams=3, do_sample=False)
     ref = model.generate(ids, max_new_tokens=10, min_new_tokens=10, num_beams=3, do_sample=False,
-                         past_key_values=DynamicCache(config=model.config))
+                         **with_cache(model, DynamicCache(config=model.config)))
     assert torch.equal(out, ref)
 
 
@@ -119,8 +134,10 @@ def test_prefill_bad_input():
     ids = torch.randint(3, 97, (1, 40))
     with pytest.raises(ValueError, match="multiple of the group span"):
         msattn.prefill(model, ids, chunk_size=SPARSE.span + 1)
-    with pytest.raises(ValueError, match="not patched"):
-        msattn.prefill(tiny(), ids, chunk_size=16)
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        msattn.prefill(model, ids, chunk_size=0)
+    with pytest.raises(ValueError, match="input_ids must be"):
+        msattn.prefill(model, ids[0], chunk_size=16)
     with pytest.raises(ValueError, match="attention_mask must have"):
         msattn.prefill(model, ids, chunk_size=16, attention_mask=torch.ones(1, 39))
     with pytest.raises(ValueError, match="block_k must be a positive int"):
@@ -133,8 +150,6 @@ def test_a_dropped_cache_is_freed_at_once():
     import gc
     import weakref
 
-    from msattn.infini_hf import InfiniLayer
-
     gc.collect()
     gc.disable()
     try:
@@ -146,3 +161,20 @@ def test_a_dropped_cache_is_freed_at_once():
             assert alive() is None
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("config", [None, msattn.SelfExtendConfig(group_size=4, window=16),
+                                    msattn.InfiniConfig(segment_len=32)], ids=["dense", "self_extend", "infini"])
+def test_chunked_prefill_of_any_model_equals_one_call(config):
+    """``msattn.prefill`` runs an unpatched model and the peer methods too, each with its own cache."""
+    model = tiny()
+    if config is not None:
+        msattn.hf.patch(model, config)
+    ids = torch.randint(3, 97, (2, 90))
+    with torch.no_grad():
+        ref = model(ids).logits
+    chunks = []
+    cache, last = msattn.prefill(model, ids, chunk_size=32, on_logits=lambda s, logits: chunks.append(logits))
+    assert type(cache) is type(msattn.hf.new_cache(model)) and cache.get_seq_length() == 90
+    assert torch.allclose(torch.cat(chunks, 1), ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(last, chunks[-1][:, -1])

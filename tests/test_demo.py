@@ -40,7 +40,7 @@ def test_demo_trains_saves_and_reports_every_method(tmp_path):
         if method == "ms":
             assert settings.ms.rope == "selected" and settings.ms.block_q == 16
         else:
-            assert settings.segment_len == 32
+            assert settings.infini.segment_len == 32
             prepare(model, "infini", settings)
             gates = [layer.self_attn.infini_gate.beta for layer in model.model.layers]
             assert all(not torch.equal(g, torch.full_like(g, -3.0)) for g in gates)  # trained, not the init

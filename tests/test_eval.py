@@ -291,8 +291,9 @@ def test_prepare_switches_between_all_methods():
     x = torch.randint(3, PasskeyTokenizer().vocab_size, (2, 96))
     with torch.no_grad():
         reference = model(x).logits
-        covering = Settings(ms=msattn.MSConfig(block_q=8, block_k=8, merge=4, topk=64), group_size=4, window=96,
-                            segment_len=96)
+        covering = Settings(ms=msattn.MSConfig(block_q=8, block_k=8, merge=4, topk=64),
+                            self_extend=msattn.SelfExtendConfig(group_size=4, window=96),
+                            infini=msattn.InfiniConfig(segment_len=96))
         for method in ("ms", "self_extend", "infini", "dense", "infini", "ms"):
             prepare(model, method, covering)
             if method == "infini":
@@ -300,7 +301,8 @@ def test_prepare_switches_between_all_methods():
                     layer.self_attn.infini_gate.beta.fill_(-60.0)
             got = model(x).logits
             torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-4, msg=method)
-        short = Settings(group_size=4, window=8, segment_len=32)
+        short = Settings(self_extend=msattn.SelfExtendConfig(group_size=4, window=8),
+                         infini=msattn.InfiniConfig(segment_len=32))
         for method in ("self_extend", "infini"):  # a short window / segments: no longer the model itself
             assert (prepare(model, method, short)(x).logits - reference).abs().max() > 1e-5, method
     assert prepare(model, "dense")(x).logits.allclose(reference, atol=1e-5)
@@ -311,7 +313,7 @@ def test_infini_checkpoint_keeps_its_trained_gates(tmp_path):
 
     torch.manual_seed(0)
     model = tiny()
-    settings = Settings(segment_len=16, delta_rule=True)
+    settings = Settings(infini=msattn.InfiniConfig(segment_len=16, delta_rule=True))
     prepare(model, "infini", settings)
     layers = model.model.layers
     with torch.no_grad():
@@ -328,7 +330,7 @@ def test_infini_checkpoint_keeps_its_trained_gates(tmp_path):
     from msattn.eval.loading import settings_from_meta
 
     restored = settings_from_meta(meta)
-    assert (restored.segment_len, restored.delta_rule) == (16, True)
+    assert (restored.infini.segment_len, restored.infini.delta_rule) == (16, True)
     with torch.no_grad():
         got = prepare(loaded, "infini", restored)(x).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -87,7 +87,7 @@ def test_finetune_lowers_loss_trains_reduced_set_and_grows_crd_scale(rope, tmp_p
     train = ft.text_dataset(tokenizer, [ft.synthetic_text(50 * SEQ_LEN, seed=0)], SEQ_LEN)
     held_out = ft.text_dataset(tokenizer, [ft.synthetic_text(4 * SEQ_LEN, seed=1)], SEQ_LEN)
     model = ft.prepare(model, ms, crd, args.lora_r, args.lora_alpha)
-    assert msattn.hf.model_config(model) == ms
+    assert msattn.hf.patched_config(model) == ms
 
     (rotary,) = [m for m in model.modules() if isinstance(m, CRDNTKRotaryEmbedding)]
     seen = []  # (scale, base) of each training forward
@@ -132,8 +132,8 @@ def test_finetune_lowers_loss_trains_reduced_set_and_grows_crd_scale(rope, tmp_p
                                    rtol=0, atol=0)
     # evaluated with other MS parameters than trained: the patch and the returned config say so
     wider, _, config = ft.load_finetuned(tmp_path, topk=6)
-    assert config["msattn"]["topk"] == 6 and msattn.hf.model_config(wider).topk == 6
-    assert msattn.hf.model_config(wider).merge == ms.merge
+    assert config["msattn"]["topk"] == 6 and msattn.hf.patched_config(wider).topk == 6
+    assert msattn.hf.patched_config(wider).merge == ms.merge
     with pytest.raises(ValueError, match="MSConfig has no field"):
         ft.load_finetuned(tmp_path, top_k=6)
 
@@ -195,7 +195,7 @@ def test_torchrun_two_processes(tmp_path):
     assert (out / "adapter_model.safetensors").is_file() and (out / ft.CONFIG_NAME).is_file()
     assert (out / "checkpoint-4").is_dir()
     model, _, config = ft.load_finetuned(out)
-    assert config["training"]["steps"] == 4 and msattn.hf.model_config(model).rope == "selected"
+    assert config["training"]["steps"] == 4 and msattn.hf.patched_config(model).rope == "selected"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralFo
 
 import msattn
 import msattn.hf
+from hf_compat import output_cache
 
 
 def tiny(kind="llama", layers=2, **kw):
@@ -149,7 +150,7 @@ def test_selected_rope_tables_cover_the_compact_positions_only():
     with torch.no_grad():
         model(ids)
     rotary = model.model.rotary_emb
-    assert isinstance(rotary, msattn.hf.SelectedRotary)
+    assert isinstance(rotary, msattn.hf.UnrotatedRotary)
     assert [t.shape[0] for t in rotary.tables(1, ids.device)] == [cfg.topk * cfg.block_k + cfg.span] * 2
 
 
@@ -230,12 +231,127 @@ def test_bad_configs():
         msattn.hf.patch(model)
 
 
-def test_registry_without_patch_is_an_error():
-    msattn.hf.register()
-    model = tiny()
-    model.set_attn_implementation("msattn")
+def test_from_pretrained_with_attn_implementation_equals_patch(tmp_path):
+    """``import msattn.hf`` registers "msattn": from_pretrained(attn_implementation="msattn") gives the
+    default MSConfig's attention, as patch(model) does (a long enough sequence to be sparse for it)."""
+    cfg = msattn.MSConfig()
+    n = cfg.topk * cfg.block_k + 2 * cfg.span  # 9216 tokens: the last groups select
+    model = tiny(layers=1, max_position_embeddings=n)
+    model.save_pretrained(tmp_path)
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="msattn").eval()
+    assert loaded.config._attn_implementation == "msattn"
+    ids = torch.randint(3, 97, (1, n))
+    with torch.no_grad():
+        got = loaded(ids).logits
+        want = msattn.hf.patch(model, cfg)(ids).logits
+        msattn.hf.unpatch(model)
+        dense = model(ids).logits
+    assert torch.equal(got, want)
+    assert not torch.allclose(got[:, -cfg.span:], dense[:, -cfg.span:], rtol=0, atol=1e-4)  # really sparse
+
+
+CONFIGS = [SPARSE, msattn.MSConfig(block_q=4, block_k=4, merge=2, topk=2, rope="selected"),
+           msattn.SelfExtendConfig(group_size=4, window=16), msattn.InfiniConfig(segment_len=32)]
+CONFIG_IDS = ["ms", "ms-selected", "self_extend", "infini"]
+
+
+@pytest.mark.parametrize("first", CONFIGS, ids=CONFIG_IDS)
+@pytest.mark.parametrize("second", CONFIGS, ids=CONFIG_IDS)
+def test_patching_a_patched_model_raises(first, second):
+    model = msattn.hf.patch(tiny(), first)
+    with pytest.raises(RuntimeError, match="already patched"):
+        msattn.hf.patch(model, second)
+    assert msattn.hf.patched_config(model) is first
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_unpatch_restores_the_model_bit_for_bit(config, kind):
+    from msattn.rope import CRDNTK, CRDNTKRotaryEmbedding
+
+    model = tiny(kind)
+    ids, mask = batch(2, 70, "left")
+    names = [n for n, _ in model.named_modules()]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits
+        ref_gen = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        rope = None
+        if config is SPARSE:  # a replaced rotary embedding is restored too
+            rope = CRDNTKRotaryEmbedding(CRDNTK(cycle=4096, max_shift=4, scale_max=16.0), model.config)
+        msattn.hf.patch(model, config, rope=rope)
+        assert msattn.hf.patched_config(model) is config
+        model(ids, attention_mask=mask)
+        model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        msattn.hf.unpatch(model)
+        assert msattn.hf.patched_config(model) is None
+        assert torch.equal(model(ids, attention_mask=mask).logits, ref)
+        assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
+                                          pad_token_id=0), ref_gen)
+    assert [n for n, _ in model.named_modules()] == names and "generate" not in vars(model)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()) and state.keys() == model.state_dict().keys()
     with pytest.raises(RuntimeError, match="not patched"):
-        model(torch.randint(0, 97, (1, 10)))
+        msattn.hf.unpatch(model)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
+def test_patched_models_pickle_and_deepcopy(config):
+    import copy
+    import pickle
+
+    model = msattn.hf.patch(tiny(), config)
+    ids, _ = batch(1, 50)
+    with torch.no_grad():
+        want = model(ids).logits
+        for other in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+            assert msattn.hf.patched_config(other) == config
+            assert torch.equal(other(ids).logits, want)
+            out = other.generate(ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+            assert type(output_cache(out)) is type(msattn.hf.new_cache(model))
+            msattn.hf.unpatch(other)  # undoes the copy only
+    assert msattn.hf.patched_config(model) == config
+
+
+def test_the_cache_argument_reaches_the_model():
+    """msattn passes caches under ``cache_argument(model)``; if a transformers release renames it again,
+    this fails naming the release instead of generation silently running without msattn's cache."""
+    import transformers
+    from transformers import DynamicCache
+
+    model = tiny()
+    name = msattn.hf.cache_argument(model)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        out = model(torch.randint(3, 97, (1, 9)), use_cache=True, **{name: cache})
+    assert output_cache(out) is cache and cache.get_seq_length() == 9, \
+        f"transformers {transformers.__version__} does not take a cache as {name}="
+
+
+def test_patch_takes_a_method_config():
+    with pytest.raises(TypeError, match="config must be one of MSConfig, SelfExtendConfig, InfiniConfig"):
+        msattn.hf.patch(tiny(), {"topk": 3})
+    with pytest.raises(ValueError, match="not supported by self_extend"):
+        msattn.hf.patch(_qwen2(), msattn.SelfExtendConfig())
+    assert sorted(msattn.hf.METHODS) == ["infini", "ms", "self_extend"]
+    assert {m.config for m in msattn.hf.METHODS.values()} == {msattn.MSConfig, msattn.SelfExtendConfig,
+                                                               msattn.InfiniConfig}
+
+
+def _qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    return Qwen2ForCausalLM(Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=97))
+
+
+def test_peer_methods_without_patch_are_an_error():
+    model = tiny()
+    for name in ("msattn_self_extend", "msattn_infini"):
+        model.set_attn_implementation(name)
+        with pytest.raises(RuntimeError, match="not patched"):
+            model(torch.randint(0, 97, (1, 10)))
 
 
 def test_patch_method_dispatch():
@@ -243,7 +359,7 @@ def test_patch_method_dispatch():
     ids = torch.randint(3, 97, (1, 80))
     with torch.no_grad():
         ref = model(ids).logits
-        msattn.hf.patch(model, method="self_extend", group_size=4, window=1000)
+        msattn.hf.patch(model, msattn.SelfExtendConfig(group_size=4, window=1000))
         assert model.config._attn_implementation == "msattn_self_extend"
         got = model(ids).logits
         msattn.hf.unpatch(model)
@@ -251,12 +367,8 @@ def test_patch_method_dispatch():
     assert torch.allclose(got, ref, rtol=0, atol=1e-5 * ref.abs().max())
     assert torch.equal(again, ref)
     with torch.no_grad():  # Infini with the memory gate shut and one segment is the model's own attention
-        msattn.hf.patch(model, method="infini", segment_len=128, gate_init=-1e4)
+        msattn.hf.patch(model, msattn.InfiniConfig(segment_len=128, gate_init=-1e4))
         infini = model(ids).logits
         msattn.hf.unpatch(model)
     assert torch.allclose(infini, ref, rtol=0, atol=1e-5 * ref.abs().max())
     assert torch.equal(model(ids).logits, ref)
-    with pytest.raises(ValueError, match="unknown method 'longformer'"):
-        msattn.hf.patch(model, method="longformer")
-    with pytest.raises(TypeError, match="unexpected options"):
-        msattn.hf.patch(model, window=3)

@@ -1,4 +1,4 @@
-"""msattn.infini_attention (Infini-attention over one segment) and its HF integration, msattn.infini_hf.
+"""msattn.infini_attention (Infini-attention over one segment) and its HF integration, msattn.hf.infini.
 
 The reference below is written from the formulas of arXiv 2404.07143 (DESIGN section 3) in float64,
 independently of the C code, and is differentiable: gradients through several segments come from
@@ -425,7 +425,9 @@ def test_empty_inputs():
 # 8. HuggingFace: a tiny Llama patched with Infini-attention
 
 transformers = pytest.importorskip("transformers")
-import msattn.infini_hf as infini_hf  # noqa: E402
+import msattn.hf  # noqa: E402
+from hf_compat import output_cache, with_cache  # noqa: E402
+from msattn.hf.infini import InfiniGate, attention_forward  # noqa: E402
 
 
 def tiny(layers=2, **kw):
@@ -438,7 +440,7 @@ def tiny(layers=2, **kw):
 def set_gates(model, value):
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, infini_hf.InfiniGate):
+            if isinstance(module, InfiniGate):
                 module.beta.fill_(value)
 
 
@@ -451,23 +453,23 @@ def test_hf_shut_gate_one_segment_equals_unpatched(pad):
         mask[1, :30] = 0
     with torch.no_grad():
         ref = model(ids, attention_mask=mask).logits
-        infini_hf.patch_infini(model, segment_len=128)
+        msattn.hf.patch(model, msattn.InfiniConfig(segment_len=128))
         assert model.config._attn_implementation == "msattn_infini"
         set_gates(model, -1e4)
         got = model(ids, attention_mask=mask).logits
-        infini_hf.unpatch_infini(model)
+        msattn.hf.unpatch(model)
         again = model(ids, attention_mask=mask).logits
     valid = mask.bool()
     assert torch.allclose(got[valid], ref[valid], rtol=0, atol=1e-5 * ref.abs().max())
     assert torch.equal(again, ref)
-    assert not any(isinstance(m, infini_hf.InfiniGate) for m in model.modules())
+    assert not any(isinstance(m, InfiniGate) for m in model.modules())
 
 
 def test_hf_forward_backward_over_segments():
     model = tiny().train()
-    infini_hf.patch_infini(model, segment_len=32, delta_rule=True)
-    gates = [m.beta for m in model.modules() if isinstance(m, infini_hf.InfiniGate)]
-    assert len(gates) == 2 and all(g.shape == (4,) and (g == infini_hf.GATE_INIT).all() for g in gates)
+    msattn.hf.patch(model, msattn.InfiniConfig(segment_len=32, delta_rule=True))
+    gates = [m.beta for m in model.modules() if isinstance(m, InfiniGate)]
+    assert len(gates) == 2 and all(g.shape == (4,) and (g == msattn.InfiniConfig().gate_init).all() for g in gates)
     assert all(any(g is p for p in model.parameters()) for g in gates)  # the Trainer sees them
     ids = torch.randint(3, 97, (2, 128))
     out = model(ids, labels=ids)
@@ -488,12 +490,12 @@ def test_hf_forward_backward_over_segments():
 def test_hf_segmented_forward_equals_op_reference():
     # the attention function walks segments and carries the memory like the op's own loop
     model = tiny(layers=1)
-    infini_hf.patch_infini(model, segment_len=16)
+    msattn.hf.patch(model, msattn.InfiniConfig(segment_len=16))
     set_gates(model, 0.5)
     attn = model.model.layers[0].self_attn
     q = torch.randn(1, 4, 40, 16)
     k, v = torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16)
-    got, _ = infini_hf.attention_forward(attn, q, k, v, None, scaling=0.25)
+    got, _ = attention_forward(attn, q, k, v, None, scaling=0.25)
     memory = norm = None
     outs = []
     for a in (0, 16, 32):
@@ -505,14 +507,14 @@ def test_hf_segmented_forward_equals_op_reference():
 
 def test_hf_generate_with_the_infini_cache_equals_full_forwards():
     model = tiny()
-    infini_hf.patch_infini(model, segment_len=16)
+    msattn.hf.patch(model, msattn.InfiniConfig(segment_len=16))
     set_gates(model, 0.0)
     ids = torch.randint(3, 97, (2, 21))
     out = model.generate(ids, max_new_tokens=30, min_new_tokens=30, do_sample=False, return_dict_in_generate=True,
                          output_logits=True)
     assert out.sequences.shape == (2, 51)
-    cache = out.past_key_values
-    assert isinstance(cache, infini_hf.InfiniCache)
+    cache = output_cache(out)
+    assert isinstance(cache, msattn.hf.InfiniCache)
     layer = cache.layers[0]
     assert layer.keys.shape[2] <= 16 and layer.start == 48 and layer.memory is not None  # O(segment) cache
     with torch.no_grad():
@@ -523,20 +525,20 @@ def test_hf_generate_with_the_infini_cache_equals_full_forwards():
 
 def test_hf_dynamic_cache_continuation_rebuilds_the_memory():
     model = tiny()
-    infini_hf.patch_infini(model, segment_len=16)
+    msattn.hf.patch(model, msattn.InfiniConfig(segment_len=16))
     set_gates(model, 0.0)
     ids = torch.randint(3, 97, (1, 60))
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
         first = model(ids[:, :37], use_cache=True)
-        assert type(first.past_key_values) is transformers.DynamicCache
-        rest = model(ids[:, 37:], past_key_values=first.past_key_values).logits
+        assert type(output_cache(first)) is transformers.DynamicCache
+        rest = model(ids[:, 37:], **with_cache(model, output_cache(first))).logits
     assert torch.allclose(rest, full[:, 37:], rtol=0, atol=1e-4 * full.abs().max())
 
 
 def test_hf_gates_train_under_peft_modules_to_save():
     peft = pytest.importorskip("peft")
-    model = infini_hf.patch_infini(tiny().train(), segment_len=32)
+    model = msattn.hf.patch(tiny().train(), msattn.InfiniConfig(segment_len=32))
     cfg = peft.LoraConfig(r=4, target_modules=["k_proj"], modules_to_save=["infini_gate"], task_type="CAUSAL_LM")
     wrapped = peft.get_peft_model(model, cfg)
     trainable = [n for n, p in wrapped.named_parameters() if p.requires_grad and "infini_gate" in n]
@@ -550,11 +552,11 @@ def test_hf_gates_train_under_peft_modules_to_save():
 
 def test_hf_patch_errors():
     model = tiny()
-    with pytest.raises(ValueError, match="segment_len must be a positive int"):
-        infini_hf.patch_infini(model, segment_len=0)
-    infini_hf.patch_infini(model, segment_len=8)
+    with pytest.raises(ValueError, match="segment_len must be an int >= 1"):
+        msattn.InfiniConfig(segment_len=0)
+    msattn.hf.patch(model, msattn.InfiniConfig(segment_len=8))
     with pytest.raises(RuntimeError, match="already patched"):
-        infini_hf.patch_infini(model, segment_len=8)
-    infini_hf.unpatch_infini(model)
+        msattn.hf.patch(model, msattn.InfiniConfig(segment_len=8))
+    msattn.hf.unpatch(model)
     with pytest.raises(RuntimeError, match="not patched"):
-        infini_hf.unpatch_infini(model)
+        msattn.hf.unpatch(model)

@@ -1,5 +1,5 @@
 """msattn.self_extend_attention (SelfExtend, DESIGN section 3) against PyTorch references built from the
-distance formula, its ops, its gradients, and the HuggingFace integration (msattn.self_extend_hf)."""
+distance formula, its ops, its gradients, and the HuggingFace integration (msattn.hf with a SelfExtendConfig)."""
 
 import math
 
@@ -429,7 +429,11 @@ def test_bad_input_is_a_clear_error(message, call):
 
 
 # ---------------------------------------------------------------------------------------------
-# HuggingFace: msattn.self_extend_hf
+# HuggingFace: msattn.hf with a SelfExtendConfig
+
+transformers = pytest.importorskip("transformers")
+import msattn.hf  # noqa: E402
+from hf_compat import output_cache, with_cache  # noqa: E402
 
 def tiny(kind="llama", layers=2, sliding_window=None, **kw):
     from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
@@ -455,16 +459,15 @@ def batch(B, N, pad=None):
 @pytest.mark.parametrize("kind,sliding_window", [("llama", None), ("mistral", None), ("mistral", 32)])
 @pytest.mark.parametrize("pad", [None, "left"])
 def test_hf_huge_window_equals_unpatched(kind, sliding_window, pad):
-    from msattn.self_extend_hf import NAME, patch_self_extend, unpatch_self_extend
 
     model = tiny(kind, sliding_window=sliding_window)
     ids, mask = batch(2, 120, pad)
     with torch.no_grad():
         ref = model(ids, attention_mask=mask).logits
-        patch_self_extend(model, group_size=4, window=4096)
-        assert model.config._attn_implementation == NAME
+        msattn.hf.patch(model, msattn.SelfExtendConfig(group_size=4, window=4096))
+        assert model.config._attn_implementation == "msattn_self_extend"
         got = model(ids, attention_mask=mask).logits
-        unpatch_self_extend(model)
+        msattn.hf.unpatch(model)
         assert model.config._attn_implementation == "sdpa"
         again = model(ids, attention_mask=mask).logits
     valid = mask.bool()
@@ -474,28 +477,26 @@ def test_hf_huge_window_equals_unpatched(kind, sliding_window, pad):
 
 @pytest.mark.parametrize("kind,sliding_window", [("llama", None), ("mistral", 24)])
 def test_hf_generate_same_greedy_tokens_with_huge_window(kind, sliding_window):
-    from msattn.self_extend_hf import patch_self_extend
 
     model = tiny(kind, sliding_window=sliding_window)
     ids, mask = batch(2, 40, "left")
     kw = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
     ref = model.generate(ids, **kw)
-    patch_self_extend(model, group_size=4, window=4096)
+    msattn.hf.patch(model, msattn.SelfExtendConfig(group_size=4, window=4096))
     assert torch.equal(model.generate(ids, **kw), ref)
 
 
 def test_hf_cached_decoding_equals_a_full_forward():
     # a small window: decoding against a cache of un-rotated keys gives the full forward's last rows
-    from msattn.self_extend_hf import patch_self_extend
 
-    model = patch_self_extend(tiny(), group_size=3, window=8)
+    model = msattn.hf.patch(tiny(), msattn.SelfExtendConfig(group_size=3, window=8))
     ids, _ = batch(1, 60)
     with torch.no_grad():
         full = model(ids).logits
         out = model(ids[:, :50], use_cache=True)
-        cache, steps = out.past_key_values, [out.logits[:, -1]]
+        cache, steps = output_cache(out), [out.logits[:, -1]]
         for t in range(50, 59):
-            out = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+            out = model(ids[:, t:t + 1], use_cache=True, **with_cache(model, cache))
             steps.append(out.logits[:, -1])
         ref = model.generate(ids[:, :50], max_new_tokens=30, min_new_tokens=30, do_sample=False)
     assert ref.shape == (1, 80)
@@ -504,13 +505,12 @@ def test_hf_cached_decoding_equals_a_full_forward():
 
 
 def test_hf_small_window_changes_far_logits_only():
-    from msattn.self_extend_hf import patch_self_extend
 
     model = tiny()
     ids, _ = batch(1, 100)
     with torch.no_grad():
         ref = model(ids).logits
-        patch_self_extend(model, group_size=4, window=16)
+        msattn.hf.patch(model, msattn.SelfExtendConfig(group_size=4, window=16))
         got = model(ids).logits
     scale = ref.abs().max()
     # the first 16 positions only see neighbours
@@ -519,9 +519,8 @@ def test_hf_small_window_changes_far_logits_only():
 
 
 def test_hf_backward_through_patched_model():
-    from msattn.self_extend_hf import patch_self_extend
 
-    model = patch_self_extend(tiny().train(), group_size=2, window=10)
+    model = msattn.hf.patch(tiny().train(), msattn.SelfExtendConfig(group_size=2, window=10))
     ids, mask = batch(2, 64, "right")
     out = model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
     out.loss.backward()
@@ -529,27 +528,25 @@ def test_hf_backward_through_patched_model():
 
 
 def test_hf_bad_input():
-    from msattn.self_extend_hf import NAME, patch_self_extend, register
     from transformers import DynamicCache
 
     with pytest.raises(ValueError, match="group_size must be an int >= 1"):
-        patch_self_extend(tiny(), group_size=0, window=4)
+        msattn.SelfExtendConfig(group_size=0, window=4)
     with pytest.raises(ValueError, match="window must be an int >= 0"):
-        patch_self_extend(tiny(), group_size=2, window=-1)
-    model = patch_self_extend(tiny(), group_size=2, window=4)
+        msattn.SelfExtendConfig(group_size=2, window=-1)
+    model = msattn.hf.patch(tiny(), msattn.SelfExtendConfig(group_size=2, window=4))
     with pytest.raises(RuntimeError, match="already patched"):
-        patch_self_extend(model, group_size=2, window=4)
+        msattn.hf.patch(model, msattn.SelfExtendConfig(group_size=2, window=4))
     # a sliding-window cache drops keys whose slots SelfExtend needs
     mistral = tiny("mistral", sliding_window=16)
-    patch_self_extend(mistral, group_size=2, window=4)
+    msattn.hf.patch(mistral, msattn.SelfExtendConfig(group_size=2, window=4))
     ids, _ = batch(1, 30)
     cache = DynamicCache(config=mistral.config)
     with torch.no_grad():
-        mistral(ids[:, :20], past_key_values=cache, use_cache=True)
+        mistral(ids[:, :20], use_cache=True, **with_cache(mistral, cache))
         with pytest.raises(NotImplementedError, match="dropped its first"):
-            mistral(ids[:, 20:21], past_key_values=cache, use_cache=True)
-    register()
+            mistral(ids[:, 20:21], use_cache=True, **with_cache(mistral, cache))
     plain = tiny()
-    plain.set_attn_implementation(NAME)
+    plain.set_attn_implementation("msattn_self_extend")
     with pytest.raises(RuntimeError, match="not patched"):
         plain(torch.randint(0, 97, (1, 10)))

@@ -241,7 +241,7 @@ static inline void ms_heap_offer(ms_rank *heap, int64_t *n, int64_t t, ms_rank x
  * its key-region sums are in cache, so the sums stream from memory once per tile rather than once
  * per group. */
 #define MS_SCORE_BLOCK 128
-#define MS_TILE_QUERIES 64 /* 16 -> 64: a 1M passkey trial of the demo's model 38 -> 34.5 s (RESULTS) */
+#define MS_TILE_QUERIES 64 /* 16 -> 64: a 1M passkey trial of the demo's model 38 -> 34.5 s (docs/notebook.md) */
 #define MS_SCREEN_QUERIES 4 /* query regions from which a block is transposed once and screened */
 #define MS_KT_LD (MS_SCORE_BLOCK + 16) /* its row stride (floats): not a multiple of 1 KB, so its rows do
                                         * not all fall into the same few L1 sets */

@@ -4,11 +4,11 @@
 """
 
 from .compare import format_compare, run_compare, write_compare
-from .loading import METHODS, Settings, load, prepare, save_checkpoint
+from .loading import Settings, load, method_names, prepare, save_checkpoint
 from .passkey import PasskeyTokenizer, passkey_prompt, run_passkey, sample
 from .perplexity import run_perplexity
 from .report import format_report, format_table, plot, write_json, write_report
 
-__all__ = ["METHODS", "PasskeyTokenizer", "Settings", "format_compare", "format_report", "format_table", "load",
-           "passkey_prompt", "plot", "prepare", "run_compare", "run_passkey", "run_perplexity", "sample",
+__all__ = ["PasskeyTokenizer", "Settings", "format_compare", "format_report", "format_table", "load",
+           "method_names", "passkey_prompt", "plot", "prepare", "run_compare", "run_passkey", "run_perplexity", "sample",
            "save_checkpoint", "write_compare", "write_json", "write_report"]

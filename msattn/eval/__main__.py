@@ -26,7 +26,7 @@ import sys
 
 import torch
 
-from .loading import METHODS, load, prepare, read_checkpoint_meta, settings_from_meta
+from .loading import load, method_names, prepare, read_checkpoint_meta, settings_from_meta
 
 _LENGTH = re.compile(r"(\d+)([km]?)", re.IGNORECASE)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -46,10 +46,10 @@ def parse_lengths(text: str) -> list[int]:
 
 def parse_methods(text: str) -> list[str]:
     methods = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in method_names()]
     if unknown or not methods:
         raise argparse.ArgumentTypeError(f"unknown method {', '.join(map(repr, unknown)) or '(none given)'}; "
-                                         f"known methods: {', '.join(METHODS)}")
+                                         f"known methods: {', '.join(method_names())}")
     return methods
 
 
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = common.add_argument_group("run")
     run.add_argument("--lengths", type=parse_lengths, required=True, help="comma-separated, e.g. 1k,4k,64k,1m")
     run.add_argument("--methods", type=parse_methods, default=["dense", "ms"],
-                     help=f"comma-separated among {', '.join(METHODS)} (default dense,ms)")
+                     help=f"comma-separated among {', '.join(method_names())} (default dense,ms)")
     run.add_argument("--chunk-size", type=positive_int, default=16384,
                      help="prefill chunk in tokens; for ms a multiple of merge*block_q (default 16384)")
     run.add_argument("--batch-size", type=positive_int, default=None,
@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     perplexity.add_argument("--text", required=True, help="UTF-8 text file")
     compare = tasks.add_parser("compare", parents=[common, keys, windows],
                                help="passkey, perplexity, time and memory of every method")
-    compare.set_defaults(methods=list(METHODS))
+    compare.set_defaults(methods=list(method_names()))
     compare.add_argument("--trials", type=int, default=10, help="passkey prompts per length (0: no passkey test)")
     compare.add_argument("--text", help="UTF-8 text file for perplexity (default: no perplexity test)")
     return parser

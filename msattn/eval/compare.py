@@ -38,7 +38,7 @@ def run_compare(model, tokenizer, methods: Sequence[str], lengths: Sequence[int]
 
     Args:
         model: the model, loaded by ``loading.load``; it is patched and unpatched in place.
-        methods: names from ``loading.METHODS``.
+        methods: names from ``loading.method_names()``.
         lengths: prompt and window lengths in tokens.
         settings: every method's parameters (default ``Settings()``).
         windows, tokens: perplexity windows per length, or the same first ``tokens`` tokens of the text

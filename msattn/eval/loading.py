@@ -9,32 +9,27 @@ Sources (``load``):
   "infini": {"segment_len", "delta_rule", "gates": [per layer, per head beta]} | null,
   "tokenizer": PasskeyTokenizer.to_dict()}``.
 
-Methods (``METHODS``, ``prepare``): ``"dense"`` = the unpatched model on PyTorch SDPA, ``"ms"``,
-``"self_extend"`` and ``"infini"`` = ``msattn.hf.patch(model, ...)`` with the parameters of a
-:class:`Settings`. A new method is one entry ``name: prepare_fn(model, settings)``.
+Methods (``method_names``, ``prepare``): ``"dense"`` = the unpatched model on PyTorch SDPA, and every
+method of ``msattn.hf.METHODS`` (the one registry) = ``msattn.hf.patch(model, config)`` with that
+method's config in a :class:`Settings`.
 
-Runtime (``prefill``): a prompt of any length in chunks against a cache (``msattn.prefill`` with an
-MSCache for MS attention, an ``InfiniCache`` for Infini-attention, a ``DynamicCache`` otherwise), and
-peak-memory bookkeeping.
+Runtime: peak-memory bookkeeping; chunked prefill is ``msattn.prefill`` (each method's cache).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
-import math
 import os
 import resource
-from collections.abc import Callable
 
 import torch
 
-from ..config import MSConfig
+from ..config import InfiniConfig, MSConfig, SelfExtendConfig
 
-__all__ = ["METHODS", "CHECKPOINT_META", "HFTokenizer", "load", "load_tokenizer", "read_checkpoint_meta",
+__all__ = ["DENSE", "CHECKPOINT_META", "HFTokenizer", "load", "load_tokenizer", "method_names", "read_checkpoint_meta",
            "ms_config_from_dict", "settings_from_meta", "save_checkpoint", "Settings", "prepare", "is_patched",
-           "prefill", "model_device", "auto_batch_size", "reset_peak_rss", "rss_mb", "peak_rss_mb"]
+           "model_device", "auto_batch_size", "reset_peak_rss", "rss_mb", "peak_rss_mb"]
 
 CHECKPOINT_META = "msattn.json"
 
@@ -133,20 +128,21 @@ def save_checkpoint(model, tokenizer, directory, *, method: str, settings: Setti
     recorded for ``"ms"``, the segment length, memory rule and trained gates for ``"infini"``, whose
     model must still be patched). The weights saved are the plain model's, loadable by any HF code.
     """
-    from ..hf import _attention_modules, _decoder, patched_method
+    from ..hf import decoder, patched_config
 
-    if method not in METHODS:
-        raise ValueError(f"save_checkpoint: unknown method {method!r}; known: {', '.join(METHODS)}")
+    if method not in method_names():
+        raise ValueError(f"save_checkpoint: unknown method {method!r}; known: {', '.join(method_names())}")
     settings = Settings() if settings is None else settings
     directory = os.fspath(directory)
     meta = {"method": method, "ms_config": dataclasses.asdict(settings.ms) if method == "ms" else None,
             "infini": None, "tokenizer": tokenizer.to_dict()}
     if method == "infini":
-        if patched_method(model) != "infini":
+        if not isinstance(patched_config(model), InfiniConfig):
             raise ValueError("save_checkpoint: method='infini' needs the model still patched with Infini-attention "
                              "(its gates are saved)")
-        gates = [attn.infini_gate.beta.detach().float().cpu().tolist() for attn in _attention_modules(_decoder(model))]
-        meta["infini"] = {"segment_len": settings.segment_len, "delta_rule": settings.delta_rule, "gates": gates}
+        gates = [layer.self_attn.infini_gate.beta.detach().float().cpu().tolist() for layer in decoder(model).layers]
+        meta["infini"] = {"segment_len": settings.infini.segment_len, "delta_rule": settings.infini.delta_rule,
+                          "gates": gates}
     state = {k: v for k, v in model.state_dict().items() if ".infini_gate." not in k}
     model.save_pretrained(directory, state_dict=state)
     with open(os.path.join(directory, CHECKPOINT_META), "w") as f:
@@ -155,17 +151,26 @@ def save_checkpoint(model, tokenizer, directory, *, method: str, settings: Setti
 
 def settings_from_meta(meta: dict | None, **overrides) -> Settings:
     """The :class:`Settings` a checkpoint was trained with (``meta`` from :func:`read_checkpoint_meta`;
-    None: the defaults), with ``overrides`` (``block_q=``.., ``rope=`` for MS, ``group_size=``,
-    ``window=``, ``segment_len=``, ``delta_rule=``; None values ignored)."""
+    None: the defaults), with ``overrides`` by field name, each routed to the config that has it
+    (``block_q=``.., ``rope=`` for MS, ``group_size=``, ``window=`` for SelfExtend, ``segment_len=``,
+    ``delta_rule=`` for Infini-attention; None values ignored)."""
     meta = meta or {}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
     ms_fields = {f.name for f in dataclasses.fields(MSConfig)}
     ms = ms_config_from_dict(meta.get("ms_config"), **{k: v for k, v in overrides.items() if k in ms_fields})
-    values = {k: v for k, v in (meta.get("infini") or {}).items() if k in ("segment_len", "delta_rule")}
-    values.update({k: v for k, v in overrides.items() if k not in ms_fields and v is not None})
-    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(Settings)})
+    configs = {}
+    for name, cls, saved in (("self_extend", SelfExtendConfig, {}),
+                             ("infini", InfiniConfig, {k: v for k, v in (meta.get("infini") or {}).items()
+                                                       if k in ("segment_len", "delta_rule")})):
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = dict(saved)
+        values.update({k: v for k, v in overrides.items() if k in fields})
+        configs[name] = cls(**values)
+    known = ms_fields.union(*({f.name for f in dataclasses.fields(c)} for c in (SelfExtendConfig, InfiniConfig)))
+    unknown = sorted(set(overrides) - known)
     if unknown:
-        raise ValueError(f"Settings has no field(s) {', '.join(unknown)}")
-    return Settings(ms=ms, **values)
+        raise ValueError(f"no method has the field(s) {', '.join(unknown)}")
+    return Settings(ms=ms, **configs)
 
 
 def load(model=None, llama2c=None, tokenizer=None, *, dtype: torch.dtype = torch.float32):
@@ -221,93 +226,66 @@ def load(model=None, llama2c=None, tokenizer=None, *, dtype: torch.dtype = torch
 # ---------------------------------------------------------------------------------------------
 # methods
 
-def is_patched(model) -> bool:
-    """True when ``msattn.hf.patch`` switched the model to MS attention."""
-    from ..hf import patched_method
-
-    return patched_method(model) == "ms"
+DENSE = "dense"
 
 
-def _undo(model):
-    """Undo whatever method ``msattn.hf.patch`` set up; returns the base model."""
-    from ..hf import _base_model, patched_method, unpatch
+def method_names() -> tuple[str, ...]:
+    """``"dense"`` (the unpatched model on PyTorch SDPA) and the methods of ``msattn.hf.METHODS``."""
+    from ..hf import METHODS
 
-    if patched_method(model) is not None:
-        unpatch(model)
-    return _base_model(model)
-
-
-def _prepare_dense(model, settings):
-    _undo(model).set_attn_implementation("sdpa")
-    return model.eval()
-
-
-def _prepare_ms(model, settings):
-    from ..hf import patch
-
-    _undo(model)
-    return patch(model, settings.ms).eval()
-
-
-def _prepare_self_extend(model, settings):
-    from ..hf import patch
-
-    _undo(model)
-    return patch(model, method="self_extend", group_size=settings.group_size, window=settings.window).eval()
-
-
-def _prepare_infini(model, settings):
-    from ..hf import _attention_modules, _decoder, patch
-
-    base = _undo(model)
-    patch(model, method="infini", segment_len=settings.segment_len, delta_rule=settings.delta_rule)
-    gates = getattr(base, "_msattn_trained_gates", None)  # an Infini checkpoint's trained gates
-    if gates is not None:
-        with torch.no_grad():
-            for attn, beta in zip(_attention_modules(_decoder(model)), gates):
-                attn.infini_gate.beta.copy_(beta)
-    return model.eval()
+    return (DENSE, *METHODS)
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """The parameters of every method, for :func:`prepare`.
+    """The parameters of every method, for :func:`prepare`: one config per method of ``msattn.hf.METHODS``.
 
-    Attributes:
-        ms: MS attention's parameters (``"ms"``).
-        group_size, window: SelfExtend's group size ``G`` and neighbour window ``W`` (``"self_extend"``).
-        segment_len, delta_rule: Infini-attention's segment length and memory update (``"infini"``).
-            A model trained with Infini-attention (a demo checkpoint) keeps its trained gates; any other
-            model starts from the untrained gate of :mod:`msattn.infini_hf` (mostly local attention).
+    A model trained with Infini-attention (a demo checkpoint) keeps its trained gates; any other model
+    starts from ``InfiniConfig.gate_init`` (mostly local attention).
     """
 
     ms: MSConfig = dataclasses.field(default_factory=MSConfig)
-    group_size: int = 8
-    window: int = 128
-    segment_len: int = 256
-    delta_rule: bool = False
+    self_extend: SelfExtendConfig = dataclasses.field(default_factory=SelfExtendConfig)
+    infini: InfiniConfig = dataclasses.field(default_factory=InfiniConfig)
+
+    def config(self, method: str):
+        """The config of ``method`` (None for ``"dense"``)."""
+        if method not in method_names():
+            raise ValueError(f"unknown method {method!r}; known methods: {', '.join(method_names())}")
+        return None if method == DENSE else getattr(self, method)
 
 
-METHODS: dict[str, Callable] = {
-    "dense": _prepare_dense,
-    "ms": _prepare_ms,
-    "self_extend": _prepare_self_extend,
-    "infini": _prepare_infini,
-}
+def is_patched(model) -> bool:
+    """True when ``msattn.hf.patch`` switched the model to MS attention."""
+    from ..hf import patched_config
+
+    return isinstance(patched_config(model), MSConfig)
 
 
 def prepare(model, method: str, settings: Settings | MSConfig | None = None):
     """The model set up for ``method`` (in place, undoing a previous method's setup): ``"dense"`` is the
-    unpatched model on SDPA, ``"ms"``, ``"self_extend"`` and ``"infini"`` the model patched by
-    ``msattn.hf.patch`` with the parameters in ``settings`` (default ``Settings()``; an MSConfig alone
-    stands for ``Settings(ms=config)``)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; known methods: {', '.join(METHODS)}")
+    unpatched model on SDPA, every other name the model patched by ``msattn.hf.patch`` with that
+    method's config in ``settings`` (default ``Settings()``; an MSConfig alone stands for
+    ``Settings(ms=config)``)."""
+    from ..hf import base_model, decoder, patch, patched_config, unpatch
+
     if settings is None or isinstance(settings, MSConfig):
         settings = Settings() if settings is None else Settings(ms=settings)
     if not isinstance(settings, Settings):
         raise TypeError(f"prepare: settings must be a loading.Settings or an MSConfig, got {type(settings).__name__}")
-    return METHODS[method](model, settings)
+    config = settings.config(method)
+    if patched_config(model) is not None:
+        unpatch(model)
+    if config is None:
+        base_model(model).set_attn_implementation("sdpa")
+        return model.eval()
+    patch(model, config)
+    gates = getattr(base_model(model), "_msattn_trained_gates", None)  # an Infini checkpoint's trained gates
+    if method == "infini" and gates is not None:
+        with torch.no_grad():
+            for layer, beta in zip(decoder(model).layers, gates):
+                layer.self_attn.infini_gate.beta.copy_(beta)
+    return model.eval()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,76 +298,6 @@ def model_device(model) -> torch.device:
 def auto_batch_size(length: int, count: int, tokens: int = 32768) -> int:
     """Sequences of ``length`` tokens per batch: about ``tokens`` tokens, at least 1, at most ``count``."""
     return max(1, min(count, tokens // max(1, length)))
-
-
-def _accepts(model, name: str) -> bool:
-    return name in inspect.signature(model.forward).parameters
-
-
-def _new_cache(model):
-    """The cache a prefill of ``model`` keeps: an InfiniCache (memory plus one segment) for a model
-    patched with Infini-attention, a DynamicCache otherwise."""
-    from ..hf import _attention_modules, _decoder, patched_method
-
-    if patched_method(model) == "infini":
-        from ..infini_hf import InfiniCache
-
-        return InfiniCache(_attention_modules(_decoder(model))[0]._msattn_infini.segment_len)
-    from transformers.cache_utils import DynamicCache
-
-    return DynamicCache(config=model.config)
-
-
-@torch.no_grad()
-def _dense_prefill(model, input_ids, chunk_size, on_logits, on_chunk):
-    n = input_ids.shape[1]
-    chunked = _accepts(model, "past_key_values")
-    size = chunk_size if chunk_size and chunked else n
-    cache = _new_cache(model) if chunked else None
-    kwargs = {"past_key_values": cache, "use_cache": True} if chunked else {}
-    if on_logits is None and _accepts(model, "logits_to_keep"):
-        kwargs["logits_to_keep"] = 1  # only the last position's logits are needed
-    last = None
-    for start in range(0, n, size):
-        end = min(start + size, n)
-        positions = torch.arange(start, end, device=input_ids.device)[None]
-        logits = model(input_ids[:, start:end], position_ids=positions, **kwargs).logits
-        if on_logits is not None:
-            on_logits(start, logits)
-        if on_chunk is not None:
-            on_chunk(start, end)
-        last = logits[:, -1]
-        del logits
-    return cache, last
-
-
-def prefill(model, input_ids: torch.Tensor, *, chunk_size: int | None = 16384,
-            on_logits: Callable[[int, torch.Tensor], None] | None = None,
-            on_chunk: Callable[[int, int], None] | None = None):
-    """Run ``(B, N)`` prompts through a prepared model chunk by chunk; returns ``(cache, last_logits (B, V))``.
-
-    A model patched with MS attention goes through :func:`msattn.prefill` (MSCache; ``chunk_size`` must be a
-    multiple of the group span), any other through its forward with a cache (``InfiniCache`` for
-    Infini-attention, ``DynamicCache`` otherwise). ``chunk_size`` None: one chunk.
-    ``on_logits(start, logits (B, n, V))`` sees every chunk's logits before they are freed;
-    ``on_chunk(start, end)`` is told when a chunk is done (progress).
-    """
-    if not is_patched(model):
-        return _dense_prefill(model, input_ids, chunk_size, on_logits, on_chunk)
-    from ..cache import prefill as ms_prefill
-    from ..hf import model_config
-
-    span = model_config(model).span
-    n = input_ids.shape[1]
-    size = chunk_size or math.ceil(n / span) * span
-    cache, last = None, None
-    for start in range(0, n, size):  # chunk by chunk here, so progress needs no logits
-        end = min(start + size, n)
-        # msattn.prefill reports absolute start positions (the cache holds [0, start) already)
-        cache, last = ms_prefill(model, input_ids[:, start:end], chunk_size=size, cache=cache, on_logits=on_logits)
-        if on_chunk is not None:
-            on_chunk(start, end)
-    return cache, last
 
 
 _CLEAR_REFS = "/proc/self/clear_refs"

@@ -28,7 +28,9 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .loading import auto_batch_size, is_patched, model_device, peak_rss_mb, prefill, reset_peak_rss
+from ..hf.cache import prefill
+from ..hf.common import cache_argument
+from .loading import auto_batch_size, is_patched, model_device, peak_rss_mb, reset_peak_rss
 
 __all__ = ["INSTRUCTION", "FILLER", "KEY_SENTENCE", "QUESTION", "PasskeyTokenizer", "passkey_prompt",
            "template_length", "sample", "greedy_generate", "retrieved", "trial_plan", "run_passkey"]
@@ -199,8 +201,8 @@ class PasskeyTokenizer:
 @torch.no_grad()
 def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, chunk_size: int | None = 16384,
                     on_chunk=None, exact: bool = False) -> torch.Tensor:
-    """Greedy continuation of ``(B, N)`` prompts: chunked prefill (``loading.prefill``: MSCache for a
-    patched model, DynamicCache for a dense one), then one token at a time against the cache.
+    """Greedy continuation of ``(B, N)`` prompts: chunked prefill (:func:`msattn.prefill`, with the cache
+    of the model's method), then one token at a time against the cache.
     ``on_chunk(start, end)`` is called after each prefill chunk. Returns the new tokens
     ``(B, max_new_tokens)``.
 
@@ -214,9 +216,9 @@ def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, chun
     cache, last = prefill(model, input_ids, chunk_size=chunk_size, on_chunk=on_chunk)
     span = None
     if exact and is_patched(model):
-        from ..hf import model_config
+        from ..hf import patched_config
 
-        span = model_config(model).span
+        span = patched_config(model).span
     batch, n = input_ids.shape
     first = n if span is None else (n - 1) // span * span  # the earliest position a step re-feeds
     recent = input_ids[:, first:]  # the tokens from `first` on: all a step can need
@@ -232,8 +234,8 @@ def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, chun
         if cache.get_seq_length() > start:
             cache.crop(start - cache.get_seq_length())
         position = torch.arange(start, end, device=input_ids.device).expand(batch, -1)
-        last = model(recent[:, start - first:end - first], past_key_values=cache, use_cache=True,
-                     position_ids=position).logits[:, -1]
+        last = model(recent[:, start - first:end - first], use_cache=True, position_ids=position,
+                     **{cache_argument(model): cache}).logits[:, -1]
     return torch.stack(tokens, 1)
 
 

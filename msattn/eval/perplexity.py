@@ -2,7 +2,7 @@
 
 A window of L tokens is the tokenizer's BOS (when it has one) followed by the next L - 1 tokens of the
 text; windows do not overlap and start at the beginning of the text. Logits are consumed chunk by chunk
-(``loading.prefill``'s ``on_logits``), so no more than one chunk of logits is ever held, whatever L.
+(``msattn.prefill``'s ``on_logits``), so no more than one chunk of logits is ever held, whatever L.
 Only as much of the text is tokenized as the longest length needs.
 """
 
@@ -17,7 +17,8 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .loading import auto_batch_size, model_device, peak_rss_mb, prefill, reset_peak_rss
+from ..hf.cache import prefill
+from .loading import auto_batch_size, model_device, peak_rss_mb, reset_peak_rss
 
 __all__ = ["text_tokens", "window_nll", "run_perplexity"]
 

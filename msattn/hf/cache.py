@@ -1,4 +1,7 @@
-"""Long-context inference: a cache with region summaries, and chunked prefill (DESIGN section 2).
+"""The caches of msattn's methods, and chunked prefill (DESIGN section 2): the one home of the cache
+contract (transformers' ``Cache``/``CacheLayerMixin``: ``update``, ``get_seq_length``, ``crop`` with a
+positive length to keep or a negative number of tokens to drop, ``reset``, ``reorder_cache`` and the
+batch operations of beam search and contrastive search).
 
 ``MSCache`` is a transformers ``Cache`` whose layers keep K and V (in buffers that grow by doubling, so
 appending is amortised O(1)) plus, per key region of ``block_k`` tokens, the float32 sum of its valid
@@ -11,7 +14,11 @@ equals the op's on the whole sequence, bit for bit. Patched models use it in ``g
 
 ``prefill(model, input_ids, chunk_size=...)`` runs a prompt of any length chunk by chunk against the
 cache: activation memory is bounded by the chunk, and with chunk boundaries on group boundaries the
-result equals a single call.
+result equals a single call. It runs any model, patched or not, with the cache of its method
+(:func:`new_cache`).
+
+``InfiniCache`` keeps, per layer, only the keys and values of the current segment plus the compressive
+memory of all complete segments (O(segment_len + D^2) per layer whatever the length).
 """
 
 from __future__ import annotations
@@ -22,11 +29,12 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from .ops import ops
+from ..ops import ops
+from .common import base_model, cache_argument, record
 
-__all__ = ["MSCache", "MSLayer", "prefill"]
+__all__ = ["InfiniCache", "InfiniLayer", "MSCache", "MSLayer", "new_cache", "prefill"]
 
 
 class MSLayer(DynamicLayer):
@@ -107,12 +115,15 @@ class MSLayer(DynamicLayer):
         self.keys = self.values = None
         self.is_initialized = False
 
-    def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove > 0:
-            raise ValueError("MSLayer.crop takes a negative number of tokens to remove")
-        if tokens_to_remove == 0 or not self.is_initialized:
+    def crop(self, max_length: int) -> None:
+        """Keep the first ``max_length`` tokens; a negative ``max_length`` drops the last ``-max_length``."""
+        if not self.is_initialized:
             return
-        self.length = max(0, self.length + tokens_to_remove)
+        if max_length < 0:
+            max_length = max(0, self.length + max_length)
+        if max_length >= self.length:
+            return
+        self.length = max_length
         # the region holding the new end is summed again from its start
         self.summed = min(self.summed, self.length // self.block_k * self.block_k)
         self._publish()
@@ -150,46 +161,151 @@ class MSCache(Cache):
         self.block_k = block_k
 
 
+class InfiniLayer(DynamicLayer):
+    """One layer of an :class:`InfiniCache`.
+
+    ``keys``/``values`` ``(B, Hkv, length - start, D)`` hold positions ``[start, length)``: the current
+    segment (``start`` is a multiple of ``segment_len``), plus the tokens of the latest call when they
+    run past it. ``memory`` ``(B, Hkv, D, D)`` and ``norm`` ``(B, Hkv, D)`` (float32, or None before the
+    first complete segment) hold positions ``[0, folded)``, written by the attention function.
+    """
+
+    def __init__(self, segment_len: int):
+        super().__init__()
+        self.segment_len = segment_len
+        self.start = self.length = self.folded = 0
+        self.memory = self.norm = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append ``(B, Hkv, n, D)`` keys and values; returns those of ``[start, length)``, ``start``
+        being the beginning of the segment that holds the first new token."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        keep = self.length // self.segment_len * self.segment_len
+        if keep > self.start:  # complete segments already in the memory: drop their keys
+            self.keys = self.keys[:, :, keep - self.start:]
+            self.values = self.values[:, :, keep - self.start:]
+            self.start = keep
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.length += key_states.shape[-2]
+        self.keys._infini_layer = weakref.ref(self)  # how the attention function finds the memory (weak: no cycle)
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def reset(self) -> None:
+        super().reset()
+        self.start = self.length = self.folded = 0
+        self.memory = self.norm = None
+
+    def crop(self, max_length: int) -> None:
+        if max_length < 0:
+            max_length = self.length + max_length
+        if max_length >= self.length:
+            return
+        if max_length < self.start:
+            raise ValueError(f"InfiniLayer.crop: cannot go back to {max_length} tokens: the segments before "
+                             f"{self.start} are already written to the compressive memory")
+        self.keys = self.keys[:, :, :max_length - self.start]
+        self.values = self.values[:, :, :max_length - self.start]
+        self.length = max_length
+
+    def _select_batch(self, index: torch.Tensor) -> None:
+        if self.keys is None or not self.is_initialized:
+            return
+        index = index.to(self.keys.device)
+        self.keys, self.values = self.keys.index_select(0, index), self.values.index_select(0, index)
+        if self.memory is not None:
+            self.memory, self.norm = self.memory.index_select(0, index), self.norm.index_select(0, index)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select_batch(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select_batch(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.keys is not None and self.is_initialized:
+            self._select_batch(torch.arange(self.keys.shape[0]).repeat_interleave(repeats))
+
+
+class InfiniCache(Cache):
+    """A transformers ``Cache`` of :class:`InfiniLayer` s: per layer, the current segment's keys and
+    values and the compressive memory of the segments before it.
+
+    Args:
+        segment_len: the segment length of the patched model.
+    """
+
+    def __init__(self, segment_len: int):
+        if not isinstance(segment_len, int) or segment_len < 1:
+            raise ValueError(f"InfiniCache: segment_len must be a positive int, got {segment_len!r}")
+        super().__init__(layer_class_to_replicate=partial(InfiniLayer, segment_len=segment_len))
+        self.segment_len = segment_len
+
+
 # ---------------------------------------------------------------------------------------------
 # chunked prefill
 
+def new_cache(model) -> Cache:
+    """The cache of the model's method: an :class:`MSCache` for MS attention, an :class:`InfiniCache` for
+    Infini-attention, a full ``DynamicCache`` for SelfExtend (it needs every key's slot, also under a
+    sliding window), and transformers' ``DynamicCache`` for the model's config when it is not patched."""
+    rec = record(model)
+    if rec is None:
+        return DynamicCache(config=base_model(model).config)
+    return rec.method.new_cache(rec.config)
+
+
 @torch.no_grad()
-def prefill(model, input_ids: torch.Tensor, *, chunk_size: int = 16384, attention_mask: torch.Tensor | None = None,
-            cache: MSCache | None = None, on_logits: Callable[[int, torch.Tensor], None] | None = None):
-    """Run a prompt of any length through a patched model in chunks against an :class:`MSCache`.
+def prefill(model, input_ids: torch.Tensor, *, chunk_size: int | None = 16384,
+            attention_mask: torch.Tensor | None = None, cache: Cache | None = None,
+            on_logits: Callable[[int, torch.Tensor], None] | None = None,
+            on_chunk: Callable[[int, int], None] | None = None):
+    """Run a prompt of any length through a causal LM in chunks against a cache.
 
     Args:
-        model: a causal LM patched with :func:`msattn.hf.patch`.
+        model: a causal LM, patched with :func:`msattn.hf.patch` or not.
         input_ids: ``(B, N)`` token ids.
-        chunk_size: tokens per forward; a multiple of the group span ``merge * block_q`` so that chunking
-            does not change the result.
+        chunk_size: tokens per forward (None: one chunk). For MS attention a multiple of the group span
+            ``merge * block_q``, so that chunking does not change the selection.
         attention_mask: ``(B, N)`` padding mask (1 = real token), or None.
-        cache: a cache to extend (for a prompt continued in several calls), or None for a new one.
+        cache: a cache to extend (a prompt continued in several calls), or None for :func:`new_cache`.
         on_logits: called as ``on_logits(start, logits)`` with each chunk's logits ``(B, n, V)`` for
             positions ``start..start+n-1`` (for example to accumulate a loss) before they are freed.
+        on_chunk: called as ``on_chunk(start, end)`` when the chunk of positions ``[start, end)`` is done.
 
     Returns:
-        ``(cache, last_logits)``: the cache holding all ``N`` positions, and the logits of the last
-        position ``(B, V)``.
+        ``(cache, last_logits)``: the cache holding all positions, and the logits of the last position
+        ``(B, V)``.
     """
-    from .hf import model_config
+    from ..config import MSConfig
 
-    cfg = model_config(model)
-    if chunk_size < 1 or chunk_size % cfg.span != 0:
+    rec = record(model)
+    n = input_ids.shape[1] if input_ids.dim() == 2 else 0
+    if chunk_size is None:
+        chunk_size = max(n, 1)
+        if rec is not None and isinstance(rec.config, MSConfig):
+            chunk_size = math.ceil(chunk_size / rec.config.span) * rec.config.span
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"prefill: chunk_size must be a positive int or None, got {chunk_size!r}")
+    if rec is not None and isinstance(rec.config, MSConfig) and chunk_size % rec.config.span != 0:
         raise ValueError(f"prefill: chunk_size must be a positive multiple of the group span merge * block_q = "
-                         f"{cfg.span}, so that chunking does not change the selection; got {chunk_size}")
+                         f"{rec.config.span}, so that chunking does not change the selection; got {chunk_size}")
     if input_ids.dim() != 2:
         raise ValueError(f"prefill: input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}")
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
         raise ValueError(f"prefill: attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got "
                          f"{tuple(attention_mask.shape)}")
-    cache = MSCache(block_k=cfg.block_k) if cache is None else cache
+    cache = new_cache(model) if cache is None else cache
+    name = cache_argument(model)
     past = cache.get_seq_length()
-    n = input_ids.shape[1]
     last = None
     for start in range(0, n, chunk_size):
         end = min(start + chunk_size, n)
-        kwargs = {}
+        kwargs = {name: cache}
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask[:, :end]
             positions = (attention_mask.long().cumsum(1) - 1).clamp_min(0)[:, start:end]
@@ -197,9 +313,11 @@ def prefill(model, input_ids: torch.Tensor, *, chunk_size: int = 16384, attentio
             positions = torch.arange(past + start, past + end, device=input_ids.device)[None]
         if on_logits is None:  # only the last position's logits are wanted: do not compute (B, n, V)
             kwargs["logits_to_keep"] = 1
-        out = model(input_ids[:, start:end], past_key_values=cache, use_cache=True, position_ids=positions, **kwargs)
+        out = model(input_ids[:, start:end], use_cache=True, position_ids=positions, **kwargs)
         if on_logits is not None:
             on_logits(past + start, out.logits)
+        if on_chunk is not None:
+            on_chunk(past + start, past + end)
         last = out.logits[:, -1]
         del out
     return cache, last

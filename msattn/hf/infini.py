@@ -1,0 +1,159 @@
+"""HuggingFace integration of Infini-attention (arXiv 2404.07143, DESIGN section 3).
+
+``msattn.hf.patch(model, InfiniConfig(segment_len=...))`` switches a Llama / Mistral / Qwen2 causal LM
+to Infini-attention through transformers' attention registry (``"msattn_infini"``; no attention class
+is patched) and gives every attention module a learned gate; ``msattn.hf.unpatch(model)`` restores
+the model and drops the gates.
+
+What a patched layer computes. The sequence is cut into segments of ``segment_len`` positions (absolute
+positions, from 0). Each segment attends causally to itself and retrieves from a compressive memory of
+all the segments before it, mixed by ``sigmoid(beta)`` per query head (:func:`msattn.infini_attention`).
+The attention function walks the segments in order, carrying the memory ``(M, z)`` from one to the
+next inside the forward: activation memory is O(segment_len) per segment (the kernel is flash-style;
+no (N, N) or even (segment, segment) score matrix exists), and backpropagation runs through the
+memory across segments. The memory is per key/value head (shared by its query heads under GQA),
+float32, and holds the keys as the model hands them to attention (after RoPE).
+
+The gate. ``attn.infini_gate`` is a tiny module holding ``beta`` ``(num_attention_heads,)`` as an
+``nn.Parameter``, so it is part of ``model.parameters()`` (the HF Trainer trains it) and can be named
+in PEFT's ``LoraConfig(modules_to_save=["infini_gate"])`` (PEFT then trains and saves a copy; a bare
+parameter on the attention module could only be saved by wrapping the whole attention module). It
+starts at ``InfiniConfig.gate_init = -3`` (``sigmoid(-3) = 0.047``): a pretrained model patched this way behaves almost
+as its own attention restricted to the segment, so fine-tuning starts from a working model, while the
+memory path still gets ``g * (1 - g) = 0.045`` of the gradient and can grow as it becomes useful.
+``beta = 0`` would mix in half of an untrained memory at step 0; ``beta = -10`` would starve the gate
+of gradient.
+
+Generation. ``generate()`` of a patched model uses an :class:`InfiniCache`: each layer keeps only the
+keys and values of the current, incomplete segment plus the memory of all complete segments, so the
+cache is O(segment_len + D^2) per layer whatever the length. A decoding step attends locally within
+the current segment and retrieves from the memory; when a segment completes, the call that completes
+it writes it to the memory and the next step drops its keys. The layer passes its state to the
+attention function on the key tensor it returns (``key._infini_layer``). With any other cache (for
+example the ``DynamicCache`` that ``model(..., use_cache=True)`` creates), the attention function sees
+all past keys and rebuilds the memory of the complete past segments from them on every call: correct,
+but O(N) per step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import InfiniConfig
+from ..functional import infini_attention
+from .cache import InfiniCache
+from .common import Method, call_record, padding_mask
+
+__all__ = ["METHOD", "InfiniGate", "attention_forward"]
+
+
+class InfiniGate(nn.Module):
+    """The gate logits ``beta`` ``(heads,)`` of one attention layer; ``forward()`` returns them.
+
+    A module of its own so that PEFT's ``modules_to_save=["infini_gate"]`` can train and save it; the
+    attention function calls it (through PEFT's wrapper when there is one) to read the active copy.
+    """
+
+    def __init__(self, heads: int, init: float = InfiniConfig.gate_init, dtype=None, device=None):
+        super().__init__()
+        self.beta = nn.Parameter(torch.full((heads,), float(init), dtype=dtype or torch.float32, device=device))
+
+    def forward(self) -> torch.Tensor:
+        return self.beta
+
+    def extra_repr(self) -> str:
+        return f"heads={self.beta.shape[0]}"
+
+
+def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                      **kwargs):
+    """The attention function of ``"msattn_infini"`` (transformers' AttentionInterface contract).
+
+    Args:
+        query: ``(B, Hq, Nq, D)``, the last ``Nq`` positions; key, value: ``(B, Hkv, n, D)``: all
+            positions, or those from ``layer.start`` on for an :class:`InfiniLayer`.
+        attention_mask: bool ``(B, N)`` key padding mask over all ``N`` positions, or None.
+    Returns:
+        ``(out (B, Nq, Hq, D), None)``.
+    """
+    rec = call_record(module, "Infini-attention", attention_mask, dropout, kwargs.get("sliding_window"))
+    if rec is None or rec.method is not METHOD:
+        raise RuntimeError("msattn: this attention module is not patched for Infini-attention; call "
+                           "msattn.hf.patch(model, msattn.InfiniConfig(...)) instead of setting "
+                           f"attn_implementation='{METHOD.attn_implementation}' alone")
+    state = rec.config
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    seg, nq, nk = state.segment_len, query.shape[2], key.shape[2]
+    beta = module.infini_gate()
+    layer = getattr(key, "_infini_layer", None)
+    layer = layer() if layer is not None else None
+    if layer is not None:
+        start, total, memory, norm = layer.start, layer.length, layer.memory, layer.norm
+        if layer.folded != start:
+            raise RuntimeError(f"msattn: the Infini cache layer holds a memory of {layer.folded} tokens but its keys "
+                               f"start at {start}; was a call skipped?")
+    else:
+        start, total, memory, norm = 0, nk, None, None
+    if total - start != nk:
+        raise RuntimeError(f"msattn: got {nk} keys for positions [{start}, {total})")
+    mask = None if attention_mask is None else attention_mask[:, -nk:]
+    first = total - nq  # absolute position of the first query
+    kw = dict(delta_rule=state.delta_rule, causal=causal, scale=scaling)
+
+    def piece(x, a, e):
+        return x[:, :, a - start:e - start]
+
+    def segment_mask(a, e):
+        return None if mask is None else mask[:, a - start:e - start]
+
+    # a cache without memory (DynamicCache): rebuild it from the past keys it holds
+    for a in range(start, first // seg * seg, seg):
+        _, (memory, norm) = infini_attention(query[:, :, :0], piece(key, a, a + seg), piece(value, a, a + seg), beta,
+                                             memory, norm, key_padding_mask=segment_mask(a, a + seg), **kw)
+    outs = []
+    for a in range(first // seg * seg, total, seg):
+        e = min(a + seg, total)
+        complete = e == a + seg
+        out, (new_memory, new_norm) = infini_attention(
+            query[:, :, max(a, first) - first:e - first], piece(key, a, e), piece(value, a, e), beta, memory, norm,
+            key_padding_mask=segment_mask(a, e), update_memory=complete, **kw)
+        outs.append(out)
+        if complete:
+            memory, norm = new_memory, new_norm
+    if layer is not None:
+        layer.memory, layer.norm, layer.folded = memory, norm, total // seg * seg
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    return out.transpose(1, 2), None
+
+
+def _install(attn: nn.Module, config: InfiniConfig) -> None:
+    weight = attn.q_proj.weight
+    attn.infini_gate = InfiniGate(attn.config.num_attention_heads, config.gate_init, dtype=weight.dtype, device=weight.device)
+
+
+def _uninstall(attn: nn.Module) -> None:
+    del attn.infini_gate
+
+
+def _unrotated(config: InfiniConfig) -> bool:
+    return False
+
+
+def _new_cache(config: InfiniConfig) -> InfiniCache:
+    return InfiniCache(config.segment_len)
+
+
+METHOD = Method(
+    name="infini",
+    config=InfiniConfig,
+    attn_implementation="msattn_infini",
+    attention=attention_forward,
+    mask=padding_mask,
+    model_types=("llama", "mistral", "qwen2"),
+    sliding_window=False,
+    unrotated=_unrotated,
+    new_cache=_new_cache,
+    install=_install,
+    uninstall=_uninstall,
+)
