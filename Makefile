@@ -1,36 +1,45 @@
-# msattn -- `make demo` runs the main job, `make test` the test suite. Both create or reuse .venv/
-# at the project root and install what they need with pip: torch (TORCH, default torch==2.13.0;
-# any torch 2.11-2.15 already in .venv is kept), the HF stack, the test tools, and msattn itself,
-# built against that torch with `pip install --no-build-isolation`.
+# msattn -- `make demo` runs the main job, `make test` the test suite. Both create or reuse .venv/ at
+# the project root and install with pip exactly the versions in requirements/lock.txt (the lock), plus
+# torch (TORCH, default torch==2.13.0; any torch 2.11-2.15 already in .venv is kept), then build msattn
+# against that torch with `pip install --no-build-isolation`.
+#
+# `make test-compat` runs the HF-facing tests at both ends of the supported transformers range: the
+# lock (the newest tested release, in .venv) and requirements/lock-floor.txt (the floor, in
+# .venv-compat/floor, built there). `make lock` rewrites both locks from pyproject.toml's ranges.
 
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-PIP    := $(PY) -m pip
 TORCH  ?= torch==2.13.0
-DEPS   := setuptools wheel ninja "transformers>=5.17" "peft>=0.17" "accelerate>=1.0" \
-          pytest hypothesis expecttest numpy "tqdm>=4.66" "matplotlib>=3.8"
+LOCK   := requirements/lock.txt
+FLOOR_LOCK := requirements/lock-floor.txt
+FLOOR  := .venv-compat/floor
 SOURCES := $(shell find csrc msattn -name '*.c' -o -name '*.h' -o -name '*.cpp' -o -name '*.cu') \
            setup.py pyproject.toml
+PACKAGE := $(SOURCES) $(shell find msattn -name '*.py')
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
+# the tests that touch transformers, PEFT or accelerate (of test_self_extend and test_infini, those named hf)
+COMPAT_TESTS := tests/test_hf.py tests/test_cache.py tests/test_eval.py tests/test_demo.py tests/test_finetune.py \
+                tests/test_lora.py tests/test_models.py tests/test_rope.py tests/test_self_extend.py tests/test_infini.py
+COMPAT_SELECT := not (test_self_extend or test_infini) or hf
 
-.PHONY: install test test-slow demo bench clean
+.PHONY: install test test-slow test-compat demo bench lock clean
 
 install: $(VENV)/.msattn-built
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.deps: $(PY) Makefile
+$(VENV)/.deps: $(PY) $(LOCK) Makefile
 	@$(PY) -c 'import sys, torch; v = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]); sys.exit(not (2, 11) <= v < (2, 16))' 2>/dev/null \
 		&& echo "keeping torch $$($(PY) -c 'import torch; print(torch.__version__)')" \
-		|| $(PIP) install -q "$(TORCH)"
-	$(PIP) install -q $(DEPS)
+		|| $(PY) -m pip install -q -c $(LOCK) "$(TORCH)"
+	$(PY) -m pip install -q -r $(LOCK)
 	touch $@
 
 $(VENV)/.msattn-built: $(VENV)/.deps $(SOURCES)
-	$(PIP) install -q --no-build-isolation --no-deps -e .
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
 test: install
@@ -40,6 +49,26 @@ test: install
 test-slow: install
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
+# the floor end: its own venv with msattn installed into it (not editable: the in-tree extension stays
+# .venv's); tests run with python -P so that they import that copy, not the source tree
+$(FLOOR)/bin/python:
+	$(PYTHON) -m venv $(FLOOR)
+
+$(FLOOR)/.deps: $(FLOOR)/bin/python $(FLOOR_LOCK) Makefile
+	$(FLOOR)/bin/python -m pip install -q -c $(FLOOR_LOCK) "$(TORCH)"
+	$(FLOOR)/bin/python -m pip install -q -r $(FLOOR_LOCK)
+	touch $@
+
+$(FLOOR)/.msattn-built: $(FLOOR)/.deps $(PACKAGE)
+	$(FLOOR)/bin/python -m pip install -q --no-build-isolation --no-deps .
+	touch $@
+
+test-compat: install $(FLOOR)/.msattn-built
+	@for py in "$(PY)" "$(FLOOR)/bin/python -P"; do \
+		echo "== $$($$py -c 'import transformers as t, peft as p, accelerate as a; print(f"transformers {t.__version__}, peft {p.__version__}, accelerate {a.__version__}")')"; \
+		$$py -m pytest -q $(COMPAT_TESTS) -k "$(COMPAT_SELECT)" $(PYTEST_ARGS) || exit 1; \
+	done
+
 # the main job: train a tiny Llama at 256 tokens (MS and dense), evaluate passkey retrieval to 64x
 demo: install
 	$(PY) -m msattn.demo $(DEMO_ARGS)
@@ -47,5 +76,10 @@ demo: install
 bench: install
 	$(PY) benchmarks/bench_attention.py --lengths 4096,8192,16384,32768 --json bench_out/attention.json
 
+# rewrite requirements/lock.txt (newest releases in pyproject.toml's ranges) and lock-floor.txt (the
+# HF stack at its lower bounds); then run `make test test-compat` and commit the locks
+lock:
+	$(PYTHON) requirements/lock.py --torch "$(TORCH)"
+
 clean:
-	rm -rf build $(VENV) msattn/*.so *.egg-info
+	rm -rf build $(VENV) .venv-compat msattn/*.so *.egg-info
