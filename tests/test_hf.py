@@ -104,6 +104,10 @@ def test_patch_after_and_before_peft():
     model2 = msattn.hf.patch(tiny(), COVER)
     wrapped2 = peft.get_peft_model(model2, cfg)
     assert wrapped2(ids, attention_mask=mask).logits.shape == ref.shape
+    for peft_model in (wrapped2, msattn.hf.patch(wrapped, SPARSE)):  # patched under and over PEFT
+        out = peft_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False,
+                                  pad_token_id=0, return_dict_in_generate=True)
+        assert isinstance(output_cache(out), msattn.hf.MSCache)
 
 
 def test_backward_through_patched_model():

@@ -560,3 +560,14 @@ def test_hf_patch_errors():
     msattn.hf.unpatch(model)
     with pytest.raises(RuntimeError, match="not patched"):
         msattn.hf.unpatch(model)
+
+
+def test_hf_beam_search_reorders_the_infini_cache():
+    model = tiny()
+    msattn.hf.patch(model, msattn.InfiniConfig(segment_len=16))
+    set_gates(model, 0.0)
+    ids = torch.randint(3, 97, (1, 21))
+    kw = dict(max_new_tokens=20, min_new_tokens=20, num_beams=3, do_sample=False)
+    out = model.generate(ids, **kw)  # InfiniCache: crosses segment boundaries at 32
+    ref = model.generate(ids, **kw, **with_cache(model, transformers.DynamicCache()))
+    assert torch.equal(out, ref)

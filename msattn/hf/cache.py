@@ -37,7 +37,25 @@ from .common import base_model, cache_argument, record
 __all__ = ["InfiniCache", "InfiniLayer", "MSCache", "MSLayer", "new_cache", "prefill"]
 
 
-class MSLayer(DynamicLayer):
+class _RowLayer(DynamicLayer):
+    """A cache layer whose batch operations (beam search's reordering, contrastive search's selection
+    and repetition) all go through ``_select_batch(index)``, which keeps every per-row tensor in step."""
+
+    def _select_batch(self, index: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select_batch(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select_batch(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.keys is not None and self.is_initialized:
+            self._select_batch(torch.arange(self.keys.shape[0]).repeat_interleave(repeats))
+
+
+class MSLayer(_RowLayer):
     """One layer of an :class:`MSCache`.
 
     Holds ``keys``/``values`` ``(B, Hkv, length, D)`` (views of larger buffers) and the region sums of
@@ -136,16 +154,6 @@ class MSLayer(DynamicLayer):
         self._sums, self._counts = self._sums.index_select(0, index), self._counts.index_select(0, index)
         self._publish()
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._select_batch(beam_idx)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._select_batch(indices)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self._k is not None:
-            self._select_batch(torch.arange(self._k.shape[0]).repeat_interleave(repeats))
-
 
 class MSCache(Cache):
     """A transformers ``Cache`` of :class:`MSLayer` s, one per decoder layer, created as layers first write.
@@ -161,7 +169,7 @@ class MSCache(Cache):
         self.block_k = block_k
 
 
-class InfiniLayer(DynamicLayer):
+class InfiniLayer(_RowLayer):
     """One layer of an :class:`InfiniCache`.
 
     ``keys``/``values`` ``(B, Hkv, length - start, D)`` hold positions ``[start, length)``: the current
@@ -219,16 +227,6 @@ class InfiniLayer(DynamicLayer):
         self.keys, self.values = self.keys.index_select(0, index), self.values.index_select(0, index)
         if self.memory is not None:
             self.memory, self.norm = self.memory.index_select(0, index), self.norm.index_select(0, index)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._select_batch(beam_idx)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._select_batch(indices)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.keys is not None and self.is_initialized:
-            self._select_batch(torch.arange(self.keys.shape[0]).repeat_interleave(repeats))
 
 
 class InfiniCache(Cache):
