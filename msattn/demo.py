@@ -47,7 +47,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from .config import InfiniConfig, MSConfig
 from .eval import report
 from .eval.loading import Settings, load, prepare, save_checkpoint
-from .eval.passkey import PasskeyTokenizer, _random_key, passkey_prompt, run_passkey, template_length
+from .eval.passkey import PasskeyTokenizer, random_key, passkey_prompt, run_passkey, template_length
 
 DIGITS = 5             # evaluation keys, the standard passkey
 MAX_TRAIN_DIGITS = 7   # training keys have 5..7 digits
@@ -158,7 +158,7 @@ def training_key(rng: random.Random, digits: int, hard: float) -> str:
     if hard and rng.random() < hard:
         pool = rng.sample("0123456789", rng.randint(2, 3))
         return "".join(rng.choice(pool) for _ in range(digits))
-    return str(_random_key(rng, digits))
+    return str(random_key(rng, digits))
 
 
 def batch(tokenizer: PasskeyTokenizer, rng: random.Random, max_len: int, size: int, hard: float = 0.0):

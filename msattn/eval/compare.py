@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from .loading import Settings, prepare
 from .passkey import run_passkey
 from .perplexity import run_perplexity
-from .report import _cell, format_length, markdown_table, plot_methods, write_json
+from .report import format_cell, format_length, markdown_table, plot_methods, write_json
 
 __all__ = ["run_compare", "format_compare", "plot_compare", "write_compare"]
 
@@ -84,7 +84,7 @@ def format_compare(records: Sequence[dict]) -> str:
     """One Markdown table: a row per (method, length), a column per measured quantity, fixed width."""
     columns = _shown(records)
     rows = [["method", "length"] + [title for _, title in columns]]
-    rows += [[r["method"], format_length(r["length"])] + [_cell(r.get(key)) for key, _ in columns] for r in records]
+    rows += [[r["method"], format_length(r["length"])] + [format_cell(r.get(key)) for key, _ in columns] for r in records]
     return markdown_table(rows, left=1) + "\n"
 
 

@@ -33,7 +33,7 @@ from ..hf.common import cache_argument
 from .loading import auto_batch_size, is_patched, model_device, peak_rss_mb, reset_peak_rss
 
 __all__ = ["INSTRUCTION", "FILLER", "KEY_SENTENCE", "QUESTION", "PasskeyTokenizer", "passkey_prompt",
-           "template_length", "sample", "greedy_generate", "retrieved", "trial_plan", "run_passkey"]
+           "template_length", "random_key", "sample", "greedy_generate", "retrieved", "trial_plan", "run_passkey"]
 
 INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
                "I will quiz you about the important information there.")
@@ -104,7 +104,7 @@ def passkey_prompt(tokenizer, n_tokens: int, key, depth: float) -> tuple[list[in
     return ids, answer
 
 
-def _random_key(rng: random.Random, digits: int) -> int:
+def random_key(rng: random.Random, digits: int) -> int:
     if not isinstance(digits, int) or digits < 1:
         raise ValueError(f"passkey: digits must be a positive int, got {digits!r}")
     return rng.randint(10 ** (digits - 1), 10 ** digits - 1)
@@ -114,7 +114,7 @@ def sample(tokenizer, rng: random.Random, n_tokens: int, digits: int = 5) -> tup
     """One random example: a prompt of ``n_tokens`` tokens with a uniform random key of ``digits`` digits
     at a uniform random depth. Returns ``(ids, answer_ids)``, the answer being ``encode(key, bos=False)``
     (the tokens that should follow the prompt)."""
-    key = _random_key(rng, digits)
+    key = random_key(rng, digits)
     ids, answer = passkey_prompt(tokenizer, n_tokens, key, rng.random())
     return ids, tokenizer.encode(answer, bos=False)
 
@@ -248,7 +248,7 @@ def trial_plan(length: int, trials: int, *, seed: int = 0, digits: int = 5) -> l
     """The ``(key, depth)`` of each of ``trials`` prompts at ``length`` tokens that :func:`run_passkey`
     evaluates for ``seed`` (build them with :func:`passkey_prompt`): the same for every method."""
     rng = random.Random(f"passkey/{seed}/{length}")
-    return [(_random_key(rng, digits), rng.random()) for _ in range(trials)]
+    return [(random_key(rng, digits), rng.random()) for _ in range(trials)]
 
 
 def run_passkey(model, tokenizer, lengths: Sequence[int], trials: int, *, method: str, seed: int = 0,

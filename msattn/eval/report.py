@@ -13,7 +13,7 @@ import math
 import os
 from collections.abc import Sequence
 
-__all__ = ["format_length", "metric_of", "markdown_table", "format_table", "plot_methods", "format_report",
+__all__ = ["format_cell", "format_length", "metric_of", "markdown_table", "format_table", "plot_methods", "format_report",
            "write_json", "plot", "write_report"]
 
 _TITLES = {"accuracy": "passkey accuracy", "perplexity": "perplexity", "seconds_per_trial": "seconds per trial",
@@ -35,7 +35,8 @@ def metric_of(records: Sequence[dict]) -> str:
     raise ValueError("report: the records hold neither 'accuracy' nor 'perplexity'")
 
 
-def _cell(value) -> str:
+def format_cell(value) -> str:
+    """A table cell: ``-`` for None, else the value formatted for the report tables."""
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -63,7 +64,7 @@ def format_table(records: Sequence[dict], value: str | None = None) -> str:
     value = value or metric_of(records)
     methods = list(dict.fromkeys(r["method"] for r in records))
     lengths = sorted({r["length"] for r in records})
-    cells = {(r["length"], r["method"]): _cell(r.get(value)) for r in records}
+    cells = {(r["length"], r["method"]): format_cell(r.get(value)) for r in records}
     return markdown_table([["length"] + methods] +
                           [[format_length(n)] + [cells.get((n, m), "-") for m in methods] for n in lengths])
 
