@@ -11,6 +11,22 @@ from .ops import ops
 __all__ = ["infini_attention", "ms_attention", "ms_select", "self_extend_attention"]
 
 
+def _scale(q: torch.Tensor, scale: float | None) -> float:
+    """``scale``, or the default ``1 / sqrt(D)``; for a q the ops refuse (not 4-D, D outside 1..256)
+    any value: the op's shape check then names the problem."""
+    if scale is not None:
+        return float(scale)
+    d = q.shape[-1] if q.dim() == 4 else 0
+    return 1.0 / math.sqrt(d) if d >= 1 else 1.0
+
+
+def _int(who: str, name: str, value) -> int:
+    """``value`` if it is an int (the ops check its range); a float or bool is refused, not truncated."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{who}: {name} must be an int, got {value!r}")
+    return value
+
+
 def ms_select(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -111,12 +127,11 @@ def ms_attention(
         ``out (B, Hq, Nq, D)`` in q's dtype, and with ``return_lse`` also ``lse (B, Hq, Nq)`` in
         float32 (float64 for float64 inputs).
     """
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
+    scale = _scale(q, scale)
     cos, sin = rotary if rotary is not None else (None, None)
     if index is None:
         index = ops.ms_select(q, k, key_padding_mask, None, None, block_q, block_k, merge, topk, causal, local)
-    out, lse = ops.ms_fwd(q, k, v, index, key_padding_mask, cos, sin, block_q, block_k, merge, causal, float(scale))
+    out, lse = ops.ms_fwd(q, k, v, index, key_padding_mask, cos, sin, block_q, block_k, merge, causal, scale)
     return (out, lse) if return_lse else out
 
 
@@ -179,13 +194,17 @@ def self_extend_attention(
         ``out (B, Hq, Nq, D)`` in q's dtype, and with ``return_lse`` also ``lse (B, Hq, Nq)`` in
         float32 (float64 for float64 inputs).
     """
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
+    who = "msattn.self_extend_attention"
+    scale = _scale(q, scale)
+    _int(who, "group_size", group_size)
+    _int(who, "window", window)
+    if sliding_window is not None:  # 0, like None: no window
+        _int(who, "sliding_window", sliding_window)
     if rotary is None or len(rotary) != 2:
-        raise ValueError("msattn.self_extend_attention: rotary must be a (cos, sin) pair of float32 tables")
+        raise ValueError(f"{who}: rotary must be a (cos, sin) pair of float32 tables")
     cos, sin = rotary
-    out, lse = ops.self_extend_fwd(q, k, v, cos, sin, key_padding_mask, int(group_size), int(window),
-                                   int(sliding_window or 0), causal, float(scale))
+    out, lse = ops.self_extend_fwd(q, k, v, cos, sin, key_padding_mask, group_size, window, sliding_window or 0,
+                                   causal, scale)
     return (out, lse) if return_lse else out
 # [/SelfExtend]
 
@@ -249,6 +268,7 @@ def infini_attention(
         ``(out, (memory', norm'))``: ``out (B, Hq, Nq, D)`` in q's dtype, the updated memory
         ``(B, Hkv, D, D)`` and normaliser ``(B, Hkv, D)``.
     """
+    scale = _scale(q, scale)
     if (memory is None) != (norm is None):
         raise ValueError("infini_attention: give memory and norm together (or neither, for an empty memory)")
     if memory is None:
@@ -256,9 +276,7 @@ def infini_attention(
         dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         memory = q.new_zeros((B, Hkv, D, D), dtype=dtype)
         norm = q.new_zeros((B, Hkv, D), dtype=dtype)
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
     out, _, _, memory, norm = ops.infini_fwd(q, k, v, beta, memory, norm, key_padding_mask, delta_rule, causal,
-                                             float(scale), update_memory)
+                                             scale, update_memory)
     return out, (memory, norm)
 # [/Infini-attention]

@@ -453,3 +453,18 @@ def test_nan_in_nan_out():
     out = msattn.ms_attention(q, k, v, block_q=4, block_k=4, merge=2, topk=2)
     assert out[0, 0, 10].isnan().all()
     assert out[0, 1].isfinite().all()
+
+
+def test_bad_head_dim_and_non_integer_parameters_are_refused_by_name():
+    q0, k0 = torch.randn(1, 2, 8, 0), torch.randn(1, 1, 8, 0)
+    cos = sin = torch.ones(8, 2)
+    for call in (lambda: msattn.ms_attention(q0, k0, k0), lambda: msattn.infini_attention(q0, k0, k0, torch.zeros(2)),
+                 lambda: msattn.self_extend_attention(q0, k0, k0, group_size=2, window=4, rotary=(cos, sin))):
+        with pytest.raises(RuntimeError, match=r"head dim must be in \[1, 256\]"):  # not a ZeroDivisionError
+            call()
+    q, k = torch.randn(1, 2, 8, 4), torch.randn(1, 1, 8, 4)
+    for name, value in (("group_size", 2.7), ("group_size", True), ("window", 3.0), ("sliding_window", 8.0)):
+        kw = dict(group_size=2, window=4, rotary=(cos, sin))
+        kw[name] = value
+        with pytest.raises(ValueError, match=f"self_extend_attention: {name} must be an int, got {value!r}"):
+            msattn.self_extend_attention(q, k, k, **kw)
