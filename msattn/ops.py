@@ -151,3 +151,22 @@ def _infini_fwd_backward(ctx, dout, dout_local, dlse, dmemory, dnorm):
 
 torch.library.register_autograd("msattn::infini_fwd", _infini_fwd_backward, setup_context=_infini_fwd_setup)
 # [/Infini-attention]
+
+
+# ---------------------------------------------------------------------------------------------
+# the backward ops have no derivative of their own: a second derivative is an error, not a silent zero
+
+def _refuse_double_backward(name: str) -> None:
+    def setup_context(ctx, inputs, output):
+        pass
+
+    def backward(ctx, *grads):
+        raise RuntimeError(f"msattn: {name} has no derivative, so msattn's attention has no second derivative "
+                           "(double backward, e.g. a gradient penalty through torch.autograd.grad(create_graph=True)); "
+                           "use first-order gradients, or PyTorch SDPA where a second derivative is needed")
+
+    torch.library.register_autograd(f"msattn::{name}", backward, setup_context=setup_context)
+
+
+for _name in ("ms_bwd", "self_extend_bwd", "infini_bwd"):
+    _refuse_double_backward(_name)

@@ -468,3 +468,20 @@ def test_bad_head_dim_and_non_integer_parameters_are_refused_by_name():
         kw[name] = value
         with pytest.raises(ValueError, match=f"self_extend_attention: {name} must be an int, got {value!r}"):
             msattn.self_extend_attention(q, k, k, **kw)
+
+
+def test_double_backward_is_an_error_not_a_silent_zero():
+    q = torch.randn(1, 2, 40, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 1, 40, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 1, 40, 8, dtype=torch.float64, requires_grad=True)
+    ang = torch.arange(40, dtype=torch.float32)[:, None] / 100 ** (torch.arange(4) / 4)
+    calls = {
+        "ms_bwd": lambda: msattn.ms_attention(q, k, v, block_q=4, block_k=4, merge=2, topk=3),
+        "self_extend_bwd": lambda: msattn.self_extend_attention(q, k, v, group_size=2, window=8,
+                                                                rotary=(ang.cos(), ang.sin())),
+        "infini_bwd": lambda: msattn.infini_attention(q, k, v, torch.zeros(2, dtype=torch.float64))[0],
+    }
+    for name, call in calls.items():
+        (gq,) = torch.autograd.grad(call().pow(2).sum(), q, create_graph=True)  # the first derivative works
+        with pytest.raises(RuntimeError, match=f"msattn: {name} has no derivative"):
+            torch.autograd.grad(gq.pow(2).sum(), (q, k, v))
