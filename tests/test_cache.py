@@ -138,8 +138,12 @@ def test_prefill_bad_input():
         msattn.prefill(model, ids, chunk_size=0)
     with pytest.raises(ValueError, match="input_ids must be"):
         msattn.prefill(model, ids[0], chunk_size=16)
-    with pytest.raises(ValueError, match="attention_mask must have"):
+    with pytest.raises(ValueError, match=r"attention_mask must cover the 0 cached tokens and the 40 of input_ids, "
+                                         r"shape \(1, 40\), got \(1, 39\)"):
         msattn.prefill(model, ids, chunk_size=16, attention_mask=torch.ones(1, 39))
+    cache, _ = msattn.prefill(model, ids, chunk_size=16)
+    with pytest.raises(ValueError, match="cover the 40 cached tokens and the 40 of input_ids"):
+        msattn.prefill(model, ids, chunk_size=16, cache=cache, attention_mask=torch.ones(1, 40))
     with pytest.raises(ValueError, match="block_k must be a positive int"):
         MSCache(block_k=0)
 
@@ -178,3 +182,26 @@ def test_chunked_prefill_of_any_model_equals_one_call(config):
     assert type(cache) is type(msattn.hf.new_cache(model)) and cache.get_seq_length() == 90
     assert torch.allclose(torch.cat(chunks, 1), ref, rtol=1e-5, atol=1e-5)
     assert torch.equal(last, chunks[-1][:, -1])
+
+
+@pytest.mark.parametrize("config", [SPARSE, None, msattn.InfiniConfig(segment_len=16)], ids=["ms", "dense", "infini"])
+def test_prefill_continues_a_cache_with_a_padding_mask(config):
+    """A left-padded prompt prefilled in two calls gives one call's logits: the second call's positions
+    continue from the cache's real tokens, and its mask covers the cache too."""
+    model = tiny()
+    if config is not None:
+        msattn.hf.patch(model, config)
+    ids = torch.randint(3, 97, (2, 96))
+    mask = torch.ones_like(ids)
+    mask[1, :13] = 0
+    with torch.no_grad():  # positions count real tokens, as prefill's (Infini's memory holds rotated keys)
+        ref = model(ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp_min(0)).logits
+    first, second = [], []
+    cache, _ = msattn.prefill(model, ids[:, :48], chunk_size=16, attention_mask=mask[:, :48],
+                              on_logits=lambda s, logits: first.append(logits))
+    _, last = msattn.prefill(model, ids[:, 48:], chunk_size=16, attention_mask=mask, cache=cache,
+                             on_logits=lambda s, logits: second.append((s, logits)))
+    assert [s for s, _ in second] == [48, 64, 80]
+    got = torch.cat(first + [logits for _, logits in second], 1)
+    valid = mask.bool()
+    assert torch.allclose(got[valid], ref[valid], rtol=1e-5, atol=1e-5)

@@ -318,6 +318,27 @@ def test_patched_models_pickle_and_deepcopy(config):
     assert msattn.hf.patched_config(model) == config
 
 
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
+def test_torch_save_and_a_deepcopy_that_outlives_the_original(config, tmp_path):
+    import copy
+    import gc
+    import weakref
+
+    model = msattn.hf.patch(tiny(), config)
+    ids, _ = batch(1, 50)
+    with torch.no_grad():
+        want = model(ids).logits
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    copied = copy.deepcopy(model)
+    original = weakref.ref(model)
+    del model
+    gc.collect()
+    assert original() is None  # the copy holds nothing of the original
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, want) and torch.equal(copied(ids).logits, want)
+
+
 def test_the_cache_argument_reaches_the_model():
     """msattn passes caches under ``cache_argument(model)``; if a transformers release renames it again,
     this fails naming the release instead of generation silently running without msattn's cache."""

@@ -269,7 +269,8 @@ def prefill(model, input_ids: torch.Tensor, *, chunk_size: int | None = 16384,
         input_ids: ``(B, N)`` token ids.
         chunk_size: tokens per forward (None: one chunk). For MS attention a multiple of the group span
             ``merge * block_q``, so that chunking does not change the selection.
-        attention_mask: ``(B, N)`` padding mask (1 = real token), or None.
+        attention_mask: padding mask (1 = real token) of every token in the cache and in ``input_ids``,
+            ``(B, past + N)`` (``(B, N)`` for a new cache, as generate() takes it), or None.
         cache: a cache to extend (a prompt continued in several calls), or None for :func:`new_cache`.
         on_logits: called as ``on_logits(start, logits)`` with each chunk's logits ``(B, n, V)`` for
             positions ``start..start+n-1`` (for example to accumulate a loss) before they are freed.
@@ -294,19 +295,20 @@ def prefill(model, input_ids: torch.Tensor, *, chunk_size: int | None = 16384,
                          f"{rec.config.span}, so that chunking does not change the selection; got {chunk_size}")
     if input_ids.dim() != 2:
         raise ValueError(f"prefill: input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}")
-    if attention_mask is not None and attention_mask.shape != input_ids.shape:
-        raise ValueError(f"prefill: attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got "
-                         f"{tuple(attention_mask.shape)}")
     cache = new_cache(model) if cache is None else cache
-    name = cache_argument(model)
     past = cache.get_seq_length()
+    want = (input_ids.shape[0], past + n)
+    if attention_mask is not None and tuple(attention_mask.shape) != want:
+        raise ValueError(f"prefill: attention_mask must cover the {past} cached tokens and the {n} of input_ids, "
+                         f"shape {want}, got {tuple(attention_mask.shape)}")
+    name = cache_argument(model)
     last = None
     for start in range(0, n, chunk_size):
         end = min(start + chunk_size, n)
         kwargs = {name: cache}
-        if attention_mask is not None:
-            kwargs["attention_mask"] = attention_mask[:, :end]
-            positions = (attention_mask.long().cumsum(1) - 1).clamp_min(0)[:, start:end]
+        if attention_mask is not None:  # positions count the real tokens before each one, cache included
+            kwargs["attention_mask"] = attention_mask[:, :past + end]
+            positions = (attention_mask.long().cumsum(1) - 1).clamp_min(0)[:, past + start:past + end]
         else:
             positions = torch.arange(past + start, past + end, device=input_ids.device)[None]
         if on_logits is None:  # only the last position's logits are wanted: do not compute (B, n, V)
