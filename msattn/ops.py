@@ -8,11 +8,30 @@ no gradient.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from . import _C  # noqa: F401  (loads the library: registers torch.ops.msattn.*)
 
 ops = torch.ops.msattn
+ISAS = ("auto", "avx512", "avx2", "scalar")
+
+
+def _isa_from_environment() -> None:
+    name = os.environ.get("MSATTN_ISA", "")
+    if not name:
+        return
+    if name not in ISAS:
+        raise ValueError(f"MSATTN_ISA must be one of {', '.join(ISAS)}, got {name!r}")
+    try:
+        ops.set_isa(name)
+    except RuntimeError:
+        raise ValueError(f"MSATTN_ISA={name}: this CPU cannot run the {name} kernels; use one of "
+                         f"{', '.join(ISAS)} that it can") from None
+
+
+_isa_from_environment()
 
 
 def num_groups(n: int, nq: int, span: int) -> int:
@@ -109,7 +128,9 @@ def isa() -> str:
 
 
 def set_isa(name: str) -> None:
-    """Force the CPU kernels' instruction set (``"auto"``, ``"avx512"``, ``"avx2"``, ``"scalar"``)."""
+    """Force the CPU kernels' instruction set (``"auto"``, ``"avx512"``, ``"avx2"``, ``"scalar"``) for the
+    whole process (also at start-up: ``MSATTN_ISA``). Thread-safe: it waits for the CPU ops running
+    now, so every call computes with one instruction set."""
     ops.set_isa(name)
 
 

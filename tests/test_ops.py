@@ -64,3 +64,63 @@ def test_isa_switch():
     msattn.set_isa("auto")
     with pytest.raises(RuntimeError, match="set_isa"):
         msattn.set_isa("sse9")
+
+
+def test_set_isa_from_another_thread_never_lands_inside_a_call():
+    """Four threads compute while a fifth switches instruction sets: every result is bit for bit the
+    result of one instruction set (the switch waits for running calls)."""
+    import threading
+
+    from conftest import RUNNABLE_ISAS
+
+    if len(RUNNABLE_ISAS) < 2:
+        pytest.skip("one instruction set on this CPU")
+    q, k, v = torch.randn(1, 4, 512, 32), torch.randn(1, 2, 512, 32), torch.randn(1, 2, 512, 32)
+    kw = dict(block_q=8, block_k=8, merge=2, topk=6)
+    want = []
+    for name in RUNNABLE_ISAS:
+        msattn.set_isa(name)
+        want.append(msattn.ms_attention(q, k, v, **kw))
+    msattn.set_isa("auto")
+    assert not torch.equal(want[0], want[-1])  # the instruction sets round differently: the test can tell them apart
+    results, stop = [], threading.Event()
+
+    def compute():
+        for _ in range(10):
+            results.append(msattn.ms_attention(q, k, v, **kw))
+
+    def switch():
+        while not stop.is_set():
+            for name in RUNNABLE_ISAS:
+                msattn.set_isa(name)
+
+    switcher = threading.Thread(target=switch)
+    workers = [threading.Thread(target=compute) for _ in range(4)]
+    switcher.start()
+    try:
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    finally:
+        stop.set()
+        switcher.join()
+        msattn.set_isa("auto")
+    assert len(results) == 40
+    assert all(any(torch.equal(r, w) for w in want) for r in results)
+
+
+@pytest.mark.parametrize("value,message", [("bogus", "MSATTN_ISA must be one of auto, avx512, avx2, scalar, got 'bogus'"),
+                                           ("AVX2", "MSATTN_ISA must be one of")])
+def test_an_unknown_msattn_isa_is_an_error(value, message):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MSATTN_ISA=value)
+    run = subprocess.run([sys.executable, "-c", "import msattn"], env=env, capture_output=True, text=True)
+    assert run.returncode != 0 and message in run.stderr
+    env["MSATTN_ISA"] = "scalar"
+    run = subprocess.run([sys.executable, "-c", "import msattn; print(msattn.isa())"], env=env, capture_output=True,
+                         text=True)
+    assert run.returncode == 0 and run.stdout.strip() == "scalar"

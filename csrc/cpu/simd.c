@@ -3,14 +3,16 @@
  *
  * The best table this CPU can run is chosen on first use (cpuid via the compiler's builtins). The
  * environment variable MSATTN_ISA=avx512|avx2|scalar, or msattn_isa_set(), forces another one; the
- * tests use that to run every path on one machine.
+ * tests use that to run every path on one machine. The choice is an atomic pointer: a kernel reads it
+ * once per work item; the ATen glue keeps a switch from landing inside an op call (run_items.h).
  */
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "simd.h"
 
-static const msattn_simd_ops *msattn_current = NULL;
+static _Atomic(const msattn_simd_ops *) msattn_current = NULL;
 
 static int msattn_cpu_has(const char *isa) {
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
@@ -42,22 +44,25 @@ static const msattn_simd_ops *msattn_best(void) {
 int msattn_isa_set(const char *name) {
     if (name == NULL) return MSATTN_ERR_ARG;
     if (strcmp(name, "auto") == 0) {
-        msattn_current = msattn_best();
+        atomic_store(&msattn_current, msattn_best());
         return MSATTN_OK;
     }
     const msattn_simd_ops *t = msattn_table(name);
     if (t == NULL || !msattn_cpu_has(name)) return MSATTN_ERR_ARG;
-    msattn_current = t;
+    atomic_store(&msattn_current, t);
     return MSATTN_OK;
 }
 
 const msattn_simd_ops *msattn_simd(void) {
-    if (msattn_current == NULL) {
-        /* a benign race: every thread computes the same table */
+    const msattn_simd_ops *t = atomic_load(&msattn_current);
+    if (t == NULL) {
+        /* every thread that gets here computes the same table; an unusable MSATTN_ISA is refused by
+           msattn's Python import (msattn.ops), so C callers alone fall back to the best table */
         const char *env = getenv("MSATTN_ISA");
-        if (env == NULL || *env == 0 || msattn_isa_set(env) != MSATTN_OK) msattn_current = msattn_best();
+        if (env == NULL || *env == 0 || msattn_isa_set(env) != MSATTN_OK) atomic_store(&msattn_current, msattn_best());
+        t = atomic_load(&msattn_current);
     }
-    return msattn_current;
+    return t;
 }
 
 const char *msattn_isa_name(void) { return msattn_simd()->name; }

@@ -99,6 +99,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> infini_fw
     const at::Tensor &norm_,                    // (B, Hkv, D)
     const c10::optional<at::Tensor> &mask_,     // (B, N) bool, True = real token
     bool delta_rule, bool causal, double scale, bool update_memory) {
+    IsaCall isa_call(isa_mutex());  // one instruction set for the whole call
     check_infini_args(q, k, v, beta_, memory_, norm_, scale);
     at::Tensor mask = check_mask(mask_, k), memory = memory_.contiguous(), norm = norm_.contiguous();
     at::Tensor beta = beta_.to(at::kDouble).contiguous();
@@ -145,6 +146,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor &out_local,                   // (B, Hq, Nq, D) from infini_fwd
     const at::Tensor &lse_,                        // (B, Hq, Nq) from infini_fwd
     const c10::optional<at::Tensor> &mask_, bool delta_rule, bool causal, double scale, bool update_memory) {
+    IsaCall isa_call(isa_mutex());  // one instruction set for the whole call
     check_infini_args(q, k, v, beta_, memory_, norm_, scale);
     TORCH_CHECK(dout.sizes() == q.sizes() && dout.scalar_type() == q.scalar_type() && dout.device() == q.device(),
                 "msattn: dout must match q: shape ", shape_str(q), " dtype ", q.scalar_type(), ", got ",

@@ -49,6 +49,7 @@ at::Tensor ms_select_cpu(const at::Tensor &q, const at::Tensor &k, const c10::op
                          const c10::optional<at::Tensor> &key_sums, const c10::optional<at::Tensor> &key_counts,
                          int64_t block_q, int64_t block_k, int64_t merge, int64_t topk, bool causal,
                          int64_t local) {
+    IsaCall isa_call(isa_mutex());  // one instruction set for the whole call
     check_qkv(q, k, nullptr);
     check_blocks(block_q, block_k, merge, topk);
     check_local(local, topk);
@@ -104,6 +105,7 @@ at::Tensor ms_select_cpu(const at::Tensor &q, const at::Tensor &k, const c10::op
 
 void ms_region_sums_append_cpu(at::Tensor &key_sums, at::Tensor &key_counts, const at::Tensor &k,
                                const c10::optional<at::Tensor> &mask_, int64_t start, int64_t block_k) {
+    IsaCall isa_call(isa_mutex());  // one instruction set for the whole call
     TORCH_CHECK(k.device().is_cpu(), "msattn: this is the CPU implementation, got k on ", k.device());
     const AppendArgs a = check_append(key_sums, key_counts, k, mask_, start, block_k);
     at::parallel_for(0, k.size(0) * k.size(1), 1, [&](int64_t b, int64_t e) {
@@ -150,6 +152,7 @@ std::tuple<at::Tensor, at::Tensor> ms_fwd_cpu(const at::Tensor &q, const at::Ten
                                               const c10::optional<at::Tensor> &rope_cos,
                                               const c10::optional<at::Tensor> &rope_sin, int64_t block_q,
                                               int64_t block_k, int64_t merge, bool causal, double scale) {
+    IsaCall isa_call(isa_mutex());  // one instruction set for the whole call
     check_ms_args(q, k, v, index_, block_q, block_k, merge, causal, scale);
     at::Tensor mask = check_mask(mask_, k), index = index_.contiguous(), cos, sin;
     const msattn_rope rope = check_rope(rope_cos, rope_sin, q, msattn_compact_len((int)index.size(3), (int)block_k,
@@ -179,6 +182,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_bwd_cpu(
     const at::Tensor &lse_, const at::Tensor &index_, const c10::optional<at::Tensor> &mask_,
     const c10::optional<at::Tensor> &rope_cos, const c10::optional<at::Tensor> &rope_sin, int64_t block_q,
     int64_t block_k, int64_t merge, bool causal, double scale) {
+    IsaCall isa_call(isa_mutex());  // one instruction set for the whole call
     check_ms_args(q, k, v, index_, block_q, block_k, merge, causal, scale);
     TORCH_CHECK(dout.sizes() == q.sizes() && dout.scalar_type() == q.scalar_type() && dout.device() == q.device(),
                 "msattn: dout must match q: shape ", shape_str(q), " dtype ", q.scalar_type(), ", got ",
@@ -251,9 +255,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_bwd_cpu(
     return {dq, dk, dv};
 }
 
-std::string isa() { return msattn_isa_name(); }
+std::string isa() {
+    IsaCall isa_call(isa_mutex());
+    return msattn_isa_name();
+}
 
 void set_isa(const std::string &name) {
+    std::unique_lock<std::shared_mutex> exclusive(isa_mutex());  // waits for the calls running now
     TORCH_CHECK(msattn_isa_set(name.c_str()) == MSATTN_OK, "msattn: set_isa(name) takes 'auto', 'avx512', 'avx2' "
                 "or 'scalar' that this CPU can run, got '", name, "'");
 }

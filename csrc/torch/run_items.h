@@ -3,6 +3,10 @@
 // at::get_num_threads() workers pull items from an atomic counter, each with its own scratch buffer,
 // so torch.set_num_threads is respected and uneven items (causal attention: later queries see more
 // keys) balance. Results never depend on the schedule when every item owns the outputs it writes.
+//
+// Nor on set_isa: every CPU op holds isa_mutex() shared for its whole call (IsaCall), and set_isa
+// holds it exclusively, so a switch of instruction set waits for the running calls and never lands
+// inside one (each result is the result of one instruction set).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -10,10 +14,18 @@
 
 #include <algorithm>
 #include <atomic>
+#include <mutex>
+#include <shared_mutex>
 
 #include "../msattn.h"
 
 namespace msattn {
+
+inline std::shared_mutex &isa_mutex() {
+    static std::shared_mutex m;
+    return m;
+}
+using IsaCall = std::shared_lock<std::shared_mutex>;
 
 // run f(order(w), scratch) for every w in [0, n): order maps the pull sequence to item numbers
 // (heaviest first); f returns an MSATTN_* status

@@ -87,6 +87,7 @@ std::tuple<at::Tensor, at::Tensor> self_extend_fwd_cpu(const at::Tensor &q, cons
                                                        const c10::optional<at::Tensor> &mask_, int64_t group_size,
                                                        int64_t window, int64_t sliding_window, bool causal,
                                                        double scale) {
+    IsaCall isa_call(isa_mutex());  // one instruction set for the whole call
     check_se_args(q, k, v, group_size, window, sliding_window, scale);
     at::Tensor mask = check_mask(mask_, k), cos, sin;
     const msattn_rope rope = check_se_rope(rope_cos, rope_sin, q, k.size(2), cos, sin);
@@ -118,6 +119,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> self_extend_bwd_cpu(
     const at::Tensor &v, const at::Tensor &out, const at::Tensor &lse_, const at::Tensor &rope_cos,
     const at::Tensor &rope_sin, const c10::optional<at::Tensor> &mask_, int64_t group_size, int64_t window,
     int64_t sliding_window, bool causal, double scale) {
+    IsaCall isa_call(isa_mutex());  // one instruction set for the whole call
     check_se_args(q, k, v, group_size, window, sliding_window, scale);
     TORCH_CHECK(dout.sizes() == q.sizes() && dout.scalar_type() == q.scalar_type() && dout.device() == q.device(),
                 "msattn: dout must match q: shape ", shape_str(q), " dtype ", q.scalar_type(), ", got ",
