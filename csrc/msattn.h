@@ -30,6 +30,16 @@ extern "C" {
 // ----------------------------------------------------------------------------------------------
 // common types
 
+/* the largest head dim D: the kernels' fixed-size row buffers have this many entries, and the ATen
+   glue refuses larger D (csrc/torch/checks.h) */
+#define MSATTN_MAX_HEAD_DIM 256
+
+/* the largest region, group, top-k and position counts the glue accepts: every product of them that a
+   kernel forms fits in int64, and each alone fits in int */
+#define MSATTN_MAX_BLOCK (1 << 20)
+#define MSATTN_MAX_SPAN (1 << 24)
+#define MSATTN_MAX_TOKENS ((int64_t)1 << 31)
+
 enum {
     MSATTN_OK = 0,
     MSATTN_ERR_ARG = 1,    /* a size or flag outside what the kernel supports */

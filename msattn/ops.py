@@ -34,6 +34,15 @@ def _isa_from_environment() -> None:
 _isa_from_environment()
 
 
+def _same_device(ref: str, tensors: dict) -> None:
+    """The fake kernels' device check. A call mixing the meta device with a real one dispatches to the
+    fake kernel, which would return an empty tensor of the real device: refuse it by name instead."""
+    device = tensors[ref].device
+    for name, t in tensors.items():
+        if t is not None and t.device != device:
+            raise RuntimeError(f"msattn: {name} must be on {ref}'s device {device}, got {t.device}")
+
+
 def num_groups(n: int, nq: int, span: int) -> int:
     """Query groups of span tokens holding at least one of the last ``nq`` of ``n`` positions."""
     return 0 if nq == 0 else (n - 1) // span - (n - nq) // span + 1
@@ -41,12 +50,14 @@ def num_groups(n: int, nq: int, span: int) -> int:
 
 @torch.library.register_fake("msattn::ms_select")
 def _ms_select_fake(q, k, key_padding_mask, key_sums, key_counts, block_q, block_k, merge, topk, causal, local=0):
+    _same_device("q", dict(q=q, k=k, key_padding_mask=key_padding_mask, key_sums=key_sums, key_counts=key_counts))
     g = num_groups(k.shape[2], q.shape[2], block_q * merge)
     return q.new_empty((k.shape[0], k.shape[1], g, topk), dtype=torch.int32)
 
 
 @torch.library.register_fake("msattn::ms_region_sums_append_")
 def _ms_region_sums_append_fake(key_sums, key_counts, k, key_padding_mask, start, block_k):
+    _same_device("k", dict(k=k, key_sums=key_sums, key_counts=key_counts, key_padding_mask=key_padding_mask))
     return None
 
 
@@ -56,12 +67,16 @@ def _lse_dtype(q: torch.Tensor) -> torch.dtype:
 
 @torch.library.register_fake("msattn::ms_fwd")
 def _ms_fwd_fake(q, k, v, index, key_padding_mask, rope_cos, rope_sin, block_q, block_k, merge, causal, scale):
+    _same_device("q", dict(q=q, k=k, v=v, index=index, key_padding_mask=key_padding_mask, rope_cos=rope_cos,
+                           rope_sin=rope_sin))
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=_lse_dtype(q))
 
 
 @torch.library.register_fake("msattn::ms_bwd")
 def _ms_bwd_fake(dout, dlse, q, k, v, out, lse, index, key_padding_mask, rope_cos, rope_sin, block_q, block_k,
                  merge, causal, scale):
+    _same_device("q", dict(q=q, dout=dout, dlse=dlse, k=k, v=v, out=out, lse=lse, index=index,
+                           key_padding_mask=key_padding_mask, rope_cos=rope_cos, rope_sin=rope_sin))
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format))
@@ -91,12 +106,15 @@ torch.library.register_autograd("msattn::ms_fwd", _ms_fwd_backward, setup_contex
 @torch.library.register_fake("msattn::self_extend_fwd")
 def _self_extend_fwd_fake(q, k, v, rope_cos, rope_sin, key_padding_mask, group_size, window, sliding_window, causal,
                           scale):
+    _same_device("q", dict(q=q, k=k, v=v, rope_cos=rope_cos, rope_sin=rope_sin, key_padding_mask=key_padding_mask))
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=_lse_dtype(q))
 
 
 @torch.library.register_fake("msattn::self_extend_bwd")
 def _self_extend_bwd_fake(dout, dlse, q, k, v, out, lse, rope_cos, rope_sin, key_padding_mask, group_size, window,
                           sliding_window, causal, scale):
+    _same_device("q", dict(q=q, dout=dout, dlse=dlse, k=k, v=v, out=out, lse=lse, rope_cos=rope_cos,
+                           rope_sin=rope_sin, key_padding_mask=key_padding_mask))
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format))
@@ -139,6 +157,7 @@ def set_isa(name: str) -> None:
 
 @torch.library.register_fake("msattn::infini_fwd")
 def _infini_fwd_fake(q, k, v, beta, memory, norm, key_padding_mask, delta_rule, causal, scale, update_memory):
+    _same_device("q", dict(q=q, k=k, v=v, beta=beta, memory=memory, norm=norm, key_padding_mask=key_padding_mask))
     def like(t):
         return torch.empty_like(t, memory_format=torch.contiguous_format)
 
@@ -148,6 +167,9 @@ def _infini_fwd_fake(q, k, v, beta, memory, norm, key_padding_mask, delta_rule, 
 @torch.library.register_fake("msattn::infini_bwd")
 def _infini_bwd_fake(dout, dout_local, dlse, dmemory, dnorm, q, k, v, beta, memory, norm, out_local, lse,
                      key_padding_mask, delta_rule, causal, scale, update_memory):
+    _same_device("q", dict(q=q, dout=dout, dout_local=dout_local, dlse=dlse, dmemory=dmemory, dnorm=dnorm, k=k, v=v,
+                           beta=beta, memory=memory, norm=norm, out_local=out_local, lse=lse,
+                           key_padding_mask=key_padding_mask))
     def like(t):
         return torch.empty_like(t, memory_format=torch.contiguous_format)
 

@@ -124,3 +124,46 @@ def test_an_unknown_msattn_isa_is_an_error(value, message):
     run = subprocess.run([sys.executable, "-c", "import msattn; print(msattn.isa())"], env=env, capture_output=True,
                          text=True)
     assert run.returncode == 0 and run.stdout.strip() == "scalar"
+
+
+def test_region_sums_append_refuses_what_would_overflow():
+    """D above the kernels' row buffers, block_k that a cast to int would wrap or that is too large
+    for the buffers, and start + n past int32 positions: each refused by name."""
+    sums, counts = torch.zeros(1, 1, 4, 300), torch.zeros(1, 1, 4, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=r"head dim must be in \[1, 256\], got k of shape \(1, 1, 5, 300\)"):
+        ops.ms_region_sums_append_(sums, counts, torch.randn(1, 1, 5, 300), None, 0, 16)
+    sums, k = torch.zeros(1, 1, 4, 8), torch.randn(1, 1, 5, 8)
+    for block_k in (2 ** 31, 2 ** 32 + 16, 0):
+        with pytest.raises(RuntimeError, match=rf"block_k must be in \[1, 1048576\], got {block_k}"):
+            ops.ms_region_sums_append_(sums, counts, k, None, 0, block_k)
+    with pytest.raises(RuntimeError, match=r"start must be >= 0 and start \+ n below 2\^31"):
+        ops.ms_region_sums_append_(sums, counts, k, None, 2 ** 63 - 10, 16)
+
+
+def test_block_sizes_that_would_overflow_are_refused_by_name():
+    q, k = torch.randn(1, 2, 16, 8), torch.randn(1, 1, 16, 8)
+    with pytest.raises(RuntimeError, match=r"a group \(block_q \* merge tokens\) may hold at most 16777216 tokens, "
+                                           r"got 1099511627776 \* 1099511627776"):
+        msattn.ms_attention(q, k, k, block_q=2 ** 40, block_k=16, merge=2 ** 40, topk=4)
+    with pytest.raises(RuntimeError, match="a group .* got 4096 \\* 8192"):
+        msattn.ms_select(q, k, block_q=4096, block_k=16, merge=8192, topk=4)
+    with pytest.raises(RuntimeError, match="topk must be <= 1048576"):
+        msattn.ms_select(q, k, block_q=4, block_k=4, merge=2, topk=2 ** 40)
+
+
+def test_a_tensor_on_the_meta_device_is_refused_not_returned_as_garbage():
+    q, k, v = torch.randn(1, 2, 16, 8), torch.randn(1, 1, 16, 8), torch.randn(1, 1, 16, 8)
+    meta = k.to("meta")
+    with pytest.raises(RuntimeError, match="msattn: k must be on q's device cpu, got meta"):
+        msattn.ms_attention(q, meta, v, block_q=4, block_k=4, merge=2, topk=2)
+    mask = torch.ones(1, 16, dtype=torch.bool, device="meta")
+    with pytest.raises(RuntimeError, match="msattn: key_padding_mask must be on q's device cpu, got meta"):
+        msattn.ms_attention(q, k, v, block_q=4, block_k=4, merge=2, topk=2, key_padding_mask=mask)
+    with pytest.raises(RuntimeError, match="msattn: beta must be on q's device cpu, got meta"):
+        msattn.infini_attention(q, k, v, torch.zeros(2, device="meta"))
+    ang = torch.ones(16, 4)
+    with pytest.raises(RuntimeError, match="msattn: v must be on q's device cpu, got meta"):
+        msattn.self_extend_attention(q, k, v.to("meta"), group_size=2, window=4, rotary=(ang, ang))
+    # all on meta: shapes only, as torch.compile traces them
+    out = msattn.ms_attention(q.to("meta"), meta, v.to("meta"), block_q=4, block_k=4, merge=2, topk=2)
+    assert out.device.type == "meta" and out.shape == q.shape

@@ -73,10 +73,10 @@ static inf_dims inf_dims_of(const msattn_infini_params *p) {
 
 static inline double inf_gate(double beta) { return 1.0 / (1.0 + exp(-beta)); }
 
-/* x = sigma(x) in place for n <= 256 values, and dsig = sigma'(x) (1 above 0, e^x below) unless
- * NULL; e^x through the table's vector exp2 */
+/* x = sigma(x) in place for n <= MSATTN_MAX_HEAD_DIM values (a head's), and dsig = sigma'(x) (1 above
+ * 0, e^x below) unless NULL; e^x through the table's vector exp2 */
 static void inf_sigma(const msattn_simd_ops *ops, float *x, float *dsig, int64_t n) {
-    float e[256];
+    float e[MSATTN_MAX_HEAD_DIM];
     for (int64_t i = 0; i < n; ++i) e[i] = x[i] * (float)MS_LOG2E_D;
     ops->exp2_sum(e, (int)n, 0.0f);
     for (int64_t i = 0; i < n; ++i) {

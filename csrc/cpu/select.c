@@ -139,7 +139,7 @@ static void ms_add_tokens(msattn_region_sums s, const msattn_view *k, msattn_dty
     }
     const msattn_simd_ops *ops = msattn_simd();
     const size_t esize = dt == MSATTN_F64 ? 8 : dt == MSATTN_F32 ? 4 : 2;
-    float row[256]; /* D <= 256 */
+    float row[MSATTN_MAX_HEAD_DIM];
     for (int64_t t = tb; t < te; ++t) {
         if (mask != NULL && mask[b * mask_sb + (t - mask_t0)] == 0) continue;
         ++*count;

@@ -341,7 +341,7 @@ static int MS_SUFFIX(score_block)(double *s, int32_t *keep, const double *q, con
         kept += ms_keep_not_below(keep + kept, v, lim, valid, c);
     }
 #else
-    double row[256]; /* d <= 256 */
+    double row[MSATTN_MAX_HEAD_DIM];
     for (int c = 0; c < n; ++c) {
         const float *k = sums + (int64_t)cand[c] * d;
         for (int i = 0; i < d; ++i) row[i] = (double)k[i];

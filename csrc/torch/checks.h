@@ -44,14 +44,14 @@ inline void check_qkv(const at::Tensor &q, const at::Tensor &k, const at::Tensor
                 shape_str(k));
     TORCH_CHECK(k.size(3) == q.size(3), "msattn: k must have q's head dim ", q.size(3), ", got k of shape ",
                 shape_str(k));
-    TORCH_CHECK(q.size(3) >= 1 && q.size(3) <= 256, "msattn: head dim must be in [1, 256], got q of shape ",
-                shape_str(q));
+    TORCH_CHECK(q.size(3) >= 1 && q.size(3) <= MSATTN_MAX_HEAD_DIM, "msattn: head dim must be in [1, ",
+                MSATTN_MAX_HEAD_DIM, "], got q of shape ", shape_str(q));
     TORCH_CHECK(k.size(1) >= 1 && q.size(1) % k.size(1) == 0,
                 "msattn: q heads must be a multiple of k heads (GQA), got q ", shape_str(q), " and k ",
                 shape_str(k));
     TORCH_CHECK(q.size(2) <= k.size(2), "msattn: q may not be longer than k (queries are the last Nq of N "
                 "positions), got q ", shape_str(q), " and k ", shape_str(k));
-    TORCH_CHECK(k.size(2) < (int64_t(1) << 31), "msattn: k longer than 2^31 - 1 tokens: ", shape_str(k));
+    TORCH_CHECK(k.size(2) < MSATTN_MAX_TOKENS, "msattn: k longer than 2^31 - 1 tokens: ", shape_str(k));
     if (v) {
         TORCH_CHECK(v->dim() == 4 && v->sizes() == k.sizes(), "msattn: v must have k's shape ", shape_str(k),
                     ", got ", shape_str(*v));
@@ -71,9 +71,12 @@ inline void check_blocks(int64_t block_q, int64_t block_k, int64_t merge, int64_
     TORCH_CHECK(block_k >= 1, "msattn: block_k must be >= 1, got ", block_k);
     TORCH_CHECK(merge >= 1, "msattn: merge must be >= 1, got ", merge);
     TORCH_CHECK(topk >= 1, "msattn: topk must be >= 1, got ", topk);
-    TORCH_CHECK(block_q * merge <= (int64_t(1) << 24) && block_k <= (int64_t(1) << 20) && topk <= (int64_t(1) << 20),
-                "msattn: block_q * merge, block_k or topk out of range: ", block_q, " * ", merge, ", ", block_k,
-                ", ", topk);
+    // each bound before any product, so that no product overflows
+    TORCH_CHECK(block_q <= MSATTN_MAX_SPAN && merge <= MSATTN_MAX_SPAN && block_q * merge <= MSATTN_MAX_SPAN,
+                "msattn: a group (block_q * merge tokens) may hold at most ", MSATTN_MAX_SPAN, " tokens, got ",
+                block_q, " * ", merge);
+    TORCH_CHECK(block_k <= MSATTN_MAX_BLOCK, "msattn: block_k must be <= ", MSATTN_MAX_BLOCK, ", got ", block_k);
+    TORCH_CHECK(topk <= MSATTN_MAX_BLOCK, "msattn: topk must be <= ", MSATTN_MAX_BLOCK, ", got ", topk);
     TORCH_CHECK((merge * block_q) % block_k == 0, "msattn: merge * block_q must be a multiple of block_k, got ",
                 merge, " * ", block_q, " and ", block_k);
 }
@@ -129,8 +132,12 @@ struct AppendArgs {
 inline AppendArgs check_append(const at::Tensor &key_sums, const at::Tensor &key_counts, const at::Tensor &k,
                                const c10::optional<at::Tensor> &mask, int64_t start, int64_t block_k) {
     TORCH_CHECK(k.dim() == 4, "msattn: ms_region_sums_append_: k must be 4-D (B, Hkv, n, D), got ", shape_str(k));
-    TORCH_CHECK(block_k >= 1, "msattn: block_k must be >= 1, got ", block_k);
-    TORCH_CHECK(start >= 0, "msattn: start must be >= 0, got ", start);
+    TORCH_CHECK(k.size(3) >= 1 && k.size(3) <= MSATTN_MAX_HEAD_DIM, "msattn: ms_region_sums_append_: head dim must "
+                "be in [1, ", MSATTN_MAX_HEAD_DIM, "], got k of shape ", shape_str(k));
+    TORCH_CHECK(block_k >= 1 && block_k <= MSATTN_MAX_BLOCK, "msattn: block_k must be in [1, ", MSATTN_MAX_BLOCK,
+                "], got ", block_k);
+    TORCH_CHECK(start >= 0 && start < MSATTN_MAX_TOKENS - k.size(2), "msattn: ms_region_sums_append_: start must "
+                "be >= 0 and start + n below 2^31 (positions are int32), got start ", start, " and n ", k.size(2));
     dtype_of(k);
     const int64_t end = start + k.size(2);
     return {check_mask(mask, k), sums_view(key_sums, key_counts, k, msattn_num_key_regions(end, (int)block_k),
