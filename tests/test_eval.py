@@ -327,6 +327,7 @@ def test_infini_checkpoint_keeps_its_trained_gates(tmp_path):
     assert meta["infini"]["segment_len"] == 16 and meta["infini"]["delta_rule"] is True
     loaded, _ = load(model=tmp_path)
     assert not any("infini_gate" in name for name, _ in loaded.named_parameters())  # plain HF weights
+    assert not hasattr(loaded.config, "msattn")  # and a plain config
     from msattn.eval.loading import settings_from_meta
 
     restored = settings_from_meta(meta)

@@ -397,3 +397,24 @@ def test_patch_method_dispatch():
         msattn.hf.unpatch(model)
     assert torch.allclose(infini, ref, rtol=0, atol=1e-5 * ref.abs().max())
     assert torch.equal(model(ids).logits, ref)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
+def test_save_pretrained_and_from_pretrained_keep_the_method_and_its_trained_weights(config, tmp_path):
+    model = msattn.hf.patch(tiny(), config)
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):  # "trained" gates: not the initial value
+            if hasattr(layer.self_attn, "infini_gate"):
+                layer.self_attn.infini_gate.beta.copy_(torch.linspace(-1.0, 2.0, 4) + i)
+    ids, mask = batch(2, 70, "left")
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).logits
+    model.save_pretrained(tmp_path)
+    loaded = msattn.hf.from_pretrained(tmp_path).eval()
+    assert msattn.hf.patched_config(loaded) == config
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, attention_mask=mask).logits, want)
+    msattn.hf.unpatch(model)
+    assert not hasattr(model.config, "msattn")  # saved unpatched: loads plain
+    model.save_pretrained(tmp_path / "plain")
+    assert msattn.hf.patched_config(msattn.hf.from_pretrained(tmp_path / "plain")) is None

@@ -143,8 +143,18 @@ def save_checkpoint(model, tokenizer, directory, *, method: str, settings: Setti
         gates = [layer.self_attn.infini_gate.beta.detach().float().cpu().tolist() for layer in decoder(model).layers]
         meta["infini"] = {"segment_len": settings.infini.segment_len, "delta_rule": settings.infini.delta_rule,
                           "gates": gates}
+    # the plain model: its weights without the gates, its config without msattn.hf's patch record (the
+    # method and its parameters are in msattn.json)
+    from ..hf import SAVED, base_model
+
     state = {k: v for k, v in model.state_dict().items() if ".infini_gate." not in k}
-    model.save_pretrained(directory, state_dict=state)
+    config = base_model(model).config
+    record = config.__dict__.pop(SAVED, None)
+    try:
+        model.save_pretrained(directory, state_dict=state)
+    finally:
+        if record is not None:
+            setattr(config, SAVED, record)
     with open(os.path.join(directory, CHECKPOINT_META), "w") as f:
         json.dump(meta, f, indent=2)
 

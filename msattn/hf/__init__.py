@@ -23,7 +23,10 @@ method does not enforce) raises.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
+import os
 
 from torch import nn
 from transformers.masking_utils import AttentionMaskInterface
@@ -35,8 +38,12 @@ from .cache import InfiniCache, MSCache, new_cache, prefill
 from .common import RECORD, Method, PatchRecord, UnrotatedRotary, base_model, cache_argument, check_model, decoder
 
 __all__ = ["METHODS", "InfiniCache", "InfiniConfig", "MSCache", "MSConfig", "Method", "SelfExtendConfig",
-           "UnrotatedRotary", "cache_argument", "new_cache", "patch", "patched_config", "prefill", "register",
-           "unpatch"]
+           "UnrotatedRotary", "cache_argument", "from_pretrained", "new_cache", "patch", "patched_config", "prefill",
+           "register", "unpatch"]
+
+#: The attribute of a patched model's HF config that names its method and config, so that
+#: ``save_pretrained`` writes them to config.json and :func:`from_pretrained` patches the model again.
+SAVED = "msattn"
 
 #: The one method registry: name -> :class:`Method`. The evaluation harness, the demo and the examples
 #: read it; ``"dense"`` (the unpatched model) is not a method here.
@@ -114,6 +121,7 @@ def patch(model, config=None, rope: nn.Module | None = None):
             method.install(attn, config)
         setattr(attn, RECORD, rec)
     setattr(base, RECORD, rec)
+    setattr(base.config, SAVED, {"method": method.name, "config": dataclasses.asdict(config)})
     base.generate = functools.partial(_generate, base)
     base.set_attn_implementation(method.attn_implementation)
     return model
@@ -142,6 +150,54 @@ def unpatch(model):
             if rec.method.uninstall is not None:
                 rec.method.uninstall(attn)
     delattr(base, RECORD)
+    if hasattr(base.config, SAVED):
+        delattr(base.config, SAVED)
     del base.generate
     base.set_attn_implementation(rec.saved_attn_implementation)
+    return model
+
+
+def from_pretrained(path, **kwargs):
+    """Load a model saved with ``save_pretrained`` while patched, patched again as it was saved.
+
+    ``AutoModelForCausalLM.from_pretrained(path, **kwargs)`` loads the plain model; the method and
+    config that ``patch`` wrote to config.json (the ``msattn`` entry) are applied again, and the weights
+    the method added (Infini-attention's trained gates), which the plain model does not have, are read
+    from the checkpoint's safetensors files. A model saved unpatched is returned as it loads. A rotary
+    embedding passed to ``patch(..., rope=)`` is not saved: pass it to ``patch`` again.
+    """
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    saved = getattr(model.config, SAVED, None)
+    if saved is None:
+        return model
+    delattr(model.config, SAVED)
+    if not isinstance(saved, dict) or saved.get("method") not in METHODS:
+        raise ValueError(f"msattn.hf.from_pretrained: {path}: config.json's {SAVED!r} entry must name one of "
+                         f"{', '.join(METHODS)}, got {saved!r}")
+    method = METHODS[saved["method"]]
+    plain = set(model.state_dict())
+    patch(model, method.config(**saved.get("config", {})))
+    added = [name for name in model.state_dict() if name not in plain]
+    if added:
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.isfile(index):
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        else:
+            files = ["model.safetensors"]
+        weights = {}
+        for name in files:
+            file = os.path.join(path, name)
+            if not os.path.isfile(file):
+                raise FileNotFoundError(f"msattn.hf.from_pretrained: {file} not found; the model's {method.name} "
+                                        "weights are read from safetensors files (save_pretrained's default)")
+            weights.update({k: v for k, v in load_file(file).items() if k in added})
+        lost = sorted(set(added) - set(weights))
+        if lost:
+            raise ValueError(f"msattn.hf.from_pretrained: {path} lacks the {method.name} weights {', '.join(lost[:4])}"
+                             f"{' ...' if len(lost) > 4 else ''}; was it saved while patched?")
+        model.load_state_dict(weights, strict=False)
     return model
