@@ -418,3 +418,24 @@ def test_save_pretrained_and_from_pretrained_keep_the_method_and_its_trained_wei
     assert not hasattr(model.config, "msattn")  # saved unpatched: loads plain
     model.save_pretrained(tmp_path / "plain")
     assert msattn.hf.patched_config(msattn.hf.from_pretrained(tmp_path / "plain")) is None
+
+
+@pytest.mark.parametrize("config", [SPARSE, msattn.InfiniConfig(segment_len=16)], ids=["ms", "infini"])
+def test_left_padding_by_whole_groups_equals_the_prompt_alone(config):
+    """Groups (MS) and segments (Infini) are aligned to cache slots, not to a row's first real token
+    (README, "Padding"): left padding by a whole number of groups / segments gives the prompt alone's
+    logits; other amounts shift the grid, which is allowed to change them."""
+    model = msattn.hf.patch(tiny(), config)
+    unit = config.span if isinstance(config, msattn.MSConfig) else config.segment_len
+    ids = torch.randint(3, 97, (1, 60))
+    with torch.no_grad():
+        alone = model(ids).logits
+        for pad in (unit, 2 * unit):
+            padded = torch.cat([torch.zeros(1, pad, dtype=ids.dtype), ids], 1)
+            mask = (torch.arange(pad + 60) >= pad).long()[None]
+            positions = (mask.cumsum(1) - 1).clamp_min(0)  # what generate() passes
+            got = model(padded, attention_mask=mask, position_ids=positions).logits[:, pad:]
+            assert torch.allclose(got, alone, rtol=1e-5, atol=1e-5), pad
+        right = torch.cat([ids, torch.zeros(1, 7, dtype=ids.dtype)], 1)  # right padding: any amount
+        got = model(right, attention_mask=(torch.arange(67) < 60).long()[None]).logits[:, :60]
+        assert torch.allclose(got, alone, rtol=1e-5, atol=1e-5)
