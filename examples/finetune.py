@@ -294,12 +294,24 @@ def main(argv=None):
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"finetune: {trainer.args.world_size} process(es); {len(dataset)} chunks of {args.seq_len} tokens; "
               f"{ms}; {crd}; {n_train} trainable parameters")
-    trainer.train(resume_from_checkpoint=args.resume)
+    resume = last_complete_checkpoint(args.out) if args.resume is True else args.resume
+    trainer.train(resume_from_checkpoint=resume)
     if trainer.is_world_process_zero():
         model.save_pretrained(args.out)
         write_run_config(args.out, run_config(args, ms, crd, model))
         print(f"finetune: adapter and {CONFIG_NAME} written to {args.out}")
     return trainer
+
+
+def last_complete_checkpoint(out) -> str:
+    """The newest ``checkpoint-N`` in ``out`` that holds ``trainer_state.json``, which the Trainer writes
+    after the model, optimizer and scheduler: a run killed while saving leaves a newer, incomplete
+    directory, from which the Trainer's own choice (the newest) cannot resume."""
+    done = [d for d in Path(out).glob("checkpoint-*")
+            if d.name.split("-")[-1].isdigit() and (d / "trainer_state.json").is_file()]
+    if not done:
+        raise SystemExit(f"finetune: --resume: no complete checkpoint (checkpoint-N with trainer_state.json) in {out}")
+    return str(max(done, key=lambda d: int(d.name.split("-")[-1])))
 
 
 if __name__ == "__main__":

@@ -143,7 +143,9 @@ def test_resume_continues_steps_and_crd_schedule(tmp_path):
              "--lr", "1e-3", "--out", str(tmp_path), "--no-progress"]
     first = ft.main([*flags, "--steps", "6"])
     assert first.state.global_step == 6 and (tmp_path / "checkpoint-6").is_dir()
-    resumed = ft.main([*flags, "--steps", "12", "--resume"])
+    (tmp_path / "checkpoint-9").mkdir()  # a run killed while writing its next checkpoint
+    (tmp_path / "checkpoint-9" / "model.safetensors").write_bytes(b"")
+    resumed = ft.main([*flags, "--steps", "12", "--resume"])  # from checkpoint-6, the last complete one
     assert resumed.state.global_step == 12
     assert len([h for h in resumed.state.log_history if "loss" in h]) == 12  # 6 restored + 6 new
     (callback,) = [cb for cb in resumed.callback_handler.callbacks if isinstance(cb, CRDNTKCallback)]
@@ -161,6 +163,12 @@ def test_resume_continues_steps_and_crd_schedule(tmp_path):
     for flag in ("--merge", "--chunk-size"):
         with pytest.raises(SystemExit):
             eval_finetuned.main([*common, flag, "0"])
+
+
+def test_resume_without_a_complete_checkpoint_is_a_clear_error(tmp_path):
+    (tmp_path / "checkpoint-3").mkdir()
+    with pytest.raises(SystemExit, match="no complete checkpoint"):
+        ft.main([*SPARSE_FLAGS, "--seq-len", "64", "--steps", "2", "--out", str(tmp_path), "--no-progress", "--resume"])
 
 
 def test_evaluation_split_is_refused(tmp_path):
