@@ -24,7 +24,7 @@ COMPAT_TESTS := tests/test_hf.py tests/test_cache.py tests/test_eval.py tests/te
                 tests/test_lora.py tests/test_models.py tests/test_rope.py tests/test_self_extend.py tests/test_infini.py
 COMPAT_SELECT := not (test_self_extend or test_infini) or hf
 
-.PHONY: install test test-slow test-compat demo bench lock clean
+.PHONY: install test test-slow test-compat test-asan demo bench lock clean
 
 install: $(VENV)/.msattn-built
 
@@ -69,6 +69,23 @@ test-compat: install $(FLOOR)/.msattn-built
 		$$py -m pytest -q $(COMPAT_TESTS) -k "$(COMPAT_SELECT)" $(PYTEST_ARGS) || exit 1; \
 	done
 
+# the kernel tests under AddressSanitizer + UndefinedBehaviorSanitizer: the extension built with
+# MSATTN_SANITIZE=1 into build-asan/ (the in-tree one stays), imported from there (python -P); libasan
+# and the system libstdc++ preloaded (with libasan alone every C++ exception aborts in __cxa_throw)
+ASAN_LIB := build-asan/lib
+ASAN_TESTS := tests/test_functional.py tests/test_ops.py tests/test_self_extend.py tests/test_infini.py \
+              tests/test_cache.py tests/test_fuzz.py
+$(ASAN_LIB)/.built: $(VENV)/.deps $(PACKAGE)
+	MSATTN_SANITIZE=1 MSATTN_CUDA=0 $(PY) setup.py -q build --build-base build-asan/build --build-lib $(ASAN_LIB) \
+		--force 2>&1 | grep -v -i -E "deprecat|setuptools|!!|^\s*$$|\*\*\*" || true
+	@test -f $(ASAN_LIB)/msattn/_C*.so
+	touch $@
+
+test-asan: $(ASAN_LIB)/.built
+	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
+	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so) $$(g++ -print-file-name=libstdc++.so)" \
+	PYTHONPATH=$(ASAN_LIB) $(PY) -P -m pytest -q -p no:cacheprovider --capture=sys $(ASAN_TESTS) $(PYTEST_ARGS)
+
 # the main job: train a tiny Llama at 256 tokens (MS and dense), evaluate passkey retrieval to 64x
 demo: install
 	$(PY) -m msattn.demo $(DEMO_ARGS)
@@ -82,4 +99,4 @@ lock:
 	$(PYTHON) requirements/lock.py --torch "$(TORCH)"
 
 clean:
-	rm -rf build $(VENV) .venv-compat msattn/*.so *.egg-info
+	rm -rf build build-asan $(VENV) .venv-compat msattn/*.so *.egg-info

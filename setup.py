@@ -3,8 +3,8 @@
 The C11 kernels (csrc/cpu/*.c) are compiled by the C compiler with C flags, then linked with the
 ATen glue (csrc/torch/*.cpp), which torch.utils.cpp_extension compiles as C++. CUDA sources
 (csrc/cuda/*.cu and the *_cuda.cpp glue) are added when nvcc and a CUDA build of torch are present;
-MSATTN_CUDA=0/1 forces the choice. Install with `pip install --no-build-isolation .` against the
-torch already in the environment.
+MSATTN_CUDA=0/1 forces the choice; MSATTN_SANITIZE=1 adds AddressSanitizer and UBSan (make test-asan).
+Install with `pip install --no-build-isolation .` against the torch already in the environment.
 """
 
 import glob
@@ -28,6 +28,11 @@ C_FLAGS = ["-std=c11", "-fPIC", "-fvisibility=hidden", "-fno-math-errno", "-Wall
 # -fopenmp adds libgomp.so.1, which resolves to the copy torch already loaded (one OpenMP runtime).
 CXX_FLAGS = ["-fvisibility=hidden", "-fopenmp", "-Wall", *OPT]
 LINK_FLAGS = ["-fopenmp"]
+if os.environ.get("MSATTN_SANITIZE", "0") == "1":  # make test-asan: AddressSanitizer + UBSan build
+    SANITIZE = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined", "-g"]
+    C_FLAGS += SANITIZE
+    CXX_FLAGS += SANITIZE
+    LINK_FLAGS += SANITIZE
 NVCC_FLAGS = [
     "-O3", "-std=c++17", "--use_fast_math",
     "-gencode=arch=compute_80,code=sm_80",

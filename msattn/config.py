@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 __all__ = ["InfiniConfig", "MSConfig", "SelfExtendConfig"]
 
 ROPE_MODES = ("inputs", "selected")
+# the kernels' limits (MSATTN_MAX_SPAN and MSATTN_MAX_BLOCK in csrc/msattn.h), checked here too so that a
+# config that no call could run is refused when it is built
+MAX_SPAN = 1 << 24
+MAX_BLOCK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,12 @@ class MSConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"MSConfig.{name} must be a positive int, got {value!r}")
+        for name, limit in (("block_q", MAX_SPAN), ("merge", MAX_SPAN), ("block_k", MAX_BLOCK), ("topk", MAX_BLOCK)):
+            if getattr(self, name) > limit:
+                raise ValueError(f"MSConfig.{name} must be at most {limit}, got {getattr(self, name)}")
+        if self.block_q * self.merge > MAX_SPAN:
+            raise ValueError(f"MSConfig: a group (block_q * merge tokens) may hold at most {MAX_SPAN} tokens, got "
+                             f"{self.block_q} * {self.merge}")
         if not isinstance(self.local, int) or isinstance(self.local, bool) or not 0 <= self.local <= self.topk:
             raise ValueError(f"MSConfig.local must be an int in [0, topk = {self.topk}], got {self.local!r}")
         if (self.merge * self.block_q) % self.block_k != 0:

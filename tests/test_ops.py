@@ -149,6 +149,17 @@ def test_block_sizes_that_would_overflow_are_refused_by_name():
         msattn.ms_select(q, k, block_q=4096, block_k=16, merge=8192, topk=4)
     with pytest.raises(RuntimeError, match="topk must be <= 1048576"):
         msattn.ms_select(q, k, block_q=4, block_k=4, merge=2, topk=2 ** 40)
+    from msattn.config import MAX_BLOCK, MAX_SPAN
+
+    with pytest.raises(ValueError, match="MSConfig.block_q must be at most 16777216"):  # the config refuses them too
+        msattn.MSConfig(block_q=2 ** 40, merge=2 ** 40)
+    with pytest.raises(ValueError, match=r"a group \(block_q \* merge tokens\) may hold at most 16777216"):
+        msattn.MSConfig(block_q=4096, block_k=16, merge=8192)
+    # the config's limits are the kernels': the largest config it accepts runs
+    config = msattn.MSConfig(block_q=MAX_SPAN, block_k=16, merge=1, topk=MAX_BLOCK)
+    out = msattn.ms_attention(q, k, k, block_q=config.block_q, block_k=config.block_k, merge=config.merge,
+                              topk=config.topk)
+    assert out.shape == q.shape
 
 
 def test_a_tensor_on_the_meta_device_is_refused_not_returned_as_garbage():
