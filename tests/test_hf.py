@@ -439,3 +439,15 @@ def test_left_padding_by_whole_groups_equals_the_prompt_alone(config):
         right = torch.cat([ids, torch.zeros(1, 7, dtype=ids.dtype)], 1)  # right padding: any amount
         got = model(right, attention_mask=(torch.arange(67) < 60).long()[None]).logits[:, :60]
         assert torch.allclose(got, alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("config", [SPARSE, msattn.InfiniConfig(segment_len=16),
+                                    msattn.SelfExtendConfig(group_size=4, window=16)], ids=["ms", "infini", "self_extend"])
+def test_a_static_cache_is_refused_not_misread(config):
+    """The kernels take a call's queries as the last keys; a static cache has empty slots after them, which
+    silently shifted every position (MS generated other tokens than with its own cache)."""
+    model = msattn.hf.patch(tiny(), config)
+    ids = torch.randint(3, 97, (1, 40))
+    with pytest.raises(NotImplementedError, match="static or preallocated cache"):
+        model.generate(ids, max_new_tokens=3, do_sample=False, cache_implementation="static")
+    assert model.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False).shape == (1, 43)  # its own cache

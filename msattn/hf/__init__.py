@@ -70,13 +70,16 @@ def _method_of(config) -> Method:
 
 
 def _generate(model, *args, **kwargs):
-    """``model.generate`` of a patched model: the method's cache unless the caller passes one or turns
-    caching off (``generate``'s own ``use_cache`` or the generation config's)."""
+    """``model.generate`` of a patched model: the method's cache unless the caller passes one, asks for
+    one by name (``cache_implementation``) or turns caching off (``use_cache``; each as an argument or
+    in the generation config)."""
     rec = getattr(model, RECORD)
     name = cache_argument(model)
     config = kwargs.get("generation_config") or model.generation_config
     use_cache = kwargs.get("use_cache", getattr(config, "use_cache", True))
-    if use_cache is not False and kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
+    named = kwargs.get("cache_implementation", getattr(config, "cache_implementation", None))
+    if (use_cache is not False and named is None and kwargs.get("cache") is None
+            and kwargs.get("past_key_values") is None):
         kwargs[name] = rec.method.new_cache(rec.config)
     return type(model).generate(model, *args, **kwargs)
 

@@ -19,7 +19,7 @@ from transformers.masking_utils import causal_mask_function
 from ..rope import compact_rope_tables
 
 __all__ = ["Method", "PatchRecord", "UnrotatedRotary", "attention_modules", "base_model", "cache_argument",
-           "call_record", "check_model", "decoder", "padding_mask", "record"]
+           "call_record", "check_model", "check_queries_are_last", "decoder", "padding_mask", "record"]
 
 RECORD = "_msattn"  # the attribute that holds a PatchRecord, on the base model and on each attention module
 
@@ -153,11 +153,25 @@ def cache_argument(model) -> str:
 # ---------------------------------------------------------------------------------------------
 # the calls
 
+def check_queries_are_last(q_offset, q_length: int, kv_length: int, kv_offset: int = 0) -> None:
+    """msattn's kernels take a call's queries as the last of its keys. A cache with slots past the last
+    query (a static or preallocated one) would shift every position: refuse it."""
+    end = q_offset + q_length
+    end = end if isinstance(end, int) else int(end)  # a tensor for static caches
+    if kv_offset + kv_length > end:
+        raise NotImplementedError(
+            f"msattn: the cache holds {kv_offset + kv_length} key slots for queries ending at {end} (a static or "
+            "preallocated cache, e.g. cache_implementation='static'); msattn's kernels take the queries as the "
+            "last keys: use the method's own cache (msattn.hf.new_cache(model), what generate() of a patched "
+            "model uses) or a DynamicCache")
+
+
 def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=causal_mask_function,
                  attention_mask=None, **kwargs):
     """The mask function of MS attention and Infini-attention: the key padding mask, bool
     ``(B, kv_length)`` (True = real token), or None. Causality is the kernel's own; any other mask
     pattern raises."""
+    check_queries_are_last(q_offset, q_length, kv_length, kv_offset)
     if mask_function is not causal_mask_function:
         raise NotImplementedError(
             "msattn implements causal attention with a key padding mask; this model asked for another mask "
@@ -168,8 +182,6 @@ def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
     if attention_mask.dim() != 2:
         raise ValueError(f"msattn: attention_mask must be 2-D (batch, keys), got shape {tuple(attention_mask.shape)}")
     mask = attention_mask.to(torch.bool)[:, -kv_length:]
-    if mask.shape[1] < kv_length:  # a static cache: slots past the mask hold no token yet
-        mask = torch.nn.functional.pad(mask, (0, kv_length - mask.shape[1]), value=False)
     return mask.contiguous()
 
 
