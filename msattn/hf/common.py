@@ -137,8 +137,8 @@ def check_model(model, who: str, method: Method) -> tuple[nn.Module, int]:
 
 def cache_argument(model) -> str:
     """The keyword under which the model's ``forward`` and ``generate`` take a cache: ``"cache"`` from
-    transformers 5.24 on, ``"past_key_values"`` before (5.24 and 5.25 still accept the old name, with
-    a deprecation warning, until 5.40). Read from the model class's ``forward`` signature, so a release
+    transformers 5.24 on, ``"past_key_values"`` before (5.25 still accepts the old name, with a
+    deprecation warning, until 5.40). Read from the model class's ``forward`` signature, so a release
     that renames it again fails loudly in ``tests/test_hf.py`` instead of silently dropping the cache."""
     params = inspect.signature(type(base_model(model)).forward).parameters
     for name in ("cache", "past_key_values"):
