@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 __all__ = ["InfiniConfig", "MSConfig", "SelfExtendConfig"]
 
 ROPE_MODES = ("inputs", "selected")
-# the kernels' limits (MSATTN_MAX_SPAN and MSATTN_MAX_BLOCK in csrc/msattn.h), checked here too so that a
-# config that no call could run is refused when it is built
+# the kernels' limits (MSATTN_MAX_SPAN, MSATTN_MAX_BLOCK, MSATTN_MAX_HEAD_DIM in csrc/msattn.h), checked
+# here too so that a config or a model that no call could run is refused when it is built or patched
 MAX_SPAN = 1 << 24
 MAX_BLOCK = 1 << 20
+MAX_HEAD_DIM = 256  # MSATTN_MAX_HEAD_DIM
 
 
 @dataclass(frozen=True)

@@ -129,6 +129,7 @@ def save_checkpoint(model, tokenizer, directory, *, method: str, settings: Setti
     model must still be patched). The weights saved are the plain model's, loadable by any HF code.
     """
     from ..hf import decoder, patched_config
+    from ..hf.common import attention_modules
 
     if method not in method_names():
         raise ValueError(f"save_checkpoint: unknown method {method!r}; known: {', '.join(method_names())}")
@@ -140,7 +141,7 @@ def save_checkpoint(model, tokenizer, directory, *, method: str, settings: Setti
         if not isinstance(patched_config(model), InfiniConfig):
             raise ValueError("save_checkpoint: method='infini' needs the model still patched with Infini-attention "
                              "(its gates are saved)")
-        gates = [layer.self_attn.infini_gate.beta.detach().float().cpu().tolist() for layer in decoder(model).layers]
+        gates = [attn.infini_gate.beta.detach().float().cpu().tolist() for attn in attention_modules(decoder(model))]
         meta["infini"] = {"segment_len": settings.infini.segment_len, "delta_rule": settings.infini.delta_rule,
                           "gates": gates}
     # the plain model: its weights without the gates, its config without msattn.hf's patch record (the
@@ -278,6 +279,7 @@ def prepare(model, method: str, settings: Settings | MSConfig | None = None):
     method's config in ``settings`` (default ``Settings()``; an MSConfig alone stands for
     ``Settings(ms=config)``)."""
     from ..hf import base_model, decoder, patch, patched_config, unpatch
+    from ..hf.common import attention_modules
 
     if settings is None or isinstance(settings, MSConfig):
         settings = Settings() if settings is None else Settings(ms=settings)
@@ -293,8 +295,8 @@ def prepare(model, method: str, settings: Settings | MSConfig | None = None):
     gates = getattr(base_model(model), "_msattn_trained_gates", None)  # an Infini checkpoint's trained gates
     if method == "infini" and gates is not None:
         with torch.no_grad():
-            for layer, beta in zip(decoder(model).layers, gates):
-                layer.self_attn.infini_gate.beta.copy_(beta)
+            for attn, beta in zip(attention_modules(decoder(model)), gates):
+                attn.infini_gate.beta.copy_(beta)
     return model.eval()
 
 

@@ -35,7 +35,8 @@ from transformers.modeling_utils import AttentionInterface
 from ..config import InfiniConfig, MSConfig, SelfExtendConfig
 from . import infini, ms, self_extend
 from .cache import InfiniCache, MSCache, new_cache, prefill
-from .common import RECORD, Method, PatchRecord, UnrotatedRotary, base_model, cache_argument, check_model, decoder
+from .common import (RECORD, Method, PatchRecord, UnrotatedRotary, attention_modules, base_model, cache_argument,
+                     check_model, decoder, record)
 
 __all__ = ["METHODS", "InfiniCache", "InfiniConfig", "MSCache", "MSConfig", "Method", "SelfExtendConfig",
            "UnrotatedRotary", "cache_argument", "from_pretrained", "new_cache", "patch", "patched_config", "prefill",
@@ -73,7 +74,7 @@ def _generate(model, *args, **kwargs):
     """``model.generate`` of a patched model: the method's cache unless the caller passes one, asks for
     one by name (``cache_implementation``) or turns caching off (``use_cache``; each as an argument or
     in the generation config)."""
-    rec = getattr(model, RECORD)
+    rec = record(model)
     name = cache_argument(model)
     config = kwargs.get("generation_config") or model.generation_config
     use_cache = kwargs.get("use_cache", getattr(config, "use_cache", True))
@@ -100,12 +101,12 @@ def patch(model, config=None, rope: nn.Module | None = None):
     config = MSConfig() if config is None else config
     method = _method_of(config)
     base, head_dim = check_model(model, "msattn.hf.patch", method)
-    existing = getattr(base, RECORD, None)
+    existing = record(base)
     if existing is not None:
         raise RuntimeError(f"msattn.hf.patch: the model is already patched with {existing.method.name}; call "
                            "msattn.hf.unpatch(model) first")
     dec = decoder(model)
-    modules = [layer.self_attn for layer in dec.layers]
+    modules = attention_modules(dec)
     layers = getattr(config, "layers", None)
     if layers is not None and any(i >= len(modules) for i in layers):
         raise ValueError(f"msattn.hf.patch: MSConfig.layers {list(layers)} names layers beyond the model's "
@@ -133,7 +134,7 @@ def patch(model, config=None, rope: nn.Module | None = None):
 def patched_config(model):
     """The config a model (or PEFT model) was patched with (``MSConfig``, ``SelfExtendConfig`` or
     ``InfiniConfig``), or None when it is not patched."""
-    rec = getattr(base_model(model), RECORD, None)
+    rec = record(model)
     return None if rec is None else rec.config
 
 
@@ -141,13 +142,12 @@ def unpatch(model):
     """Restore the attention implementation and rotary embedding that :func:`patch` replaced, and
     remove what the method added (Infini-attention's gates, the ``generate`` wrapper)."""
     base = base_model(model)
-    rec = getattr(base, RECORD, None)
+    rec = record(base)
     if rec is None:
         raise RuntimeError("msattn.hf.unpatch: the model is not patched")
     dec = decoder(model)
     dec.rotary_emb = rec.saved_rotary
-    for layer in dec.layers:
-        attn = layer.self_attn
+    for attn in attention_modules(dec):
         if getattr(attn, RECORD, None) is rec:
             delattr(attn, RECORD)
             if rec.method.uninstall is not None:
@@ -169,7 +169,7 @@ def from_pretrained(path, **kwargs):
     from the checkpoint's safetensors files. A model saved unpatched is returned as it loads. A rotary
     embedding passed to ``patch(..., rope=)`` is not saved: pass it to ``patch`` again.
     """
-    from safetensors.torch import load_file
+    from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -183,7 +183,7 @@ def from_pretrained(path, **kwargs):
     method = METHODS[saved["method"]]
     plain = set(model.state_dict())
     patch(model, method.config(**saved.get("config", {})))
-    added = [name for name in model.state_dict() if name not in plain]
+    added = set(model.state_dict()) - plain
     if added:
         index = os.path.join(path, "model.safetensors.index.json")
         if os.path.isfile(index):
@@ -197,8 +197,9 @@ def from_pretrained(path, **kwargs):
             if not os.path.isfile(file):
                 raise FileNotFoundError(f"msattn.hf.from_pretrained: {file} not found; the model's {method.name} "
                                         "weights are read from safetensors files (save_pretrained's default)")
-            weights.update({k: v for k, v in load_file(file).items() if k in added})
-        lost = sorted(set(added) - set(weights))
+            with safe_open(file, framework="pt") as f:  # only the added tensors, not the whole model again
+                weights.update({k: f.get_tensor(k) for k in f.keys() if k in added})
+        lost = sorted(added - set(weights))
         if lost:
             raise ValueError(f"msattn.hf.from_pretrained: {path} lacks the {method.name} weights {', '.join(lost[:4])}"
                              f"{' ...' if len(lost) > 4 else ''}; was it saved while patched?")

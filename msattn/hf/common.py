@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from transformers.masking_utils import causal_mask_function
 
+from ..config import MAX_HEAD_DIM
 from ..rope import compact_rope_tables
 
 __all__ = ["Method", "PatchRecord", "UnrotatedRotary", "attention_modules", "base_model", "cache_argument",
@@ -130,8 +131,8 @@ def check_model(model, who: str, method: Method) -> tuple[nn.Module, int]:
     head_dim = getattr(mconf, "head_dim", None) or mconf.hidden_size // heads
     if heads % kv_heads != 0:
         raise ValueError(f"{who}: {heads} query heads are not a multiple of {kv_heads} key/value heads")
-    if not 1 <= head_dim <= 256:
-        raise ValueError(f"{who}: head dim {head_dim} is outside the kernels' range 1..256")
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"{who}: head dim {head_dim} is outside the kernels' range 1..{MAX_HEAD_DIM}")
     return base, head_dim
 
 
@@ -185,19 +186,29 @@ def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
     return mask.contiguous()
 
 
-def call_record(module, method: str, attention_mask, dropout, sliding_window=None) -> PatchRecord | None:
-    """The record ``patch`` left on an attention module (None if it has none), after the checks every
-    msattn attention function makes of its call: no dropout, the mask is msattn's 2-D key padding mask
-    (bool ``(B, N)``) or None, and no sliding window (pass None where the method enforces one)."""
+def call_record(module, method: Method, attention_mask, dropout, sliding_window=None, *,
+                unpatched_ok: bool = False) -> PatchRecord | None:
+    """The record ``patch`` left on an attention module, after the checks every msattn attention
+    function makes of its call: no dropout, the mask is msattn's 2-D key padding mask (bool ``(B, N)``)
+    or None, no sliding window (pass None where the method enforces one), and the module is patched for
+    ``method``. With ``unpatched_ok`` a module ``patch`` never saw gives None (``attn_implementation=``
+    alone); otherwise it is an error."""
     if sliding_window is not None:
         raise NotImplementedError(f"msattn: the model uses a sliding window of {sliding_window} tokens, which "
-                                  f"{method} does not implement; set model.config.sliding_window = None")
+                                  f"{method.name} does not implement; set model.config.sliding_window = None")
     if dropout:
         raise ValueError(f"msattn: attention dropout is not supported, got dropout={dropout}")
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError("msattn: expected the 2-D key padding mask of msattn's mask function, got a mask of "
                          f"shape {tuple(attention_mask.shape)}; was the model patched with msattn.hf.patch?")
-    return getattr(module, RECORD, None)
+    rec = getattr(module, RECORD, None)
+    if rec is None and not unpatched_ok:
+        raise RuntimeError(f"msattn: this attention module is not patched for {method.name}; call "
+                           f"msattn.hf.patch(model, msattn.{method.config.__name__}(...)) instead of setting "
+                           f"attn_implementation='{method.attn_implementation}' alone")
+    if rec is not None and rec.method is not method:
+        raise RuntimeError(f"msattn: this attention module is patched for {rec.method.name}, not {method.name}")
+    return rec
 
 
 # ---------------------------------------------------------------------------------------------

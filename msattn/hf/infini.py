@@ -77,12 +77,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     Returns:
         ``(out (B, Nq, Hq, D), None)``.
     """
-    rec = call_record(module, "Infini-attention", attention_mask, dropout, kwargs.get("sliding_window"))
-    if rec is None or rec.method is not METHOD:
-        raise RuntimeError("msattn: this attention module is not patched for Infini-attention; call "
-                           "msattn.hf.patch(model, msattn.InfiniConfig(...)) instead of setting "
-                           f"attn_implementation='{METHOD.attn_implementation}' alone")
-    state = rec.config
+    state = call_record(module, METHOD, attention_mask, dropout, kwargs.get("sliding_window")).config
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     seg, nq, nk = state.segment_len, query.shape[2], key.shape[2]
     beta = module.infini_gate()

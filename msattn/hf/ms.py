@@ -36,9 +36,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     Returns:
         ``(out (B, Nq, Hq, D), None)``.
     """
-    rec = call_record(module, "MS attention", attention_mask, dropout, kwargs.get("sliding_window"))
-    if rec is not None and rec.method is not METHOD:
-        raise RuntimeError(f"msattn: this attention module is patched for {rec.method.name}, not MS attention")
+    rec = call_record(module, METHOD, attention_mask, dropout, kwargs.get("sliding_window"), unpatched_ok=True)
     cfg, rotary = (DEFAULT, None) if rec is None else (rec.config, rec.rotary)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     n = key.shape[2]

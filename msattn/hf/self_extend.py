@@ -76,11 +76,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     Returns:
         ``(out (B, Nq, Hq, D), None)``.
     """
-    rec = call_record(module, "SelfExtend", attention_mask, dropout)
-    if rec is None or rec.method is not METHOD:
-        raise RuntimeError("msattn: this attention module is not patched for SelfExtend; call "
-                           "msattn.hf.patch(model, msattn.SelfExtendConfig(...)) instead of setting "
-                           f"attn_implementation='{METHOD.attn_implementation}' alone")
+    rec = call_record(module, METHOD, attention_mask, dropout)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     cfg = rec.config
     out = self_extend_attention(query, key, value, group_size=cfg.group_size, window=cfg.window,
