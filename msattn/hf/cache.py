@@ -282,19 +282,18 @@ def prefill(model, input_ids: torch.Tensor, *, chunk_size: int | None = 16384,
     """
     from ..config import MSConfig
 
-    rec = record(model)
-    n = input_ids.shape[1] if input_ids.dim() == 2 else 0
-    if chunk_size is None:
-        chunk_size = max(n, 1)
-        if rec is not None and isinstance(rec.config, MSConfig):
-            chunk_size = math.ceil(chunk_size / rec.config.span) * rec.config.span
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"prefill: chunk_size must be a positive int or None, got {chunk_size!r}")
-    if rec is not None and isinstance(rec.config, MSConfig) and chunk_size % rec.config.span != 0:
-        raise ValueError(f"prefill: chunk_size must be a positive multiple of the group span merge * block_q = "
-                         f"{rec.config.span}, so that chunking does not change the selection; got {chunk_size}")
     if input_ids.dim() != 2:
         raise ValueError(f"prefill: input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}")
+    rec = record(model)
+    span = rec.config.span if rec is not None and isinstance(rec.config, MSConfig) else 1
+    n = input_ids.shape[1]
+    if chunk_size is None:
+        chunk_size = math.ceil(max(n, 1) / span) * span
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"prefill: chunk_size must be a positive int or None, got {chunk_size!r}")
+    if chunk_size % span != 0:
+        raise ValueError(f"prefill: chunk_size must be a positive multiple of the group span merge * block_q = "
+                         f"{span}, so that chunking does not change the selection; got {chunk_size}")
     cache = new_cache(model) if cache is None else cache
     past = cache.get_seq_length()
     want = (input_ids.shape[0], past + n)
