@@ -71,7 +71,7 @@ def main(argv=None):
         plan = trial_plan(n, args.trials, seed=args.seed)
         whole, anykey, ranks, hits = {}, {}, {}, {}
         right = 0
-        for key, depth in plan:
+        for key, depth, _ in plan:
             ids, answer = passkey_prompt(tokenizer, n, key, depth)
             a = tokenizer.encode(answer, bos=False)
             out = greedy_generate(model, torch.tensor([ids]), len(a) + 1, exact=True)

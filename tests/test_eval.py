@@ -15,8 +15,8 @@ import msattn.hf
 from msattn.eval import PasskeyTokenizer, passkey_prompt, save_checkpoint
 from msattn.eval.__main__ import main, parse_lengths
 from msattn.eval.loading import Settings
-from msattn.eval.passkey import (FILLER, INSTRUCTION, KEY_SENTENCE, QUESTION, greedy_generate, retrieved,
-                                 template_length, trial_plan)
+from msattn.eval.passkey import (FILLER, INSTRUCTION, KEY_SENTENCE, QUESTION, TextFiller, greedy_generate,
+                                 retrieved, template_length, trial_plan)
 from msattn.eval.perplexity import window_nll
 from msattn.eval.report import format_table
 
@@ -43,8 +43,58 @@ def tokenizers():
     return out
 
 
+def byte_tokenizer():
+    """An HFTokenizer whose tokens are single bytes (a ByteLevel BPE without merges): any text encodes."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers.decoders import ByteLevel as ByteLevelDecoder
+    from transformers import PreTrainedTokenizerFast
+
+    from msattn.eval.loading import HFTokenizer
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<unk>": 0, "<bos>": 1, "<eos>": 2, **{c: i + 3 for i, c in enumerate(sorted(alphabet))}}
+    core = Tokenizer(models.BPE(vocab, [], unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = ByteLevelDecoder()
+    return HFTokenizer(PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", eos_token="<eos>",
+                                               unk_token="<unk>"))
+
+
 # ---------------------------------------------------------------------------------------------
 # the prompt and the tokenizer
+
+
+def test_text_filler_prompt(tmp_path):
+    # real-text filler: exact length, a contiguous stretch of the text around the key sentence, which
+    # sits at a sentence end near the asked depth; each offset starts somewhere else in the text
+    tok = byte_tokenizer()
+    sentences = [f"Sentence number {i} tells of {'ab' * (i % 7)} things." for i in range(400)]
+    (tmp_path / "book.txt").write_text(" ".join(sentences))
+    filler = TextFiller(tok, [tmp_path / "book.txt"])
+    assert filler.name == "book.txt" and tok.decode(filler.ids) == " " + " ".join(sentences)
+    head = tok.encode(INSTRUCTION)
+    for depth, offset in ((0.0, 0.0), (0.37, 0.5), (1.0, 0.99)):
+        ids, answer = passkey_prompt(tok, 3000, 31415, depth, filler=filler, offset=offset)
+        assert len(ids) == 3000 and answer == "31415"
+        text = tok.decode(ids)
+        key = " " + KEY_SENTENCE.format(key=31415)
+        before, after = text[len(INSTRUCTION):].split(key)
+        assert after.endswith(" " + QUESTION)
+        body = before + after[:-len(" " + QUESTION)]
+        assert body in " ".join(sentences * 2)  # one stretch of the text, cut only where the key went in
+        assert before == "" or before.endswith(".")  # the key follows a whole sentence
+        budget = 3000 - len(head) - len(tok.encode(key, bos=False)) - len(tok.encode(" " + QUESTION, bos=False))
+        assert abs(len(tok.encode(before, bos=False)) - depth * budget) <= TextFiller.SEARCH
+    starts = {tok.decode(passkey_prompt(tok, 600, 1, 0.5, filler=filler, offset=o)[0])[len(INSTRUCTION):][:40]
+              for o in (0.1, 0.4, 0.8)}
+    assert len(starts) == 3
+    with pytest.raises(ValueError, match="another tokenizer"):
+        passkey_prompt(byte_tokenizer(), 600, 1, 0.5, filler=filler)
+    with pytest.raises(FileNotFoundError, match="nowhere.txt: filler text file not found"):
+        TextFiller(tok, [tmp_path / "nowhere.txt"])
+    (tmp_path / "short.txt").write_text("Too short.")
+    with pytest.raises(ValueError, match="short.txt holds 11 tokens"):
+        TextFiller(tok, [tmp_path / "short.txt"])
 
 @pytest.mark.parametrize("tokenizer", tokenizers())
 @pytest.mark.parametrize("depth", [0.0, 0.37, 1.0])
@@ -390,7 +440,9 @@ def test_trial_plan_and_criterion():
     plan = trial_plan(300, 8, seed=3, digits=4)
     assert plan == trial_plan(300, 8, seed=3, digits=4)
     assert plan != trial_plan(300, 8, seed=4, digits=4) and plan != trial_plan(301, 8, seed=3, digits=4)
-    assert all(1000 <= key <= 9999 and 0.0 <= depth < 1.0 for key, depth in plan)
+    assert all(1000 <= key <= 9999 and 0.0 <= depth < 1.0 and 0.0 <= offset < 1.0 for key, depth, offset in plan)
+    # the keys and depths do not depend on the filler offsets drawn beside them
+    assert [p[:2] for p in trial_plan(300, 3, seed=3, digits=4)] == [p[:2] for p in plan[:3]]
     with pytest.raises(ValueError, match="digits must be a positive int"):
         trial_plan(300, 1, digits=0)
     # retrieved: the key as a whole number, not a part of one

@@ -67,13 +67,41 @@ def positive_int(text: str) -> int:
     return value
 
 
+def austen_files() -> list[str]:
+    """The Austen novels but ``persuasion.txt`` (the held-out text of perplexity), from ``$MSATTN_DATA/austen``
+    or ``../shared/data/austen`` (next to the working directory or to the source tree)."""
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    places = [os.path.join(os.environ["MSATTN_DATA"], "austen")] if os.environ.get("MSATTN_DATA") else []
+    places += [os.path.join(root, "..", "shared", "data", "austen") for root in (os.getcwd(), here)]
+    for place in places:
+        if os.path.isdir(place):
+            files = sorted(f for f in os.listdir(place) if f.endswith(".txt") and f != "persuasion.txt")
+            if files:
+                return [os.path.normpath(os.path.join(place, f)) for f in files]
+    raise FileNotFoundError("--filler austen: no Austen novels found in " + ", ".join(map(os.path.normpath, places))
+                            + "; pass --filler FILE[,FILE...] or --filler repeated")
+
+
+def make_filler(spec: str, tokenizer):
+    """The passkey filler of ``--filler``: None for 'repeated', else a TextFiller."""
+    from .passkey import PasskeyTokenizer, TextFiller
+
+    if spec == "auto":
+        spec = "repeated" if isinstance(tokenizer, PasskeyTokenizer) else "austen"
+    if spec == "repeated":
+        return None
+    files = austen_files() if spec == "austen" else [f for f in spec.split(",") if f]
+    return TextFiller(tokenizer, files)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m msattn.eval", description=__doc__.split("\n\n")[0])
     tasks = parser.add_subparsers(dest="task", required=True)
     common = argparse.ArgumentParser(add_help=False)
     source = common.add_argument_group("model")
     which = source.add_mutually_exclusive_group(required=True)
-    which.add_argument("--model", help="HF model directory (a demo checkpoint directory included)")
+    which.add_argument("--model", help="HF model directory (a demo checkpoint directory included), a .gguf file, "
+                       "or a named model: smollm2-135m")
     which.add_argument("--llama2c", help="llama2.c checkpoint (.bin); needs --tokenizer")
     source.add_argument("--tokenizer", help="tokenizer: llama2.c tok*.bin, HF tokenizer directory, or .json")
     source.add_argument("--dtype", choices=list(_DTYPES), default="float32")
@@ -107,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     keys = argparse.ArgumentParser(add_help=False)
     keys.add_argument("--digits", type=positive_int, default=5, help="digits of the pass key (default 5)")
+    keys.add_argument("--filler", default="auto",
+                      help="passkey filler: 'austen' (the Austen novels of $MSATTN_DATA/austen or "
+                           "../shared/data/austen but persuasion.txt), 'repeated' (the landmark test's repeated "
+                           "sentences), comma-separated text files, or 'auto' (default): 'repeated' for a model "
+                           "with the passkey tokenizer (trained on the task; it reads no other text), else 'austen'")
     windows = argparse.ArgumentParser(add_help=False)
     windows.add_argument("--windows", type=positive_int, default=1, help="perplexity windows per length (default 1)")
     windows.add_argument("--tokens", type=_one_length, help="perplexity on the same first N tokens at every length "
@@ -141,17 +174,18 @@ def run(args) -> list[dict]:
                          f"{settings.ms.merge} * {settings.ms.block_q} = {span}")
     model, tokenizer = load(model=args.model, llama2c=args.llama2c, tokenizer=args.tokenizer,
                             dtype=_DTYPES[args.dtype])
+    filler = make_filler(args.filler, tokenizer) if args.task != "perplexity" else None
     common = dict(chunk_size=args.chunk_size, batch_size=args.batch_size, progress=not args.quiet)
     if args.task == "compare":
         return run_compare(model, tokenizer, args.methods, args.lengths, settings=settings, trials=args.trials,
                            text=args.text, windows=args.windows, tokens=args.tokens, digits=args.digits, seed=args.seed,
-                           exact=args.decode == "exact", **common)
+                           exact=args.decode == "exact", filler=filler, **common)
     records = []
     for method in args.methods:
         model = prepare(model, method, settings)
         if args.task == "passkey":
             records += run_passkey(model, tokenizer, args.lengths, args.trials, method=method, seed=args.seed,
-                                   digits=args.digits, exact=args.decode == "exact", **common)
+                                   digits=args.digits, exact=args.decode == "exact", filler=filler, **common)
         else:
             records += run_perplexity(model, tokenizer, args.text, args.lengths, method=method, windows=args.windows,
                                       tokens=args.tokens, **common)

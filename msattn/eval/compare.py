@@ -33,7 +33,7 @@ def run_compare(model, tokenizer, methods: Sequence[str], lengths: Sequence[int]
                 trials: int = 10, text: str | None = None, windows: int = 1, tokens: int | None = None,
                 digits: int = 5, seed: int = 0,
                 chunk_size: int | None = 16384, batch_size: int | None = None, exact: bool = False,
-                progress: bool = True) -> list[dict]:
+                filler=None, progress: bool = True) -> list[dict]:
     """Passkey accuracy (``trials`` > 0) and perplexity on ``text`` (a path; None: skipped) of each method.
 
     Args:
@@ -45,6 +45,7 @@ def run_compare(model, tokenizer, methods: Sequence[str], lengths: Sequence[int]
             at every length (``perplexity.run_perplexity``).
         exact: passkey answers of MS models predicted exactly as a full forward would
             (``passkey.greedy_generate``).
+        filler: the passkey filler (``passkey.TextFiller``), or None for the repeated sentences.
     Returns:
         one record per (method, length), methods in the given order, lengths ascending.
     """
@@ -61,7 +62,7 @@ def run_compare(model, tokenizer, methods: Sequence[str], lengths: Sequence[int]
                     "perplexity_seconds": None, "peak_rss_mb": None} for n in sorted(set(lengths))}
         if trials:
             for r in run_passkey(model, tokenizer, sorted(rows), trials, method=method, seed=seed, digits=digits,
-                                 exact=exact, **common):
+                                 exact=exact, filler=filler, **common):
                 rows[r["length"]].update(passkey_accuracy=r["accuracy"], passkey_trials=r["trials"],
                                          passkey_seconds_per_trial=r["seconds_per_trial"],
                                          peak_rss_mb=r["peak_rss_mb"])

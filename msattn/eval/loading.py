@@ -188,7 +188,8 @@ def load(model=None, llama2c=None, tokenizer=None, *, dtype: torch.dtype = torch
     """Load ``(model, tokenizer)`` for evaluation, the model in eval mode on SDPA attention.
 
     Args:
-        model: an HF model directory (a demo checkpoint directory included).
+        model: an HF model directory (a demo checkpoint directory included), a ``.gguf`` file or a named
+            model such as ``"smollm2-135m"`` (``msattn.models.gguf``: converted once, then cached).
         llama2c: a llama2.c checkpoint (``.bin``); needs ``tokenizer``.
         tokenizer: a tokenizer path (see :func:`load_tokenizer`); default for ``model``: the checkpoint's
             ``msattn.json`` tokenizer, else the directory's own HF tokenizer.
@@ -207,7 +208,9 @@ def load(model=None, llama2c=None, tokenizer=None, *, dtype: torch.dtype = torch
     else:
         from transformers import AutoModelForCausalLM
 
-        path = _need(model, "model directory", directory=True)
+        from ..models.gguf import resolve
+
+        path = resolve(model)
         meta = read_checkpoint_meta(path)
         if tokenizer is not None:
             tok = load_tokenizer(tokenizer)

@@ -7,11 +7,16 @@ attention paper)::
     I will quiz you about the important information there. <filler ...> The pass key is N. Remember it.
     N is the pass key. <filler ...> What is the pass key? The pass key is
 
-The filler is "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-repeated and cut at token level so that the prompt has exactly the requested number of tokens; the key
-sentence sits at a uniformly random depth of the filler. Each piece is encoded on its own
-(``tokenizer.encode(piece, bos=False)`` encodes a piece that continues a text, as llama2.c's dummy
-prefix space does), so cutting the filler never re-tokenizes the rest.
+The filler is either the landmark test's "The grass is green. The sky is blue. The sun is yellow. Here
+we go. There and back again." repeated (the default of :func:`passkey_prompt`), or real text
+(:class:`TextFiller`: one or more text files, tokenized once and read cyclically from a per-trial
+offset). Repeated sentences make the task easy for selection-based methods: every region of filler
+looks alike and the key's regions stand out; in real text they do not. Either way the filler is cut at
+token level so that the prompt has exactly the requested number of tokens, and the key sentence sits
+at a uniformly random depth of the filler (in real text, at the sentence end nearest that depth).
+Each piece is encoded on its own (``tokenizer.encode(piece, bos=False)`` encodes a piece that
+continues a text, as llama2.c's dummy prefix space does), so cutting the filler never re-tokenizes
+the rest.
 
 Tokenizer protocol used throughout ``msattn.eval``: ``encode(text, bos=True) -> list[int]`` and
 ``decode(ids) -> str`` (``Llama2cTokenizer``, :class:`PasskeyTokenizer`, ``loading.HFTokenizer``).
@@ -20,6 +25,7 @@ Tokenizer protocol used throughout ``msattn.eval``: ``encode(text, bos=True) -> 
 from __future__ import annotations
 
 import math
+import os
 import random
 import re
 import time
@@ -32,7 +38,7 @@ from ..hf.cache import prefill
 from ..hf.common import cache_argument
 from .loading import auto_batch_size, is_patched, model_device, peak_rss_mb, reset_peak_rss
 
-__all__ = ["INSTRUCTION", "FILLER", "KEY_SENTENCE", "QUESTION", "PasskeyTokenizer", "passkey_prompt",
+__all__ = ["INSTRUCTION", "FILLER", "KEY_SENTENCE", "QUESTION", "PasskeyTokenizer", "TextFiller", "passkey_prompt",
            "template_length", "random_key", "sample", "greedy_generate", "retrieved", "trial_plan", "run_passkey"]
 
 INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -74,7 +80,70 @@ def _repeat(unit: list[int], n: int, *, from_end: bool) -> list[int]:
     return stream[len(stream) - n:] if from_end else stream[:n]
 
 
-def passkey_prompt(tokenizer, n_tokens: int, key, depth: float) -> tuple[list[int], str]:
+class TextFiller:
+    """Real text as passkey filler: ``files`` (UTF-8 text) joined by blank lines and tokenized once with
+    ``tokenizer``; a prompt reads ``budget`` tokens of it cyclically from an offset (the file is repeated
+    when a prompt needs more tokens than it has).
+
+    Attributes:
+        name: the files' base names joined by ``+`` (what the result records call the filler).
+        ids: the text's token ids (without BOS).
+    """
+
+    SEARCH = 256  # tokens either side of the asked depth searched for a sentence end
+
+    def __init__(self, tokenizer, files: Sequence):
+        files = [os.fspath(f) for f in files]
+        if not files:
+            raise ValueError("TextFiller: give at least one text file")
+        texts = []
+        for path in files:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{path}: filler text file not found")
+            with open(path, encoding="utf-8") as f:
+                texts.append(f.read().strip())
+        self.name = "+".join(os.path.basename(f) for f in files)
+        self.tokenizer = tokenizer
+        self.ids = tokenizer.encode("\n\n".join(texts), bos=False)
+        if len(self.ids) < 2 * self.SEARCH:
+            raise ValueError(f"TextFiller: {self.name} holds {len(self.ids)} tokens; filler text needs at least "
+                             f"{2 * self.SEARCH}")
+        self._ends: dict[int, bool] = {}
+
+    def _ends_sentence(self, token: int) -> bool:
+        if token not in self._ends:
+            text = self.tokenizer.decode([token]).rstrip().rstrip("\"'\u201d\u2019)")
+            self._ends[token] = text.endswith((".", "!", "?"))
+        return self._ends[token]
+
+    def take(self, start: int, n: int) -> list[int]:
+        """``n`` tokens from position ``start`` of the text repeated without end."""
+        start %= len(self.ids)
+        out = self.ids[start:start + n]
+        while len(out) < n:
+            out += self.ids[:n - len(out)]
+        return out
+
+    def sentence_start(self, position: int) -> int:
+        """The first position at or after ``position`` that starts a sentence (within SEARCH tokens;
+        ``position`` itself when none does)."""
+        for p in range(position, position + self.SEARCH):
+            if self._ends_sentence(self.ids[(p - 1) % len(self.ids)]):
+                return p
+        return position
+
+    def split(self, tokens: list[int], at: int) -> int:
+        """The position nearest ``at`` (within SEARCH tokens) in ``tokens`` right after a sentence end, or
+        0 (``tokens`` start a sentence); ``at`` when there is none."""
+        for delta in range(self.SEARCH + 1):
+            for p in (at - delta, at + delta):
+                if p == 0 or (0 < p <= len(tokens) and self._ends_sentence(tokens[p - 1])):
+                    return p
+        return at
+
+
+def passkey_prompt(tokenizer, n_tokens: int, key, depth: float, *, filler: TextFiller | None = None,
+                   offset: float = 0.0) -> tuple[list[int], str]:
     """Build one passkey prompt of exactly ``n_tokens`` tokens (BOS included).
 
     Args:
@@ -83,11 +152,16 @@ def passkey_prompt(tokenizer, n_tokens: int, key, depth: float) -> tuple[list[in
         key: the pass key, a non-negative int or a string of digits.
         depth: where the key sentence sits in the filler, from 0 (right after the instruction) to 1
             (right before the question).
+        filler: real text to fill with (built with the same tokenizer), or None for the repeated
+            sentences.
+        offset: with ``filler``, where in its text the filler starts, as a fraction of its length
+            (moved to the next sentence start).
 
     Returns:
         ``(ids, answer)``: the prompt's token ids and the key as text (what the model should continue
         the prompt with). The filler before the key ends with whole sentences and the filler after it
-        starts with whole sentences; the cuts fall next to the instruction and the question.
+        starts with whole sentences (real text: at the sentence end nearest ``depth``); the cuts fall
+        next to the instruction and the question.
     """
     answer = _key_text(key)
     if not 0.0 <= depth <= 1.0:
@@ -98,8 +172,16 @@ def passkey_prompt(tokenizer, n_tokens: int, key, depth: float) -> tuple[list[in
         raise ValueError(f"passkey prompt of {n_tokens} tokens is shorter than the prompt template without "
                          f"filler, which needs at least {len(head) + len(needle) + len(tail)} tokens "
                          f"(key of {len(answer)} digits)")
-    unit = tokenizer.encode(FILLER, bos=False)
     before = round(depth * budget)
+    if filler is not None:
+        if filler.tokenizer is not tokenizer:
+            raise ValueError("passkey_prompt: the filler was tokenized with another tokenizer")
+        if not 0.0 <= offset <= 1.0:
+            raise ValueError(f"passkey_prompt: offset must lie in [0, 1], got {offset}")
+        text = filler.take(filler.sentence_start(int(offset * len(filler.ids))), budget)
+        before = filler.split(text, before)
+        return head + text[:before] + needle + text[before:] + tail, answer
+    unit = tokenizer.encode(FILLER, bos=False)
     ids = head + _repeat(unit, before, from_end=True) + needle + _repeat(unit, budget - before, from_end=False) + tail
     return ids, answer
 
@@ -244,26 +326,32 @@ def retrieved(answer: str, text: str) -> bool:
     return answer in re.findall(r"\d+", text)
 
 
-def trial_plan(length: int, trials: int, *, seed: int = 0, digits: int = 5) -> list[tuple[int, float]]:
-    """The ``(key, depth)`` of each of ``trials`` prompts at ``length`` tokens that :func:`run_passkey`
-    evaluates for ``seed`` (build them with :func:`passkey_prompt`): the same for every method."""
+def trial_plan(length: int, trials: int, *, seed: int = 0, digits: int = 5) -> list[tuple[int, float, float]]:
+    """The ``(key, depth, offset)`` of each of ``trials`` prompts at ``length`` tokens that
+    :func:`run_passkey` evaluates for ``seed`` (build them with :func:`passkey_prompt`; ``offset`` is
+    used with real-text filler only): the same for every method."""
     rng = random.Random(f"passkey/{seed}/{length}")
-    return [(random_key(rng, digits), rng.random()) for _ in range(trials)]
+    plan = [(random_key(rng, digits), rng.random()) for _ in range(trials)]
+    offsets = random.Random(f"passkey-filler/{seed}/{length}")  # its own stream: keys and depths as before
+    return [(key, depth, offsets.random()) for key, depth in plan]
 
 
 def run_passkey(model, tokenizer, lengths: Sequence[int], trials: int, *, method: str, seed: int = 0,
                 digits: int = 5, chunk_size: int | None = 16384, batch_size: int | None = None,
-                extra_tokens: int = 4, exact: bool = False, progress: bool = True) -> list[dict]:
+                extra_tokens: int = 4, exact: bool = False, filler: TextFiller | None = None,
+                progress: bool = True) -> list[dict]:
     """Passkey retrieval accuracy of a prepared model (``loading.prepare``) at each prompt length.
 
     For each length, ``trials`` prompts with uniform random keys of ``digits`` digits at uniform random
     depths (the same for every method given ``seed``), batched ``batch_size`` at a time (None: about
     32K tokens a batch); each is continued greedily by the answer's token count plus ``extra_tokens``,
     and counts as retrieved when the generated text holds the key as a whole number. ``exact``: see
-    :func:`greedy_generate`.
+    :func:`greedy_generate`. ``filler``: real text around the key (:class:`TextFiller`), or None for
+    the repeated sentences.
 
     Returns one record per length: ``{"method", "length", "trials", "accuracy", "seconds_per_trial",
-    "peak_rss_mb"}`` (peak RSS of the process during that length's trials; ``peak_cuda_mb`` too on CUDA).
+    "peak_rss_mb", "filler"}`` (peak RSS of the process during that length's trials; ``peak_cuda_mb``
+    too on CUDA; ``filler``: the filler's name, or ``"repeated"``).
     Every length is checked against the prompt template before any work starts.
     """
     if trials < 1:
@@ -271,7 +359,7 @@ def run_passkey(model, tokenizer, lengths: Sequence[int], trials: int, *, method
     plans = {}
     for length in lengths:
         plan = trial_plan(length, trials, seed=seed, digits=digits)
-        need = max(template_length(tokenizer, key) for key, _ in plan)
+        need = max(template_length(tokenizer, key) for key, _, _ in plan)
         if length < need:
             raise ValueError(f"passkey length {length} is shorter than the prompt template without filler, "
                              f"which needs at least {need} tokens with this tokenizer and {digits}-digit keys")
@@ -286,7 +374,8 @@ def run_passkey(model, tokenizer, lengths: Sequence[int], trials: int, *, method
         with tqdm(total=trials * length, desc=f"{length} tokens", unit="tok", unit_scale=True, leave=False,
                   disable=not progress) as bar:
             for first in range(0, trials, size):
-                prompts = [passkey_prompt(tokenizer, length, key, depth) for key, depth in plan[first:first + size]]
+                prompts = [passkey_prompt(tokenizer, length, key, depth, filler=filler, offset=offset)
+                           for key, depth, offset in plan[first:first + size]]
                 ids = torch.tensor([p for p, _ in prompts], dtype=torch.long, device=device)
                 new = max(len(tokenizer.encode(a, bos=False)) for _, a in prompts) + extra_tokens
                 rows = ids.shape[0]
@@ -296,7 +385,8 @@ def run_passkey(model, tokenizer, lengths: Sequence[int], trials: int, *, method
                 del ids, out
         seconds = time.perf_counter() - start
         record = {"method": method, "length": int(length), "trials": trials, "accuracy": correct / trials,
-                  "seconds_per_trial": seconds / trials, "peak_rss_mb": peak_rss_mb()}
+                  "seconds_per_trial": seconds / trials, "peak_rss_mb": peak_rss_mb(),
+                  "filler": "repeated" if filler is None else filler.name}
         if device.type == "cuda":
             record["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
         records.append(record)

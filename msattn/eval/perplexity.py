@@ -1,8 +1,8 @@
 """Perplexity at long context: windows of a text, each token's negative log-likelihood given its prefix.
 
 A window of L tokens is the tokenizer's BOS (when it has one) followed by the next L - 1 tokens of the
-text; windows do not overlap and start at the beginning of the text. Logits are consumed chunk by chunk
-(``msattn.prefill``'s ``on_logits``), so no more than one chunk of logits is ever held, whatever L.
+text; windows do not overlap and start at the beginning of the text. Logits are consumed a slice at a time
+(``msattn.prefill``'s ``on_logits``: about 64 MB of them), so memory does not grow with L or the vocabulary.
 Only as much of the text is tokenized as the longest length needs.
 """
 
@@ -48,8 +48,8 @@ def window_nll(model, input_ids: torch.Tensor, *, chunk_size: int | None = 16384
     def accumulate(start, logits):
         nonlocal total
         targets = input_ids[:, start + 1:start + logits.shape[1] + 1]
-        logp = torch.log_softmax(logits[:, :targets.shape[1]].float(), dim=-1)
-        total += -logp.gather(-1, targets[..., None]).double().sum().cpu()
+        logits = logits[:, :targets.shape[1]].float()
+        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").double().cpu()
 
     prefill(model, input_ids, chunk_size=chunk_size, on_logits=accumulate, on_chunk=on_chunk)
     return total.item(), input_ids.shape[0] * (input_ids.shape[1] - 1)

@@ -32,9 +32,11 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from ..ops import ops
-from .common import base_model, cache_argument, record
+from .common import base_model, cache_argument, decoder, record
 
-__all__ = ["InfiniCache", "InfiniLayer", "MSCache", "MSLayer", "new_cache", "prefill"]
+__all__ = ["InfiniCache", "InfiniLayer", "LOGITS_BYTES", "MSCache", "MSLayer", "new_cache", "prefill"]
+
+LOGITS_BYTES = 64 * 2 ** 20  # prefill's on_logits slices: about this much float32 logits at a time
 
 
 class _RowLayer(DynamicLayer):
@@ -272,8 +274,10 @@ def prefill(model, input_ids: torch.Tensor, *, chunk_size: int | None = 16384,
         attention_mask: padding mask (1 = real token) of every token in the cache and in ``input_ids``,
             ``(B, past + N)`` (``(B, N)`` for a new cache, as generate() takes it), or None.
         cache: a cache to extend (a prompt continued in several calls), or None for :func:`new_cache`.
-        on_logits: called as ``on_logits(start, logits)`` with each chunk's logits ``(B, n, V)`` for
-            positions ``start..start+n-1`` (for example to accumulate a loss) before they are freed.
+        on_logits: called as ``on_logits(start, logits)`` with logits ``(B, n, V)`` for positions
+            ``start..start+n-1`` (for example to accumulate a loss) before they are freed; ``n`` is small
+            enough that the slice holds about ``LOGITS_BYTES`` of float32 (the LM head runs on the
+            decoder's hidden states one slice at a time), so no chunk's full logits ever exist.
         on_chunk: called as ``on_chunk(start, end)`` when the chunk of positions ``[start, end)`` is done.
 
     Returns:
@@ -301,6 +305,11 @@ def prefill(model, input_ids: torch.Tensor, *, chunk_size: int | None = 16384,
         raise ValueError(f"prefill: attention_mask must cover the {past} cached tokens and the {n} of input_ids, "
                          f"shape {want}, got {tuple(attention_mask.shape)}")
     name = cache_argument(model)
+    if on_logits is not None:
+        head = base_model(model).get_output_embeddings()
+        if not isinstance(head, torch.nn.Linear) or getattr(base_model(model).config, "final_logit_softcapping", None):
+            raise ValueError(f"prefill: on_logits needs a causal LM whose logits are its output Linear of the "
+                             f"decoder's hidden states; {type(base_model(model)).__name__} is not one")
     last = None
     for start in range(0, n, chunk_size):
         end = min(start + chunk_size, n)
@@ -311,12 +320,17 @@ def prefill(model, input_ids: torch.Tensor, *, chunk_size: int | None = 16384,
         else:
             positions = torch.arange(past + start, past + end, device=input_ids.device)[None]
         if on_logits is None:  # only the last position's logits are wanted: do not compute (B, n, V)
-            kwargs["logits_to_keep"] = 1
-        out = model(input_ids[:, start:end], use_cache=True, position_ids=positions, **kwargs)
-        if on_logits is not None:
-            on_logits(past + start, out.logits)
+            last = model(input_ids[:, start:end], use_cache=True, position_ids=positions, logits_to_keep=1,
+                         **kwargs).logits[:, -1]
+        else:  # the decoder's hidden states, then the LM head a slice at a time (logits of ~LOGITS_BYTES)
+            hidden = decoder(model)(input_ids[:, start:end], use_cache=True, position_ids=positions,
+                                    **kwargs).last_hidden_state
+            step = max(1, LOGITS_BYTES // (4 * hidden.shape[0] * head.out_features))
+            for s in range(0, hidden.shape[1], step):
+                logits = head(hidden[:, s:s + step])
+                on_logits(past + start + s, logits)
+            last = logits[:, -1]
+            del hidden, logits
         if on_chunk is not None:
             on_chunk(past + start, past + end)
-        last = out.logits[:, -1]
-        del out
     return cache, last
