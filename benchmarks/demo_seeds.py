@@ -2,8 +2,8 @@
 
     python benchmarks/demo_seeds.py --seeds 0,1,2,3 [demo training flags, e.g. --steps 1000]
 
-Trains the demo's MS model (``msattn.demo.train_model``: the same data stream and initialisation as
-``python -m msattn.demo --seed S``) once per seed: the first stages one after the other, then the
+Trains the demo's MS model (``msattn.demo_toy.train_model``: the same data stream and initialisation as
+``python -m msattn.demo_toy --seed S``) once per seed: the first stages one after the other, then the
 seeds' own stages two at a time (one core each), and measures
 passkey accuracy exactly as the demo does (``run_passkey`` with exact decoding, 5-digit keys, the
 prompts of ``--seed S``). Prints a Markdown table: one row per seed, and the mean.
@@ -15,7 +15,7 @@ import argparse
 import concurrent.futures
 import multiprocessing
 
-from msattn import demo
+from msattn import demo_toy as demo
 from msattn.eval.__main__ import parse_lengths
 from msattn.eval.passkey import run_passkey
 from msattn.eval.report import format_length, markdown_table

@@ -29,7 +29,7 @@ import statistics
 import torch
 
 import msattn
-from msattn import demo
+from msattn import demo_toy as demo
 from msattn.eval.__main__ import parse_lengths
 from msattn.eval.loading import load, prepare, settings_from_meta, read_checkpoint_meta
 from msattn.eval.passkey import greedy_generate, passkey_prompt, retrieved, trial_plan

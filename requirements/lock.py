@@ -2,7 +2,9 @@
 
     python requirements/lock.py [--torch torch==2.13.0]      (what `make lock` runs)
 
-The requirements are pyproject.toml's: the build requirements, and the extras hf, eval and test.
+The requirements are pyproject.toml's: the build requirements, and the extras hf, eval, models and test.
+(requirements/no-deps.txt, installed with --no-deps, is pinned by hand: packages whose own
+dependencies msattn does not want.)
 - lock.txt (the newest end, used by `make test`, `make demo` and the top end of `make test-compat`):
   what pip resolves for those ranges today, in a new virtual environment.
 - lock-floor.txt (the floor end of `make test-compat`): the same, with the HF stack (transformers,
@@ -30,7 +32,7 @@ def requirements() -> list[str]:
         project = tomllib.load(f)
     build = [r for r in project["build-system"]["requires"] if not r.startswith("torch")]
     extras = project["project"]["optional-dependencies"]
-    return build + extras["hf"] + extras["eval"] + extras["test"]
+    return build + extras["hf"] + extras["eval"] + extras["models"] + extras["test"]
 
 
 def floor(requirement: str) -> str:
