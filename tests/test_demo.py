@@ -25,14 +25,16 @@ def test_demo_runs_on_a_gguf_model(tmp_path):
     env = dict(os.environ, MSATTN_CACHE=str(tmp_path / "cache"))
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "msattn.demo", "--model", str(model), "--lengths", "300,600", "--trials", "2",
-           "--filler", str(tmp_path / "book.txt"), "--chunk-size", "256", "--dtype", "float32", "--out", str(out),
-           "--quiet"]
+           "--filler", str(tmp_path / "book.txt"), "--text", str(tmp_path / "book.txt"), "--tokens", "600",
+           "--chunk-size", "256", "--dtype", "float32", "--out", str(out), "--quiet"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr
-    records = json.loads((out / "passkey.json").read_text())
+    records = json.loads((out / "compare.json").read_text())
     assert [(r["method"], r["length"]) for r in records] == [("dense", 300), ("dense", 600), ("ms", 300), ("ms", 600)]
-    assert all(r["trials"] == 2 and r["filler"] == "book.txt" and 0 <= r["accuracy"] <= 1 for r in records)
-    assert (out / "passkey.png").stat().st_size > 0 and "passkey accuracy" in proc.stdout
+    assert all(r["passkey_trials"] == 2 and r["passkey_filler"] == "book.txt" and 0 <= r["passkey_accuracy"] <= 1 and r["perplexity"] > 1 for r in records)
+    # at 300 tokens (< topk * block_k) MS attention is exactly dense: the same perplexity
+    assert abs(records[0]["perplexity"] - records[2]["perplexity"]) < 1e-3 * records[0]["perplexity"]
+    assert (out / "compare.png").stat().st_size > 0 and "passkey" in proc.stdout
 
 
 def test_demo_defaults_are_the_eval_cli():
@@ -40,5 +42,5 @@ def test_demo_defaults_are_the_eval_cli():
     from msattn.eval.__main__ import build_parser
 
     args = build_parser().parse_args(demo.DEFAULTS + ["--trials", "7"])
-    assert args.task == "passkey" and args.model == "smollm2-135m" and args.trials == 7
+    assert args.task == "compare" and args.model == "smollm2-135m" and args.trials == 7
     assert args.methods == ["dense", "ms"] and args.rope == "selected" and args.chunk_size % (args.merge * args.block_q) == 0

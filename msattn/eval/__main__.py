@@ -67,19 +67,26 @@ def positive_int(text: str) -> int:
     return value
 
 
-def austen_files() -> list[str]:
-    """The Austen novels but ``persuasion.txt`` (the held-out text of perplexity), from ``$MSATTN_DATA/austen``
-    or ``../shared/data/austen`` (next to the working directory or to the source tree)."""
+HELD_OUT = "persuasion.txt"  # the Austen novel kept for perplexity: never filler, never trained on
+
+
+def austen_dir() -> str:
+    """The folder of the Austen novels: ``$MSATTN_DATA/austen``, or ``../shared/data/austen`` next to the
+    working directory or to the source tree."""
     here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     places = [os.path.join(os.environ["MSATTN_DATA"], "austen")] if os.environ.get("MSATTN_DATA") else []
     places += [os.path.join(root, "..", "shared", "data", "austen") for root in (os.getcwd(), here)]
     for place in places:
-        if os.path.isdir(place):
-            files = sorted(f for f in os.listdir(place) if f.endswith(".txt") and f != "persuasion.txt")
-            if files:
-                return [os.path.normpath(os.path.join(place, f)) for f in files]
-    raise FileNotFoundError("--filler austen: no Austen novels found in " + ", ".join(map(os.path.normpath, places))
-                            + "; pass --filler FILE[,FILE...] or --filler repeated")
+        if os.path.isfile(os.path.join(place, HELD_OUT)):
+            return os.path.normpath(place)
+    raise FileNotFoundError("the Austen novels were not found in " + ", ".join(map(os.path.normpath, places))
+                            + " (set MSATTN_DATA, or pass --filler FILE[,FILE...] / --filler repeated)")
+
+
+def austen_files() -> list[str]:
+    """The Austen novels but the held-out ``persuasion.txt``: the default passkey filler."""
+    place = austen_dir()
+    return [os.path.join(place, f) for f in sorted(os.listdir(place)) if f.endswith(".txt") and f != HELD_OUT]
 
 
 def make_filler(spec: str, tokenizer):

@@ -64,6 +64,7 @@ def run_compare(model, tokenizer, methods: Sequence[str], lengths: Sequence[int]
             for r in run_passkey(model, tokenizer, sorted(rows), trials, method=method, seed=seed, digits=digits,
                                  exact=exact, filler=filler, **common):
                 rows[r["length"]].update(passkey_accuracy=r["accuracy"], passkey_trials=r["trials"],
+                                         passkey_filler=r["filler"],
                                          passkey_seconds_per_trial=r["seconds_per_trial"],
                                          peak_rss_mb=r["peak_rss_mb"])
         if text is not None:

@@ -1,0 +1,110 @@
+"""Why does MS attention miss a pass key? Does the selection hold the key, or is it held and the copy wrong?
+
+    python benchmarks/passkey_selection.py --model smollm2-135m --dtype bfloat16 --length 16k --trials 6 \\
+        --block-q 16 --block-k 16 --merge 64 --topk 448 --local 0 --rope selected
+
+For each prompt of ``run_passkey`` (the same seed, key, depth and real-text filler; ``--filler`` as in
+``python -m msattn.eval``), the MS model (RoPE on selected tokens: the ``q_proj`` / ``k_proj`` outputs
+are what the kernel selects with) runs the prompt once; for every layer and KV head the key regions
+that ``msattn.ms_select`` gives the prompt's last group (the group whose queries predict the answer's
+first digit) are compared with the regions holding the key's digits (both occurrences). It prints,
+per prompt, the answer, whether it is right, and in how many of the layer x KV-head selections a whole
+occurrence of the key is held; per layer, the share of prompts and heads holding it and the median
+rank of the best key region among all candidates for the last query region (the rank the key would
+need to be within ``topk``; 0 when the key lies in the group itself, which always attends to it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+
+import torch
+
+import msattn
+from msattn.eval.__main__ import _one_length, make_filler
+from msattn.eval.loading import Settings, load, prepare
+from msattn.eval.passkey import greedy_generate, passkey_prompt, retrieved, trial_plan
+from msattn.eval.report import markdown_table
+from msattn.hf import decoder
+
+
+def capture(model) -> tuple[dict, list]:
+    """Forward hooks that append each layer's q_proj and k_proj outputs ``(B, n, H*D)`` chunk by chunk."""
+    caught, handles = {}, []
+    for i, attn in enumerate(layer.self_attn for layer in decoder(model).layers):
+        for name in ("q", "k"):
+            proj = getattr(attn, f"{name}_proj")
+            handles.append(proj.register_forward_hook(
+                lambda m, a, out, key=(name, i): caught.setdefault(key, []).append(out.detach())))
+    return caught, handles
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    ap.add_argument("--length", type=_one_length, default=16384)
+    ap.add_argument("--trials", type=int, default=6)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--filler", default="austen")
+    for name, default in (("block-q", 16), ("block-k", 16), ("merge", 64), ("topk", 448), ("local", 0)):
+        ap.add_argument(f"--{name}", type=int, default=default)
+    ap.add_argument("--rope", default="selected", choices=["selected"])
+    args = ap.parse_args(argv)
+    cfg = msattn.MSConfig(block_q=args.block_q, block_k=args.block_k, merge=args.merge, topk=args.topk,
+                          local=args.local, rope=args.rope)
+    model, tok = load(model=args.model, dtype=getattr(torch, args.dtype))
+    filler = make_filler(args.filler, tok)
+    model = prepare(model, "ms", Settings(ms=cfg))
+    conf = model.config
+    hq, hkv, layers = conf.num_attention_heads, conf.num_key_value_heads, conf.num_hidden_layers
+    n = args.length
+    start = (n - 1) // cfg.span * cfg.span  # the last group's first position
+    held = {layer: [] for layer in range(layers)}
+    ranks = {layer: [] for layer in range(layers)}
+    prompts = [["key", "depth", "answer", "right", "layer x head selections holding the key"]]
+    for key, depth, offset in trial_plan(n, args.trials, seed=args.seed):
+        ids, answer = passkey_prompt(tok, n, key, depth, filler=filler, offset=offset)
+        caught, handles = capture(model)
+        out = greedy_generate(model, torch.tensor([ids]), len(tok.encode(answer, bos=False)) + 2,
+                              chunk_size=cfg.span * max(1, 8192 // cfg.span), exact=True)
+        for h in handles:
+            h.remove()
+        text = tok.decode(out[0].tolist())
+        # the key's digit tokens: every occurrence of the answer's token run in the prompt
+        a = tok.encode(answer, bos=False)
+        runs = [range(p, p + len(a)) for p in range(len(ids) - len(a)) if ids[p:p + len(a)] == a]
+        key_regions = [{t // cfg.block_k for t in run} for run in runs]
+        count = 0
+        for layer in range(layers):
+            q = torch.cat(caught[("q", layer)], 1)[:, :n].float().view(1, n, hq, -1).transpose(1, 2)
+            k = torch.cat(caught[("k", layer)], 1)[:, :n].float().view(1, n, hkv, -1).transpose(1, 2)
+            sel = msattn.ms_select(q[:, :, start:].contiguous(), k.contiguous(), block_q=cfg.block_q,
+                                   block_k=cfg.block_k, merge=cfg.merge, topk=cfg.topk, local=cfg.local)[0, :, -1]
+            # the rank of the best key region for the last query region, by qbar . kbar summed over query heads
+            nk = start // cfg.block_k
+            kbar = k[0, :, :nk * cfg.block_k].reshape(hkv, nk, cfg.block_k, -1).mean(2)
+            qbar = q[0, :, (n - 1) // cfg.block_q * cfg.block_q:].mean(1).view(hkv, hq // hkv, -1).sum(1)
+            scores = (kbar @ qbar[..., None])[..., 0]  # (hkv, nk)
+            for h in range(hkv):
+                chosen = set(sel[h].tolist()) | set(range(nk, n // cfg.block_k + 1))  # + the group's own
+                ok = any(r <= chosen for r in key_regions)
+                held[layer].append(ok)
+                count += ok
+                order = scores[h].argsort(descending=True).tolist()
+                ranks[layer].append(min((order.index(j) for r in key_regions for j in r if j < nk), default=0))
+        prompts.append([str(key), f"{depth:.2f}", repr(text), str(retrieved(answer, text)), f"{count}/{layers * hkv}"])
+        print(" | ".join(prompts[-1]), file=sys.stderr, flush=True)
+    table = [["layer", "key held (share of prompts x heads)", "median rank of the best key region"]]
+    for layer in range(layers):
+        table.append([str(layer), f"{sum(held[layer]) / len(held[layer]):.2f}", f"{statistics.median(ranks[layer]):g}"])
+    print(f"{args.model}, {n} tokens, {cfg}, filler {args.filler}")
+    print(markdown_table(prompts, left=3))
+    print()
+    print(markdown_table(table))
+
+
+if __name__ == "__main__":
+    main()
