@@ -31,7 +31,8 @@ import sys
 # 2 of them the regions just before the group (see benchmarks/RESULTS.md, "A real model")
 MS_ARGS = ["--block-q", "16", "--block-k", "16", "--merge", "16", "--topk", "64", "--local", "2", "--rope", "selected"]
 DEFAULTS = ["compare", "--model", "smollm2-135m", "--dtype", "bfloat16", "--lengths", "4k,16k,32k", "--trials", "3",
-            "--tokens", "32k", "--methods", "dense,ms", "--decode", "exact", "--filler", "austen", "--chunk-size", "8192",
+            "--tokens", "32k", "--methods", "dense,ms", "--decode", "exact", "--filler", "austen",
+            "--chunk-size", "8192",
             "--out", "demo_out", *MS_ARGS]
 
 

@@ -31,7 +31,8 @@ def test_demo_runs_on_a_gguf_model(tmp_path):
     assert proc.returncode == 0, proc.stderr
     records = json.loads((out / "compare.json").read_text())
     assert [(r["method"], r["length"]) for r in records] == [("dense", 300), ("dense", 600), ("ms", 300), ("ms", 600)]
-    assert all(r["passkey_trials"] == 2 and r["passkey_filler"] == "book.txt" and 0 <= r["passkey_accuracy"] <= 1 and r["perplexity"] > 1 for r in records)
+    assert all(r["passkey_trials"] == 2 and r["passkey_filler"] == "book.txt" and 0 <= r["passkey_accuracy"] <= 1
+               and r["perplexity"] > 1 for r in records)
     # at 300 tokens (< topk * block_k) MS attention is exactly dense: the same perplexity
     assert abs(records[0]["perplexity"] - records[2]["perplexity"]) < 1e-3 * records[0]["perplexity"]
     assert (out / "compare.png").stat().st_size > 0 and "passkey" in proc.stdout
@@ -43,4 +44,5 @@ def test_demo_defaults_are_the_eval_cli():
 
     args = build_parser().parse_args(demo.DEFAULTS + ["--trials", "7"])
     assert args.task == "compare" and args.model == "smollm2-135m" and args.trials == 7
-    assert args.methods == ["dense", "ms"] and args.rope == "selected" and args.chunk_size % (args.merge * args.block_q) == 0
+    assert args.methods == ["dense", "ms"] and args.rope == "selected"
+    assert args.chunk_size % (args.merge * args.block_q) == 0

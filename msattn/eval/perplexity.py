@@ -49,7 +49,8 @@ def window_nll(model, input_ids: torch.Tensor, *, chunk_size: int | None = 16384
         nonlocal total
         targets = input_ids[:, start + 1:start + logits.shape[1] + 1]
         logits = logits[:, :targets.shape[1]].float()
-        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").double().cpu()
+        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
+        total += nll.double().cpu()
 
     prefill(model, input_ids, chunk_size=chunk_size, on_logits=accumulate, on_chunk=on_chunk)
     return total.item(), input_ids.shape[0] * (input_ids.shape[1] - 1)
