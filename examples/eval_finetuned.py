@@ -53,7 +53,9 @@ def main(argv=None):
     records = run_perplexity(model, tokenizer, args.text, args.lengths, method="ms-finetuned", **common)
     if args.dense:
         base = config["base_model"]
-        if "llama2c" in base:
+        if "model" in base:
+            dense, _ = finetune.base_model(tokenizer=base["tokenizer"], model=base["model"])
+        elif "llama2c" in base:
             dense, _ = finetune.base_model(base["llama2c"], base["tokenizer"])
         else:
             dense, _ = finetune.base_model(None, base["tiny_llama"]["tokenizer"], seed=base["tiny_llama"]["seed"])

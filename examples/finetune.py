@@ -1,6 +1,7 @@
 """Fine-tune a causal LM with MS attention, reduced LoRA and CRD NTK RoPE, on the HuggingFace Trainer.
 
-The model is a llama2.c checkpoint (``--llama2c stories260K.bin --tokenizer tok512.bin``) or, with
+The model is an HF model directory, a ``.gguf`` file or a named model (``--model smollm2-135m``;
+``msattn.models.gguf``), a llama2.c checkpoint (``--llama2c stories260K.bin --tokenizer tok512.bin``) or, with
 nothing given, a tiny random Llama built here with a byte tokenizer, so the script runs with nothing
 downloaded. It is patched with MS attention (``msattn.hf.patch``), gets CRD NTK rotary positions
 (``msattn.rope``; ``--no-crd-ntk`` keeps the model's own RoPE) and reduced LoRA (``msattn.lora``:
@@ -49,7 +50,9 @@ TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, nu
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     g = ap.add_argument_group("model and data")
-    g.add_argument("--llama2c", type=Path, help="llama2.c checkpoint (default: a tiny random Llama)")
+    which = g.add_mutually_exclusive_group()
+    which.add_argument("--model", help="HF model directory, .gguf file or named model, e.g. smollm2-135m")
+    which.add_argument("--llama2c", type=Path, help="llama2.c checkpoint (default: a tiny random Llama)")
     g.add_argument("--tokenizer", type=Path, help="llama2.c tokenizer (default: bytes)")
     g.add_argument("--text", type=Path, nargs="+", help="training text files (default: synthetic text)")
     g.add_argument("--max-tokens", type=int, help="stop tokenizing after this many tokens")
@@ -160,8 +163,13 @@ def text_dataset(tokenizer, texts, seq_len, max_tokens=None):
 # the model
 
 
-def base_model(llama2c=None, tokenizer=None, seed=0):
-    """(model, tokenizer): the llama2.c checkpoint, or a tiny random Llama seeded with ``seed``."""
+def base_model(llama2c=None, tokenizer=None, seed=0, model=None):
+    """(model, tokenizer): ``model`` (an HF directory, .gguf file or named model, in float32), the llama2.c
+    checkpoint, or a tiny random Llama seeded with ``seed``."""
+    if model is not None:
+        from msattn.eval.loading import load
+
+        return load(model=model, tokenizer=tokenizer)
     if llama2c is not None:
         from msattn.models import load_llama2c
 
@@ -209,7 +217,10 @@ def run_config(args, ms, crd, model):
     """The JSON written next to the adapter: base model, MSConfig, CRD NTK (None if disabled)."""
     rotary = [m for m in model.modules() if isinstance(m, CRDNTKRotaryEmbedding)]
     tokenizer = args.tokenizer and str(Path(args.tokenizer).resolve())
-    if args.llama2c is not None:
+    if args.model is not None:
+        named_or_path = args.model if not os.path.exists(args.model) else str(Path(args.model).resolve())
+        base = {"model": named_or_path, "tokenizer": tokenizer}
+    elif args.llama2c is not None:
         base = {"llama2c": str(Path(args.llama2c).resolve()), "tokenizer": tokenizer}
     else:
         base = {"tiny_llama": {"seed": args.seed, "tokenizer": tokenizer}}
@@ -249,7 +260,9 @@ def load_finetuned(out, **ms_overrides):
     ms = ms_config_from_dict(config["msattn"], **ms_overrides)
     config["msattn"] = dataclasses.asdict(ms)
     base = config["base_model"]
-    if "llama2c" in base:
+    if "model" in base:
+        model, tok = base_model(tokenizer=base["tokenizer"], model=base["model"])
+    elif "llama2c" in base:
         model, tok = base_model(base["llama2c"], base["tokenizer"])
     else:
         model, tok = base_model(None, base["tiny_llama"]["tokenizer"], seed=base["tiny_llama"]["seed"])
@@ -281,7 +294,7 @@ def make_trainer(model, dataset, args, callbacks=()):
 def main(argv=None):
     args = parse_args(argv)
     set_seed(args.seed)
-    model, tokenizer = base_model(args.llama2c, args.tokenizer, seed=args.seed)
+    model, tokenizer = base_model(args.llama2c, args.tokenizer, seed=args.seed, model=args.model)
     if args.text:
         texts = read_texts(args.text)
     else:  # enough for 64 steps of a few processes; longer runs go round it again

@@ -266,3 +266,25 @@ def test_stories260k_sparse_perplexity_next_to_dense(stories):
     assert math.isfinite(dense_ppl) and math.isfinite(sparse_ppl)
     assert sparse_ppl != dense_ppl  # the sparse config really drops keys
     assert sparse_ppl < 2 * dense_ppl
+
+
+def test_finetune_a_gguf_model(tmp_path, monkeypatch):
+    # --model takes what python -m msattn.eval takes (here a GGUF file); the run config names it, so
+    # load_finetuned rebuilds the same base model
+    pytest.importorskip("gguf")
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_gguf import tiny_llama, write_gguf
+
+    monkeypatch.setenv("MSATTN_CACHE", str(tmp_path / "cache"))
+    path = write_gguf(tmp_path / "tiny.gguf", tiny_llama())
+    text = tmp_path / "book.txt"
+    text.write_text(" ".join(f"Sentence {i} goes on and then it ends." for i in range(200)), encoding="utf-8")
+    out = tmp_path / "run"
+    trainer = ft.main([*SPARSE_FLAGS, "--model", str(path), "--text", str(text), "--seq-len", "64", "--steps", "3",
+                       "--batch-size", "2", "--out", str(out), "--no-progress"])
+    assert trainer.state.global_step == 3
+    model, tok, config = ft.load_finetuned(out)
+    assert config["base_model"]["model"] == str(path.resolve()) and model.config.hidden_size == 64
+    ids = torch.tensor([tok.encode("Sentence 3 goes on", bos=True)])
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids).logits).all()
