@@ -11,7 +11,9 @@ first digit) are compared with the regions holding the key's digits (both occurr
 per prompt, the answer, whether it is right, and in how many of the layer x KV-head selections a whole
 occurrence of the key is held; per layer, the share of prompts and heads holding it and the median
 rank of the best key region among all candidates for the last query region (the rank the key would
-need to be within ``topk``; 0 when the key lies in the group itself, which always attends to it).
+need to be within ``topk``; 0 when the key lies in the group itself, which always attends to it), by
+MS attention's score (the region's mean key) and by Quest's upper bound of ``q . k`` over the region
+(per-channel min and max keys), a scoring msattn does not implement yet.
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ def main(argv=None):
     start = (n - 1) // cfg.span * cfg.span  # the last group's first position
     held = {layer: [] for layer in range(layers)}
     ranks = {layer: [] for layer in range(layers)}
+    bound_ranks = {layer: [] for layer in range(layers)}
     prompts = [["key", "depth", "answer", "right", "layer x head selections holding the key"]]
     for key, depth, offset in trial_plan(n, args.trials, seed=args.seed):
         ids, answer = passkey_prompt(tok, n, key, depth, filler=filler, offset=offset)
@@ -88,18 +91,28 @@ def main(argv=None):
             kbar = k[0, :, :nk * cfg.block_k].reshape(hkv, nk, cfg.block_k, -1).mean(2)
             qbar = q[0, :, (n - 1) // cfg.block_q * cfg.block_q:].mean(1).view(hkv, hq // hkv, -1).sum(1)
             scores = (kbar @ qbar[..., None])[..., 0]  # (hkv, nk)
+            # Quest's bound (arXiv 2406.10774): per region and channel the min and max key; the upper
+            # bound of q . k over the region's keys is sum_d max(q_d min_d, q_d max_d)
+            blocks = k[0, :, :nk * cfg.block_k].reshape(hkv, nk, cfg.block_k, -1)
+            lo, hi = blocks.amin(2), blocks.amax(2)
+            bound = torch.maximum(qbar[:, None] * lo, qbar[:, None] * hi).sum(-1)  # (hkv, nk)
             for h in range(hkv):
                 chosen = set(sel[h].tolist()) | set(range(nk, n // cfg.block_k + 1))  # + the group's own
                 ok = any(r <= chosen for r in key_regions)
                 held[layer].append(ok)
                 count += ok
-                order = scores[h].argsort(descending=True).tolist()
-                ranks[layer].append(min((order.index(j) for r in key_regions for j in r if j < nk), default=0))
+                for table, score in ((ranks, scores), (bound_ranks, bound)):
+                    order = score[h].argsort(descending=True).tolist()
+                    table[layer].append(min((order.index(j) for r in key_regions for j in r if j < nk), default=0))
         prompts.append([str(key), f"{depth:.2f}", repr(text), str(retrieved(answer, text)), f"{count}/{layers * hkv}"])
         print(" | ".join(prompts[-1]), file=sys.stderr, flush=True)
-    table = [["layer", "key held (share of prompts x heads)", "median rank of the best key region"]]
+    table = [["layer", "key held (share of prompts x heads)", "median rank of the best key region: by the mean",
+              "by Quest's bound"]]
     for layer in range(layers):
-        table.append([str(layer), f"{sum(held[layer]) / len(held[layer]):.2f}", f"{statistics.median(ranks[layer]):g}"])
+        table.append([str(layer), f"{sum(held[layer]) / len(held[layer]):.2f}", f"{statistics.median(ranks[layer]):g}",
+                      f"{statistics.median(bound_ranks[layer]):g}"])
+    table.append(["all", f"{sum(map(sum, held.values())) / sum(map(len, held.values())):.2f}",
+                  f"{statistics.median(sum(ranks.values(), [])):g}", f"{statistics.median(sum(bound_ranks.values(), [])):g}"])
     print(f"{args.model}, {n} tokens, {cfg}, filler {args.filler}")
     print(markdown_table(prompts, left=3))
     print()
