@@ -30,8 +30,8 @@ import sys
 # MS attention's parameters: groups of 16 query regions of 16 tokens select 64 key regions of 16 tokens,
 # 2 of them the regions just before the group (see benchmarks/RESULTS.md, "A real model")
 MS_ARGS = ["--block-q", "16", "--block-k", "16", "--merge", "16", "--topk", "64", "--local", "2", "--rope", "selected"]
-DEFAULTS = ["compare", "--model", "smollm2-135m", "--dtype", "bfloat16", "--lengths", "4k,16k,32k", "--trials", "3",
-            "--tokens", "32k", "--methods", "dense,ms", "--decode", "exact", "--filler", "austen",
+DEFAULTS = ["compare", "--model", "smollm2-135m", "--dtype", "bfloat16", "--lengths", "4k,16k", "--trials", "4",
+            "--tokens", "16k", "--methods", "dense,ms", "--decode", "exact", "--filler", "austen",
             "--chunk-size", "8192",
             "--out", "demo_out", *MS_ARGS]
 
