@@ -129,6 +129,25 @@ def test_chunked_prefill_equals_one_call(pad, local):
     assert torch.equal(last, got[:, -1])
 
 
+def test_prefill_hands_logits_over_in_bounded_slices(monkeypatch):
+    # on_logits never sees more than about LOGITS_BYTES of logits at once: the LM head runs on the
+    # hidden states a slice at a time, and the slices put together are the forward's logits
+    import msattn.hf.cache as cache_module
+
+    model = msattn.hf.patch(tiny(), msattn.MSConfig(block_q=4, block_k=4, merge=2, topk=3))
+    vocab = model.config.vocab_size
+    monkeypatch.setattr(cache_module, "LOGITS_BYTES", 4 * 2 * vocab * 5)  # 5 positions of 2 rows
+    ids = torch.randint(3, 97, (2, 64))
+    with torch.no_grad():
+        ref = model(ids).logits
+    slices = []
+    _, last = msattn.prefill(model, ids, chunk_size=32, on_logits=lambda s, x: slices.append((s, x.clone())))
+    assert [s for s, _ in slices] == [0, 5, 10, 15, 20, 25, 30, 32, 37, 42, 47, 52, 57, 62]
+    assert max(x.shape[1] for _, x in slices) == 5
+    torch.testing.assert_close(torch.cat([x for _, x in slices], 1), ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(last, slices[-1][1][:, -1])
+
+
 def test_prefill_bad_input():
     model = msattn.hf.patch(tiny(), SPARSE)
     ids = torch.randint(3, 97, (1, 40))

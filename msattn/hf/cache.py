@@ -306,10 +306,11 @@ def prefill(model, input_ids: torch.Tensor, *, chunk_size: int | None = 16384,
                          f"shape {want}, got {tuple(attention_mask.shape)}")
     name = cache_argument(model)
     if on_logits is not None:
-        head = base_model(model).get_output_embeddings()
-        if not isinstance(head, torch.nn.Linear) or getattr(base_model(model).config, "final_logit_softcapping", None):
-            raise ValueError(f"prefill: on_logits needs a causal LM whose logits are its output Linear of the "
-                             f"decoder's hidden states; {type(base_model(model)).__name__} is not one")
+        head = base_model(model).get_output_embeddings()  # (under PEFT, possibly a wrapper of the Linear)
+        if head is None or getattr(base_model(model).config, "final_logit_softcapping", None):
+            raise ValueError(f"prefill: on_logits needs a causal LM whose logits are its output embeddings applied "
+                             f"to the decoder's hidden states; {type(base_model(model)).__name__} is not one")
+        vocab = base_model(model).config.vocab_size
     last = None
     for start in range(0, n, chunk_size):
         end = min(start + chunk_size, n)
@@ -325,7 +326,7 @@ def prefill(model, input_ids: torch.Tensor, *, chunk_size: int | None = 16384,
         else:  # the decoder's hidden states, then the LM head a slice at a time (logits of ~LOGITS_BYTES)
             hidden = decoder(model)(input_ids[:, start:end], use_cache=True, position_ids=positions,
                                     **kwargs).last_hidden_state
-            step = max(1, LOGITS_BYTES // (4 * hidden.shape[0] * head.out_features))
+            step = max(1, LOGITS_BYTES // (4 * hidden.shape[0] * vocab))
             for s in range(0, hidden.shape[1], step):
                 logits = head(hidden[:, s:s + step])
                 on_logits(past + start + s, logits)
