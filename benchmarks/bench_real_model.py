@@ -21,7 +21,8 @@ import torch
 
 import msattn
 import msattn.hf
-from msattn.eval.__main__ import HELD_OUT, austen_dir, parse_lengths
+from msattn.eval.__main__ import parse_lengths
+from msattn.eval.passkey import HELD_OUT, austen_dir
 from msattn.eval.loading import load, peak_rss_mb, reset_peak_rss
 from msattn.eval.perplexity import text_tokens
 from msattn.eval.report import format_length, markdown_table

@@ -25,9 +25,9 @@ import sys
 import torch
 
 import msattn
-from msattn.eval.__main__ import _one_length, make_filler
+from msattn.eval.__main__ import _one_length
 from msattn.eval.loading import Settings, load, prepare
-from msattn.eval.passkey import greedy_generate, passkey_prompt, retrieved, trial_plan
+from msattn.eval.passkey import greedy_generate, make_filler, passkey_prompt, retrieved, trial_plan
 from msattn.eval.report import markdown_table
 from msattn.hf import decoder
 

@@ -37,7 +37,7 @@ DEFAULTS = ["compare", "--model", "smollm2-135m", "--dtype", "bfloat16", "--leng
 
 
 def main(argv=None) -> int:
-    from .eval.__main__ import HELD_OUT, austen_dir
+    from .eval.passkey import HELD_OUT, austen_dir
     from .eval.__main__ import main as evaluate
 
     argv = list(sys.argv[1:] if argv is None else argv)

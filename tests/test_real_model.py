@@ -51,7 +51,7 @@ def test_ms_keeps_perplexity_past_the_window(smollm2):
 
 def test_answers_a_pass_key_in_a_novel_inside_its_window(smollm2):
     from msattn.eval import prepare
-    from msattn.eval.__main__ import make_filler
+    from msattn.eval.passkey import make_filler
     from msattn.eval.loading import Settings
     from msattn.eval.passkey import greedy_generate, passkey_prompt, retrieved, trial_plan
 

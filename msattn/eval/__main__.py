@@ -27,6 +27,7 @@ import sys
 import torch
 
 from .loading import load, method_names, prepare, read_checkpoint_meta, settings_from_meta
+from .passkey import make_filler
 
 _LENGTH = re.compile(r"(\d+)([km]?)", re.IGNORECASE)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -65,40 +66,6 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
     return value
-
-
-HELD_OUT = "persuasion.txt"  # the Austen novel kept for perplexity: never filler, never trained on
-
-
-def austen_dir() -> str:
-    """The folder of the Austen novels: ``$MSATTN_DATA/austen``, or ``../shared/data/austen`` next to the
-    working directory or to the source tree."""
-    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    places = [os.path.join(os.environ["MSATTN_DATA"], "austen")] if os.environ.get("MSATTN_DATA") else []
-    places += [os.path.join(root, "..", "shared", "data", "austen") for root in (os.getcwd(), here)]
-    for place in places:
-        if os.path.isfile(os.path.join(place, HELD_OUT)):
-            return os.path.normpath(place)
-    raise FileNotFoundError("the Austen novels were not found in " + ", ".join(map(os.path.normpath, places))
-                            + " (set MSATTN_DATA, or pass --filler FILE[,FILE...] / --filler repeated)")
-
-
-def austen_files() -> list[str]:
-    """The Austen novels but the held-out ``persuasion.txt``: the default passkey filler."""
-    place = austen_dir()
-    return [os.path.join(place, f) for f in sorted(os.listdir(place)) if f.endswith(".txt") and f != HELD_OUT]
-
-
-def make_filler(spec: str, tokenizer):
-    """The passkey filler of ``--filler``: None for 'repeated', else a TextFiller."""
-    from .passkey import PasskeyTokenizer, TextFiller
-
-    if spec == "auto":
-        spec = "repeated" if isinstance(tokenizer, PasskeyTokenizer) else "austen"
-    if spec == "repeated":
-        return None
-    files = austen_files() if spec == "austen" else [f for f in spec.split(",") if f]
-    return TextFiller(tokenizer, files)
 
 
 def build_parser() -> argparse.ArgumentParser:

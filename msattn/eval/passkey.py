@@ -38,8 +38,9 @@ from ..hf.cache import prefill
 from ..hf.common import cache_argument
 from .loading import auto_batch_size, is_patched, model_device, peak_rss_mb, reset_peak_rss
 
-__all__ = ["INSTRUCTION", "FILLER", "KEY_SENTENCE", "QUESTION", "PasskeyTokenizer", "TextFiller", "passkey_prompt",
-           "template_length", "random_key", "sample", "greedy_generate", "retrieved", "trial_plan", "run_passkey"]
+__all__ = ["INSTRUCTION", "FILLER", "KEY_SENTENCE", "QUESTION", "PasskeyTokenizer", "TextFiller", "HELD_OUT",
+           "austen_dir", "austen_files", "make_filler", "passkey_prompt", "template_length", "random_key", "sample",
+           "greedy_generate", "retrieved", "trial_plan", "run_passkey"]
 
 INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
                "I will quiz you about the important information there.")
@@ -140,6 +141,38 @@ class TextFiller:
                 if p == 0 or (0 < p <= len(tokens) and self._ends_sentence(tokens[p - 1])):
                     return p
         return at
+
+
+HELD_OUT = "persuasion.txt"  # the Austen novel kept for perplexity: never filler, never trained on
+
+
+def austen_dir() -> str:
+    """The folder of the Austen novels: ``$MSATTN_DATA/austen``, or ``../shared/data/austen`` next to the
+    working directory or to the source tree."""
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    places = [os.path.join(os.environ["MSATTN_DATA"], "austen")] if os.environ.get("MSATTN_DATA") else []
+    places += [os.path.join(root, "..", "shared", "data", "austen") for root in (os.getcwd(), here)]
+    for place in places:
+        if os.path.isfile(os.path.join(place, HELD_OUT)):
+            return os.path.normpath(place)
+    raise FileNotFoundError("the Austen novels were not found in " + ", ".join(map(os.path.normpath, places))
+                            + " (set MSATTN_DATA, or pass --filler FILE[,FILE...] / --filler repeated)")
+
+
+def austen_files() -> list[str]:
+    """The Austen novels but the held-out ``persuasion.txt``: the default passkey filler."""
+    place = austen_dir()
+    return [os.path.join(place, f) for f in sorted(os.listdir(place)) if f.endswith(".txt") and f != HELD_OUT]
+
+
+def make_filler(spec: str, tokenizer):
+    """The passkey filler of ``--filler``: None for 'repeated', else a TextFiller."""
+    if spec == "auto":
+        spec = "repeated" if isinstance(tokenizer, PasskeyTokenizer) else "austen"
+    if spec == "repeated":
+        return None
+    files = austen_files() if spec == "austen" else [f for f in spec.split(",") if f]
+    return TextFiller(tokenizer, files)
 
 
 def passkey_prompt(tokenizer, n_tokens: int, key, depth: float, *, filler: TextFiller | None = None,
