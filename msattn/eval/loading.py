@@ -4,10 +4,15 @@ Sources (``load``):
 
 - an HF model directory (``model=``): ``AutoModelForCausalLM`` and ``AutoTokenizer`` from local files;
 - a llama2.c checkpoint (``llama2c=`` with ``tokenizer=`` a ``tok*.bin``);
-- a checkpoint directory saved by the demo (``save_checkpoint``): an HF model directory that also holds
-  ``msattn.json`` = ``{"method": "dense" | "ms" | "infini", "ms_config": {MSConfig fields} | null,
-  "infini": {"segment_len", "delta_rule", "gates": [per layer, per head beta]} | null,
-  "tokenizer": PasskeyTokenizer.to_dict()}``.
+- a checkpoint directory (``save_checkpoint``: the demo's models, ``msattn pretrain``'s output): an HF
+  model directory that also holds ``msattn.json`` = ``{"method": "dense" | "ms" | "self_extend" |
+  "infini", "ms_config": {MSConfig fields} | null, "infini": {"segment_len", "delta_rule", "gates":
+  [per layer, per head beta]} | null, "tokenizer": PasskeyTokenizer.to_dict() | {"type":
+  "Llama2cTokenizer", "path"} | null (the directory's own HF tokenizer)}``;
+- a fine-tuned run (``msattn finetune``'s output): a PEFT adapter directory whose ``msattn.json`` also
+  holds ``"base_model": {"model" | "llama2c", "tokenizer"}`` (what ``load`` takes) and ``"crd_ntk":
+  {CRDNTK fields} | null``: the base model is loaded, given the run's CRD NTK rotary embedding
+  (:func:`install_rope`, the inference base) and the adapter merged in.
 
 Methods (``method_names``, ``prepare``): ``"dense"`` = the unpatched model on PyTorch SDPA, and every
 method of ``msattn.hf.METHODS`` (the one registry) = ``msattn.hf.patch(model, config)`` with that
@@ -27,7 +32,7 @@ import torch
 
 from ..config import InfiniConfig, MSConfig, SelfExtendConfig
 
-__all__ = ["DENSE", "CHECKPOINT_META", "HFTokenizer", "load", "load_tokenizer", "method_names", "read_checkpoint_meta",
+__all__ = ["DENSE", "CHECKPOINT_META", "HFTokenizer", "install_rope", "load", "load_tokenizer", "method_names", "read_checkpoint_meta",
            "ms_config_from_dict", "settings_from_meta", "save_checkpoint", "Settings", "prepare", "is_patched",
            "model_device", "auto_batch_size", "reset_peak_rss", "rss_mb", "peak_rss_mb"]
 
@@ -122,7 +127,9 @@ def ms_config_from_dict(data: dict | None, **overrides) -> MSConfig:
 
 def save_checkpoint(model, tokenizer, directory, *, method: str, settings: Settings | None = None) -> None:
     """Save a model the way ``load(model=directory)`` reads it back: ``save_pretrained`` plus
-    ``msattn.json`` (``tokenizer`` needs ``to_dict()``, e.g. a PasskeyTokenizer).
+    ``msattn.json``. ``tokenizer``: an :class:`HFTokenizer` (saved into the directory with
+    ``save_pretrained``) or one with ``to_dict()`` (a PasskeyTokenizer, a Llama2cTokenizer: recorded
+    in ``msattn.json``).
 
     ``method`` is what the model was trained with; ``settings`` its parameters (``settings.ms`` is
     recorded for ``"ms"``, the segment length, memory rule and trained gates for ``"infini"``, whose
@@ -135,8 +142,11 @@ def save_checkpoint(model, tokenizer, directory, *, method: str, settings: Setti
         raise ValueError(f"save_checkpoint: unknown method {method!r}; known: {', '.join(method_names())}")
     settings = Settings() if settings is None else settings
     directory = os.fspath(directory)
+    if not (isinstance(tokenizer, HFTokenizer) or hasattr(tokenizer, "to_dict")):
+        raise TypeError(f"save_checkpoint: tokenizer must be an HFTokenizer or have to_dict(), got "
+                        f"{type(tokenizer).__name__}")
     meta = {"method": method, "ms_config": dataclasses.asdict(settings.ms) if method == "ms" else None,
-            "infini": None, "tokenizer": tokenizer.to_dict()}
+            "infini": None, "tokenizer": None if isinstance(tokenizer, HFTokenizer) else tokenizer.to_dict()}
     if method == "infini":
         if not isinstance(patched_config(model), InfiniConfig):
             raise ValueError("save_checkpoint: method='infini' needs the model still patched with Infini-attention "
@@ -156,8 +166,47 @@ def save_checkpoint(model, tokenizer, directory, *, method: str, settings: Setti
     finally:
         if record is not None:
             setattr(config, SAVED, record)
+    if isinstance(tokenizer, HFTokenizer):
+        tokenizer.tokenizer.save_pretrained(directory)
     with open(os.path.join(directory, CHECKPOINT_META), "w") as f:
         json.dump(meta, f, indent=2)
+
+
+def _meta_tokenizer(data: dict):
+    """The tokenizer a checkpoint's ``msattn.json`` records (see the module docstring)."""
+    from ..models.llama2c import Llama2cTokenizer
+    from .passkey import PasskeyTokenizer
+
+    kind = data.get("type") if isinstance(data, dict) else None
+    if kind == "Llama2cTokenizer":
+        return Llama2cTokenizer(_need(data.get("path", ""), "llama2.c tokenizer named by msattn.json"))
+    return PasskeyTokenizer.from_dict(data)
+
+
+def install_rope(model, crd) -> None:
+    """Give ``model`` (unpatched) CRD NTK rotary positions: ``crd`` a ``msattn.rope.CRDNTK`` or its
+    fields as a dict. The module replaces the decoder's rotary embedding, so every method (dense
+    included) and ``msattn.hf.patch`` use it; in eval mode it rotates with the inference base."""
+    from ..hf import decoder
+    from ..rope import CRDNTK, CRDNTKRotaryEmbedding
+
+    crd = crd if isinstance(crd, CRDNTK) else CRDNTK(**crd)
+    decoder(model).rotary_emb = CRDNTKRotaryEmbedding(crd, model.config).to(next(model.parameters()).device)
+
+
+def _load_finetuned(path: str, meta: dict, tokenizer, dtype: torch.dtype):
+    """A fine-tuned run: its base model, its CRD NTK positions, its adapter merged in."""
+    from peft import PeftModel
+
+    base = meta["base_model"]
+    if not isinstance(base, dict) or not ({"model", "llama2c"} & set(base)):
+        raise ValueError(f"{path}: {CHECKPOINT_META}'s base_model must hold 'model' or 'llama2c', got {base!r}")
+    net, tok = load(model=base.get("model"), llama2c=base.get("llama2c"),
+                    tokenizer=tokenizer if tokenizer is not None else base.get("tokenizer"), dtype=dtype)
+    if meta.get("crd_ntk") is not None:
+        install_rope(net, meta["crd_ntk"])
+    net = PeftModel.from_pretrained(net, path).merge_and_unload()
+    return net.eval(), tok
 
 
 def settings_from_meta(meta: dict | None, **overrides) -> Settings:
@@ -188,8 +237,9 @@ def load(model=None, llama2c=None, tokenizer=None, *, dtype: torch.dtype = torch
     """Load ``(model, tokenizer)`` for evaluation, the model in eval mode on SDPA attention.
 
     Args:
-        model: an HF model directory (a demo checkpoint directory included), a ``.gguf`` file or a named
-            model such as ``"smollm2-135m"`` (``msattn.models.gguf``: converted once, then cached).
+        model: an HF model directory (a checkpoint directory or fine-tuned run included, see the module
+            docstring), a ``.gguf`` file or a named model such as ``"smollm2-135m"``
+            (``msattn.models.gguf``: converted once, then cached).
         llama2c: a llama2.c checkpoint (``.bin``); needs ``tokenizer``.
         tokenizer: a tokenizer path (see :func:`load_tokenizer`); default for ``model``: the checkpoint's
             ``msattn.json`` tokenizer, else the directory's own HF tokenizer.
@@ -212,12 +262,12 @@ def load(model=None, llama2c=None, tokenizer=None, *, dtype: torch.dtype = torch
 
         path = resolve(model)
         meta = read_checkpoint_meta(path)
+        if meta is not None and meta.get("base_model") is not None:
+            return _load_finetuned(path, meta, tokenizer, dtype)
         if tokenizer is not None:
             tok = load_tokenizer(tokenizer)
         elif meta is not None and meta.get("tokenizer") is not None:
-            from .passkey import PasskeyTokenizer
-
-            tok = PasskeyTokenizer.from_dict(meta["tokenizer"])
+            tok = _meta_tokenizer(meta["tokenizer"])
         else:
             try:
                 tok = load_tokenizer(path)

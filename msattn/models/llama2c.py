@@ -193,6 +193,10 @@ class Llama2cTokenizer:
     def vocab_size(self):
         return len(self.pieces)
 
+    def to_dict(self) -> dict:
+        """What a checkpoint's ``msattn.json`` records of this tokenizer: its file's absolute path."""
+        return {"type": "Llama2cTokenizer", "path": os.path.abspath(self.path)}
+
     def encode(self, text, bos=True, eos=False):
         """str -> list[int]: [BOS] + (" " token if text) + per-character tokens merged by best score + [EOS].
 

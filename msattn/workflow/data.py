@@ -1,0 +1,107 @@
+"""Training text: a byte-level tokenizer that needs nothing downloaded, the corpus files, token chunks.
+
+- :func:`byte_tokenizer`: an HF fast tokenizer (``tokenizers``' BPE with no merges over a byte-level
+  alphabet): id 0 ``<unk>``, 1 ``<s>`` (BOS), 2 ``</s>`` (EOS), ``3 + b`` for each UTF-8 byte ``b``
+  (the byte ids of llama2.c's vocabularies), so ``save_pretrained`` / ``AutoTokenizer`` round-trip it.
+- :func:`corpus_files`: the files a phase trains on; by default the Austen novels of
+  ``../shared/data/austen`` other than the held-out ``persuasion.txt``, which is refused as training text.
+- :class:`TokenChunks`: consecutive ``seq_len`` chunks of the tokenized files, as a map-style dataset.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..eval.loading import HFTokenizer, load_tokenizer
+from ..eval.passkey import HELD_OUT, austen_files
+from .arguments import ConfigError
+
+__all__ = ["BYTE_OFFSET", "byte_tokenizer", "make_tokenizer", "corpus_files", "TokenChunks", "text_dataset"]
+
+BYTE_OFFSET = 3  # ids 0..2 are <unk>, <s>, </s>
+
+
+def _byte_alphabet() -> list[str]:
+    """The printable character that byte-level BPE (GPT-2's convention) writes for each byte 0..255."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+def byte_tokenizer():
+    """A byte-level HF tokenizer of 259 ids (see the module docstring); ``tokenizer("ab")`` is
+    ``[1, 3 + 97, 3 + 98]`` (BOS added, as llama2.c does)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({c: BYTE_OFFSET + b for b, c in enumerate(_byte_alphabet())})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def make_tokenizer(spec: str):
+    """The tokenizer a config names, behind the ``encode(text, bos=True)`` / ``decode`` protocol:
+    ``"bytes"`` (:func:`byte_tokenizer`), or a path (an HF tokenizer directory or ``tokenizer.json``, or a
+    llama2.c ``tok*.bin``; see ``msattn.eval.loading.load_tokenizer``)."""
+    if spec == "bytes":
+        return HFTokenizer(byte_tokenizer())
+    return load_tokenizer(spec)
+
+
+def corpus_files(paths) -> list[str]:
+    """The training files: ``paths``, or the Austen novels but the held-out one when ``paths`` is empty.
+    A missing file, or the held-out novel, is an error naming the key ``text``."""
+    try:
+        files = [os.fspath(p) for p in paths] if paths else austen_files()
+    except FileNotFoundError as e:
+        raise ConfigError(f"text: none given and {e}") from None
+    for path in files:
+        if os.path.basename(path) == HELD_OUT:
+            raise ConfigError(f"text: {path} is the held-out evaluation text (../shared/data/README.md); "
+                             "train on the other novels")
+        if not os.path.isfile(path):
+            raise ConfigError(f"text: {path}: no such file")
+    return files
+
+
+class TokenChunks(torch.utils.data.Dataset):
+    """Consecutive ``seq_len`` chunks of a token stream, each ``{"input_ids", "labels"}`` int64
+    ``(seq_len,)`` (the model shifts the labels itself)."""
+
+    def __init__(self, ids, seq_len: int):
+        n = len(ids) // seq_len
+        if n == 0:
+            raise ConfigError(f"text: {len(ids)} tokens make no chunk of seq_len={seq_len}; give more text")
+        self.chunks = torch.tensor(ids[:n * seq_len], dtype=torch.long).view(n, seq_len)  # (n, seq_len)
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, i) -> dict:
+        return {"input_ids": self.chunks[i], "labels": self.chunks[i]}
+
+
+def text_dataset(tokenizer, paths, seq_len: int, max_tokens: int | None = None) -> TokenChunks:
+    """Each file tokenized with BOS first, concatenated, cut into ``seq_len`` chunks (at most
+    ``max_tokens`` tokens in all)."""
+    ids: list[int] = []
+    for path in corpus_files(paths):
+        with open(path, encoding="utf-8") as f:
+            ids += tokenizer.encode(f.read(), bos=True)
+        if max_tokens is not None and len(ids) >= max_tokens:
+            ids = ids[:max_tokens]
+            break
+    return TokenChunks(ids, seq_len)
