@@ -55,13 +55,16 @@ COMMANDS = {
 
 def _training_defaults(command: str) -> dict:
     """The Trainer defaults of the training commands (a config or flag overrides each): no reporting
-    integrations, the CRD NTK schedule restored on resume, and gloo for multi-process CPU runs."""
+    integrations, the CRD NTK schedule restored on resume, and on a machine without CUDA ``use_cpu``
+    (without it accelerate does not see a torchrun or accelerate launch on the CPU as distributed, and
+    each process trains alone) with the gloo backend."""
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     import torch
 
     return {"output_dir": os.path.join("runs", command), "report_to": "none", "logging_steps": 1,
             "label_names": ["labels"], "restore_callback_states_from_checkpoint": True,
             "ddp_find_unused_parameters": False, "dataloader_pin_memory": torch.cuda.is_available(),
+            "use_cpu": not torch.cuda.is_available(),
             "ddp_backend": "gloo" if distributed and not torch.cuda.is_available() else None}
 
 
@@ -94,7 +97,15 @@ def _expected(action) -> str:
     return {"string_to_bool": "true or false", "int": "an int", "float": "a number", "str": "a string"}.get(kind, kind)
 
 
-def _convert(key: str, action, value, where: str):
+def _dict_fields(parser) -> set[str]:
+    """The fields whose type takes a dict (the Trainer's ``fsdp_config``, ``accelerator_config``...)."""
+    import typing
+
+    return {name for cls in parser.dataclass_types for name, hint in typing.get_type_hints(cls).items()
+            if "dict" in str(hint)}
+
+
+def _convert(key: str, action, value, where: str, takes_dict: bool = False):
     """A YAML value as the flag's type would parse it; ConfigError naming the key otherwise."""
     def bad():
         return ConfigError(f"{where}: {key}: expected {_expected(action)}"
@@ -111,9 +122,9 @@ def _convert(key: str, action, value, where: str):
                 raise bad()
             return float(item)
         if kind is str or kind is None:
-            if isinstance(item, dict):  # the Trainer's dict-or-JSON fields (fsdp_config, ...)
+            if isinstance(item, dict) and takes_dict:  # the Trainer's dict-or-JSON fields (fsdp_config, ...)
                 return item
-            if isinstance(item, (list, bool)):
+            if isinstance(item, (list, bool, dict)):
                 raise bad()
             return str(item)
         if isinstance(item, (dict, list)):
@@ -151,14 +162,14 @@ def read_config(path, parser) -> dict:
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of fields, got {type(data).__name__}")
-    actions = _actions(parser)
+    actions, dicts = _actions(parser), _dict_fields(parser)
     out = {}
     for key, value in data.items():
         if key not in actions:
             near = difflib.get_close_matches(str(key), list(actions), n=1)
             raise ConfigError(f"{path}: unknown key {key!r}" + (f" (did you mean {near[0]!r}?)" if near else "")
                               + f"; `{parser.prog} --help` lists the fields")
-        out[key] = _convert(key, actions[key], value, path)
+        out[key] = _convert(key, actions[key], value, path, takes_dict=key in dicts)
     return out
 
 

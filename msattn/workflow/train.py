@@ -79,9 +79,12 @@ def resume_point(training) -> str | None:
     return value
 
 
-def _announce(trainer, what: str, model, dataset, seq_len: int, method: str, settings) -> None:
+def _trainable(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _announce(trainer, what: str, n_train: int, dataset, seq_len: int, method: str, settings) -> None:
     if trainer.is_world_process_zero():
-        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"{what}: {trainer.args.world_size} process(es); {len(dataset)} chunks of {seq_len} tokens; "
               f"attention {method} {settings.config(method) or ''}; {n_train:,} trainable parameters", flush=True)
 
@@ -101,8 +104,9 @@ def pretrain(arch, attn, data, training) -> Trainer:
     method, settings = attn.method(None), attn.settings(None)
     model = build_llama(arch, tokenizer, data.seq_len)
     prepare(model, method, settings).train()
+    n_train = _trainable(model)  # (before the Trainer: FSDP shards the parameters)
     trainer = make_trainer(model, dataset, training)
-    _announce(trainer, "pretrain", model, dataset, data.seq_len, method, settings)
+    _announce(trainer, "pretrain", n_train, dataset, data.seq_len, method, settings)
     trainer.train(resume_from_checkpoint=resume_point(training))
     if trainer.is_world_process_zero():
         save_checkpoint(model, tokenizer, training.output_dir, method=method, settings=settings)
@@ -158,8 +162,9 @@ def finetune(base, attn, crd, lora, data, training) -> Trainer:
         install_rope(model, rope)
     prepare(model, method, settings)
     model = msattn.lora.apply(model, r=lora.lora_r, alpha=lora.lora_alpha).train()
+    n_train = _trainable(model)
     trainer = make_trainer(model, dataset, training)
-    _announce(trainer, "finetune", model, dataset, data.seq_len, method, settings)
+    _announce(trainer, "finetune", n_train, dataset, data.seq_len, method, settings)
     trainer.train(resume_from_checkpoint=resume_point(training))
     if trainer.is_world_process_zero():
         out = training.output_dir
