@@ -22,7 +22,7 @@ PACKAGE := $(SOURCES) $(shell find msattn -name '*.py')
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 # the tests that touch transformers, PEFT or accelerate (of test_self_extend and test_infini, those named hf)
-COMPAT_TESTS := tests/test_hf.py tests/test_cache.py tests/test_eval.py tests/test_demo.py tests/test_demo_toy.py tests/test_finetune.py \
+COMPAT_TESTS := tests/test_hf.py tests/test_cache.py tests/test_eval.py tests/test_demo.py tests/test_demo_toy.py tests/test_cli.py tests/test_workflow.py \
                 tests/test_gguf.py tests/test_lora.py tests/test_models.py tests/test_rope.py tests/test_self_extend.py tests/test_infini.py
 COMPAT_SELECT := not (test_self_extend or test_infini) or hf
 

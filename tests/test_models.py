@@ -295,3 +295,65 @@ def test_bad_tokenizers(tmp_path):
     write_llama2c(random_hf_model(True), tmp_path / "tiny.bin")
     with pytest.raises(ValueError, match=r"tokenizer has 4 tokens, checkpoint .*tiny\.bin has vocab_size 37"):
         load_llama2c(tmp_path / "tiny.bin", path)
+
+
+# ---------------------------------------------------------------------------------------------
+# the converted stories260K model under MS attention
+
+PERSUASION = STORIES.parent / "austen" / "persuasion.txt"
+
+
+def _persuasion_chunks(tokenizer, n, length=512):
+    text = PERSUASION.read_text(encoding="utf-8")[:40_000]  # the start of the novel: a few chunks are enough
+    ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
+    assert len(ids) >= n * length
+    return ids[:n * length].view(n, length)
+
+
+@needs_stories
+def test_stories260k_covering_config_equals_dense(stories):
+    import msattn
+    import msattn.hf
+
+    model, tokenizer = stories
+    chunks = _persuasion_chunks(tokenizer, 2)
+    cover = msattn.MSConfig(block_q=16, block_k=16, merge=4, topk=32)
+    assert cover.covers(chunks.shape[1])
+    with torch.no_grad():
+        ref = model(input_ids=chunks).logits
+        msattn.hf.patch(model, cover)
+        try:
+            got = model(input_ids=chunks).logits
+        finally:
+            msattn.hf.unpatch(model)
+    assert ref.dtype == torch.float32
+    err = ((got - ref).abs().max() / ref.abs().max()).item()
+    assert err < 1e-5, err
+
+
+@needs_stories
+def test_stories260k_sparse_perplexity_next_to_dense(stories):
+    import msattn
+    import msattn.hf
+
+    model, tokenizer = stories
+    chunks = _persuasion_chunks(tokenizer, 4)
+    sparse = msattn.MSConfig(block_q=16, block_k=16, merge=4, topk=8)
+    assert not sparse.covers(chunks.shape[1])
+
+    def perplexity():
+        with torch.no_grad():
+            return math.exp(model(input_ids=chunks, labels=chunks).loss.item())
+
+    dense_ppl = perplexity()
+    msattn.hf.patch(model, sparse)
+    try:
+        sparse_ppl = perplexity()
+    finally:
+        msattn.hf.unpatch(model)
+    print(f"\nstories260K on persuasion.txt, {chunks.shape[0]} chunks of {chunks.shape[1]} tokens: "
+          f"dense perplexity {dense_ppl:.3f}, MS {sparse} perplexity {sparse_ppl:.3f} "
+          f"(ratio {sparse_ppl / dense_ppl:.4f})")
+    assert math.isfinite(dense_ppl) and math.isfinite(sparse_ppl)
+    assert sparse_ppl != dense_ppl  # the sparse config really drops keys
+    assert sparse_ppl < 2 * dense_ppl

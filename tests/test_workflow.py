@@ -248,6 +248,50 @@ def test_token_chunks_and_the_byte_tokenizer(tmp_path):
     assert again(text)["input_ids"] == ids and again.decode(ids, skip_special_tokens=True) == text
 
 
+def test_finetune_a_gguf_model(files, tmp_path, monkeypatch):
+    # model takes what python -m msattn.eval takes (here a GGUF file); msattn.json names it, so load()
+    # rebuilds the same base model under the adapter
+    pytest.importorskip("gguf")
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_gguf import tiny_llama, write_gguf
+
+    monkeypatch.setenv("MSATTN_CACHE", str(tmp_path / "cache"))
+    path = write_gguf(tmp_path / "tiny.gguf", tiny_llama())
+    out = tmp_path / "run"
+    trainer = cli.run(["finetune", *_ft(files, out), "--model", str(path), "--seq_len", "64", "--max_steps", "3",
+                       "--block_q", "8", "--block_k", "8", "--merge", "2", "--topk", "4"])
+    assert trainer.state.global_step == 3
+    assert read_checkpoint_meta(out)["base_model"]["model"] == str(path.resolve())
+    model, tok = load(model=out)
+    assert model.config.hidden_size == 64
+    ids = torch.tensor([tok.encode("Anne met Emma in Bath", bos=True)])
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+STORIES = ROOT.parent / "shared" / "data" / "stories260K"
+
+
+@pytest.mark.skipif(not (STORIES / "stories260K.bin").is_file(), reason=f"stories260K absent ({STORIES})")
+def test_finetune_a_llama2c_checkpoint_records_its_tokenizer(files, tmp_path):
+    from msattn.models import Llama2cTokenizer
+
+    out = tmp_path / "run"
+    cli.run(["finetune", *_ft(files, out), "--llama2c", str(STORIES / "stories260K.bin"), "--tokenizer",
+             str(STORIES / "tok512.bin"), "--max_steps", "2", "--block_q", "8", "--block_k", "8", "--merge", "2",
+             "--topk", "4"])
+    base = read_checkpoint_meta(out)["base_model"]
+    assert base == {"llama2c": str(STORIES / "stories260K.bin"), "tokenizer": str(STORIES / "tok512.bin")}
+    model, tok = load(model=out)
+    assert isinstance(tok, Llama2cTokenizer) and model.config.vocab_size == 512
+    # pretraining with that tokenizer: msattn.json records it, load() reads it back
+    pre = tmp_path / "pre"
+    cli.run(["pretrain", *_common(files, pre), "--tokenizer", str(STORIES / "tok512.bin"), "--max_steps", "1"])
+    assert read_checkpoint_meta(pre)["tokenizer"] == {"type": "Llama2cTokenizer", "path": str(STORIES / "tok512.bin")}
+    model, tok = load(model=pre)
+    assert isinstance(tok, Llama2cTokenizer) and model.config.vocab_size == 512
+
+
 # ---------------------------------------------------------------------------------------------
 # the loss curve
 
@@ -352,3 +396,21 @@ def test_accelerate_launch_runs_the_same_command(files, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "pretrain: 2 process(es)" in proc.stdout
     assert len(_logged(out)) == 4 and read_checkpoint_meta(out)["method"] == "ms"
+
+
+AUSTEN = ROOT.parent / "shared" / "data" / "austen"
+
+
+@pytest.mark.skipif(not (AUSTEN / "persuasion.txt").is_file(), reason=f"the Austen novels absent ({AUSTEN})")
+def test_the_shipped_configs_run_in_a_chain(tmp_path):
+    # configs/pretrain.yaml -> finetune.yaml -> infer.yaml as shipped (on the default corpus), only
+    # shortened and pointed at a temporary directory
+    pre, ft = tmp_path / "pretrain", tmp_path / "finetune"
+    short = ["--max_steps", "2", "--max_tokens", "40000", "--save_strategy", "no", "--disable_tqdm", "true"]
+    cli.run(["pretrain", "--config", str(ROOT / "configs" / "pretrain.yaml"), "--output_dir", str(pre), *short])
+    cli.run(["finetune", "--config", str(ROOT / "configs" / "finetune.yaml"), "--model", str(pre),
+             "--output_dir", str(ft), *short])
+    result = cli.run(["infer", "--config", str(ROOT / "configs" / "infer.yaml"), "--model", str(ft),
+                      "--passkey_length", "4096", "--max_new_tokens", "2", "--report", str(tmp_path / "r.json")])
+    assert result["method"] == "ms" and result["prompt_tokens"] == 4096 and result["filler"] == "austen"
+    assert json.loads((tmp_path / "r.json").read_text())["prompt_tokens"] == 4096

@@ -86,7 +86,8 @@ def _trainable(model) -> int:
 def _announce(trainer, what: str, n_train: int, dataset, seq_len: int, method: str, settings) -> None:
     if trainer.is_world_process_zero():
         print(f"{what}: {trainer.args.world_size} process(es); {len(dataset)} chunks of {seq_len} tokens; "
-              f"attention {method} {settings.config(method) or ''}; {n_train:,} trainable parameters", flush=True)
+              f"attention {method}{'' if method == 'dense' else f' {settings.config(method)}'}; "
+              f"{n_train:,} trainable parameters", flush=True)
 
 
 def _tokenizer(spec: str):
