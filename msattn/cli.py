@@ -58,14 +58,14 @@ def _training_defaults(command: str) -> dict:
     integrations, the CRD NTK schedule restored on resume, and on a machine without CUDA ``use_cpu``
     (without it accelerate does not see a torchrun or accelerate launch on the CPU as distributed, and
     each process trains alone) with the gloo backend."""
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     import torch
 
+    cpu = not torch.cuda.is_available()
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     return {"output_dir": os.path.join("runs", command), "report_to": "none", "logging_steps": 1,
             "label_names": ["labels"], "restore_callback_states_from_checkpoint": True,
-            "ddp_find_unused_parameters": False, "dataloader_pin_memory": torch.cuda.is_available(),
-            "use_cpu": not torch.cuda.is_available(),
-            "ddp_backend": "gloo" if distributed and not torch.cuda.is_available() else None}
+            "ddp_find_unused_parameters": False, "dataloader_pin_memory": not cpu, "use_cpu": cpu,
+            "ddp_backend": "gloo" if distributed and cpu else None}
 
 
 def build_parser(command: str):
