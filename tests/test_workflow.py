@@ -387,10 +387,24 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(files, tmp_p
     assert l1 == pytest.approx(l2, rel=1e-5) and l1 < math.log(259) - 0.5, (l1, l2)
 
 
+def _accelerate_version():
+    import accelerate
+
+    return tuple(int(x) for x in accelerate.__version__.split(".")[:2])
+
+
+@pytest.mark.skipif(_accelerate_version() < (1, 16), reason="accelerate launch of 2 CPU processes: with 1.6 a "
+                    "process aborts at exit after training, with 1.7 the run hangs; 1.16 (the lock) completes")
 def test_accelerate_launch_runs_the_same_command(files, tmp_path):
     out = tmp_path / "acc"
+    import socket
+
+    with socket.socket() as sock:  # a free port: another run's leftovers must not collide with this one
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "configs" / "accelerate" / "ddp.yaml"), "-m", "msattn", "pretrain", *_common(files, out),
+           str(ROOT / "configs" / "accelerate" / "ddp.yaml"), "--main_process_port", str(port),
+           "-m", "msattn", "pretrain", *_common(files, out),
            "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "4"]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
