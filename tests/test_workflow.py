@@ -428,3 +428,10 @@ def test_the_shipped_configs_run_in_a_chain(tmp_path):
                       "--passkey_length", "4096", "--max_new_tokens", "2", "--report", str(tmp_path / "r.json")])
     assert result["method"] == "ms" and result["prompt_tokens"] == 4096 and result["filler"] == "austen"
     assert json.loads((tmp_path / "r.json").read_text())["prompt_tokens"] == 4096
+    records = cli.run(["losscurve", "--config", str(ROOT / "configs" / "loss_curve.yaml"), "--output_dir",
+                       str(tmp_path / "lc"), "--budgets", "dense", "block_k=64,topk=1", "--eval_tokens", "1024",
+                       *short, "--logging_steps", "1"])
+    assert [r["budget"] for r in records] == ["dense", "block_k64_topk1"]
+    assert (tmp_path / "lc" / "losscurve.png").is_file()
+    with pytest.raises(ConfigError, match="logging_steps: 10 logs no training loss in max_steps = 2"):
+        cli.run(["losscurve", "--config", str(ROOT / "configs" / "loss_curve.yaml"), *short])

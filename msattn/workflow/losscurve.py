@@ -77,6 +77,9 @@ def losscurve(lc, arch, attn, data, training) -> list[dict]:
             raise ConfigError(f"eval_text: none given and {e}") from None
     if not os.path.isfile(eval_text):
         raise ConfigError(f"eval_text: {eval_text}: no such file")
+    if training.max_steps > 0 and training.logging_steps > training.max_steps:
+        raise ConfigError(f"logging_steps: {training.logging_steps} logs no training loss in max_steps = "
+                          f"{training.max_steps} steps; the curves need logging_steps <= max_steps")
     out = training.output_dir
     records = []
     for name, budget in tqdm(budgets, desc="budgets"):
