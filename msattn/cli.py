@@ -23,7 +23,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-from .workflow.arguments import ConfigError
+from .config import ConfigError
 
 __all__ = ["COMMANDS", "ConfigError", "build_parser", "parse", "run", "main"]
 
@@ -71,12 +71,16 @@ def _training_defaults(command: str) -> dict:
 def build_parser(command: str):
     """The ``HfArgumentParser`` of ``command``, with its Trainer defaults; ``.dataclass_types`` in the
     order the command's function takes them."""
-    from transformers import HfArgumentParser, TrainingArguments
+    if command not in COMMANDS:
+        raise ConfigError(f"unknown command {command!r}; commands: {', '.join(COMMANDS)}")
+    try:
+        from transformers import HfArgumentParser, TrainingArguments
+    except ImportError as e:
+        raise ConfigError(f"the msattn command needs transformers, PEFT and matplotlib: pip install "
+                          f"'msattn[hf,eval]' ({e})") from None
 
     from .workflow import arguments
 
-    if command not in COMMANDS:
-        raise ConfigError(f"unknown command {command!r}; commands: {', '.join(COMMANDS)}")
     spec = COMMANDS[command]
     types = [TrainingArguments if name == "TrainingArguments" else getattr(arguments, name) for name in spec.arguments]
     parser = HfArgumentParser(types, prog=f"msattn {command}", description=spec.summary)

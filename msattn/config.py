@@ -8,7 +8,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["InfiniConfig", "MSConfig", "SelfExtendConfig"]
+__all__ = ["ConfigError", "InfiniConfig", "MSConfig", "SelfExtendConfig"]
 
 ROPE_MODES = ("inputs", "selected")
 # the kernels' limits (MSATTN_MAX_SPAN, MSATTN_MAX_BLOCK, MSATTN_MAX_HEAD_DIM in csrc/msattn.h), checked
@@ -16,6 +16,10 @@ ROPE_MODES = ("inputs", "selected")
 MAX_SPAN = 1 << 24
 MAX_BLOCK = 1 << 20
 MAX_HEAD_DIM = 256  # MSATTN_MAX_HEAD_DIM
+
+
+class ConfigError(ValueError):
+    """A key of a command's config (YAML or flag) with a wrong value; the message names the key."""
 
 
 @dataclass(frozen=True)

@@ -116,3 +116,10 @@ def test_python_dash_m_msattn_is_the_command_line():
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "--passkey_length" in proc.stdout and "--block-q" in proc.stdout
+
+
+def test_without_transformers_the_command_says_what_to_install():
+    code = ("import sys; sys.modules['transformers'] = None; from msattn import cli; "
+            "sys.exit(cli.main(['pretrain']))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "pip install 'msattn[hf,eval]'" in proc.stderr, proc.stderr

@@ -9,14 +9,12 @@ else the method config's default (``msattn.MSConfig`` etc.).
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
+from ..config import ConfigError
 from ..eval.loading import Settings, settings_from_meta
 
 __all__ = ["ArchitectureArguments", "AttentionArguments", "BaseModelArguments", "ConfigError", "CRDArguments",
            "DataArguments", "InferArguments", "LoraArguments", "LossCurveArguments"]
 
-
-class ConfigError(ValueError):
-    """A config key or flag with a wrong value; the message names the key."""
 
 Method = Literal["dense", "ms", "self_extend", "infini"]
 
