@@ -12,7 +12,8 @@ pytest.importorskip("transformers")
 
 from msattn import cli  # noqa: E402
 from msattn.config import InfiniConfig, MSConfig, SelfExtendConfig  # noqa: E402
-from msattn.workflow.arguments import AttentionArguments, ConfigError  # noqa: E402
+from msattn.config import ConfigError  # noqa: E402
+from msattn.workflow.arguments import AttentionArguments  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"

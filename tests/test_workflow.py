@@ -20,7 +20,7 @@ import msattn.hf  # noqa: E402
 from msattn import cli  # noqa: E402
 from msattn.eval.loading import load, prepare, read_checkpoint_meta, settings_from_meta  # noqa: E402
 from msattn.rope import CRDNTKCallback, CRDNTKRotaryEmbedding  # noqa: E402
-from msattn.workflow.arguments import ConfigError  # noqa: E402
+from msattn.config import ConfigError  # noqa: E402
 from msattn.workflow.data import TokenChunks, byte_tokenizer  # noqa: E402
 from msattn.workflow.losscurve import keys_per_query, parse_budget  # noqa: E402
 from msattn.workflow.arguments import AttentionArguments  # noqa: E402

@@ -32,7 +32,7 @@ import torch
 
 from ..config import InfiniConfig, MSConfig, SelfExtendConfig
 
-__all__ = ["DENSE", "CHECKPOINT_META", "HFTokenizer", "install_rope", "load", "load_tokenizer", "method_names", "read_checkpoint_meta",
+__all__ = ["DENSE", "CHECKPOINT_META", "HFTokenizer", "install_rope", "load", "method_meta", "write_checkpoint_meta", "load_tokenizer", "method_names", "read_checkpoint_meta",
            "ms_config_from_dict", "settings_from_meta", "save_checkpoint", "Settings", "prepare", "is_patched",
            "model_device", "auto_batch_size", "reset_peak_rss", "rss_mb", "peak_rss_mb"]
 
@@ -145,8 +145,8 @@ def save_checkpoint(model, tokenizer, directory, *, method: str, settings: Setti
     if not (isinstance(tokenizer, HFTokenizer) or hasattr(tokenizer, "to_dict")):
         raise TypeError(f"save_checkpoint: tokenizer must be an HFTokenizer or have to_dict(), got "
                         f"{type(tokenizer).__name__}")
-    meta = {"method": method, "ms_config": dataclasses.asdict(settings.ms) if method == "ms" else None,
-            "infini": None, "tokenizer": None if isinstance(tokenizer, HFTokenizer) else tokenizer.to_dict()}
+    meta = {**method_meta(method, settings),
+            "tokenizer": None if isinstance(tokenizer, HFTokenizer) else tokenizer.to_dict()}
     if method == "infini":
         if not isinstance(patched_config(model), InfiniConfig):
             raise ValueError("save_checkpoint: method='infini' needs the model still patched with Infini-attention "
@@ -168,7 +168,19 @@ def save_checkpoint(model, tokenizer, directory, *, method: str, settings: Setti
             setattr(config, SAVED, record)
     if isinstance(tokenizer, HFTokenizer):
         tokenizer.tokenizer.save_pretrained(directory)
-    with open(os.path.join(directory, CHECKPOINT_META), "w") as f:
+    write_checkpoint_meta(directory, meta)
+
+
+def method_meta(method: str, settings: Settings) -> dict:
+    """The method part of ``msattn.json``: ``{"method", "ms_config", "infini": None}`` (the Infini gates,
+    which need the patched model, are added by :func:`save_checkpoint`)."""
+    return {"method": method, "ms_config": dataclasses.asdict(settings.ms) if method == "ms" else None,
+            "infini": None}
+
+
+def write_checkpoint_meta(directory, meta: dict) -> None:
+    """Write ``meta`` as the directory's ``msattn.json`` (the module docstring gives its keys)."""
+    with open(os.path.join(os.fspath(directory), CHECKPOINT_META), "w") as f:
         json.dump(meta, f, indent=2)
 
 

@@ -12,7 +12,7 @@ from typing import Literal
 from ..config import ConfigError
 from ..eval.loading import Settings, settings_from_meta
 
-__all__ = ["ArchitectureArguments", "AttentionArguments", "BaseModelArguments", "ConfigError", "CRDArguments",
+__all__ = ["ArchitectureArguments", "AttentionArguments", "BaseModelArguments", "CRDArguments",
            "DataArguments", "InferArguments", "LoraArguments", "LossCurveArguments"]
 
 

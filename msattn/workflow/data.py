@@ -16,7 +16,7 @@ import torch
 
 from ..eval.loading import HFTokenizer, load_tokenizer
 from ..eval.passkey import HELD_OUT, austen_files
-from .arguments import ConfigError
+from ..config import ConfigError
 
 __all__ = ["BYTE_OFFSET", "byte_tokenizer", "make_tokenizer", "corpus_files", "TokenChunks", "text_dataset"]
 

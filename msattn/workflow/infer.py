@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..eval.loading import load, peak_rss_mb, prepare, read_checkpoint_meta, reset_peak_rss
 from ..eval.passkey import greedy_generate, make_filler, passkey_prompt, random_key, retrieved
-from .arguments import ConfigError
+from ..config import ConfigError
 
 __all__ = ["infer"]
 

@@ -22,7 +22,8 @@ from ..eval.loading import peak_rss_mb, reset_peak_rss
 from ..eval.passkey import HELD_OUT, austen_dir
 from ..eval.perplexity import run_perplexity
 from ..eval.report import markdown_table
-from .arguments import AttentionArguments, ConfigError
+from ..config import ConfigError
+from .arguments import AttentionArguments
 from .data import make_tokenizer
 from .train import pretrain
 

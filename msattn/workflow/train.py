@@ -16,17 +16,15 @@ options) and resume from ``output_dir``'s checkpoints (``resume_from_checkpoint:
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 
-import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, set_seed
 
-from ..eval.loading import (CHECKPOINT_META, install_rope, load, prepare, read_checkpoint_meta,
-                            save_checkpoint)
+from ..eval.loading import (CHECKPOINT_META, install_rope, load, method_meta, prepare, read_checkpoint_meta,
+                            save_checkpoint, write_checkpoint_meta)
 from ..rope import CRDNTK, CRDNTKCallback, CRDNTKRotaryEmbedding
-from .arguments import ConfigError
+from ..config import ConfigError
 from .data import make_tokenizer, text_dataset
 
 __all__ = ["build_llama", "make_trainer", "resume_point", "last_complete_checkpoint", "pretrain", "finetune",
@@ -170,13 +168,11 @@ def finetune(base, attn, crd, lora, data, training) -> Trainer:
     if trainer.is_world_process_zero():
         out = training.output_dir
         model.save_pretrained(out)
-        meta = {"method": method, "ms_config": dataclasses.asdict(settings.ms) if method == "ms" else None,
-                "infini": None, "tokenizer": None, "base_model": _base_record(base),
+        meta = {**method_meta(method, settings), "tokenizer": None, "base_model": _base_record(base),
                 "crd_ntk": None if rope is None else dataclasses.asdict(rope),
                 "lora": {"r": lora.lora_r, "alpha": lora.lora_alpha},
                 "training": {"seq_len": data.seq_len, "max_steps": training.max_steps,
                              "text": [os.path.abspath(t) for t in data.text] or "austen"}}
-        with open(os.path.join(out, CHECKPOINT_META), "w") as f:
-            json.dump(meta, f, indent=2)
+        write_checkpoint_meta(out, meta)
         print(f"finetune: adapter and {CHECKPOINT_META} written to {out}", flush=True)
     return trainer
