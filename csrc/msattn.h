@@ -98,6 +98,11 @@ typedef struct {
     /* workspaces, written by msattn_region_means_cpu and read by msattn_select_cpu */
     double *qbar;                 /* (B, Hkv, NA, D) query-region means summed over the GQA group */
     int32_t *qcount;              /* (B, Hkv, NA)    valid queries per query region */
+    float *kpanel;                /* CPU only, or NULL: (B, Hkv, NP, D + 2, 64), NP = cdiv(NK, 64), the key-region
+                                   * sums tile-major for the blocked screen: panel i holds regions
+                                   * 64i..64i+63, rows 0..D-1 their sums transposed, row D 1 / count,
+                                   * row D + 1 a bound >= |sum| / count (zeros past NK and for empty
+                                   * regions); written by pass 1 when msattn_select_panel_floats > 0 */
     /* output */
     int32_t *index;               /* (B, Hkv, G, T) ascending, -1 padded, contiguous */
     /* [CUDA addition] msattn_select_cuda only, ignored by the CPU kernels: cuda_slots blocks share
@@ -119,6 +124,8 @@ int msattn_region_sums_append_cpu(msattn_region_sums s, msattn_view k, msattn_dt
  * together, up to msattn_select_tile_groups(p) of them: give it ranges of that many */
 int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end, void *scratch);
 int64_t msattn_select_tile_groups(const msattn_select_params *p);
+/* floats of the kpanel workspace the CPU selection uses (0: it screens nothing, kpanel may be NULL) */
+size_t msattn_select_panel_floats(const msattn_select_params *p);
 size_t msattn_select_scratch_bytes(const msattn_select_params *p);
 
 // ----------------------------------------------------------------------------------------------

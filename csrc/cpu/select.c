@@ -165,6 +165,35 @@ int msattn_region_sums_append_cpu(msattn_region_sums s, msattn_view k, msattn_dt
     return MSATTN_OK;
 }
 
+/* The blocked screen's panels (msattn.h, kpanel): whether a call has them, and column j of head
+ * (b, h) from that region's sum; the last region also zeroes the columns past NK. */
+#define MS_SCREEN_QUERIES 4 /* query regions of a tile from which its candidates are screened */
+
+size_t msattn_select_panel_floats(const msattn_select_params *p) {
+    const int64_t NK = msattn_num_key_regions(p->N, p->block_k);
+    const int64_t NA = msattn_num_query_regions(p->N, p->Nq, p->block_q);
+    if (NA < MS_SCREEN_QUERIES || NK == 0) return 0;
+    return (size_t)p->B * p->Hkv * msattn_cdiv(NK, MSATTN_TILE) * (p->D + 2) * MSATTN_TILE;
+}
+
+static void ms_panel_column(const msattn_select_params *p, int64_t b, int64_t h, int64_t j, int64_t NK) {
+    const int64_t D = p->D, NP = msattn_cdiv(NK, MSATTN_TILE), ld = (D + 2) * MSATTN_TILE;
+    float *panel = p->kpanel + ((b * p->Hkv + h) * NP + j / MSATTN_TILE) * ld;
+    const float *sum = p->ksum.sum + b * p->ksum.sum_sb + h * p->ksum.sum_sh + j * D;
+    const int32_t count = p->ksum.count[b * p->ksum.count_sb + h * p->ksum.count_sh + j];
+    const int64_t c = j % MSATTN_TILE;
+    double sq = 0.0;
+    for (int64_t d = 0; d < D; ++d) {
+        panel[d * MSATTN_TILE + c] = count > 0 ? sum[d] : 0.0f;
+        sq += (double)sum[d] * (double)sum[d];
+    }
+    panel[D * MSATTN_TILE + c] = count > 0 ? 1.0f / (float)count : 0.0f;
+    panel[(D + 1) * MSATTN_TILE + c] = count > 0 ? msattn_float_up(sqrt(sq) / (double)count * (1.0 + 0x1p-20)) : 0.0f;
+    if (j == NK - 1)
+        for (int64_t x = c + 1; x < MSATTN_TILE; ++x)
+            for (int64_t d = 0; d < D + 2; ++d) panel[d * MSATTN_TILE + x] = 0.0f;
+}
+
 int msattn_region_means_cpu(const msattn_select_params *p, int64_t begin, int64_t end) {
     const int64_t N = p->N, Nq = p->Nq, D = p->D, hg = p->Hq / p->Hkv;
     const int64_t NK = msattn_num_key_regions(N, p->block_k);
@@ -172,12 +201,13 @@ int msattn_region_means_cpu(const msattn_select_params *p, int64_t begin, int64_
     const int64_t a0 = msattn_first_query_region(N, Nq, p->block_q);
     for (int64_t w = begin; w < end; ++w) {
         const int64_t r = w % (NK + NA), bh = w / (NK + NA), b = bh / p->Hkv, h = bh % p->Hkv;
-        if (r < NK) { /* key region r of head h: its sum, unless a cache keeps it */
+        if (r < NK) { /* key region r of head h: its sum, unless a cache keeps it, and its panel column */
             if (!p->sums_given) {
                 msattn_range tok = msattn_key_region(r, p->block_k, N);
                 ms_add_tokens(p->ksum, &p->k, p->dtype, p->key_mask, p->mask_sb, 0, D, p->block_k, b, h, 0,
                               tok.begin, tok.end);
             }
+            if (p->kpanel != NULL) ms_panel_column(p, b, h, r, NK);
             continue;
         }
         /* query region a0 + (r - NK): the mean of its valid queries, summed over KV head h's query heads */
@@ -237,35 +267,107 @@ static inline void ms_heap_offer(ms_rank *heap, int64_t *n, int64_t t, ms_rank x
 }
 
 /* Pass 2 works on tiles: up to msattn_select_tile_groups(p) consecutive groups of one (b, h), whose
- * query regions (about MS_TILE_QUERIES of them) score each block of MS_SCORE_BLOCK candidates while
- * its key-region sums are in cache, so the sums stream from memory once per tile rather than once
- * per group. */
+ * query regions (about MS_TILE_QUERIES of them) score each block of candidates while it is in cache,
+ * so the key-region sums stream from memory once per tile rather than once per group.
+ *
+ * With at least MS_SCREEN_QUERIES ranking query regions a tile screens, in two passes over panels of
+ * 64 candidates (pass 1's kpanel), with float score tiles four query regions at a time (ops->
+ * screen_tile: the attention's qk, then bounds):
+ *   A. every panel against every query region that reaches into it: per (region, panel) the largest
+ *      lower bound and the largest upper bound of a candidate's exact score. The T-th largest of a
+ *      region's panel lower bounds, theta, is a lower bound on its T-th best exact score (T distinct
+ *      candidates reach it), so no candidate whose upper bound is below theta can be selected.
+ *   B. only the (region, panel) pairs whose largest upper bound reaches theta (and the heap's last),
+ *      screened again; the survivors are scored exactly (score_block) into the region's heap.
+ * On random data B visits a small share of the pairs and about T candidates per region reach a heap;
+ * one pass with the heap's last as the only threshold offered each region about T ln(C / T) of its C
+ * candidates. Otherwise (a decode step: one query region) a tile scores blocks of MS_SCORE_BLOCK
+ * candidates exactly. */
 #define MS_SCORE_BLOCK 128
+#define MS_PENDING (2 * MSATTN_TILE) /* a query region's survivors are scored once 64 wait: full batches of score_block */
 #define MS_TILE_QUERIES 64 /* 16 -> 64: a 1M passkey trial of the demo's model 38 -> 34.5 s (docs/notebook.md) */
-#define MS_SCREEN_QUERIES 4 /* query regions from which a block is transposed once and screened */
-#define MS_KT_LD (MS_SCORE_BLOCK + 16) /* its row stride (floats): not a multiple of 1 KB, so its rows do
-                                        * not all fall into the same few L1 sets */
 
 int64_t msattn_select_tile_groups(const msattn_select_params *p) {
     return p->merge >= MS_TILE_QUERIES ? 1 : MS_TILE_QUERIES / p->merge;
 }
 
-/* scratch layout (8-byte items first): scores, exact scores of a screened block (2 * MS_SCORE_BLOCK
- * double) | heaps (Q * T ranks) | heap sizes (Q int64) | query-region means (Q pointers) | the block
- * transposed (D * MS_KT_LD float) | its 1 / count and norm / count (2 * MS_SCORE_BLOCK float) | the
- * means in float (Q * D) and their bounds (Q float) | per query region its tile group (Q int32) | per
- * tile group its first and last query region and whether it ranks (3 * tile int32) | lists (merge *
- * T int32) | two lists of a block's candidates (2 * (MS_SCORE_BLOCK + 16) int32) and their region
- * ids (MS_SCORE_BLOCK int32) | candidates (NK int32) | seen (NK bytes); Q = tile * merge. T beyond NK
- * is never needed (a group with at most T candidates takes them all). */
+/* scratch layout (8-byte items first): exact scores (2 * MS_SCORE_BLOCK double) | heaps (Q * T ranks)
+ * | heap sizes (Q int64) | query-region means (Q pointers) | screen masks and valid columns (2 *
+ * MSATTN_ROWS uint64) | the means in float (Q * D), their bounds and thetas (2 * Q float), panel bounds
+ * (2 * Q * NP float), a selection buffer (NP float), up to four gathered means (MSATTN_ROWS * D float)
+ * their limits and bounds and panel bounds (4 * MSATTN_ROWS float) | per query region its tile group and its
+ * candidate limit (2 * Q int32) | gathered rows (MSATTN_ROWS int32) | per tile group its first and last
+ * query region and whether it ranks (3 * tile int32) | lists (merge * T int32) | two lists of a
+ * block's candidates (2 * (MS_SCORE_BLOCK + 16) int32) and their region ids (MS_SCORE_BLOCK int32) |
+ * candidates (NK int32) | survivors waiting for exact scores, per query region their number and list
+ * (Q * (1 + MS_PENDING) int32) | seen (NK bytes); Q = tile * merge, NP = cdiv(NK, 64). T beyond NK is never
+ * needed (a group with at most T candidates takes them all). */
 size_t msattn_select_scratch_bytes(const msattn_select_params *p) {
-    const int64_t NK = msattn_num_key_regions(p->N, p->block_k);
+    const int64_t NK = msattn_num_key_regions(p->N, p->block_k), NP = msattn_cdiv(NK, MSATTN_TILE);
     const int64_t T = msattn_min64(p->topk, NK), M = p->merge, tile = msattn_select_tile_groups(p), Q = tile * M;
     return (size_t)2 * MS_SCORE_BLOCK * sizeof(double) + (size_t)Q * T * sizeof(ms_rank) +
-           (size_t)Q * (sizeof(int64_t) + sizeof(double *)) +
-           ((size_t)p->D * MS_KT_LD + 2 * MS_SCORE_BLOCK + (size_t)Q * (p->D + 1)) * sizeof(float) +
-           (size_t)Q * sizeof(int32_t) + (size_t)3 * tile * sizeof(int32_t) +
-           (size_t)(M * T + 3 * MS_SCORE_BLOCK + 32) * sizeof(int32_t) + (size_t)NK * (sizeof(int32_t) + 1) + 64;
+           (size_t)Q * (sizeof(int64_t) + sizeof(double *)) + 2 * MSATTN_ROWS * sizeof(uint64_t) +
+           ((size_t)Q * (p->D + 2) + (size_t)(2 * Q + 1) * NP + MSATTN_ROWS * (p->D + 4)) * sizeof(float) +
+           (size_t)(2 * Q + MSATTN_ROWS) * sizeof(int32_t) + (size_t)3 * tile * sizeof(int32_t) +
+           (size_t)(M * T + 3 * MS_SCORE_BLOCK + 32) * sizeof(int32_t) + (size_t)NK * (sizeof(int32_t) + 1) +
+           (size_t)Q * (MS_PENDING + 1) * sizeof(int32_t) + 64;
+}
+
+/* offer candidates sub[0..m) (valid candidates of query region i's group) to heap i, scored exactly */
+static void ms_offer_exact(const msattn_simd_ops *ops, ms_rank *heap, int64_t *fill, int64_t T, const double *qb,
+                           const float *ksum, const int32_t *kcount, const int32_t *sub, int m, int64_t D,
+                           double *scores, int32_t *keep) {
+    double worst = *fill == T ? ms_key_score(heap[0].key) : -INFINITY;
+    const int nk = ops->score_block(scores, keep, qb, ksum, sub, kcount, m, (int)D, worst);
+    for (int k = 0; k < nk; ++k) {
+        const int64_t c = keep[k];
+        if (*fill == T && scores[c] < worst) continue;
+        const ms_rank x = {ms_order_key(scores[c]), sub[c]};
+        ms_heap_offer(heap, fill, T, x);
+        if (*fill == T) worst = ms_key_score(heap[0].key);
+    }
+}
+
+/* bits [lo, hi) of a 64-bit word, clipped to it */
+static inline uint64_t ms_bits(int64_t lo, int64_t hi) {
+    lo = msattn_max64(lo, 0);
+    hi = msattn_min64(hi, 64);
+    if (lo >= hi) return 0;
+    return (hi - lo == 64 ? ~0ull : ((1ull << (hi - lo)) - 1)) << lo;
+}
+
+/* the columns of panel j0..j0+63 that are candidates of group ga: nonempty regions below NK (`live`),
+ * causal below the group's first region, non-causal outside its own regions */
+static inline uint64_t ms_row_columns(const msattn_select_params *p, uint64_t live, int64_t j0, int64_t ga,
+                                      int64_t span, int64_t N) {
+    if (p->causal) return live & ms_bits(0, ga * span / p->block_k - j0);
+    msattn_range own = msattn_group_own_regions(ga, span, p->block_k, N);
+    return live & ~ms_bits(own.begin - j0, own.end - j0);
+}
+
+static inline uint64_t ms_live_columns(const int32_t *kcount, int64_t j0, int64_t NK) {
+    uint64_t live = 0;
+    for (int64_t c = 0; c < MSATTN_TILE && j0 + c < NK; ++c) live |= (uint64_t)(kcount[j0 + c] > 0) << c;
+    return live;
+}
+
+/* the k-th largest (k >= 1) of x[0..n), reordering x; -inf when n < k (quickselect) */
+static float ms_kth_largest(float *x, int64_t n, int64_t k) {
+    if (n < k) return -INFINITY;
+    int64_t lo = 0, hi = n - 1, want = k - 1;
+    while (lo < hi) {
+        const float pivot = x[lo + (hi - lo) / 2];
+        int64_t i = lo, j = hi;
+        while (i <= j) {
+            while (x[i] > pivot) ++i;
+            while (x[j] < pivot) --j;
+            if (i <= j) { float t = x[i]; x[i] = x[j]; x[j] = t; ++i; --j; }
+        }
+        if (want <= j) hi = j;
+        else if (want >= i) lo = i;
+        else return x[want];
+    }
+    return x[want];
 }
 
 int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end, void *scratch) {
@@ -276,19 +378,23 @@ int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end,
     const int64_t NA = msattn_num_query_regions(N, Nq, p->block_q);
     const int64_t a0 = msattn_first_query_region(N, Nq, p->block_q);
     const int64_t g0 = msattn_first_group(N, Nq, span), G = msattn_num_groups(N, Nq, span);
+    const int64_t NP = msattn_cdiv(NK, MSATTN_TILE), ldp = (D + 2) * MSATTN_TILE;
     const int64_t TH = msattn_min64(T, NK), tile = msattn_select_tile_groups(p), Q = tile * M;
-    double *scores = (double *)scratch, *exact = scores + MS_SCORE_BLOCK;
-    ms_rank *heaps = (ms_rank *)(exact + MS_SCORE_BLOCK);
+    double *scores = (double *)scratch;
+    ms_rank *heaps = (ms_rank *)(scores + 2 * MS_SCORE_BLOCK);
     int64_t *fill = (int64_t *)(heaps + Q * TH);
     const double **qbs = (const double **)(fill + Q);
-    float *kt = (float *)(qbs + Q), *kinv = kt + D * MS_KT_LD, *kscale = kinv + MS_SCORE_BLOCK;
-    float *qfs = kscale + MS_SCORE_BLOCK, *qbound = qfs + Q * D;
-    int32_t *qtile = (int32_t *)(qbound + Q);
-    int32_t *first = qtile + Q, *last = first + tile, *ranks = last + tile;
+    uint64_t *masks = (uint64_t *)(qbs + Q), *valid = masks + MSATTN_ROWS;
+    float *qfs = (float *)(valid + MSATTN_ROWS), *qbound = qfs + Q * D, *theta = qbound + Q;
+    float *plo = theta + Q, *phi = plo + Q * NP, *sel = phi + Q * NP;
+    float *gq = sel + NP, *glim = gq + MSATTN_ROWS * D, *gbound = glim + MSATTN_ROWS, *glo = gbound + MSATTN_ROWS;
+    float *ghi = glo + MSATTN_ROWS;
+    int32_t *qtile = (int32_t *)(ghi + MSATTN_ROWS), *qlimit = qtile + Q, *grow = qlimit + Q;
+    int32_t *first = grow + MSATTN_ROWS, *last = first + tile, *ranks = last + tile;
     int32_t *lists = ranks + tile;
     int32_t *keep = lists + M * TH, *keep2 = keep + MS_SCORE_BLOCK + 16, *sub = keep2 + MS_SCORE_BLOCK + 16;
-    int32_t *cand = sub + MS_SCORE_BLOCK;
-    uint8_t *seen = (uint8_t *)(cand + NK);
+    int32_t *cand = sub + MS_SCORE_BLOCK, *npend = cand + NK, *pend = npend + Q;
+    uint8_t *seen = (uint8_t *)(pend + Q * MS_PENDING);
     memset(seen, 0, (size_t)NK);
 
     for (int64_t w = begin; w < end;) {
@@ -314,79 +420,115 @@ int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end,
                 continue;
             }
             any = 1;
+            /* causal: the candidates lie below the group's first region; non-causal: anywhere */
+            const int32_t limit = (int32_t)(p->causal ? ga * span / p->block_k : NK);
             const int64_t abeg = msattn_max64(ga * M, a0), aend = msattn_min64((ga + 1) * M, a0 + NA);
             for (int64_t a = abeg; a < aend; ++a)
                 if (p->qcount[bh * NA + (a - a0)] != 0) {
                     qbs[nq] = p->qbar + (bh * NA + (a - a0)) * D;
                     qtile[nq] = (int32_t)t;
+                    qlimit[nq] = limit;
+                    npend[nq] = 0;
                     fill[nq++] = 0;
                 }
             last[t] = (int32_t)nq;
         }
-        if (any) {
-            /* the candidates of any ranking group, ascending (causal: the last group's, which hold
-             * every earlier group's): each query region offers only its own group's, in ascending
-             * order, to its bounded heap */
-            int64_t nc = 0, tlast = nt - 1;
-            while (!ranks[tlast]) --tlast;
-            for (int64_t j = 0; j < NK; ++j) {
-                if (kcount[j] <= 0) continue;
-                if (p->causal) {
-                    if (msattn_is_candidate(j, g0 + gi0 + tlast, span, p->block_k, N, 1)) cand[nc++] = (int32_t)j;
-                    continue;
+        if (any && nq >= MS_SCREEN_QUERIES && p->kpanel != NULL) {
+            /* blocked screen: panel by panel, four query regions at a time (those whose candidates
+             * reach into the panel: a suffix, since the limits ascend), float score tiles against
+             * each heap's last; the survivors that are candidates of the region's group are scored
+             * exactly. The means in float and their bounds 4 (D + 5) 2^-24 |q|, rounded up. */
+            for (int64_t i = 0; i < nq; ++i) {
+                double sq = 0.0;
+                for (int64_t d = 0; d < D; ++d) {
+                    qfs[i * D + d] = (float)qbs[i][d];
+                    sq += qbs[i][d] * qbs[i][d];
                 }
-                for (int64_t t = 0; t < nt; ++t)
-                    if (ranks[t] && msattn_is_candidate(j, g0 + gi0 + t, span, p->block_k, N, 0)) {
-                        cand[nc++] = (int32_t)j;
-                        break;
-                    }
+                qbound[i] = msattn_float_up(4.0 * (double)(D + 5) * 0x1p-24 * sqrt(sq) * (1.0 + 0x1p-20));
             }
-            /* several query regions score each block: transpose it once, screen each region's
-             * candidates in float (simd_kernels.h) and score exactly only those that may reach its
-             * heap; the means in float and their bounds 4 (D + 5) 2^-24 |q|, rounded up */
-            const int screen = nq >= MS_SCREEN_QUERIES;
-            if (screen)
-                for (int64_t i = 0; i < nq; ++i) {
-                    double sq = 0.0;
-                    for (int64_t d = 0; d < D; ++d) {
-                        qfs[i * D + d] = (float)qbs[i][d];
-                        sq += qbs[i][d] * qbs[i][d];
+            const float *panels = p->kpanel + bh * NP * ldp;
+            const int64_t pn = msattn_cdiv(qlimit[nq - 1], MSATTN_TILE); /* panels reached */
+            /* A: panel bounds of every (query region, panel) it reaches; theta per query region */
+            for (int64_t pi = 0, qs = 0; pi < pn; ++pi) {
+                const int64_t j0 = pi * MSATTN_TILE;
+                const uint64_t live = ms_live_columns(kcount, j0, NK);
+                while (qs < nq && qlimit[qs] <= j0) ++qs;
+                for (int64_t r0 = qs; r0 < nq; r0 += MSATTN_ROWS) {
+                    const int rows = (int)msattn_min64(MSATTN_ROWS, nq - r0);
+                    for (int r = 0; r < rows; ++r) {
+                        valid[r] = ms_row_columns(p, live, j0, g0 + gi0 + qtile[r0 + r], span, N);
+                        glim[r] = INFINITY;
                     }
-                    qbound[i] = msattn_float_up(4.0 * (double)(D + 5) * 0x1p-24 * sqrt(sq) * (1.0 + 0x1p-20));
+                    ops->screen_tile(masks, glo, ghi, qfs + r0 * D, D, rows, panels + pi * ldp, (int)D, qbound + r0,
+                                     glim, valid);
+                    for (int r = 0; r < rows; ++r) {
+                        plo[(r0 + r) * NP + pi] = glo[r];
+                        phi[(r0 + r) * NP + pi] = ghi[r];
+                    }
                 }
+            }
+            for (int64_t i = 0; i < nq; ++i) {
+                const int64_t np = msattn_cdiv(qlimit[i], MSATTN_TILE);
+                memcpy(sel, plo + i * NP, (size_t)np * sizeof(float));
+                theta[i] = ms_kth_largest(sel, np, T);
+            }
+            /* B: the pairs whose upper bound reaches theta and the heap's last, gathered four query
+             * regions at a time; survivors scored exactly into the heaps */
+            for (int64_t pi = 0, qs = 0; pi < pn; ++pi) {
+                const int64_t j0 = pi * MSATTN_TILE;
+                const uint64_t live = ms_live_columns(kcount, j0, NK);
+                while (qs < nq && qlimit[qs] <= j0) ++qs;
+                for (int64_t i0 = qs; i0 < nq;) {
+                    int rows = 0;
+                    for (; i0 < nq && rows < MSATTN_ROWS; ++i0) {
+                        float lim = theta[i0];
+                        if (fill[i0] == T) {
+                            const float last_kept = msattn_float_down(ms_key_score(heaps[i0 * TH].key));
+                            if (!(last_kept <= lim)) lim = last_kept; /* NaN: keep everything */
+                        }
+                        if (phi[i0 * NP + pi] < lim) continue;
+                        memcpy(gq + rows * D, qfs + i0 * D, (size_t)D * sizeof(float));
+                        glim[rows] = lim;
+                        gbound[rows] = qbound[i0];
+                        valid[rows] = ms_row_columns(p, live, j0, g0 + gi0 + qtile[i0], span, N);
+                        grow[rows++] = (int32_t)i0;
+                    }
+                    if (rows == 0) continue;
+                    ops->screen_tile(masks, glo, ghi, gq, D, rows, panels + pi * ldp, (int)D, gbound, glim, valid);
+                    for (int r = 0; r < rows; ++r) {
+                        const int64_t i = grow[r];
+                        int32_t *pq = pend + i * MS_PENDING;
+                        for (uint64_t bits = masks[r]; bits != 0; bits &= bits - 1)
+                            pq[npend[i]++] = (int32_t)(j0 + __builtin_ctzll(bits));
+                        if (npend[i] >= MSATTN_TILE) {
+                            ms_offer_exact(ops, heaps + i * TH, &fill[i], T, qbs[i], ksum, kcount, pq, npend[i], D, scores, keep);
+                            npend[i] = 0;
+                        }
+                    }
+                }
+            }
+            for (int64_t i = 0; i < nq; ++i)
+                if (npend[i] > 0)
+                    ms_offer_exact(ops, heaps + i * TH, &fill[i], T, qbs[i], ksum, kcount, pend + i * MS_PENDING, npend[i], D,
+                                   scores, keep);
+        } else if (any) {
+            /* few query regions (a decode step): the candidates of any ranking group, ascending, in
+             * blocks scored exactly; each query region offers only its own group's */
+            int64_t nc = 0;
+            for (int64_t j = 0; j < NK; ++j)
+                if (kcount[j] > 0 && j < qlimit[nq - 1]) cand[nc++] = (int32_t)j;
             for (int64_t c0 = 0; c0 < nc; c0 += MS_SCORE_BLOCK) {
                 const int64_t cn = msattn_min64(MS_SCORE_BLOCK, nc - c0);
-                if (screen) ops->screen_prep(kt, MS_KT_LD, kinv, kscale, ksum, cand + c0, kcount, (int)cn, (int)D);
                 for (int64_t i = 0; i < nq; ++i) {
                     const int64_t ga = g0 + gi0 + qtile[i];
-                    ms_rank *heap = heaps + i * TH;
-                    /* a full heap's last kept score: a candidate strictly below it ranks after it
-                     * (NaN compares false and takes the exact path); only the others are offered */
-                    double worst = fill[i] == T ? ms_key_score(heap[0].key) : -INFINITY;
-                    int nk;
-                    if (screen && fill[i] == T) { /* a heap not yet full takes every candidate: nothing to screen */
-                        const int m = ops->screen_block(keep, qfs + i * D, qbound[i], kt, MS_KT_LD, kinv, kscale, (int)cn,
-                                                        (int)D, worst);
-                        for (int k = 0; k < m; ++k) sub[k] = cand[c0 + keep[k]];
-                        nk = ops->score_block(exact, keep2, qbs[i], ksum, sub, kcount, m, (int)D, worst);
-                        for (int k = 0; k < nk; ++k) { /* keep2 ascends and keep2[k] >= k: compact in place */
-                            keep[k] = keep[keep2[k]];
-                            scores[keep[k]] = exact[keep2[k]];
-                        }
-                    } else {
-                        nk = ops->score_block(scores, keep, qbs[i], ksum, cand + c0, kcount, (int)cn, (int)D, worst);
-                    }
-                    for (int k = 0; k < nk; ++k) {
-                        const int64_t c = keep[k];
-                        if (fill[i] == T && scores[c] < worst) continue;
-                        const int32_t j = cand[c0 + c];
-                        if (!msattn_is_candidate(j, ga, span, p->block_k, N, p->causal)) continue;
-                        const ms_rank x = {ms_order_key(scores[c]), j};
-                        ms_heap_offer(heap, &fill[i], T, x);
-                        if (fill[i] == T) worst = ms_key_score(heap[0].key);
-                    }
+                    int m = 0;
+                    for (int64_t c = c0; c < c0 + cn; ++c)
+                        if (msattn_is_candidate(cand[c], ga, span, p->block_k, N, p->causal)) sub[m++] = cand[c];
+                    if (m > 0) ms_offer_exact(ops, heaps + i * TH, &fill[i], T, qbs[i], ksum, kcount, sub, m, D, scores, keep);
                 }
             }
+        }
+        if (any)
             for (int64_t t = 0; t < nt; ++t) {
                 if (!ranks[t]) continue;
                 const int nl = last[t] - first[t];
@@ -398,7 +540,6 @@ int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end,
                 ms_interleave(p->index + (w + t) * T, lists, nl, (int)T,
                               msattn_local_regions(g0 + gi0 + t, span, p->block_k, p->local), kcount, seen);
             }
-        }
         w += nt;
     }
     return MSATTN_OK;

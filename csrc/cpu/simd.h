@@ -61,17 +61,15 @@ typedef struct {
      * keep must have room for n + 8 (slots past m may be written) */
     int (*score_block)(double *s, int32_t *keep, const double *q, const float *sums, const int32_t *cand,
                        const int32_t *counts, int n, int d, double below);
-    /* screening for blocks that many query regions score (simd_kernels.h): kt[i * ldk + c] =
-     * sums[cand[c] * d + i] (c < n, i < d; up to 8 further columns may be written: ldk >= n + 8),
-     * kinv[c] = 1 / ccounts[cand[c]], kscale[c] >= |sums row| / ccounts[cand[c]] */
-    void (*screen_prep)(float *kt, int64_t ldk, float *kinv, float *kscale, const float *sums, const int32_t *cand,
-                        const int32_t *ccounts, int n, int d);
-    /* keep[0..m) = the c < n, ascending, whose float score (qf . column c of kt) * kinv[c] plus qbound *
-     * kscale[c] is not below `below` rounded down to float (NaN kept); returns m. With qbound >= 4 (d + 5)
-     * 2^-24 |q| (rounded up) no candidate whose score_block score is >= below is dropped. Reads up
-     * to 16 columns past n (ldk >= n + 16); keep has room for n + 16 */
-    int (*screen_block)(int32_t *keep, const float *qf, float qbound, const float *kt, int64_t ldk, const float *kinv,
-                        const float *kscale, int n, int d, double below);
+    /* screening for blocks of 64 candidates that many query regions score (simd_kernels.h). kp: a
+     * panel (d + 2, 64): rows 0..d-1 the candidates' key-region sums transposed, row d their 1 / count,
+     * row d + 1 kscale >= |sum| / count. Per row r < rows <= 4 of a (at stride lda) and column c set in
+     * valid[r], the float score f = (row . column c) * kinv[c] and its margin e = qbound[r] * kscale[c]
+     * bound the exact one (score_block's) from below by f - e and from above by f + e, given qbound[r] >=
+     * 4 (d + 5) 2^-24 |row| (rounded up). Writes bit c of keep[r] when f + e is not below lim[r] (or is
+     * NaN), lo[r] = the largest f - e (-inf: none), hi[r] = the largest f + e (+inf if one is NaN). */
+    void (*screen_tile)(uint64_t *keep, float *lo, float *hi, const float *a, int64_t lda, int rows, const float *kp,
+                        int d, const float *qbound, const float *lim, const uint64_t *valid);
     /* dst[i] = (float)src[i] * a for n contiguous elements of dtype */
     void (*to_f32)(float *dst, const void *src, int n, msattn_dtype dtype, float a);
     /* dst[i] = src[i] rounded to dtype (round to nearest even), n contiguous elements */

@@ -359,93 +359,48 @@ static int MS_SUFFIX(score_block)(double *s, int32_t *keep, const double *q, con
  * pass gives qbound >= 4 (d + 5) 2^-24 |q| and kscale[c] >= |k_c| / count_c, rounded up; a candidate
  * whose float score plus qbound * kscale[c] is below the heap's last (rounded down to float) cannot
  * reach it, and only the others get exact scores (score_block). The factor 4 covers the rounding of
- * the bound and of the sum. The exact scores decide, so the selection is the one score_block gives. */
-
-/* kt[i * ldk + c] = sums[cand[c] * d + i] for c < n, i < d (AVX-512: columns n..n+7 of the last
- * batch may get zeros); kinv[c] = 1 / count; kscale[c] >= |k_c| / count, rounded up */
-static void MS_SUFFIX(screen_prep)(float *kt, int64_t ldk, float *kinv, float *kscale, const float *sums,
-                                   const int32_t *cand, const int32_t *ccounts, int n, int d) {
-    for (int c = 0; c < n; ++c) {
-        const float *row = sums + (int64_t)cand[c] * d;
-        double sq = 0.0;
-        for (int i = 0; i < d; ++i) sq += (double)row[i] * (double)row[i];
-        kinv[c] = 1.0f / (float)ccounts[cand[c]];
-        kscale[c] = msattn_float_up(sqrt(sq) / (double)ccounts[cand[c]] * (1.0 + 0x1p-20));
-    }
+ * the bound and of the sum. The exact scores decide, so the selection is the one score_block gives.
+ * The float scores are a matrix product: the attention's score tile (qk) on a panel of 64 candidates. */
+static void MS_SUFFIX(screen_tile)(uint64_t *keep, float *lo, float *hi, const float *a, int64_t lda, int rows,
+                                   const float *kp, int d, const float *qbound, const float *lim,
+                                   const uint64_t *valid) {
+    float s[MSATTN_ROWS * MSATTN_TILE] __attribute__((aligned(64)));
+    MS_SUFFIX(qk)(s, a, lda, rows, kp, MSATTN_TILE, d);
+    const float *kinv = kp + (int64_t)d * MSATTN_TILE, *kscale = kinv + MSATTN_TILE;
+    for (int r = 0; r < rows; ++r) {
+        uint64_t m = 0;
 #if MSATTN_ISA == MSATTN_ISA_AVX512
-    for (int c = 0; c < n; c += 8) {
-        const int m = n - c < 8 ? n - c : 8;
-        const float *row[8];
-        for (int r = 0; r < 8; ++r) row[r] = r < m ? sums + (int64_t)cand[c + r] * d : NULL;
-        for (int i = 0; i < d; i += 8) {
-            const int w = d - i < 8 ? d - i : 8;
-            const __mmask8 dims = (__mmask8)((1u << w) - 1u);
-            __m256 x[8];
-            for (int r = 0; r < 8; ++r) x[r] = row[r] ? _mm256_maskz_loadu_ps(dims, row[r] + i) : _mm256_setzero_ps();
-            /* an 8 x 8 transpose: t pairs rows, u holds dims (j, j + 4) of four rows, y[j] dim j */
-            __m256 t[8], u[8], y[8];
-            for (int r = 0; r < 8; r += 2) {
-                t[r] = _mm256_unpacklo_ps(x[r], x[r + 1]);     /* dims 0, 1 | 4, 5 of rows r, r + 1 */
-                t[r + 1] = _mm256_unpackhi_ps(x[r], x[r + 1]); /* dims 2, 3 | 6, 7 */
-            }
-            for (int h = 0; h < 2; ++h) { /* rows 0-3, then 4-7 */
-                u[4 * h + 0] = _mm256_shuffle_ps(t[4 * h], t[4 * h + 2], _MM_SHUFFLE(1, 0, 1, 0));     /* dims 0 | 4 */
-                u[4 * h + 1] = _mm256_shuffle_ps(t[4 * h], t[4 * h + 2], _MM_SHUFFLE(3, 2, 3, 2));     /* 1 | 5 */
-                u[4 * h + 2] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], _MM_SHUFFLE(1, 0, 1, 0)); /* 2 | 6 */
-                u[4 * h + 3] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], _MM_SHUFFLE(3, 2, 3, 2)); /* 3 | 7 */
-            }
-            for (int j = 0; j < 4; ++j) {
-                y[j] = _mm256_permute2f128_ps(u[j], u[4 + j], 0x20);
-                y[j + 4] = _mm256_permute2f128_ps(u[j], u[4 + j], 0x31);
-            }
-            for (int j = 0; j < w; ++j) _mm256_storeu_ps(kt + (int64_t)(i + j) * ldk + c, y[j]);
+        const __m512 vlim = _mm512_set1_ps(lim[r]), vqb = _mm512_set1_ps(qbound[r]);
+        __m512 vlo = _mm512_set1_ps(-INFINITY), vhi = vlo;
+        __mmask16 nan = 0;
+        for (int v = 0; v < MSATTN_TILE / 16; ++v) {
+            const __mmask16 ok = (__mmask16)(valid[r] >> (16 * v));
+            const __m512 f = _mm512_mul_ps(_mm512_load_ps(s + r * MSATTN_TILE + 16 * v), _mm512_loadu_ps(kinv + 16 * v));
+            const __m512 e = _mm512_mul_ps(vqb, _mm512_loadu_ps(kscale + 16 * v));
+            const __m512 up = _mm512_add_ps(f, e), down = _mm512_sub_ps(f, e);
+            m |= (uint64_t)_mm512_mask_cmp_ps_mask(ok, up, vlim, _CMP_NLT_UQ) << (16 * v);
+            nan |= _mm512_mask_cmp_ps_mask(ok, up, up, _CMP_UNORD_Q);
+            vhi = _mm512_mask_max_ps(vhi, ok, up, vhi); /* max_ps returns its second operand on NaN */
+            vlo = _mm512_mask_max_ps(vlo, ok, down, vlo);
         }
-    }
+        lo[r] = _mm512_reduce_max_ps(vlo);
+        hi[r] = nan ? INFINITY : _mm512_reduce_max_ps(vhi);
 #else
-    for (int c = 0; c < n; ++c) {
-        const float *row = sums + (int64_t)cand[c] * d;
-        for (int i = 0; i < d; ++i) kt[(int64_t)i * ldk + c] = row[i];
-    }
-#endif
-}
-
-/* keep[0..m) = the c < n, ascending, that screening cannot rule out against `below` (NaN kept);
- * returns m. qf: the query-region mean in float; keep has room for n + 16 */
-static int MS_SUFFIX(screen_block)(int32_t *keep, const float *qf, float qbound, const float *kt, int64_t ldk,
-                                   const float *kinv, const float *kscale, int n, int d, double below) {
-    const float lim = msattn_float_down(below);
-    int kept = 0;
-#if MSATTN_ISA == MSATTN_ISA_AVX512
-    const __m512 vlim = _mm512_set1_ps(lim), vqb = _mm512_set1_ps(qbound);
-    const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    for (int c0 = 0; c0 < n; c0 += 64) { /* four vectors of candidates: four independent FMA chains */
-        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-        const int nv = (n - c0 + 15) / 16 < 4 ? (n - c0 + 15) / 16 : 4;
-        for (int i = 0; i < d; ++i) {
-            const __m512 qi = _mm512_set1_ps(qf[i]);
-            const float *k = kt + (int64_t)i * ldk + c0;
-            for (int v = 0; v < 4; ++v)
-                if (v < nv) acc[v] = _mm512_fmadd_ps(qi, _mm512_loadu_ps(k + 16 * v), acc[v]);
+        float l = -INFINITY, h = -INFINITY;
+        for (int c = 0; c < MSATTN_TILE; ++c) {
+            if (!((valid[r] >> c) & 1)) continue;
+            const float f = s[r * MSATTN_TILE + c] * kinv[c], e = qbound[r] * kscale[c];
+            const float up = f + e, down = f - e;
+            m |= (uint64_t)!(up < lim[r]) << c;
+            if (up != up) h = INFINITY;
+            else if (up > h) h = up;
+            if (down > l) l = down;
         }
-        for (int v = 0; v < nv; ++v) {
-            const int c = c0 + 16 * v, m = n - c < 16 ? n - c : 16;
-            const __mmask16 valid = (__mmask16)((1u << m) - 1u);
-            const __m512 sc = _mm512_mul_ps(acc[v], _mm512_maskz_loadu_ps(valid, kinv + c));
-            const __m512 hi = _mm512_fmadd_ps(vqb, _mm512_maskz_loadu_ps(valid, kscale + c), sc);
-            const __mmask16 k = (__mmask16)(_mm512_cmp_ps_mask(hi, vlim, _CMP_NLT_UQ) & valid);
-            _mm512_storeu_si512(keep + kept, _mm512_maskz_compress_epi32(k, _mm512_add_epi32(_mm512_set1_epi32(c), lanes)));
-            kept += __builtin_popcount((unsigned)k);
-        }
-    }
-#else
-    for (int c = 0; c < n; ++c) {
-        float acc = 0.0f;
-        for (int i = 0; i < d; ++i) acc = fmaf(qf[i], kt[(int64_t)i * ldk + c], acc);
-        const float hi = fmaf(qbound, kscale[c], acc * kinv[c]);
-        if (!(hi < lim)) keep[kept++] = c;
-    }
+        lo[r] = l;
+        hi[r] = h;
 #endif
-    return kept;
+        keep[r] = m;
+    }
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -514,8 +469,7 @@ const msattn_simd_ops MS_SUFFIX(msattn_simd) = {
     MS_SUFFIX(mul_sub_vec),
     MS_SUFFIX(dot),
     MS_SUFFIX(score_block),
-    MS_SUFFIX(screen_prep),
-    MS_SUFFIX(screen_block),
+    MS_SUFFIX(screen_tile),
     MS_SUFFIX(to_f32),
     MS_SUFFIX(from_f32),
 };

@@ -88,8 +88,10 @@ at::Tensor ms_select_cpu(const at::Tensor &q, const at::Tensor &k, const c10::op
     p.qbar = qbar.data_ptr<double>();
     p.qcount = qcount.data_ptr<int32_t>();
     p.index = index.data_ptr<int32_t>();
+    at::Tensor kpanel = at::empty({(int64_t)msattn_select_panel_floats(&p)}, q.options().dtype(at::kFloat));
+    p.kpanel = kpanel.numel() > 0 ? kpanel.data_ptr<float>() : nullptr;
 
-    // pass 1: region sums and query means, cheap and uniform
+    // pass 1: region sums, their panels and query means, cheap and uniform
     at::parallel_for(0, B * Hkv * (NK + NA), 64, [&](int64_t b, int64_t e) { msattn_region_means_cpu(&p, b, e); });
     // pass 2: one item per tile of consecutive groups of one (b, h); later groups have more candidates
     const int64_t BH = B * Hkv, tile = msattn_select_tile_groups(&p), tiles = (G + tile - 1) / tile;
