@@ -195,6 +195,7 @@ static void ms_panel_column(const msattn_select_params *p, int64_t b, int64_t h,
 }
 
 int msattn_region_means_cpu(const msattn_select_params *p, int64_t begin, int64_t end) {
+    const msattn_simd_ops *ops = msattn_simd();
     const int64_t N = p->N, Nq = p->Nq, D = p->D, hg = p->Hq / p->Hkv;
     const int64_t NK = msattn_num_key_regions(N, p->block_k);
     const int64_t NA = msattn_num_query_regions(N, Nq, p->block_q);
@@ -216,12 +217,21 @@ int msattn_region_means_cpu(const msattn_select_params *p, int64_t begin, int64_
         int32_t count = 0;
         memset(acc, 0, (size_t)D * sizeof(double));
         msattn_range pos = msattn_query_region(a0 + a, p->block_q, N, Nq);
+        /* rows of float-convertible dtypes through the vector conversion (exact), then added in double */
+        const int rows_f32 = p->dtype != MSATTN_F64 && p->q.sd == 1;
+        const size_t esize = p->dtype == MSATTN_F64 ? 8 : p->dtype == MSATTN_F32 ? 4 : 2;
+        float row[MSATTN_MAX_HEAD_DIM];
         for (int64_t t = pos.begin; t < pos.end; ++t) {
             if (!ms_key_valid(p, b, t)) continue;
             ++count;
             for (int64_t hq = h * hg; hq < (h + 1) * hg; ++hq) {
                 const int64_t off = b * p->q.sb + hq * p->q.sh + (t - (N - Nq)) * p->q.sn;
-                for (int64_t d = 0; d < D; ++d) acc[d] += msattn_load_f64(p->q.data, off + d * p->q.sd, p->dtype);
+                if (rows_f32) {
+                    ops->to_f32(row, (const char *)p->q.data + off * (int64_t)esize, (int)D, p->dtype, 1.0f);
+                    for (int64_t d = 0; d < D; ++d) acc[d] += (double)row[d];
+                } else {
+                    for (int64_t d = 0; d < D; ++d) acc[d] += msattn_load_f64(p->q.data, off + d * p->q.sd, p->dtype);
+                }
             }
         }
         p->qcount[bh * NA + a] = count;
@@ -273,17 +283,20 @@ static inline void ms_heap_offer(ms_rank *heap, int64_t *n, int64_t t, ms_rank x
  * With at least MS_SCREEN_QUERIES ranking query regions a tile screens, in two passes over panels of
  * 64 candidates (pass 1's kpanel), with float score tiles four query regions at a time (ops->
  * screen_tile: the attention's qk, then bounds):
- *   A. every panel against every query region that reaches into it: per (region, panel) the largest
- *      lower bound and the largest upper bound of a candidate's exact score. The T-th largest of a
- *      region's panel lower bounds, theta, is a lower bound on its T-th best exact score (T distinct
- *      candidates reach it), so no candidate whose upper bound is below theta can be selected.
+ *   A. every panel against every query region that reaches into it: the largest lower bound of a
+ *      candidate's exact score per (region, panel) and per (region, panel, column mod 16), and the largest upper bound per
+ *      (region, panel). The T-th largest of a region's lower bounds, theta, is a lower bound on its
+ *      T-th best exact score (T distinct candidates reach it), so no candidate whose upper bound is
+ *      below theta can be selected.
  *   B. only the (region, panel) pairs whose largest upper bound reaches theta (and the heap's last),
- *      screened again; the survivors are scored exactly (score_block) into the region's heap.
- * On random data B visits a small share of the pairs and about T candidates per region reach a heap;
- * one pass with the heap's last as the only threshold offered each region about T ln(C / T) of its C
- * candidates. Otherwise (a decode step: one query region) a tile scores blocks of MS_SCORE_BLOCK
+ *      screened again; the survivors are scored exactly (score_block, once 64 of a region wait) into
+ *      the region's heap.
+ * One pass with the heap's last as the only threshold offers each region about T ln(C / T) of its C
+ * candidates on random data (about 420 at 256K with the authors' topk 64); theta cuts that to a few
+ * more than T. Otherwise (a decode step: one query region) a tile scores blocks of MS_SCORE_BLOCK
  * candidates exactly. */
 #define MS_SCORE_BLOCK 128
+#define MS_LANES 16 /* lower bounds per (query region, panel): of the columns c = l (mod 16) each */
 #define MS_PENDING (2 * MSATTN_TILE) /* a query region's survivors are scored once 64 wait: full batches of score_block */
 #define MS_TILE_QUERIES 64 /* 16 -> 64: a 1M passkey trial of the demo's model 38 -> 34.5 s (docs/notebook.md) */
 
@@ -293,21 +306,21 @@ int64_t msattn_select_tile_groups(const msattn_select_params *p) {
 
 /* scratch layout (8-byte items first): exact scores (2 * MS_SCORE_BLOCK double) | heaps (Q * T ranks)
  * | heap sizes (Q int64) | query-region means (Q pointers) | screen masks and valid columns (2 *
- * MSATTN_ROWS uint64) | the means in float (Q * D), their bounds and thetas (2 * Q float), panel bounds
- * (2 * Q * NP float), a selection buffer (NP float), up to four gathered means (MSATTN_ROWS * D float)
- * their limits and bounds and panel bounds (4 * MSATTN_ROWS float) | per query region its tile group and its
- * candidate limit (2 * Q int32) | gathered rows (MSATTN_ROWS int32) | per tile group its first and last
- * query region and whether it ranks (3 * tile int32) | lists (merge * T int32) | two lists of a
- * block's candidates (2 * (MS_SCORE_BLOCK + 16) int32) and their region ids (MS_SCORE_BLOCK int32) |
- * candidates (NK int32) | survivors waiting for exact scores, per query region their number and list
- * (Q * (1 + MS_PENDING) int32) | seen (NK bytes); Q = tile * merge, NP = cdiv(NK, 64). T beyond NK is never
- * needed (a group with at most T candidates takes them all). */
+ * MSATTN_ROWS uint64) | the means in float (Q * D), their bounds and thetas (2 * Q float), lower and
+ * upper bounds (Q * NP * (MS_LANES + 2) float), a selection buffer (NP float), up to four gathered means (MSATTN_ROWS * D float) with
+ * their limits, bounds and screen outputs (MSATTN_ROWS * (4 + MS_LANES) float) | per query region its
+ * tile group and its candidate limit (2 * Q int32) | gathered rows (MSATTN_ROWS int32) | per tile group
+ * its first and last query region and whether it ranks (3 * tile int32) | lists (merge * T int32) |
+ * two lists of a block's candidates (2 * (MS_SCORE_BLOCK + 16) int32) and their region ids
+ * (MS_SCORE_BLOCK int32) | candidates (NK int32) | survivors waiting for exact scores, per query region
+ * their number and list (Q * (1 + MS_PENDING) int32) | seen (NK bytes); Q = tile * merge, NP = cdiv(NK,
+ * 64). T beyond NK is never needed (a group with at most T candidates takes them all). */
 size_t msattn_select_scratch_bytes(const msattn_select_params *p) {
     const int64_t NK = msattn_num_key_regions(p->N, p->block_k), NP = msattn_cdiv(NK, MSATTN_TILE);
     const int64_t T = msattn_min64(p->topk, NK), M = p->merge, tile = msattn_select_tile_groups(p), Q = tile * M;
     return (size_t)2 * MS_SCORE_BLOCK * sizeof(double) + (size_t)Q * T * sizeof(ms_rank) +
            (size_t)Q * (sizeof(int64_t) + sizeof(double *)) + 2 * MSATTN_ROWS * sizeof(uint64_t) +
-           ((size_t)Q * (p->D + 2) + (size_t)(2 * Q + 1) * NP + MSATTN_ROWS * (p->D + 4)) * sizeof(float) +
+           ((size_t)Q * (p->D + 2) + (size_t)(Q * (MS_LANES + 2) + 1) * NP + MSATTN_ROWS * (p->D + 4 + MS_LANES)) * sizeof(float) +
            (size_t)(2 * Q + MSATTN_ROWS) * sizeof(int32_t) + (size_t)3 * tile * sizeof(int32_t) +
            (size_t)(M * T + 3 * MS_SCORE_BLOCK + 32) * sizeof(int32_t) + (size_t)NK * (sizeof(int32_t) + 1) +
            (size_t)Q * (MS_PENDING + 1) * sizeof(int32_t) + 64;
@@ -351,6 +364,25 @@ static inline uint64_t ms_live_columns(const int32_t *kcount, int64_t j0, int64_
     return live;
 }
 
+/* theta: the T-th largest of a query region's lower bounds, x[0..np * MS_LANES) panel by panel, whose
+ * maxima are pmax[0..np); reorders x; scratch: np floats. The T-th largest of the panel maxima, theta1,
+ * is at most theta (T values reach it), so theta is the T-th largest among the lanes of the panels
+ * whose maximum reaches theta1: usually few more than T panels of np. */
+static float ms_kth_largest(float *x, int64_t n, int64_t k);
+
+static float ms_theta(float *x, const float *pmax, int64_t np, int64_t T, float *scratch) {
+    if (np * MS_LANES < T) return -INFINITY;
+    memcpy(scratch, pmax, (size_t)np * sizeof(float));
+    const float theta1 = ms_kth_largest(scratch, np, T);
+    int64_t n = 0;
+    for (int64_t i = 0; i < np; ++i)
+        if (pmax[i] >= theta1) {
+            memmove(x + n, x + i * MS_LANES, MS_LANES * sizeof(float));
+            n += MS_LANES;
+        }
+    return ms_kth_largest(x, n, T);
+}
+
 /* the k-th largest (k >= 1) of x[0..n), reordering x; -inf when n < k (quickselect) */
 static float ms_kth_largest(float *x, int64_t n, int64_t k) {
     if (n < k) return -INFINITY;
@@ -386,10 +418,10 @@ int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end,
     const double **qbs = (const double **)(fill + Q);
     uint64_t *masks = (uint64_t *)(qbs + Q), *valid = masks + MSATTN_ROWS;
     float *qfs = (float *)(valid + MSATTN_ROWS), *qbound = qfs + Q * D, *theta = qbound + Q;
-    float *plo = theta + Q, *phi = plo + Q * NP, *sel = phi + Q * NP;
+    float *plo = theta + Q, *pmax = plo + Q * MS_LANES * NP, *phi = pmax + Q * NP, *sel = phi + Q * NP;
     float *gq = sel + NP, *glim = gq + MSATTN_ROWS * D, *gbound = glim + MSATTN_ROWS, *glo = gbound + MSATTN_ROWS;
-    float *ghi = glo + MSATTN_ROWS;
-    int32_t *qtile = (int32_t *)(ghi + MSATTN_ROWS), *qlimit = qtile + Q, *grow = qlimit + Q;
+    float *gends = glo + MSATTN_ROWS * MS_LANES;
+    int32_t *qtile = (int32_t *)(gends + 2 * MSATTN_ROWS), *qlimit = qtile + Q, *grow = qlimit + Q;
     int32_t *first = grow + MSATTN_ROWS, *last = first + tile, *ranks = last + tile;
     int32_t *lists = ranks + tile;
     int32_t *keep = lists + M * TH, *keep2 = keep + MS_SCORE_BLOCK + 16, *sub = keep2 + MS_SCORE_BLOCK + 16;
@@ -459,21 +491,21 @@ int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end,
                         valid[r] = ms_row_columns(p, live, j0, g0 + gi0 + qtile[r0 + r], span, N);
                         glim[r] = INFINITY;
                     }
-                    ops->screen_tile(masks, glo, ghi, qfs + r0 * D, D, rows, panels + pi * ldp, (int)D, qbound + r0,
+                    ops->screen_tile(masks, glo, gends, qfs + r0 * D, D, rows, panels + pi * ldp, (int)D, qbound + r0,
                                      glim, valid);
                     for (int r = 0; r < rows; ++r) {
-                        plo[(r0 + r) * NP + pi] = glo[r];
-                        phi[(r0 + r) * NP + pi] = ghi[r];
+                        memcpy(plo + ((r0 + r) * NP + pi) * MS_LANES, glo + r * MS_LANES, MS_LANES * sizeof(float));
+                        pmax[(r0 + r) * NP + pi] = gends[2 * r];
+                        phi[(r0 + r) * NP + pi] = gends[2 * r + 1];
                     }
                 }
             }
             for (int64_t i = 0; i < nq; ++i) {
                 const int64_t np = msattn_cdiv(qlimit[i], MSATTN_TILE);
-                memcpy(sel, plo + i * NP, (size_t)np * sizeof(float));
-                theta[i] = ms_kth_largest(sel, np, T);
+                theta[i] = ms_theta(plo + i * NP * MS_LANES, pmax + i * NP, np, T, sel);
             }
-            /* B: the pairs whose upper bound reaches theta and the heap's last, gathered four query
-             * regions at a time; survivors scored exactly into the heaps */
+            /* B: the pairs whose upper bound reaches the limit (theta, raised to the heap's last once
+             * it is full), gathered four query regions at a time; survivors scored exactly into the heaps */
             for (int64_t pi = 0, qs = 0; pi < pn; ++pi) {
                 const int64_t j0 = pi * MSATTN_TILE;
                 const uint64_t live = ms_live_columns(kcount, j0, NK);
@@ -481,20 +513,15 @@ int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end,
                 for (int64_t i0 = qs; i0 < nq;) {
                     int rows = 0;
                     for (; i0 < nq && rows < MSATTN_ROWS; ++i0) {
-                        float lim = theta[i0];
-                        if (fill[i0] == T) {
-                            const float last_kept = msattn_float_down(ms_key_score(heaps[i0 * TH].key));
-                            if (!(last_kept <= lim)) lim = last_kept; /* NaN: keep everything */
-                        }
-                        if (phi[i0 * NP + pi] < lim) continue;
+                        if (phi[i0 * NP + pi] < theta[i0]) continue;
                         memcpy(gq + rows * D, qfs + i0 * D, (size_t)D * sizeof(float));
-                        glim[rows] = lim;
+                        glim[rows] = theta[i0];
                         gbound[rows] = qbound[i0];
                         valid[rows] = ms_row_columns(p, live, j0, g0 + gi0 + qtile[i0], span, N);
                         grow[rows++] = (int32_t)i0;
                     }
                     if (rows == 0) continue;
-                    ops->screen_tile(masks, glo, ghi, gq, D, rows, panels + pi * ldp, (int)D, gbound, glim, valid);
+                    ops->screen_tile(masks, glo, gends, gq, D, rows, panels + pi * ldp, (int)D, gbound, glim, valid);
                     for (int r = 0; r < rows; ++r) {
                         const int64_t i = grow[r];
                         int32_t *pq = pend + i * MS_PENDING;
@@ -503,6 +530,10 @@ int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end,
                         if (npend[i] >= MSATTN_TILE) {
                             ms_offer_exact(ops, heaps + i * TH, &fill[i], T, qbs[i], ksum, kcount, pq, npend[i], D, scores, keep);
                             npend[i] = 0;
+                            if (fill[i] == T) { /* the heap's last is a limit too (NaN: keep everything) */
+                                const float last_kept = msattn_float_down(ms_key_score(heaps[i * TH].key));
+                                theta[i] = last_kept <= theta[i] ? theta[i] : last_kept;
+                            }
                         }
                     }
                 }

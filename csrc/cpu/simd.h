@@ -67,8 +67,9 @@ typedef struct {
      * valid[r], the float score f = (row . column c) * kinv[c] and its margin e = qbound[r] * kscale[c]
      * bound the exact one (score_block's) from below by f - e and from above by f + e, given qbound[r] >=
      * 4 (d + 5) 2^-24 |row| (rounded up). Writes bit c of keep[r] when f + e is not below lim[r] (or is
-     * NaN), lo[r] = the largest f - e (-inf: none), hi[r] = the largest f + e (+inf if one is NaN). */
-    void (*screen_tile)(uint64_t *keep, float *lo, float *hi, const float *a, int64_t lda, int rows, const float *kp,
+     * NaN); lanes[16 r + l] = the largest f - e of the columns c = l (mod 16); ends[2 r] = the largest
+     * f - e, ends[2 r + 1] the largest f + e (+inf if one is NaN); -inf where no column is valid. */
+    void (*screen_tile)(uint64_t *keep, float *lanes, float *ends, const float *a, int64_t lda, int rows, const float *kp,
                         int d, const float *qbound, const float *lim, const uint64_t *valid);
     /* dst[i] = (float)src[i] * a for n contiguous elements of dtype */
     void (*to_f32)(float *dst, const void *src, int n, msattn_dtype dtype, float a);

@@ -361,7 +361,7 @@ static int MS_SUFFIX(score_block)(double *s, int32_t *keep, const double *q, con
  * reach it, and only the others get exact scores (score_block). The factor 4 covers the rounding of
  * the bound and of the sum. The exact scores decide, so the selection is the one score_block gives.
  * The float scores are a matrix product: the attention's score tile (qk) on a panel of 64 candidates. */
-static void MS_SUFFIX(screen_tile)(uint64_t *keep, float *lo, float *hi, const float *a, int64_t lda, int rows,
+static void MS_SUFFIX(screen_tile)(uint64_t *keep, float *lanes, float *ends, const float *a, int64_t lda, int rows,
                                    const float *kp, int d, const float *qbound, const float *lim,
                                    const uint64_t *valid) {
     float s[MSATTN_ROWS * MSATTN_TILE] __attribute__((aligned(64)));
@@ -383,10 +383,12 @@ static void MS_SUFFIX(screen_tile)(uint64_t *keep, float *lo, float *hi, const f
             vhi = _mm512_mask_max_ps(vhi, ok, up, vhi); /* max_ps returns its second operand on NaN */
             vlo = _mm512_mask_max_ps(vlo, ok, down, vlo);
         }
-        lo[r] = _mm512_reduce_max_ps(vlo);
-        hi[r] = nan ? INFINITY : _mm512_reduce_max_ps(vhi);
+        _mm512_storeu_ps(lanes + 16 * r, vlo);
+        ends[2 * r] = _mm512_reduce_max_ps(vlo);
+        ends[2 * r + 1] = nan ? INFINITY : _mm512_reduce_max_ps(vhi);
 #else
-        float l = -INFINITY, h = -INFINITY;
+        float h = -INFINITY, l = -INFINITY;
+        for (int x = 0; x < 16; ++x) lanes[16 * r + x] = -INFINITY;
         for (int c = 0; c < MSATTN_TILE; ++c) {
             if (!((valid[r] >> c) & 1)) continue;
             const float f = s[r * MSATTN_TILE + c] * kinv[c], e = qbound[r] * kscale[c];
@@ -394,10 +396,11 @@ static void MS_SUFFIX(screen_tile)(uint64_t *keep, float *lo, float *hi, const f
             m |= (uint64_t)!(up < lim[r]) << c;
             if (up != up) h = INFINITY;
             else if (up > h) h = up;
+            if (down > lanes[16 * r + c % 16]) lanes[16 * r + c % 16] = down;
             if (down > l) l = down;
         }
-        lo[r] = l;
-        hi[r] = h;
+        ends[2 * r] = l;
+        ends[2 * r + 1] = h;
 #endif
         keep[r] = m;
     }
