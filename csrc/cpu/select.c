@@ -307,7 +307,7 @@ int64_t msattn_select_tile_groups(const msattn_select_params *p) {
 /* scratch layout (8-byte items first): exact scores (2 * MS_SCORE_BLOCK double) | heaps (Q * T ranks)
  * | heap sizes (Q int64) | query-region means (Q pointers) | screen masks and valid columns (2 *
  * MSATTN_ROWS uint64) | the means in float (Q * D), their bounds and thetas (2 * Q float), lower and
- * upper bounds (Q * NP * (MS_LANES + 2) float), a selection buffer (NP float), up to four gathered means (MSATTN_ROWS * D float) with
+ * upper bounds (Q * NP * (MS_LANES + 2) float), up to four gathered means (MSATTN_ROWS * D float) with
  * their limits, bounds and screen outputs (MSATTN_ROWS * (4 + MS_LANES) float) | per query region its
  * tile group and its candidate limit (2 * Q int32) | gathered rows (MSATTN_ROWS int32) | per tile group
  * its first and last query region and whether it ranks (3 * tile int32) | lists (merge * T int32) |
@@ -320,7 +320,7 @@ size_t msattn_select_scratch_bytes(const msattn_select_params *p) {
     const int64_t T = msattn_min64(p->topk, NK), M = p->merge, tile = msattn_select_tile_groups(p), Q = tile * M;
     return (size_t)2 * MS_SCORE_BLOCK * sizeof(double) + (size_t)Q * T * sizeof(ms_rank) +
            (size_t)Q * (sizeof(int64_t) + sizeof(double *)) + 2 * MSATTN_ROWS * sizeof(uint64_t) +
-           ((size_t)Q * (p->D + 2) + (size_t)(Q * (MS_LANES + 2) + 1) * NP + MSATTN_ROWS * (p->D + 4 + MS_LANES)) * sizeof(float) +
+           ((size_t)Q * (p->D + 2) + (size_t)Q * (MS_LANES + 2) * NP + MSATTN_ROWS * (p->D + 4 + MS_LANES)) * sizeof(float) +
            (size_t)(2 * Q + MSATTN_ROWS) * sizeof(int32_t) + (size_t)3 * tile * sizeof(int32_t) +
            (size_t)(M * T + 3 * MS_SCORE_BLOCK + 32) * sizeof(int32_t) + (size_t)NK * (sizeof(int32_t) + 1) +
            (size_t)Q * (MS_PENDING + 1) * sizeof(int32_t) + 64;
@@ -364,22 +364,55 @@ static inline uint64_t ms_live_columns(const int32_t *kcount, int64_t j0, int64_
     return live;
 }
 
+/* A value that at least k of x[0..n) reach, at most two 64ths of their finite range below the k-th
+ * largest: a histogram of 64 buckets instead of a selection (-inf when n < k or nothing is finite). */
+#define MS_BUCKETS 64
+static float ms_kth_bound(const float *x, int64_t n, int64_t k) {
+    if (n < k) return -INFINITY;
+    float lo = INFINITY, hi = -INFINITY;
+    for (int64_t i = 0; i < n; ++i)
+        if (isfinite(x[i])) {
+            lo = x[i] < lo ? x[i] : lo;
+            hi = x[i] > hi ? x[i] : hi;
+        }
+    if (!(lo <= hi)) return -INFINITY;
+    const float range = hi - lo;
+    if (!(range > 0.0f) || !isfinite(range)) return lo; /* every finite value reaches lo; so do the +inf */
+    const float scale = (float)MS_BUCKETS / range;
+    int64_t count[MS_BUCKETS] = {0};
+    for (int64_t i = 0; i < n; ++i) {
+        if (!(x[i] >= lo)) continue; /* -inf */
+        const float u = (x[i] - lo) * scale;
+        count[u < (float)(MS_BUCKETS - 1) ? (int)u : MS_BUCKETS - 1]++;
+    }
+    int64_t above = 0;
+    for (int b = MS_BUCKETS - 1; b > 0; --b) {
+        above += count[b];
+        /* bucket b holds values whose computed u >= b, so at least lo + (b - 1) * range / 64 (one
+         * bucket for the rounding of u), rounded down */
+        if (above >= k) return nextafterf(lo + (float)(b - 1) / scale, -INFINITY) > lo
+                                   ? nextafterf(lo + (float)(b - 1) / scale, -INFINITY) : lo;
+    }
+    return lo;
+}
+
 /* theta: the T-th largest of a query region's lower bounds, x[0..np * MS_LANES) panel by panel, whose
- * maxima are pmax[0..np); reorders x; scratch: np floats. The T-th largest of the panel maxima, theta1,
- * is at most theta (T values reach it), so theta is the T-th largest among the lanes of the panels
- * whose maximum reaches theta1: usually few more than T panels of np. */
+ * panel maxima are pmax[0..np); reorders x. A bound theta1 that T panel maxima reach is at most theta
+ * (the maxima are T of the values), so theta is the T-th largest of the values that reach theta1:
+ * usually a few more than T of np * MS_LANES. */
 static float ms_kth_largest(float *x, int64_t n, int64_t k);
 
-static float ms_theta(float *x, const float *pmax, int64_t np, int64_t T, float *scratch) {
+static float ms_theta(float *x, const float *pmax, int64_t np, int64_t T) {
     if (np * MS_LANES < T) return -INFINITY;
-    memcpy(scratch, pmax, (size_t)np * sizeof(float));
-    const float theta1 = ms_kth_largest(scratch, np, T);
+    const float theta1 = ms_kth_bound(pmax, np, T);
     int64_t n = 0;
     for (int64_t i = 0; i < np; ++i)
-        if (pmax[i] >= theta1) {
-            memmove(x + n, x + i * MS_LANES, MS_LANES * sizeof(float));
-            n += MS_LANES;
-        }
+        if (pmax[i] >= theta1)
+            for (int l = 0; l < MS_LANES; ++l) { /* without branches: most lanes fall below */
+                const float v = x[i * MS_LANES + l];
+                x[n] = v;
+                n += v >= theta1;
+            }
     return ms_kth_largest(x, n, T);
 }
 
@@ -418,8 +451,8 @@ int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end,
     const double **qbs = (const double **)(fill + Q);
     uint64_t *masks = (uint64_t *)(qbs + Q), *valid = masks + MSATTN_ROWS;
     float *qfs = (float *)(valid + MSATTN_ROWS), *qbound = qfs + Q * D, *theta = qbound + Q;
-    float *plo = theta + Q, *pmax = plo + Q * MS_LANES * NP, *phi = pmax + Q * NP, *sel = phi + Q * NP;
-    float *gq = sel + NP, *glim = gq + MSATTN_ROWS * D, *gbound = glim + MSATTN_ROWS, *glo = gbound + MSATTN_ROWS;
+    float *plo = theta + Q, *pmax = plo + Q * MS_LANES * NP, *phi = pmax + Q * NP;
+    float *gq = phi + Q * NP, *glim = gq + MSATTN_ROWS * D, *gbound = glim + MSATTN_ROWS, *glo = gbound + MSATTN_ROWS;
     float *gends = glo + MSATTN_ROWS * MS_LANES;
     int32_t *qtile = (int32_t *)(gends + 2 * MSATTN_ROWS), *qlimit = qtile + Q, *grow = qlimit + Q;
     int32_t *first = grow + MSATTN_ROWS, *last = first + tile, *ranks = last + tile;
@@ -502,7 +535,7 @@ int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end,
             }
             for (int64_t i = 0; i < nq; ++i) {
                 const int64_t np = msattn_cdiv(qlimit[i], MSATTN_TILE);
-                theta[i] = ms_theta(plo + i * NP * MS_LANES, pmax + i * NP, np, T, sel);
+                theta[i] = ms_theta(plo + i * NP * MS_LANES, pmax + i * NP, np, T);
             }
             /* B: the pairs whose upper bound reaches the limit (theta, raised to the heap's last once
              * it is full), gathered four query regions at a time; survivors scored exactly into the heaps */
