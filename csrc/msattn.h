@@ -103,6 +103,10 @@ typedef struct {
                                    * 64i..64i+63, rows 0..D-1 their sums transposed, row D 1 / count,
                                    * row D + 1 a bound >= |sum| / count (zeros past NK and for empty
                                    * regions); written by pass 1 when msattn_select_panel_floats > 0 */
+    uint16_t *kpanel16;           /* CPU only, or NULL: the same sums in bf16 for the AMX screen, (B, Hkv, NP,
+                                   * 64 * DP), DP = D rounded up to 32, in AMX's layout (simd.h,
+                                   * msattn_amx_panel_offset); written by pass 1 when
+                                   * msattn_select_panel16_elems > 0 */
     /* output */
     int32_t *index;               /* (B, Hkv, G, T) ascending, -1 padded, contiguous */
     /* [CUDA addition] msattn_select_cuda only, ignored by the CPU kernels: cuda_slots blocks share
@@ -126,6 +130,8 @@ int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end,
 int64_t msattn_select_tile_groups(const msattn_select_params *p);
 /* floats of the kpanel workspace the CPU selection uses (0: it screens nothing, kpanel may be NULL) */
 size_t msattn_select_panel_floats(const msattn_select_params *p);
+/* elements of the kpanel16 workspace (0: the instruction set in use has no AMX screen) */
+size_t msattn_select_panel16_elems(const msattn_select_params *p);
 size_t msattn_select_scratch_bytes(const msattn_select_params *p);
 
 // ----------------------------------------------------------------------------------------------
@@ -313,9 +319,10 @@ int msattn_ms_bwd_dkv_cuda(const msattn_ms_params *p, void *stream);
 // ----------------------------------------------------------------------------------------------
 // SIMD dispatch (csrc/cpu/simd.c)
 
-/* "avx512", "avx2" or "scalar": the instruction set the CPU kernels use now. */
+/* "amx" (AVX-512 with AMX tiles for the selection screen), "avx512", "avx2" or "scalar": the instruction set
+ * the CPU kernels use now. */
 const char *msattn_isa_name(void);
-/* Force an instruction set ("avx512", "avx2", "scalar", or "auto" for the best this CPU has).
+/* Force an instruction set ("amx", "avx512", "avx2", "scalar", or "auto" for the best this CPU has).
  * Returns MSATTN_ERR_ARG for an unknown name or one this CPU cannot run. */
 int msattn_isa_set(const char *name);
 

@@ -176,6 +176,27 @@ size_t msattn_select_panel_floats(const msattn_select_params *p) {
     return (size_t)p->B * p->Hkv * msattn_cdiv(NK, MSATTN_TILE) * (p->D + 2) * MSATTN_TILE;
 }
 
+size_t msattn_select_panel16_elems(const msattn_select_params *p) {
+    if (msattn_select_panel_floats(p) == 0 || msattn_simd()->screen_amx == NULL) return 0;
+    const int64_t NK = msattn_num_key_regions(p->N, p->block_k);
+    return (size_t)p->B * p->Hkv * msattn_cdiv(NK, MSATTN_TILE) * MSATTN_TILE * msattn_cdiv(p->D, 32) * 32;
+}
+
+/* column j of head (b, h) in the bf16 panels: its sum rounded to bf16, zeros past D (and for an empty
+ * region); the last region also zeroes the columns past NK */
+static void ms_panel16_column(const msattn_select_params *p, int64_t b, int64_t h, int64_t j, int64_t NK) {
+    const int64_t D = p->D, DP = msattn_cdiv(D, 32) * 32, NP = msattn_cdiv(NK, MSATTN_TILE);
+    uint16_t *panel = p->kpanel16 + ((b * p->Hkv + h) * NP + j / MSATTN_TILE) * MSATTN_TILE * DP;
+    const float *sum = p->ksum.sum + b * p->ksum.sum_sb + h * p->ksum.sum_sh + j * D;
+    const int32_t count = p->ksum.count[b * p->ksum.count_sb + h * p->ksum.count_sh + j];
+    const int64_t c = j % MSATTN_TILE;
+    for (int64_t d = 0; d < DP; ++d)
+        panel[msattn_amx_panel_offset(d, c)] = count > 0 && d < D ? msattn_f32_to_bf16(sum[d]) : 0;
+    if (j == NK - 1)
+        for (int64_t x = c + 1; x < MSATTN_TILE; ++x)
+            for (int64_t d = 0; d < DP; ++d) panel[msattn_amx_panel_offset(d, x)] = 0;
+}
+
 static void ms_panel_column(const msattn_select_params *p, int64_t b, int64_t h, int64_t j, int64_t NK) {
     const int64_t D = p->D, NP = msattn_cdiv(NK, MSATTN_TILE), ld = (D + 2) * MSATTN_TILE;
     float *panel = p->kpanel + ((b * p->Hkv + h) * NP + j / MSATTN_TILE) * ld;
@@ -209,6 +230,7 @@ int msattn_region_means_cpu(const msattn_select_params *p, int64_t begin, int64_
                               tok.begin, tok.end);
             }
             if (p->kpanel != NULL) ms_panel_column(p, b, h, r, NK);
+            if (p->kpanel16 != NULL) ms_panel16_column(p, b, h, r, NK);
             continue;
         }
         /* query region a0 + (r - NK): the mean of its valid queries, summed over KV head h's query heads */
@@ -323,7 +345,9 @@ size_t msattn_select_scratch_bytes(const msattn_select_params *p) {
            ((size_t)Q * (p->D + 2) + (size_t)Q * (MS_LANES + 2) * NP + MSATTN_ROWS * (p->D + 4 + MS_LANES)) * sizeof(float) +
            (size_t)(2 * Q + MSATTN_ROWS) * sizeof(int32_t) + (size_t)3 * tile * sizeof(int32_t) +
            (size_t)(M * T + 3 * MS_SCORE_BLOCK + 32) * sizeof(int32_t) + (size_t)NK * (sizeof(int32_t) + 1) +
-           (size_t)Q * (MS_PENDING + 1) * sizeof(int32_t) + 64;
+           (size_t)Q * (MS_PENDING + 1) * sizeof(int32_t) + 16 * sizeof(uint64_t) +
+           (size_t)(2 * Q + 16 * MS_LANES + 32) * sizeof(float) + (size_t)(Q + 16) * msattn_cdiv(p->D, 32) * 32 * sizeof(uint16_t) +
+           64;
 }
 
 /* offer candidates sub[0..m) (valid candidates of query region i's group) to heap i, scored exactly */
@@ -449,9 +473,10 @@ int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end,
     ms_rank *heaps = (ms_rank *)(scores + 2 * MS_SCORE_BLOCK);
     int64_t *fill = (int64_t *)(heaps + Q * TH);
     const double **qbs = (const double **)(fill + Q);
-    uint64_t *masks = (uint64_t *)(qbs + Q), *valid = masks + MSATTN_ROWS;
-    float *qfs = (float *)(valid + MSATTN_ROWS), *qbound = qfs + Q * D, *theta = qbound + Q;
-    float *plo = theta + Q, *pmax = plo + Q * MS_LANES * NP, *phi = pmax + Q * NP;
+    uint64_t *masks = (uint64_t *)(qbs + Q), *valid = masks + MSATTN_ROWS, *valid16 = valid + MSATTN_ROWS;
+    float *qfs = (float *)(valid16 + 16), *qbound = qfs + Q * D, *theta = qbound + Q;
+    float *qbound16 = theta + Q, *qabs16 = qbound16 + Q, *lanes16 = qabs16 + Q, *ends16 = lanes16 + 16 * MS_LANES;
+    float *plo = ends16 + 32, *pmax = plo + Q * MS_LANES * NP, *phi = pmax + Q * NP;
     float *gq = phi + Q * NP, *glim = gq + MSATTN_ROWS * D, *gbound = glim + MSATTN_ROWS, *glo = gbound + MSATTN_ROWS;
     float *gends = glo + MSATTN_ROWS * MS_LANES;
     int32_t *qtile = (int32_t *)(gends + 2 * MSATTN_ROWS), *qlimit = qtile + Q, *grow = qlimit + Q;
@@ -459,7 +484,9 @@ int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end,
     int32_t *lists = ranks + tile;
     int32_t *keep = lists + M * TH, *keep2 = keep + MS_SCORE_BLOCK + 16, *sub = keep2 + MS_SCORE_BLOCK + 16;
     int32_t *cand = sub + MS_SCORE_BLOCK, *npend = cand + NK, *pend = npend + Q;
-    uint8_t *seen = (uint8_t *)(pend + Q * MS_PENDING);
+    const int64_t DP = msattn_cdiv(D, 32) * 32;
+    uint16_t *q16 = (uint16_t *)(pend + Q * MS_PENDING);
+    uint8_t *seen = (uint8_t *)(q16 + (Q + 16) * DP);
     memset(seen, 0, (size_t)NK);
 
     for (int64_t w = begin; w < end;) {
@@ -499,6 +526,7 @@ int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end,
             last[t] = (int32_t)nq;
         }
         if (any && nq >= MS_SCREEN_QUERIES && p->kpanel != NULL) {
+            const int amx = ops->screen_amx != NULL && p->kpanel16 != NULL;
             /* blocked screen: panel by panel, four query regions at a time (those whose candidates
              * reach into the panel: a suffix, since the limits ascend), float score tiles against
              * each heap's last; the survivors that are candidates of the region's group are scored
@@ -510,15 +538,33 @@ int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end,
                     sq += qbs[i][d] * qbs[i][d];
                 }
                 qbound[i] = msattn_float_up(4.0 * (double)(D + 5) * 0x1p-24 * sqrt(sq) * (1.0 + 0x1p-20));
+                if (amx) {
+                    msattn_amx_bounds(sqrt(sq) * (1.0 + 0x1p-20), (int)DP, &qbound16[i], &qabs16[i]);
+                    for (int64_t d = 0; d < DP; ++d) q16[i * DP + d] = d < D ? msattn_f32_to_bf16(qfs[i * D + d]) : 0;
+                }
             }
+            if (amx) memset(q16 + nq * DP, 0, (size_t)16 * DP * sizeof(uint16_t)); /* the rows past nq a tile reads */
             const float *panels = p->kpanel + bh * NP * ldp;
+            const uint16_t *panels16 = amx ? p->kpanel16 + bh * NP * MSATTN_TILE * DP : NULL;
             const int64_t pn = msattn_cdiv(qlimit[nq - 1], MSATTN_TILE); /* panels reached */
             /* A: panel bounds of every (query region, panel) it reaches; theta per query region */
+            if (amx) msattn_amx_begin();
             for (int64_t pi = 0, qs = 0; pi < pn; ++pi) {
                 const int64_t j0 = pi * MSATTN_TILE;
                 const uint64_t live = ms_live_columns(kcount, j0, NK);
                 while (qs < nq && qlimit[qs] <= j0) ++qs;
-                for (int64_t r0 = qs; r0 < nq; r0 += MSATTN_ROWS) {
+                for (int64_t r0 = qs; amx && r0 < nq; r0 += 16) { /* AMX: sixteen query regions at a time */
+                    const int rows = (int)msattn_min64(16, nq - r0);
+                    for (int r = 0; r < rows; ++r) valid16[r] = ms_row_columns(p, live, j0, g0 + gi0 + qtile[r0 + r], span, N);
+                    ops->screen_amx(lanes16, ends16, q16 + r0 * DP, DP, rows, panels16 + pi * MSATTN_TILE * DP, (int)DP,
+                                    panels + pi * ldp + D * MSATTN_TILE, qbound16 + r0, qabs16 + r0, valid16);
+                    for (int r = 0; r < rows; ++r) {
+                        memcpy(plo + ((r0 + r) * NP + pi) * MS_LANES, lanes16 + r * MS_LANES, MS_LANES * sizeof(float));
+                        pmax[(r0 + r) * NP + pi] = ends16[2 * r];
+                        phi[(r0 + r) * NP + pi] = ends16[2 * r + 1];
+                    }
+                }
+                for (int64_t r0 = qs; !amx && r0 < nq; r0 += MSATTN_ROWS) {
                     const int rows = (int)msattn_min64(MSATTN_ROWS, nq - r0);
                     for (int r = 0; r < rows; ++r) {
                         valid[r] = ms_row_columns(p, live, j0, g0 + gi0 + qtile[r0 + r], span, N);
@@ -533,6 +579,7 @@ int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end,
                     }
                 }
             }
+            if (amx) msattn_amx_end();
             for (int64_t i = 0; i < nq; ++i) {
                 const int64_t np = msattn_cdiv(qlimit[i], MSATTN_TILE);
                 theta[i] = ms_theta(plo + i * NP * MS_LANES, pmax + i * NP, np, T);

@@ -2,7 +2,7 @@
  * simd.c -- run-time choice of the instruction set.
  *
  * The best table this CPU can run is chosen on first use (cpuid via the compiler's builtins). The
- * environment variable MSATTN_ISA=avx512|avx2|scalar, or msattn_isa_set(), forces another one; the
+ * environment variable MSATTN_ISA=amx|avx512|avx2|scalar, or msattn_isa_set(), forces another one; the
  * tests use that to run every path on one machine. The choice is an atomic pointer: a kernel reads it
  * once per work item; the ATen glue keeps a switch from landing inside an op call (run_items.h).
  */
@@ -21,6 +21,7 @@ static int msattn_cpu_has(const char *isa) {
         return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
                __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    if (strcmp(isa, "amx") == 0) return msattn_cpu_has("avx512") && msattn_amx_usable();
     if (strcmp(isa, "avx2") == 0)
         return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                __builtin_cpu_supports("f16c");
@@ -29,6 +30,7 @@ static int msattn_cpu_has(const char *isa) {
 }
 
 static const msattn_simd_ops *msattn_table(const char *name) {
+    if (strcmp(name, "amx") == 0) return &msattn_simd_amx;
     if (strcmp(name, "avx512") == 0) return &msattn_simd_avx512;
     if (strcmp(name, "avx2") == 0) return &msattn_simd_avx2;
     if (strcmp(name, "scalar") == 0) return &msattn_simd_scalar;
@@ -36,6 +38,7 @@ static const msattn_simd_ops *msattn_table(const char *name) {
 }
 
 static const msattn_simd_ops *msattn_best(void) {
+    if (msattn_cpu_has("amx")) return &msattn_simd_amx;
     if (msattn_cpu_has("avx512")) return &msattn_simd_avx512;
     if (msattn_cpu_has("avx2")) return &msattn_simd_avx2;
     return &msattn_simd_scalar;

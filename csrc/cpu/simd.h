@@ -75,11 +75,34 @@ typedef struct {
     void (*to_f32)(float *dst, const void *src, int n, msattn_dtype dtype, float a);
     /* dst[i] = src[i] rounded to dtype (round to nearest even), n contiguous elements */
     void (*from_f32)(void *dst, const float *src, int n, msattn_dtype dtype);
+    /* the same screen's first pass on AMX tiles (amx.c), NULL without AMX: rows <= 16 query regions of
+     * qb (bf16, at stride ldq elements, dims padded with zeros to dp, a multiple of 32; 16 rows readable)
+     * against the 64 candidates of a bf16 panel kb (msattn_amx_panel_offset), with kaux the float
+     * panel's rows d and d + 1 (1 / count, kscale); writes lanes and ends as screen_tile does (no keep),
+     * with the margin e = qbound[r] * kscale[c] + qabs[r] * kinv[c] (msattn_amx_bounds gives them) */
+    void (*screen_amx)(float *lanes, float *ends, const uint16_t *qb, int64_t ldq, int rows, const uint16_t *kb,
+                       int dp, const float *kaux, const float *qbound, const float *qabs, const uint64_t *valid);
 } msattn_simd_ops;
 
 extern const msattn_simd_ops msattn_simd_avx512;
 extern const msattn_simd_ops msattn_simd_avx2;
 extern const msattn_simd_ops msattn_simd_scalar;
+extern const msattn_simd_ops msattn_simd_amx;
+
+/* AMX (amx.c): whether this CPU and OS run AMX tiles for this process (asks the kernel for the tile
+ * state once); the bf16 panel element of dim i of column c (c < 64) at panel + msattn_amx_panel_offset:
+ * tiles (i / 32, c / 16) of 16 x 32 bf16, pairs of dims side by side (AMX's VNNI layout); the margins of
+ * a query region of float norm qnorm for a bf16 product over dp dims */
+int msattn_amx_usable(void);
+static inline int64_t msattn_amx_panel_offset(int64_t i, int64_t c) {
+    return ((i / 32 * 4 + c / 16) * 16 + (i % 32) / 2) * 32 + (c % 16) * 2 + i % 2;
+}
+void msattn_amx_bounds(double qnorm, int dp, float *qbound, float *qabs);
+/* around a pass of screen_amx calls on one thread: load the tile configuration, release the tiles */
+void msattn_amx_begin(void);
+void msattn_amx_end(void);
+void msattn_screen_amx(float *lanes, float *ends, const uint16_t *qb, int64_t ldq, int rows, const uint16_t *kb, int dp,
+                       const float *kaux, const float *qbound, const float *qabs, const uint64_t *valid);
 
 /* the table chosen now (best supported, or the one forced by msattn_isa_set / MSATTN_ISA env var) */
 const msattn_simd_ops *msattn_simd(void);

@@ -18,4 +18,5 @@
 #include "simd.h"
 /* not an x86-64 build: the dispatcher never picks this table; it points at the scalar loops */
 const msattn_simd_ops msattn_simd_avx512 = {0};
+const msattn_simd_ops msattn_simd_amx = {0};
 #endif

@@ -17,6 +17,7 @@
 #include "simd.h"
 
 #if MSATTN_ISA == MSATTN_ISA_AVX512
+#include "screen_bounds.h"
 #define QK_NV 4 /* vectors per row per pass: 4 x 4 = 16 accumulators */
 #define PV_NV 4
 #elif MSATTN_ISA == MSATTN_ISA_AVX2
@@ -370,22 +371,8 @@ static void MS_SUFFIX(screen_tile)(uint64_t *keep, float *lanes, float *ends, co
     for (int r = 0; r < rows; ++r) {
         uint64_t m = 0;
 #if MSATTN_ISA == MSATTN_ISA_AVX512
-        const __m512 vlim = _mm512_set1_ps(lim[r]), vqb = _mm512_set1_ps(qbound[r]);
-        __m512 vlo = _mm512_set1_ps(-INFINITY), vhi = vlo;
-        __mmask16 nan = 0;
-        for (int v = 0; v < MSATTN_TILE / 16; ++v) {
-            const __mmask16 ok = (__mmask16)(valid[r] >> (16 * v));
-            const __m512 f = _mm512_mul_ps(_mm512_load_ps(s + r * MSATTN_TILE + 16 * v), _mm512_loadu_ps(kinv + 16 * v));
-            const __m512 e = _mm512_mul_ps(vqb, _mm512_loadu_ps(kscale + 16 * v));
-            const __m512 up = _mm512_add_ps(f, e), down = _mm512_sub_ps(f, e);
-            m |= (uint64_t)_mm512_mask_cmp_ps_mask(ok, up, vlim, _CMP_NLT_UQ) << (16 * v);
-            nan |= _mm512_mask_cmp_ps_mask(ok, up, up, _CMP_UNORD_Q);
-            vhi = _mm512_mask_max_ps(vhi, ok, up, vhi); /* max_ps returns its second operand on NaN */
-            vlo = _mm512_mask_max_ps(vlo, ok, down, vlo);
-        }
-        _mm512_storeu_ps(lanes + 16 * r, vlo);
-        ends[2 * r] = _mm512_reduce_max_ps(vlo);
-        ends[2 * r + 1] = nan ? INFINITY : _mm512_reduce_max_ps(vhi);
+        m = ms_bounds_row_avx512(lanes + 16 * r, ends + 2 * r, s + r * MSATTN_TILE, kinv, kscale, qbound[r], 0.0f, lim[r],
+                                 valid[r]);
 #else
         float h = -INFINITY, l = -INFINITY;
         for (int x = 0; x < 16; ++x) lanes[16 * r + x] = -INFINITY;
@@ -396,8 +383,8 @@ static void MS_SUFFIX(screen_tile)(uint64_t *keep, float *lanes, float *ends, co
             m |= (uint64_t)!(up < lim[r]) << c;
             if (up != up) h = INFINITY;
             else if (up > h) h = up;
-            if (down > lanes[16 * r + c % 16]) lanes[16 * r + c % 16] = down;
-            if (down > l) l = down;
+            if (down < INFINITY && down > lanes[16 * r + c % 16]) lanes[16 * r + c % 16] = down;
+            if (down < INFINITY && down > l) l = down;
         }
         ends[2 * r] = l;
         ends[2 * r + 1] = h;
@@ -452,27 +439,22 @@ static void MS_SUFFIX(from_f32)(void *dst, const float *src, int n, msattn_dtype
     }
 }
 
-const msattn_simd_ops MS_SUFFIX(msattn_simd) = {
+/* the table of this instruction set; screen_amx: the AMX screen (amx.c) or NULL */
+#define MS_TABLE(table, isa_name, screen_amx)                                                          \
+    const msattn_simd_ops table = {isa_name, MS_SUFFIX(qk), MS_SUFFIX(pv), MS_SUFFIX(softmax_update),  \
+                                   MS_SUFFIX(probs_ds_rows), MS_SUFFIX(max), MS_SUFFIX(exp2_sum),      \
+                                   MS_SUFFIX(exp2_sub), MS_SUFFIX(scale), MS_SUFFIX(mul_sub),          \
+                                   MS_SUFFIX(mul_sub_vec), MS_SUFFIX(dot), MS_SUFFIX(score_block),     \
+                                   MS_SUFFIX(screen_tile), MS_SUFFIX(to_f32), MS_SUFFIX(from_f32),     \
+                                   screen_amx};
+
 #if MSATTN_ISA == MSATTN_ISA_AVX512
-    "avx512",
+MS_TABLE(msattn_simd_avx512, "avx512", NULL)
+/* AVX-512 with the selection's first screening pass on AMX tiles (amx.c) */
+MS_TABLE(msattn_simd_amx, "amx", msattn_screen_amx)
 #elif MSATTN_ISA == MSATTN_ISA_AVX2
-    "avx2",
+MS_TABLE(msattn_simd_avx2, "avx2", NULL)
 #else
-    "scalar",
+MS_TABLE(msattn_simd_scalar, "scalar", NULL)
 #endif
-    MS_SUFFIX(qk),
-    MS_SUFFIX(pv),
-    MS_SUFFIX(softmax_update),
-    MS_SUFFIX(probs_ds_rows),
-    MS_SUFFIX(max),
-    MS_SUFFIX(exp2_sum),
-    MS_SUFFIX(exp2_sub),
-    MS_SUFFIX(scale),
-    MS_SUFFIX(mul_sub),
-    MS_SUFFIX(mul_sub_vec),
-    MS_SUFFIX(dot),
-    MS_SUFFIX(score_block),
-    MS_SUFFIX(screen_tile),
-    MS_SUFFIX(to_f32),
-    MS_SUFFIX(from_f32),
-};
+

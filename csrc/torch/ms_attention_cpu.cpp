@@ -90,6 +90,8 @@ at::Tensor ms_select_cpu(const at::Tensor &q, const at::Tensor &k, const c10::op
     p.index = index.data_ptr<int32_t>();
     at::Tensor kpanel = at::empty({(int64_t)msattn_select_panel_floats(&p)}, q.options().dtype(at::kFloat));
     p.kpanel = kpanel.numel() > 0 ? kpanel.data_ptr<float>() : nullptr;
+    at::Tensor kpanel16 = at::empty({(int64_t)msattn_select_panel16_elems(&p)}, q.options().dtype(at::kShort));
+    p.kpanel16 = kpanel16.numel() > 0 ? reinterpret_cast<uint16_t *>(kpanel16.data_ptr<int16_t>()) : nullptr;
 
     // pass 1: region sums, their panels and query means, cheap and uniform
     at::parallel_for(0, B * Hkv * (NK + NA), 64, [&](int64_t b, int64_t e) { msattn_region_means_cpu(&p, b, e); });
