@@ -78,8 +78,9 @@ void msattn_amx_begin(void) { _tile_loadconfig(&ms_config); }
 
 void msattn_amx_end(void) { _tile_release(); }
 
-void msattn_screen_amx(float *lanes, float *ends, const uint16_t *qb, int64_t ldq, int rows, const uint16_t *kb, int dp,
-                       const float *kaux, const float *qbound, const float *qabs, const uint64_t *valid) {
+void msattn_screen_amx(float *lanes, int64_t ldl, float *lomax, float *himax, int64_t ldm, const uint16_t *qb, int64_t ldq,
+                       int rows, const uint16_t *kb, int dp, const float *kaux, const float *qbound, const float *qabs,
+                       const uint64_t *valid) {
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
@@ -101,9 +102,12 @@ void msattn_screen_amx(float *lanes, float *ends, const uint16_t *qb, int64_t ld
     _tile_stored(1, s + 16, 256);
     _tile_stored(2, s + 32, 256);
     _tile_stored(3, s + 48, 256);
-    for (int r = 0; r < rows; ++r)
-        ms_bounds_row_avx512(lanes + 16 * r, ends + 2 * r, s + 64 * r, kaux, kaux + 64, qbound[r], qabs[r], INFINITY,
-                             valid[r]);
+    for (int r = 0; r < rows; ++r) {
+        float ends[2];
+        ms_bounds_row_avx512(lanes + r * ldl, ends, s + 64 * r, kaux, kaux + 64, qbound[r], qabs[r], INFINITY, valid[r]);
+        lomax[r * ldm] = ends[0];
+        himax[r * ldm] = ends[1];
+    }
 }
 
 #if defined(__clang__)
@@ -114,9 +118,10 @@ void msattn_screen_amx(float *lanes, float *ends, const uint16_t *qb, int64_t ld
 int msattn_amx_usable(void) { return 0; }
 void msattn_amx_begin(void) {}
 void msattn_amx_end(void) {}
-void msattn_screen_amx(float *lanes, float *ends, const uint16_t *qb, int64_t ldq, int rows, const uint16_t *kb, int dp,
-                       const float *kaux, const float *qbound, const float *qabs, const uint64_t *valid) {
-    (void)lanes; (void)ends; (void)qb; (void)ldq; (void)rows; (void)kb; (void)dp; (void)kaux; (void)qbound;
+void msattn_screen_amx(float *lanes, int64_t ldl, float *lomax, float *himax, int64_t ldm, const uint16_t *qb, int64_t ldq,
+                       int rows, const uint16_t *kb, int dp, const float *kaux, const float *qbound, const float *qabs,
+                       const uint64_t *valid) {
+    (void)lanes; (void)ldl; (void)lomax; (void)himax; (void)ldm; (void)qb; (void)ldq; (void)rows; (void)kb; (void)dp; (void)kaux; (void)qbound;
     (void)qabs; (void)valid;
 }
 #endif

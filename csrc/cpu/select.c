@@ -328,7 +328,7 @@ int64_t msattn_select_tile_groups(const msattn_select_params *p) {
 
 /* scratch layout (8-byte items first): exact scores (2 * MS_SCORE_BLOCK double) | heaps (Q * T ranks)
  * | heap sizes (Q int64) | query-region means (Q pointers) | screen masks and valid columns (2 *
- * MSATTN_ROWS uint64) | the means in float (Q * D), their bounds and thetas (2 * Q float), lower and
+ * MSATTN_ROWS + 16 uint64), the panels' nonempty columns (NP uint64) | the means in float (Q * D), their bounds and thetas (2 * Q float), lower and
  * upper bounds (Q * NP * (MS_LANES + 2) float), up to four gathered means (MSATTN_ROWS * D float) with
  * their limits, bounds and screen outputs (MSATTN_ROWS * (4 + MS_LANES) float) | per query region its
  * tile group and its candidate limit (2 * Q int32) | gathered rows (MSATTN_ROWS int32) | per tile group
@@ -345,8 +345,8 @@ size_t msattn_select_scratch_bytes(const msattn_select_params *p) {
            ((size_t)Q * (p->D + 2) + (size_t)Q * (MS_LANES + 2) * NP + MSATTN_ROWS * (p->D + 4 + MS_LANES)) * sizeof(float) +
            (size_t)(2 * Q + MSATTN_ROWS) * sizeof(int32_t) + (size_t)3 * tile * sizeof(int32_t) +
            (size_t)(M * T + 3 * MS_SCORE_BLOCK + 32) * sizeof(int32_t) + (size_t)NK * (sizeof(int32_t) + 1) +
-           (size_t)Q * (MS_PENDING + 1) * sizeof(int32_t) + 16 * sizeof(uint64_t) +
-           (size_t)(2 * Q + 16 * MS_LANES + 32) * sizeof(float) + (size_t)(Q + 16) * msattn_cdiv(p->D, 32) * 32 * sizeof(uint16_t) +
+           (size_t)Q * (MS_PENDING + 1) * sizeof(int32_t) + (size_t)(16 + NP) * sizeof(uint64_t) +
+           (size_t)2 * Q * sizeof(float) + (size_t)(Q + 16) * msattn_cdiv(p->D, 32) * 32 * sizeof(uint16_t) +
            64;
 }
 
@@ -474,9 +474,10 @@ int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end,
     int64_t *fill = (int64_t *)(heaps + Q * TH);
     const double **qbs = (const double **)(fill + Q);
     uint64_t *masks = (uint64_t *)(qbs + Q), *valid = masks + MSATTN_ROWS, *valid16 = valid + MSATTN_ROWS;
-    float *qfs = (float *)(valid16 + 16), *qbound = qfs + Q * D, *theta = qbound + Q;
-    float *qbound16 = theta + Q, *qabs16 = qbound16 + Q, *lanes16 = qabs16 + Q, *ends16 = lanes16 + 16 * MS_LANES;
-    float *plo = ends16 + 32, *pmax = plo + Q * MS_LANES * NP, *phi = pmax + Q * NP;
+    uint64_t *live = valid16 + 16;
+    float *qfs = (float *)(live + NP), *qbound = qfs + Q * D, *theta = qbound + Q;
+    float *qbound16 = theta + Q, *qabs16 = qbound16 + Q;
+    float *plo = qabs16 + Q, *pmax = plo + Q * MS_LANES * NP, *phi = pmax + Q * NP;
     float *gq = phi + Q * NP, *glim = gq + MSATTN_ROWS * D, *gbound = glim + MSATTN_ROWS, *glo = gbound + MSATTN_ROWS;
     float *gends = glo + MSATTN_ROWS * MS_LANES;
     int32_t *qtile = (int32_t *)(gends + 2 * MSATTN_ROWS), *qlimit = qtile + Q, *grow = qlimit + Q;
@@ -544,6 +545,8 @@ int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end,
                 }
             }
             if (amx) memset(q16 + nq * DP, 0, (size_t)16 * DP * sizeof(uint16_t)); /* the rows past nq a tile reads */
+            for (int64_t pi = 0; pi < msattn_cdiv(qlimit[nq - 1], MSATTN_TILE); ++pi)
+                live[pi] = ms_live_columns(kcount, pi * MSATTN_TILE, NK);
             const float *panels = p->kpanel + bh * NP * ldp;
             const uint16_t *panels16 = amx ? p->kpanel16 + bh * NP * MSATTN_TILE * DP : NULL;
             const int64_t pn = msattn_cdiv(qlimit[nq - 1], MSATTN_TILE); /* panels reached */
@@ -551,23 +554,18 @@ int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end,
             if (amx) msattn_amx_begin();
             for (int64_t pi = 0, qs = 0; pi < pn; ++pi) {
                 const int64_t j0 = pi * MSATTN_TILE;
-                const uint64_t live = ms_live_columns(kcount, j0, NK);
                 while (qs < nq && qlimit[qs] <= j0) ++qs;
                 for (int64_t r0 = qs; amx && r0 < nq; r0 += 16) { /* AMX: sixteen query regions at a time */
                     const int rows = (int)msattn_min64(16, nq - r0);
-                    for (int r = 0; r < rows; ++r) valid16[r] = ms_row_columns(p, live, j0, g0 + gi0 + qtile[r0 + r], span, N);
-                    ops->screen_amx(lanes16, ends16, q16 + r0 * DP, DP, rows, panels16 + pi * MSATTN_TILE * DP, (int)DP,
+                    for (int r = 0; r < rows; ++r) valid16[r] = ms_row_columns(p, live[pi], j0, g0 + gi0 + qtile[r0 + r], span, N);
+                    ops->screen_amx(plo + (r0 * NP + pi) * MS_LANES, NP * MS_LANES, pmax + r0 * NP + pi, phi + r0 * NP + pi, NP,
+                                    q16 + r0 * DP, DP, rows, panels16 + pi * MSATTN_TILE * DP, (int)DP,
                                     panels + pi * ldp + D * MSATTN_TILE, qbound16 + r0, qabs16 + r0, valid16);
-                    for (int r = 0; r < rows; ++r) {
-                        memcpy(plo + ((r0 + r) * NP + pi) * MS_LANES, lanes16 + r * MS_LANES, MS_LANES * sizeof(float));
-                        pmax[(r0 + r) * NP + pi] = ends16[2 * r];
-                        phi[(r0 + r) * NP + pi] = ends16[2 * r + 1];
-                    }
                 }
                 for (int64_t r0 = qs; !amx && r0 < nq; r0 += MSATTN_ROWS) {
                     const int rows = (int)msattn_min64(MSATTN_ROWS, nq - r0);
                     for (int r = 0; r < rows; ++r) {
-                        valid[r] = ms_row_columns(p, live, j0, g0 + gi0 + qtile[r0 + r], span, N);
+                        valid[r] = ms_row_columns(p, live[pi], j0, g0 + gi0 + qtile[r0 + r], span, N);
                         glim[r] = INFINITY;
                     }
                     ops->screen_tile(masks, glo, gends, qfs + r0 * D, D, rows, panels + pi * ldp, (int)D, qbound + r0,
@@ -588,7 +586,6 @@ int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end,
              * it is full), gathered four query regions at a time; survivors scored exactly into the heaps */
             for (int64_t pi = 0, qs = 0; pi < pn; ++pi) {
                 const int64_t j0 = pi * MSATTN_TILE;
-                const uint64_t live = ms_live_columns(kcount, j0, NK);
                 while (qs < nq && qlimit[qs] <= j0) ++qs;
                 for (int64_t i0 = qs; i0 < nq;) {
                     int rows = 0;
@@ -597,7 +594,7 @@ int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end,
                         memcpy(gq + rows * D, qfs + i0 * D, (size_t)D * sizeof(float));
                         glim[rows] = theta[i0];
                         gbound[rows] = qbound[i0];
-                        valid[rows] = ms_row_columns(p, live, j0, g0 + gi0 + qtile[i0], span, N);
+                        valid[rows] = ms_row_columns(p, live[pi], j0, g0 + gi0 + qtile[i0], span, N);
                         grow[rows++] = (int32_t)i0;
                     }
                     if (rows == 0) continue;

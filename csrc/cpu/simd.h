@@ -78,10 +78,12 @@ typedef struct {
     /* the same screen's first pass on AMX tiles (amx.c), NULL without AMX: rows <= 16 query regions of
      * qb (bf16, at stride ldq elements, dims padded with zeros to dp, a multiple of 32; 16 rows readable)
      * against the 64 candidates of a bf16 panel kb (msattn_amx_panel_offset), with kaux the float
-     * panel's rows d and d + 1 (1 / count, kscale); writes lanes and ends as screen_tile does (no keep),
-     * with the margin e = qbound[r] * kscale[c] + qabs[r] * kinv[c] (msattn_amx_bounds gives them) */
-    void (*screen_amx)(float *lanes, float *ends, const uint16_t *qb, int64_t ldq, int rows, const uint16_t *kb,
-                       int dp, const float *kaux, const float *qbound, const float *qabs, const uint64_t *valid);
+     * panel's rows d and d + 1 (1 / count, kscale) and the margin e = qbound[r] * kscale[c] + qabs[r] *
+     * kinv[c] (msattn_amx_bounds); writes screen_tile's lanes (row r at lanes + r * ldl) and ends (at
+     * lomax[r * ldm], himax[r * ldm]), no keep. Between msattn_amx_begin and msattn_amx_end. */
+    void (*screen_amx)(float *lanes, int64_t ldl, float *lomax, float *himax, int64_t ldm, const uint16_t *qb,
+                       int64_t ldq, int rows, const uint16_t *kb, int dp, const float *kaux, const float *qbound,
+                       const float *qabs, const uint64_t *valid);
 } msattn_simd_ops;
 
 extern const msattn_simd_ops msattn_simd_avx512;
@@ -101,8 +103,9 @@ void msattn_amx_bounds(double qnorm, int dp, float *qbound, float *qabs);
 /* around a pass of screen_amx calls on one thread: load the tile configuration, release the tiles */
 void msattn_amx_begin(void);
 void msattn_amx_end(void);
-void msattn_screen_amx(float *lanes, float *ends, const uint16_t *qb, int64_t ldq, int rows, const uint16_t *kb, int dp,
-                       const float *kaux, const float *qbound, const float *qabs, const uint64_t *valid);
+void msattn_screen_amx(float *lanes, int64_t ldl, float *lomax, float *himax, int64_t ldm, const uint16_t *qb, int64_t ldq,
+                       int rows, const uint16_t *kb, int dp, const float *kaux, const float *qbound, const float *qabs,
+                       const uint64_t *valid);
 
 /* the table chosen now (best supported, or the one forced by msattn_isa_set / MSATTN_ISA env var) */
 const msattn_simd_ops *msattn_simd(void);
