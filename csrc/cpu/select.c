@@ -320,7 +320,7 @@ static inline void ms_heap_offer(ms_rank *heap, int64_t *n, int64_t t, ms_rank x
 #define MS_SCORE_BLOCK 128
 #define MS_LANES 16 /* lower bounds per (query region, panel): of the columns c = l (mod 16) each */
 #define MS_PENDING (2 * MSATTN_TILE) /* a query region's survivors are scored once 64 wait: full batches of score_block */
-#define MS_TILE_QUERIES 64 /* 16 -> 64: a 1M passkey trial of the demo's model 38 -> 34.5 s (docs/notebook.md) */
+#define MS_TILE_QUERIES 128 /* 16 -> 64 (a 1M passkey trial of the demo's model 38 -> 34.5 s), 64 -> 128 with the blocked screen (docs/notebook.md) */
 
 int64_t msattn_select_tile_groups(const msattn_select_params *p) {
     return p->merge >= MS_TILE_QUERIES ? 1 : MS_TILE_QUERIES / p->merge;
