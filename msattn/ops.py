@@ -15,7 +15,7 @@ import torch
 from . import _C  # noqa: F401  (loads the library: registers torch.ops.msattn.*)
 
 ops = torch.ops.msattn
-ISAS = ("auto", "avx512", "avx2", "scalar")
+ISAS = ("auto", "amx", "avx512", "avx2", "scalar")
 
 
 def _isa_from_environment() -> None:
@@ -141,13 +141,14 @@ torch.library.register_autograd("msattn::self_extend_fwd", _self_extend_fwd_back
 
 
 def isa() -> str:
-    """The instruction set the CPU kernels use: ``"avx512"``, ``"avx2"`` or ``"scalar"``."""
+    """The instruction set the CPU kernels use: ``"amx"`` (AVX-512, and AMX tiles for the selection's
+    screen), ``"avx512"``, ``"avx2"`` or ``"scalar"``."""
     return ops.isa()
 
 
 def set_isa(name: str) -> None:
-    """Force the CPU kernels' instruction set (``"auto"``, ``"avx512"``, ``"avx2"``, ``"scalar"``) for the
-    whole process (also at start-up: ``MSATTN_ISA``). Thread-safe: it waits for the CPU ops running
+    """Force the CPU kernels' instruction set (``"auto"``, ``"amx"``, ``"avx512"``, ``"avx2"``,
+    ``"scalar"``) for the whole process (also at start-up: ``MSATTN_ISA``). Thread-safe: it waits for the CPU ops running
     now, so every call computes with one instruction set."""
     ops.set_isa(name)
 

@@ -11,7 +11,7 @@ import msattn
 
 def _runnable_isas():
     names = []
-    for name in ("avx512", "avx2", "scalar"):
+    for name in ("amx", "avx512", "avx2", "scalar"):
         try:
             msattn.set_isa(name)
             names.append(name)

@@ -124,6 +124,25 @@ def test_select_is_the_same_on_every_isa(D):
     assert torch.equal(first, select_ref(q, k, **kw))
 
 
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("scale", [1.0, 1e-21, 1e15])
+def test_select_blocked_screen_equals_reference_on_every_isa(causal, scale):
+    # enough query regions per tile for the blocked screen (AMX or float score tiles) and several
+    # panels of 64 candidates, D not a multiple of 32 (the bf16 panels pad it); scores far below
+XX
+    # above it in the sums (1e15)
+    q, k, _ = make_qkv(1, 4, 2, 1200, 1200, 40, torch.float32)
+    q, k = q * scale, k * scale
+    kw = dict(block_q=4, block_k=4, merge=4, topk=6, causal=causal)
+    want = select_ref(q, k, **kw)
+    for name in RUNNABLE_ISAS:
+        msattn.set_isa(name)
+        try:
+            assert torch.equal(msattn.ms_select(q, k, **kw), want), name
+        finally:
+            msattn.set_isa("auto")
+
+
 def test_select_screening_keeps_near_ties():
     # key regions whose scores differ by about 1e-6 of their size, below what float32 resolves: the
     # float screen that tiles of many query regions use must keep every candidate that can still

@@ -58,7 +58,7 @@ def test_compile_fullgraph_matches_eager():
 
 
 def test_isa_switch():
-    assert msattn.isa() in ("avx512", "avx2", "scalar")
+    assert msattn.isa() in ("amx", "avx512", "avx2", "scalar")
     msattn.set_isa("scalar")
     assert msattn.isa() == "scalar"
     msattn.set_isa("auto")
@@ -110,7 +110,7 @@ def test_set_isa_from_another_thread_never_lands_inside_a_call():
     assert all(any(torch.equal(r, w) for w in want) for r in results)
 
 
-@pytest.mark.parametrize("value,message", [("bogus", "MSATTN_ISA must be one of auto, avx512, avx2, scalar, got 'bogus'"),
+@pytest.mark.parametrize("value,message", [("bogus", "MSATTN_ISA must be one of auto, amx, avx512, avx2, scalar, got 'bogus'"),
                                            ("AVX2", "MSATTN_ISA must be one of")])
 def test_an_unknown_msattn_isa_is_an_error(value, message):
     import os

@@ -342,11 +342,11 @@ size_t msattn_select_scratch_bytes(const msattn_select_params *p) {
     const int64_t T = msattn_min64(p->topk, NK), M = p->merge, tile = msattn_select_tile_groups(p), Q = tile * M;
     return (size_t)2 * MS_SCORE_BLOCK * sizeof(double) + (size_t)Q * T * sizeof(ms_rank) +
            (size_t)Q * (sizeof(int64_t) + sizeof(double *)) + 2 * MSATTN_ROWS * sizeof(uint64_t) +
-           ((size_t)Q * (p->D + 2) + (size_t)Q * (MS_LANES + 2) * NP + MSATTN_ROWS * (p->D + 4 + MS_LANES)) * sizeof(float) +
+           ((size_t)Q * (p->D + 2) + (size_t)Q * (MS_LANES + 2) * NP + MSATTN_ROWS * (p->D + 5 + MS_LANES)) * sizeof(float) +
            (size_t)(2 * Q + MSATTN_ROWS) * sizeof(int32_t) + (size_t)3 * tile * sizeof(int32_t) +
            (size_t)(M * T + 3 * MS_SCORE_BLOCK + 32) * sizeof(int32_t) + (size_t)NK * (sizeof(int32_t) + 1) +
            (size_t)Q * (MS_PENDING + 1) * sizeof(int32_t) + (size_t)(16 + NP) * sizeof(uint64_t) +
-           (size_t)2 * Q * sizeof(float) + (size_t)(Q + 16) * msattn_cdiv(p->D, 32) * 32 * sizeof(uint16_t) +
+           (size_t)3 * Q * sizeof(float) + (size_t)(Q + 16) * msattn_cdiv(p->D, 32) * 32 * sizeof(uint16_t) +
            64;
 }
 
@@ -475,12 +475,12 @@ int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end,
     const double **qbs = (const double **)(fill + Q);
     uint64_t *masks = (uint64_t *)(qbs + Q), *valid = masks + MSATTN_ROWS, *valid16 = valid + MSATTN_ROWS;
     uint64_t *live = valid16 + 16;
-    float *qfs = (float *)(live + NP), *qbound = qfs + Q * D, *theta = qbound + Q;
+    float *qfs = (float *)(live + NP), *qbound = qfs + Q * D, *qabs = qbound + Q, *theta = qabs + Q;
     float *qbound16 = theta + Q, *qabs16 = qbound16 + Q;
     float *plo = qabs16 + Q, *pmax = plo + Q * MS_LANES * NP, *phi = pmax + Q * NP;
     float *gq = phi + Q * NP, *glim = gq + MSATTN_ROWS * D, *gbound = glim + MSATTN_ROWS, *glo = gbound + MSATTN_ROWS;
-    float *gends = glo + MSATTN_ROWS * MS_LANES;
-    int32_t *qtile = (int32_t *)(gends + 2 * MSATTN_ROWS), *qlimit = qtile + Q, *grow = qlimit + Q;
+    float *gends = glo + MSATTN_ROWS * MS_LANES, *gabs = gends + 2 * MSATTN_ROWS;
+    int32_t *qtile = (int32_t *)(gabs + MSATTN_ROWS), *qlimit = qtile + Q, *grow = qlimit + Q;
     int32_t *first = grow + MSATTN_ROWS, *last = first + tile, *ranks = last + tile;
     int32_t *lists = ranks + tile;
     int32_t *keep = lists + M * TH, *keep2 = keep + MS_SCORE_BLOCK + 16, *sub = keep2 + MS_SCORE_BLOCK + 16;
@@ -538,9 +538,11 @@ int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end,
                     qfs[i * D + d] = (float)qbs[i][d];
                     sq += qbs[i][d] * qbs[i][d];
                 }
-                qbound[i] = msattn_float_up(4.0 * (double)(D + 5) * 0x1p-24 * sqrt(sq) * (1.0 + 0x1p-20));
+                const double qn = sqrt(sq) * (1.0 + 0x1p-20), rd = sqrt((double)D);
+                qbound[i] = msattn_float_up(4.0 * (double)(D + 5) * 0x1p-24 * qn + 0x1p-118 * rd);
+                qabs[i] = msattn_float_up(0x1p-118 * (rd * qn + (double)D));
                 if (amx) {
-                    msattn_amx_bounds(sqrt(sq) * (1.0 + 0x1p-20), (int)DP, &qbound16[i], &qabs16[i]);
+                    msattn_amx_bounds(qn, (int)DP, &qbound16[i], &qabs16[i]);
                     for (int64_t d = 0; d < DP; ++d) q16[i * DP + d] = d < D ? msattn_f32_to_bf16(qfs[i * D + d]) : 0;
                 }
             }
@@ -568,7 +570,7 @@ int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end,
                         valid[r] = ms_row_columns(p, live[pi], j0, g0 + gi0 + qtile[r0 + r], span, N);
                         glim[r] = INFINITY;
                     }
-                    ops->screen_tile(masks, glo, gends, qfs + r0 * D, D, rows, panels + pi * ldp, (int)D, qbound + r0,
+                    ops->screen_tile(masks, glo, gends, qfs + r0 * D, D, rows, panels + pi * ldp, (int)D, qbound + r0, qabs + r0,
                                      glim, valid);
                     for (int r = 0; r < rows; ++r) {
                         memcpy(plo + ((r0 + r) * NP + pi) * MS_LANES, glo + r * MS_LANES, MS_LANES * sizeof(float));
@@ -594,11 +596,12 @@ int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end,
                         memcpy(gq + rows * D, qfs + i0 * D, (size_t)D * sizeof(float));
                         glim[rows] = theta[i0];
                         gbound[rows] = qbound[i0];
+                        gabs[rows] = qabs[i0];
                         valid[rows] = ms_row_columns(p, live[pi], j0, g0 + gi0 + qtile[i0], span, N);
                         grow[rows++] = (int32_t)i0;
                     }
                     if (rows == 0) continue;
-                    ops->screen_tile(masks, glo, gends, gq, D, rows, panels + pi * ldp, (int)D, gbound, glim, valid);
+                    ops->screen_tile(masks, glo, gends, gq, D, rows, panels + pi * ldp, (int)D, gbound, gabs, glim, valid);
                     for (int r = 0; r < rows; ++r) {
                         const int64_t i = grow[r];
                         int32_t *pq = pend + i * MS_PENDING;

@@ -64,13 +64,13 @@ typedef struct {
     /* screening for blocks of 64 candidates that many query regions score (simd_kernels.h). kp: a
      * panel (d + 2, 64): rows 0..d-1 the candidates' key-region sums transposed, row d their 1 / count,
      * row d + 1 kscale >= |sum| / count. Per row r < rows <= 4 of a (at stride lda) and column c set in
-     * valid[r], the float score f = (row . column c) * kinv[c] and its margin e = qbound[r] * kscale[c]
-     * bound the exact one (score_block's) from below by f - e and from above by f + e, given qbound[r] >=
-     * 4 (d + 5) 2^-24 |row| (rounded up). Writes bit c of keep[r] when f + e is not below lim[r] (or is
+     * valid[r], the float score f = (row . column c) * kinv[c] and its margin e = qbound[r] * kscale[c] +
+     * qabs[r] * kinv[c] bound the exact one (score_block's) from below by f - e and from above by f + e,
+     * given qbound[r] >= 4 (d + 5) 2^-24 |row| + 2^-118 sqrt(d) and qabs[r] >= 2^-118 (sqrt(d) |row| + d). Writes bit c of keep[r] when f + e is not below lim[r] (or is
      * NaN); lanes[16 r + l] = the largest f - e of the columns c = l (mod 16); ends[2 r] = the largest
      * f - e, ends[2 r + 1] the largest f + e (+inf if one is NaN); -inf where no column is valid. */
     void (*screen_tile)(uint64_t *keep, float *lanes, float *ends, const float *a, int64_t lda, int rows, const float *kp,
-                        int d, const float *qbound, const float *lim, const uint64_t *valid);
+                        int d, const float *qbound, const float *qabs, const float *lim, const uint64_t *valid);
     /* dst[i] = (float)src[i] * a for n contiguous elements of dtype */
     void (*to_f32)(float *dst, const void *src, int n, msattn_dtype dtype, float a);
     /* dst[i] = src[i] rounded to dtype (round to nearest even), n contiguous elements */

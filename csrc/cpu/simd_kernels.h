@@ -360,10 +360,13 @@ static int MS_SUFFIX(score_block)(double *s, int32_t *keep, const double *q, con
  * pass gives qbound >= 4 (d + 5) 2^-24 |q| and kscale[c] >= |k_c| / count_c, rounded up; a candidate
  * whose float score plus qbound * kscale[c] is below the heap's last (rounded down to float) cannot
  * reach it, and only the others get exact scores (score_block). The factor 4 covers the rounding of
- * the bound and of the sum. The exact scores decide, so the selection is the one score_block gives.
+ * the bound and of the sum. Below float's normal range roundings are absolute (at most 2^-149 each,
+ * or 2^-126 |other factor| where denormals are flushed): qbound adds 2^-118 sqrt(d) and the margin
+ * qabs * kinv[c], qabs = 2^-118 (sqrt(d) |q| + d), covers them (msattn_amx_bounds gives the same
+ * terms). The exact scores decide, so the selection is the one score_block gives.
  * The float scores are a matrix product: the attention's score tile (qk) on a panel of 64 candidates. */
 static void MS_SUFFIX(screen_tile)(uint64_t *keep, float *lanes, float *ends, const float *a, int64_t lda, int rows,
-                                   const float *kp, int d, const float *qbound, const float *lim,
+                                   const float *kp, int d, const float *qbound, const float *qabs, const float *lim,
                                    const uint64_t *valid) {
     float s[MSATTN_ROWS * MSATTN_TILE] __attribute__((aligned(64)));
     MS_SUFFIX(qk)(s, a, lda, rows, kp, MSATTN_TILE, d);
@@ -371,14 +374,14 @@ static void MS_SUFFIX(screen_tile)(uint64_t *keep, float *lanes, float *ends, co
     for (int r = 0; r < rows; ++r) {
         uint64_t m = 0;
 #if MSATTN_ISA == MSATTN_ISA_AVX512
-        m = ms_bounds_row_avx512(lanes + 16 * r, ends + 2 * r, s + r * MSATTN_TILE, kinv, kscale, qbound[r], 0.0f, lim[r],
-                                 valid[r]);
+        m = ms_bounds_row_avx512(lanes + 16 * r, ends + 2 * r, s + r * MSATTN_TILE, kinv, kscale, qbound[r], qabs[r],
+                                 lim[r], valid[r]);
 #else
         float h = -INFINITY, l = -INFINITY;
         for (int x = 0; x < 16; ++x) lanes[16 * r + x] = -INFINITY;
         for (int c = 0; c < MSATTN_TILE; ++c) {
             if (!((valid[r] >> c) & 1)) continue;
-            const float f = s[r * MSATTN_TILE + c] * kinv[c], e = qbound[r] * kscale[c];
+            const float f = s[r * MSATTN_TILE + c] * kinv[c], e = fmaf(qbound[r], kscale[c], qabs[r] * kinv[c]);
             const float up = f + e, down = f - e;
             m |= (uint64_t)!(up < lim[r]) << c;
             if (up != up) h = INFINITY;
