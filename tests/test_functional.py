@@ -128,9 +128,9 @@ def test_select_is_the_same_on_every_isa(D):
 @pytest.mark.parametrize("scale", [1.0, 1e-21, 1e15])
 def test_select_blocked_screen_equals_reference_on_every_isa(causal, scale):
     # enough query regions per tile for the blocked screen (AMX or float score tiles) and several
-    # panels of 64 candidates, D not a multiple of 32 (the bf16 panels pad it); scores far below
-XX
-    # above it in the sums (1e15)
+    # panels of 64 candidates, D not a multiple of 32 (the bf16 panels pad it); scores below float's
+    # normal range (1e-21: AMX flushes them; without the margins' absolute terms the AMX selection
+    # differed at every scale from 1e-20 to 1e-22) and large sums (1e15)
     q, k, _ = make_qkv(1, 4, 2, 1200, 1200, 40, torch.float32)
     q, k = q * scale, k * scale
     kw = dict(block_q=4, block_k=4, merge=4, topk=6, causal=causal)
