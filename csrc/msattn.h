@@ -103,10 +103,10 @@ typedef struct {
                                    * 64i..64i+63, rows 0..D-1 their sums transposed, row D 1 / count,
                                    * row D + 1 a bound >= |sum| / count (zeros past NK and for empty
                                    * regions); written by pass 1 when msattn_select_panel_floats > 0 */
-    uint16_t *kpanel16;           /* CPU only, or NULL: the same sums in bf16 for the AMX screen, (B, Hkv, NP,
-                                   * 64 * DP), DP = D rounded up to 32, in AMX's layout (simd.h,
-                                   * msattn_amx_panel_offset); written by pass 1 when
-                                   * msattn_select_panel16_elems > 0 */
+    uint16_t *kpanel16;           /* CPU only, or NULL: the same sums as two bf16 parts for the AMX screen,
+                                   * (B, Hkv, NP, 2, 64 * DP), DP = D rounded up to 32, high parts then low
+                                   * parts in AMX's layout (simd.h, msattn_amx_panel_offset); written by
+                                   * pass 1 when msattn_select_panel16_elems > 0 */
     /* output */
     int32_t *index;               /* (B, Hkv, G, T) ascending, -1 padded, contiguous */
     /* [CUDA addition] msattn_select_cuda only, ignored by the CPU kernels: cuda_slots blocks share

@@ -6,14 +6,18 @@
  * screen does (screen_bounds.h) with a margin wide enough for bf16. The bounds only decide which
  * candidates get exact scores, so the selection is the same bit for bit as without AMX.
  *
- * The margin. With q and k rounded to bf16 (relative error <= 2^-8 each), a product is off by at most
- * (2^-7 + 2^-16) |q_i k_i|; accumulating dp of them in fp32 adds (dp + 2) 2^-24 sum |q_i k_i|; dividing
- * by the count and the float query's own rounding (against the double mean) add 2^-23 more. So
- * |f - exact| <= (2^-7 + 2^-15 + (dp + 5) 2^-24) |q| |k| / count (Cauchy-Schwarz): qbound is twice that
- * factor times |q| (the factor 2 covers the rounding of the bound). AMX treats bf16 denormals as zero
- * and flushes fp32 denormals: at most 2^-126 per element product and per addition, covered by 2^-118
- * sqrt(dp) in qbound (k's denormals against q, through kscale) and qabs = 2^-118 (sqrt(dp) |q| + dp),
- * applied through 1 / count.
+ * The margin. q and k are each split into two bf16 parts, x = x_hi + x_lo + r with x_hi = bf16(x),
+ * x_lo = bf16(x - x_hi) and |r_i| <= 2^-16 |x_i|, and the score is q_hi . k_hi + q_lo . k_hi + q_hi . k_lo
+ * (three tile products into one fp32 accumulator; "bf16x3"). What it leaves out, q_lo . k_lo and the
+ * residuals against the other factor, is at most 3.1 2^-16 sum |q_i k_i|; accumulating 3 dp products
+ * in fp32 adds (3 dp + 2) 2^-24 of (1.01) sum |q_i k_i|; dividing by the count and the float query's own
+ * rounding (against the double mean) add 2^-23. So |f - exact| <= (2^-14 + (3 dp + 8) 2^-24) |q| |k| /
+ * count (Cauchy-Schwarz): qbound is twice that factor times |q| (the factor 2 covers the rounding of
+ * the bound), about 2^-13 |q| against 2^-6 for a single bf16 product, whose margins let through so
+ * many candidates that the exact pass cost more than the products saved. AMX treats bf16 denormals
+ * as zero and flushes fp32 denormals: at most 2^-126 per element product and per addition, covered by
+ * 2^-116 sqrt(dp) in qbound (k's denormals against q, through kscale) and qabs = 2^-116 (sqrt(dp) |q| +
+ * dp), applied through 1 / count.
  *
  * The tile state: msattn_amx_begin loads the configuration on the calling thread (another library may
  * have changed it since) and msattn_amx_end releases the tiles; a pass of screen_amx calls runs between
@@ -70,7 +74,8 @@ typedef struct {
     uint8_t rows[16];
 } ms_tile_config;
 
-/* tiles 0-3: 16 x 64 fp32 scores; 4: 16 query rows x 32 dims; 5-7: 16 dim pairs x 16 columns. A static
+/* tiles 0-3: 16 x 64 fp32 scores; 4, 5: 16 query rows x 32 dims (hi, lo); 6, 7: 16 dim pairs x 16
+ * columns (hi, lo). A static
  * object: a configuration built on the stack was optimised away (GCC 12 does not see ldtilecfg read it) */
 static const ms_tile_config ms_config = {1, 0, {0}, {64, 64, 64, 64, 64, 64, 64, 64}, {16, 16, 16, 16, 16, 16, 16, 16}};
 
@@ -81,21 +86,26 @@ void msattn_amx_end(void) { _tile_release(); }
 void msattn_screen_amx(float *lanes, int64_t ldl, float *lomax, float *himax, int64_t ldm, const uint16_t *qb, int64_t ldq,
                        int rows, const uint16_t *kb, int dp, const float *kaux, const float *qbound, const float *qabs,
                        const uint64_t *valid) {
+    /* a row of qb: dp q_hi, then dp q_lo; the panel: 64 x dp k_hi, then 64 x dp k_lo */
+    const uint16_t *qlo = qb + dp, *klo = kb + (int64_t)64 * dp;
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
     _tile_zero(3);
     for (int k = 0; k < dp / 32; ++k) {
-        const uint16_t *b = kb + (int64_t)k * 4 * 512;
         _tile_loadd(4, qb + k * 32, ldq * 2);
-        _tile_loadd(5, b, 64);
-        _tile_dpbf16ps(0, 4, 5);
-        _tile_loadd(6, b + 512, 64);
-        _tile_dpbf16ps(1, 4, 6);
-        _tile_loadd(7, b + 1024, 64);
-        _tile_dpbf16ps(2, 4, 7);
-        _tile_loadd(5, b + 1536, 64);
-        _tile_dpbf16ps(3, 4, 5);
+        _tile_loadd(5, qlo + k * 32, ldq * 2);
+#define MS_AMX_COLUMNS(j)                                              \
+        _tile_loadd(6, kb + (int64_t)(k * 4 + j) * 512, 64);           \
+        _tile_dpbf16ps(j, 4, 6);                                       \
+        _tile_dpbf16ps(j, 5, 6);                                       \
+        _tile_loadd(7, klo + (int64_t)(k * 4 + j) * 512, 64);          \
+        _tile_dpbf16ps(j, 4, 7);
+        MS_AMX_COLUMNS(0)
+        MS_AMX_COLUMNS(1)
+        MS_AMX_COLUMNS(2)
+        MS_AMX_COLUMNS(3)
+#undef MS_AMX_COLUMNS
     }
     float s[16 * 64] __attribute__((aligned(64)));
     _tile_stored(0, s, 256);
@@ -127,7 +137,12 @@ void msattn_screen_amx(float *lanes, int64_t ldl, float *lomax, float *himax, in
 #endif
 
 void msattn_amx_bounds(double qnorm, int dp, float *qbound, float *qabs) {
-    const double rel = 0x1p-7 + 0x1p-15 + (double)(dp + 5) * 0x1p-24;
-    *qbound = msattn_float_up(2.0 * rel * qnorm + 0x1p-118 * sqrt((double)dp));
-    *qabs = msattn_float_up(0x1p-118 * (sqrt((double)dp) * qnorm + (double)dp));
+    const double rel = 0x1p-14 + (double)(3 * dp + 8) * 0x1p-24;
+    *qbound = msattn_float_up(2.0 * rel * qnorm + 0x1p-116 * sqrt((double)dp));
+    *qabs = msattn_float_up(0x1p-116 * (sqrt((double)dp) * qnorm + (double)dp));
+}
+
+void msattn_bf16_split(float x, uint16_t *hi, uint16_t *lo) {
+    *hi = msattn_f32_to_bf16(x);
+    *lo = msattn_f32_to_bf16(x - msattn_bf16_to_f32(*hi));
 }

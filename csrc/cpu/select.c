@@ -179,22 +179,27 @@ size_t msattn_select_panel_floats(const msattn_select_params *p) {
 size_t msattn_select_panel16_elems(const msattn_select_params *p) {
     if (msattn_select_panel_floats(p) == 0 || msattn_simd()->screen_amx == NULL) return 0;
     const int64_t NK = msattn_num_key_regions(p->N, p->block_k);
-    return (size_t)p->B * p->Hkv * msattn_cdiv(NK, MSATTN_TILE) * MSATTN_TILE * msattn_cdiv(p->D, 32) * 32;
+    return (size_t)p->B * p->Hkv * msattn_cdiv(NK, MSATTN_TILE) * MSATTN_TILE * msattn_cdiv(p->D, 32) * 32 * 2;
 }
 
-/* column j of head (b, h) in the bf16 panels: its sum rounded to bf16, zeros past D (and for an empty
- * region); the last region also zeroes the columns past NK */
+/* column j of head (b, h) in the bf16 panels: its sum split into two bf16 parts (msattn_bf16_split), zeros
+ * past D (and for an empty region); the last region also zeroes the columns past NK */
 static void ms_panel16_column(const msattn_select_params *p, int64_t b, int64_t h, int64_t j, int64_t NK) {
     const int64_t D = p->D, DP = msattn_cdiv(D, 32) * 32, NP = msattn_cdiv(NK, MSATTN_TILE);
-    uint16_t *panel = p->kpanel16 + ((b * p->Hkv + h) * NP + j / MSATTN_TILE) * MSATTN_TILE * DP;
+    uint16_t *panel = p->kpanel16 + ((b * p->Hkv + h) * NP + j / MSATTN_TILE) * MSATTN_TILE * DP * 2;
     const float *sum = p->ksum.sum + b * p->ksum.sum_sb + h * p->ksum.sum_sh + j * D;
     const int32_t count = p->ksum.count[b * p->ksum.count_sb + h * p->ksum.count_sh + j];
     const int64_t c = j % MSATTN_TILE;
-    for (int64_t d = 0; d < DP; ++d)
-        panel[msattn_amx_panel_offset(d, c)] = count > 0 && d < D ? msattn_f32_to_bf16(sum[d]) : 0;
+    for (int64_t d = 0; d < DP; ++d) {
+        uint16_t hi = 0, lo = 0;
+        if (count > 0 && d < D) msattn_bf16_split(sum[d], &hi, &lo);
+        panel[msattn_amx_panel_offset(d, c)] = hi;
+        panel[MSATTN_TILE * DP + msattn_amx_panel_offset(d, c)] = lo;
+    }
     if (j == NK - 1)
         for (int64_t x = c + 1; x < MSATTN_TILE; ++x)
-            for (int64_t d = 0; d < DP; ++d) panel[msattn_amx_panel_offset(d, x)] = 0;
+            for (int64_t d = 0; d < DP; ++d)
+                panel[msattn_amx_panel_offset(d, x)] = panel[MSATTN_TILE * DP + msattn_amx_panel_offset(d, x)] = 0;
 }
 
 static void ms_panel_column(const msattn_select_params *p, int64_t b, int64_t h, int64_t j, int64_t NK) {
@@ -346,7 +351,7 @@ size_t msattn_select_scratch_bytes(const msattn_select_params *p) {
            (size_t)(2 * Q + MSATTN_ROWS) * sizeof(int32_t) + (size_t)3 * tile * sizeof(int32_t) +
            (size_t)(M * T + 3 * MS_SCORE_BLOCK + 32) * sizeof(int32_t) + (size_t)NK * (sizeof(int32_t) + 1) +
            (size_t)Q * (MS_PENDING + 1) * sizeof(int32_t) + (size_t)(16 + NP) * sizeof(uint64_t) +
-           (size_t)3 * Q * sizeof(float) + (size_t)(Q + 16) * msattn_cdiv(p->D, 32) * 32 * sizeof(uint16_t) +
+           (size_t)3 * Q * sizeof(float) + (size_t)(Q + 16) * msattn_cdiv(p->D, 32) * 64 * sizeof(uint16_t) +
            64;
 }
 
@@ -487,7 +492,7 @@ int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end,
     int32_t *cand = sub + MS_SCORE_BLOCK, *npend = cand + NK, *pend = npend + Q;
     const int64_t DP = msattn_cdiv(D, 32) * 32;
     uint16_t *q16 = (uint16_t *)(pend + Q * MS_PENDING);
-    uint8_t *seen = (uint8_t *)(q16 + (Q + 16) * DP);
+    uint8_t *seen = (uint8_t *)(q16 + (Q + 16) * 2 * DP);
     memset(seen, 0, (size_t)NK);
 
     for (int64_t w = begin; w < end;) {
@@ -543,14 +548,19 @@ int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end,
                 qabs[i] = msattn_float_up(0x1p-118 * (rd * qn + (double)D));
                 if (amx) {
                     msattn_amx_bounds(qn, (int)DP, &qbound16[i], &qabs16[i]);
-                    for (int64_t d = 0; d < DP; ++d) q16[i * DP + d] = d < D ? msattn_f32_to_bf16(qfs[i * D + d]) : 0;
+                    for (int64_t d = 0; d < DP; ++d) {
+                        uint16_t hi = 0, lo = 0;
+                        if (d < D) msattn_bf16_split(qfs[i * D + d], &hi, &lo);
+                        q16[i * 2 * DP + d] = hi;
+                        q16[i * 2 * DP + DP + d] = lo;
+                    }
                 }
             }
-            if (amx) memset(q16 + nq * DP, 0, (size_t)16 * DP * sizeof(uint16_t)); /* the rows past nq a tile reads */
+            if (amx) memset(q16 + nq * 2 * DP, 0, (size_t)16 * 2 * DP * sizeof(uint16_t)); /* rows past nq a tile reads */
             for (int64_t pi = 0; pi < msattn_cdiv(qlimit[nq - 1], MSATTN_TILE); ++pi)
                 live[pi] = ms_live_columns(kcount, pi * MSATTN_TILE, NK);
             const float *panels = p->kpanel + bh * NP * ldp;
-            const uint16_t *panels16 = amx ? p->kpanel16 + bh * NP * MSATTN_TILE * DP : NULL;
+            const uint16_t *panels16 = amx ? p->kpanel16 + bh * NP * MSATTN_TILE * DP * 2 : NULL;
             const int64_t pn = msattn_cdiv(qlimit[nq - 1], MSATTN_TILE); /* panels reached */
             /* A: panel bounds of every (query region, panel) it reaches; theta per query region */
             if (amx) msattn_amx_begin();
@@ -561,7 +571,7 @@ int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end,
                     const int rows = (int)msattn_min64(16, nq - r0);
                     for (int r = 0; r < rows; ++r) valid16[r] = ms_row_columns(p, live[pi], j0, g0 + gi0 + qtile[r0 + r], span, N);
                     ops->screen_amx(plo + (r0 * NP + pi) * MS_LANES, NP * MS_LANES, pmax + r0 * NP + pi, phi + r0 * NP + pi, NP,
-                                    q16 + r0 * DP, DP, rows, panels16 + pi * MSATTN_TILE * DP, (int)DP,
+                                    q16 + r0 * 2 * DP, 2 * DP, rows, panels16 + pi * MSATTN_TILE * DP * 2, (int)DP,
                                     panels + pi * ldp + D * MSATTN_TILE, qbound16 + r0, qabs16 + r0, valid16);
                 }
                 for (int64_t r0 = qs; !amx && r0 < nq; r0 += MSATTN_ROWS) {

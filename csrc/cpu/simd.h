@@ -76,8 +76,9 @@ typedef struct {
     /* dst[i] = src[i] rounded to dtype (round to nearest even), n contiguous elements */
     void (*from_f32)(void *dst, const float *src, int n, msattn_dtype dtype);
     /* the same screen's first pass on AMX tiles (amx.c), NULL without AMX: rows <= 16 query regions of
-     * qb (bf16, at stride ldq elements, dims padded with zeros to dp, a multiple of 32; 16 rows readable)
-     * against the 64 candidates of a bf16 panel kb (msattn_amx_panel_offset), with kaux the float
+     * qb (per row dp bf16 high parts then dp low parts, msattn_bf16_split, at stride ldq elements; dims
+     * padded with zeros to dp, a multiple of 32; 16 rows readable) against the 64 candidates of a bf16
+     * panel kb (high parts, then low parts at kb + 64 dp; msattn_amx_panel_offset), with kaux the float
      * panel's rows d and d + 1 (1 / count, kscale) and the margin e = qbound[r] * kscale[c] + qabs[r] *
      * kinv[c] (msattn_amx_bounds); writes screen_tile's lanes (row r at lanes + r * ldl) and ends (at
      * lomax[r * ldm], himax[r * ldm]), no keep. Between msattn_amx_begin and msattn_amx_end. */
@@ -100,6 +101,8 @@ static inline int64_t msattn_amx_panel_offset(int64_t i, int64_t c) {
     return ((i / 32 * 4 + c / 16) * 16 + (i % 32) / 2) * 32 + (c % 16) * 2 + i % 2;
 }
 void msattn_amx_bounds(double qnorm, int dp, float *qbound, float *qabs);
+/* x = hi + lo + r in bf16, |r| <= 2^-16 |x| (the AMX screen's two parts of every operand) */
+void msattn_bf16_split(float x, uint16_t *hi, uint16_t *lo);
 /* around a pass of screen_amx calls on one thread: load the tile configuration, release the tiles */
 void msattn_amx_begin(void);
 void msattn_amx_end(void);
