@@ -8,6 +8,10 @@ region against one candidate key region, all KV heads). Defaults: the demo model
 (``python -m msattn.demo_toy``: Hq=4, Hkv=2, D=32, block_q=block_k=16, merge=2, topk=4), fp32, causal.
 
     python benchmarks/bench_select.py --lengths 65536,262144
+    python benchmarks/bench_select.py --lengths 32768,262144,1048576 --heads 8 --kv-heads 2 --head-dim 64 \
+        --merge 16 --topk 64   # the authors' regions (issue 24's shape)
+
+``MSATTN_ISA=avx512`` runs the same selection without the AMX screen.
 """
 
 from __future__ import annotations

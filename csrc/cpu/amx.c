@@ -83,9 +83,9 @@ void msattn_amx_begin(void) { _tile_loadconfig(&ms_config); }
 
 void msattn_amx_end(void) { _tile_release(); }
 
-void msattn_screen_amx(float *lanes, int64_t ldl, float *lomax, float *himax, int64_t ldm, const uint16_t *qb, int64_t ldq,
-                       int rows, const uint16_t *kb, int dp, const float *kaux, const float *qbound, const float *qabs,
-                       const uint64_t *valid) {
+void msattn_screen_amx(uint64_t *keep, float *lanes, int64_t ldl, float *lomax, float *himax, int64_t ldm,
+                       const uint16_t *qb, int64_t ldq, int rows, const uint16_t *kb, int dp, const float *kaux,
+                       const float *qbound, const float *qabs, const float *lim, const uint64_t *valid) {
     /* a row of qb: dp q_hi, then dp q_lo; the panel: 64 x dp k_hi, then 64 x dp k_lo */
     const uint16_t *qlo = qb + dp, *klo = kb + (int64_t)64 * dp;
     _tile_zero(0);
@@ -114,7 +114,9 @@ void msattn_screen_amx(float *lanes, int64_t ldl, float *lomax, float *himax, in
     _tile_stored(3, s + 48, 256);
     for (int r = 0; r < rows; ++r) {
         float ends[2];
-        ms_bounds_row_avx512(lanes + r * ldl, ends, s + 64 * r, kaux, kaux + 64, qbound[r], qabs[r], INFINITY, valid[r]);
+        const uint64_t m = ms_bounds_row_avx512(lanes + r * ldl, ends, s + 64 * r, kaux, kaux + 64, qbound[r], qabs[r],
+                                                lim != NULL ? lim[r] : INFINITY, valid[r]);
+        if (keep != NULL) keep[r] = m;
         lomax[r * ldm] = ends[0];
         himax[r * ldm] = ends[1];
     }
@@ -128,10 +130,10 @@ void msattn_screen_amx(float *lanes, int64_t ldl, float *lomax, float *himax, in
 int msattn_amx_usable(void) { return 0; }
 void msattn_amx_begin(void) {}
 void msattn_amx_end(void) {}
-void msattn_screen_amx(float *lanes, int64_t ldl, float *lomax, float *himax, int64_t ldm, const uint16_t *qb, int64_t ldq,
-                       int rows, const uint16_t *kb, int dp, const float *kaux, const float *qbound, const float *qabs,
-                       const uint64_t *valid) {
-    (void)lanes; (void)ldl; (void)lomax; (void)himax; (void)ldm; (void)qb; (void)ldq; (void)rows; (void)kb; (void)dp; (void)kaux; (void)qbound;
+void msattn_screen_amx(uint64_t *keep, float *lanes, int64_t ldl, float *lomax, float *himax, int64_t ldm,
+                       const uint16_t *qb, int64_t ldq, int rows, const uint16_t *kb, int dp, const float *kaux,
+                       const float *qbound, const float *qabs, const float *lim, const uint64_t *valid) {
+    (void)keep; (void)lim; (void)lanes; (void)ldl; (void)lomax; (void)himax; (void)ldm; (void)qb; (void)ldq; (void)rows; (void)kb; (void)dp; (void)kaux; (void)qbound;
     (void)qabs; (void)valid;
 }
 #endif

@@ -308,16 +308,16 @@ static inline void ms_heap_offer(ms_rank *heap, int64_t *n, int64_t t, ms_rank x
  * so the key-region sums stream from memory once per tile rather than once per group.
  *
  * With at least MS_SCREEN_QUERIES ranking query regions a tile screens, in two passes over panels of
- * 64 candidates (pass 1's kpanel), with float score tiles four query regions at a time (ops->
- * screen_tile: the attention's qk, then bounds):
- *   A. every panel against every query region that reaches into it: the largest lower bound of a
- *      candidate's exact score per (region, panel) and per (region, panel, column mod 16), and the largest upper bound per
- *      (region, panel). The T-th largest of a region's lower bounds, theta, is a lower bound on its
- *      T-th best exact score (T distinct candidates reach it), so no candidate whose upper bound is
- *      below theta can be selected.
- *   B. only the (region, panel) pairs whose largest upper bound reaches theta (and the heap's last),
- *      screened again; the survivors are scored exactly (score_block, once 64 of a region wait) into
- *      the region's heap.
+ * 64 candidates (pass 1's kpanel), with score tiles that bound each candidate's exact score from below
+ * and above: float tiles of four query regions (ops->screen_tile: the attention's qk, then bounds), or
+ * in pass A, where the instruction set has it, AMX tiles of sixteen (ops->screen_amx, bf16x3):
+ *   A. every panel against every query region that reaches into it: per (region, panel) the largest
+ *      lower and upper bound, and the largest lower bound of the columns c = l (mod 16). The T-th
+ *      largest of a region's lower bounds, theta, is a lower bound on its T-th best exact score (T
+ *      distinct candidates reach it), so no candidate whose upper bound is below theta can be selected.
+ *   B. only the (region, panel) pairs whose largest upper bound reaches theta (raised to the heap's
+ *      last once it is full), screened again (AMX tiles of sixteen where pass A used them); the survivors are scored exactly (score_block,
+ *      once 64 of a region wait) into the region's heap.
  * One pass with the heap's last as the only threshold offers each region about T ln(C / T) of its C
  * candidates on random data (about 420 at 256K with the authors' topk 64); theta cuts that to a few
  * more than T. Otherwise (a decode step: one query region) a tile scores blocks of MS_SCORE_BLOCK
@@ -331,28 +331,97 @@ int64_t msattn_select_tile_groups(const msattn_select_params *p) {
     return p->merge >= MS_TILE_QUERIES ? 1 : MS_TILE_QUERIES / p->merge;
 }
 
-/* scratch layout (8-byte items first): exact scores (2 * MS_SCORE_BLOCK double) | heaps (Q * T ranks)
- * | heap sizes (Q int64) | query-region means (Q pointers) | screen masks and valid columns (2 *
- * MSATTN_ROWS + 16 uint64), the panels' nonempty columns (NP uint64) | the means in float (Q * D), their bounds and thetas (2 * Q float), lower and
- * upper bounds (Q * NP * (MS_LANES + 2) float), up to four gathered means (MSATTN_ROWS * D float) with
- * their limits, bounds and screen outputs (MSATTN_ROWS * (4 + MS_LANES) float) | per query region its
- * tile group and its candidate limit (2 * Q int32) | gathered rows (MSATTN_ROWS int32) | per tile group
- * its first and last query region and whether it ranks (3 * tile int32) | lists (merge * T int32) |
- * two lists of a block's candidates (2 * (MS_SCORE_BLOCK + 16) int32) and their region ids
- * (MS_SCORE_BLOCK int32) | candidates (NK int32) | survivors waiting for exact scores, per query region
- * their number and list (Q * (1 + MS_PENDING) int32) | seen (NK bytes); Q = tile * merge, NP = cdiv(NK,
- * 64). T beyond NK is never needed (a group with at most T candidates takes them all). */
-size_t msattn_select_scratch_bytes(const msattn_select_params *p) {
+/* A tile's scratch, carved in one place for both msattn_select_scratch_bytes (no base: offsets only) and
+ * msattn_select_cpu. Q = tile * merge query regions, NP = cdiv(NK, 64) panels, TH = min(T, NK) (a group
+ * with at most T candidates takes them all and ranks nothing), DP = D rounded up to 32. */
+typedef struct {
+    double *scores;          /* exact scores of a batch (2 * MS_SCORE_BLOCK) */
+    ms_rank *heaps;          /* per query region its top T (Q * TH) */
+    int64_t *fill;           /* heap sizes (Q) */
+    const double **qbs;      /* query-region means (Q) */
+    uint64_t *masks, *valid; /* a screen's survivors and valid columns (16 each) */
+    uint64_t *valid16;       /* the AMX screen's valid columns (16) */
+    uint64_t *live;          /* per panel its nonempty columns (NP) */
+    float *qfs;              /* the means in float (Q * D) */
+    float *qbound, *qabs, *theta, *qbound16, *qabs16; /* margins (float screen, AMX screen), thetas (Q each) */
+    float *plo;              /* per (query region, panel) its lane lower bounds (Q * NP * MS_LANES) */
+    float *pmax, *phi;       /* per (query region, panel) the largest lower and upper bound (Q * NP each) */
+    float *gq;               /* up to four gathered means (MSATTN_ROWS * D) */
+    float *glim, *gbound, *gabs; /* the gathered rows' limits and margins (16 each) */
+    float *glo, *gends;      /* a screen's lane bounds and ends (16 * MS_LANES, 2 * 16) */
+    int32_t *qtile, *qlimit; /* per query region its tile group and candidate limit (Q each) */
+    int32_t *grow;           /* gathered rows (16) */
+    int32_t *first, *last, *ranks; /* per tile group its query regions and whether it ranks (tile each) */
+    int32_t *lists;          /* a group's sorted lists (merge * TH) */
+    int32_t *keep;           /* kept candidates of a batch (MS_SCORE_BLOCK + 16) */
+    int32_t *sub;            /* a batch's region ids (MS_SCORE_BLOCK) */
+    int32_t *cand;           /* candidates (NK) */
+    int32_t *npend, *pend;   /* survivors waiting for exact scores: per query region their number and list (Q, Q * MS_PENDING) */
+    uint16_t *q16;           /* the means as two bf16 parts for the AMX screen ((Q + 16) * 2 * DP) */
+    uint16_t *gq16;          /* up to sixteen of them gathered (16 * 2 * DP) */
+    uint8_t *seen;           /* interleaving marks (NK) */
+} ms_select_scratch;
+
+typedef struct {
+    char *base; /* NULL: count only */
+    size_t off;
+} ms_arena;
+
+static void *ms_take(ms_arena *a, int64_t n, size_t esize) {
+    void *p = a->base != NULL ? a->base + a->off : NULL;
+    a->off += ((size_t)n * esize + 63) / 64 * 64;
+    return p;
+}
+
+static size_t ms_select_carve(const msattn_select_params *p, void *base, ms_select_scratch *s) {
     const int64_t NK = msattn_num_key_regions(p->N, p->block_k), NP = msattn_cdiv(NK, MSATTN_TILE);
-    const int64_t T = msattn_min64(p->topk, NK), M = p->merge, tile = msattn_select_tile_groups(p), Q = tile * M;
-    return (size_t)2 * MS_SCORE_BLOCK * sizeof(double) + (size_t)Q * T * sizeof(ms_rank) +
-           (size_t)Q * (sizeof(int64_t) + sizeof(double *)) + 2 * MSATTN_ROWS * sizeof(uint64_t) +
-           ((size_t)Q * (p->D + 2) + (size_t)Q * (MS_LANES + 2) * NP + MSATTN_ROWS * (p->D + 5 + MS_LANES)) * sizeof(float) +
-           (size_t)(2 * Q + MSATTN_ROWS) * sizeof(int32_t) + (size_t)3 * tile * sizeof(int32_t) +
-           (size_t)(M * T + 3 * MS_SCORE_BLOCK + 32) * sizeof(int32_t) + (size_t)NK * (sizeof(int32_t) + 1) +
-           (size_t)Q * (MS_PENDING + 1) * sizeof(int32_t) + (size_t)(16 + NP) * sizeof(uint64_t) +
-           (size_t)3 * Q * sizeof(float) + (size_t)(Q + 16) * msattn_cdiv(p->D, 32) * 64 * sizeof(uint16_t) +
-           64;
+    const int64_t TH = msattn_min64(p->topk, NK), M = p->merge, tile = msattn_select_tile_groups(p), Q = tile * M;
+    const int64_t D = p->D, DP = msattn_cdiv(D, 32) * 32, R = MSATTN_ROWS;
+    ms_arena a = {(char *)base, 0};
+    s->scores = ms_take(&a, 2 * MS_SCORE_BLOCK, sizeof(double));
+    s->heaps = ms_take(&a, Q * TH, sizeof(ms_rank));
+    s->fill = ms_take(&a, Q, sizeof(int64_t));
+    s->qbs = ms_take(&a, Q, sizeof(double *));
+    s->masks = ms_take(&a, 16, sizeof(uint64_t));
+    s->valid = ms_take(&a, 16, sizeof(uint64_t));
+    s->valid16 = ms_take(&a, 16, sizeof(uint64_t));
+    s->live = ms_take(&a, NP, sizeof(uint64_t));
+    s->qfs = ms_take(&a, Q * D, sizeof(float));
+    s->qbound = ms_take(&a, Q, sizeof(float));
+    s->qabs = ms_take(&a, Q, sizeof(float));
+    s->theta = ms_take(&a, Q, sizeof(float));
+    s->qbound16 = ms_take(&a, Q, sizeof(float));
+    s->qabs16 = ms_take(&a, Q, sizeof(float));
+    s->plo = ms_take(&a, Q * NP * MS_LANES, sizeof(float));
+    s->pmax = ms_take(&a, Q * NP, sizeof(float));
+    s->phi = ms_take(&a, Q * NP, sizeof(float));
+    s->gq = ms_take(&a, R * D, sizeof(float));
+    s->glim = ms_take(&a, 16, sizeof(float));
+    s->gbound = ms_take(&a, 16, sizeof(float));
+    s->gabs = ms_take(&a, 16, sizeof(float));
+    s->glo = ms_take(&a, 16 * MS_LANES, sizeof(float));
+    s->gends = ms_take(&a, 2 * 16, sizeof(float));
+    s->qtile = ms_take(&a, Q, sizeof(int32_t));
+    s->qlimit = ms_take(&a, Q, sizeof(int32_t));
+    s->grow = ms_take(&a, 16, sizeof(int32_t));
+    s->first = ms_take(&a, tile, sizeof(int32_t));
+    s->last = ms_take(&a, tile, sizeof(int32_t));
+    s->ranks = ms_take(&a, tile, sizeof(int32_t));
+    s->lists = ms_take(&a, M * TH, sizeof(int32_t));
+    s->keep = ms_take(&a, MS_SCORE_BLOCK + 16, sizeof(int32_t));
+    s->sub = ms_take(&a, MS_SCORE_BLOCK, sizeof(int32_t));
+    s->cand = ms_take(&a, NK, sizeof(int32_t));
+    s->npend = ms_take(&a, Q, sizeof(int32_t));
+    s->pend = ms_take(&a, Q * MS_PENDING, sizeof(int32_t));
+    s->q16 = ms_take(&a, (Q + 16) * 2 * DP, sizeof(uint16_t));
+    s->gq16 = ms_take(&a, 16 * 2 * DP, sizeof(uint16_t));
+    s->seen = ms_take(&a, NK, 1);
+    return a.off;
+}
+
+size_t msattn_select_scratch_bytes(const msattn_select_params *p) {
+    ms_select_scratch s;
+    return ms_select_carve(p, NULL, &s);
 }
 
 /* offer candidates sub[0..m) (valid candidates of query region i's group) to heap i, scored exactly */
@@ -474,25 +543,22 @@ int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end,
     const int64_t g0 = msattn_first_group(N, Nq, span), G = msattn_num_groups(N, Nq, span);
     const int64_t NP = msattn_cdiv(NK, MSATTN_TILE), ldp = (D + 2) * MSATTN_TILE;
     const int64_t TH = msattn_min64(T, NK), tile = msattn_select_tile_groups(p), Q = tile * M;
-    double *scores = (double *)scratch;
-    ms_rank *heaps = (ms_rank *)(scores + 2 * MS_SCORE_BLOCK);
-    int64_t *fill = (int64_t *)(heaps + Q * TH);
-    const double **qbs = (const double **)(fill + Q);
-    uint64_t *masks = (uint64_t *)(qbs + Q), *valid = masks + MSATTN_ROWS, *valid16 = valid + MSATTN_ROWS;
-    uint64_t *live = valid16 + 16;
-    float *qfs = (float *)(live + NP), *qbound = qfs + Q * D, *qabs = qbound + Q, *theta = qabs + Q;
-    float *qbound16 = theta + Q, *qabs16 = qbound16 + Q;
-    float *plo = qabs16 + Q, *pmax = plo + Q * MS_LANES * NP, *phi = pmax + Q * NP;
-    float *gq = phi + Q * NP, *glim = gq + MSATTN_ROWS * D, *gbound = glim + MSATTN_ROWS, *glo = gbound + MSATTN_ROWS;
-    float *gends = glo + MSATTN_ROWS * MS_LANES, *gabs = gends + 2 * MSATTN_ROWS;
-    int32_t *qtile = (int32_t *)(gabs + MSATTN_ROWS), *qlimit = qtile + Q, *grow = qlimit + Q;
-    int32_t *first = grow + MSATTN_ROWS, *last = first + tile, *ranks = last + tile;
-    int32_t *lists = ranks + tile;
-    int32_t *keep = lists + M * TH, *keep2 = keep + MS_SCORE_BLOCK + 16, *sub = keep2 + MS_SCORE_BLOCK + 16;
-    int32_t *cand = sub + MS_SCORE_BLOCK, *npend = cand + NK, *pend = npend + Q;
+    ms_select_scratch sc;
+    ms_select_carve(p, scratch, &sc);
+    double *scores = sc.scores;
+    ms_rank *heaps = sc.heaps;
+    int64_t *fill = sc.fill;
+    const double **qbs = sc.qbs;
+    uint64_t *masks = sc.masks, *valid = sc.valid, *valid16 = sc.valid16, *live = sc.live;
+    float *qfs = sc.qfs, *qbound = sc.qbound, *qabs = sc.qabs, *theta = sc.theta, *qbound16 = sc.qbound16;
+    float *qabs16 = sc.qabs16, *plo = sc.plo, *pmax = sc.pmax, *phi = sc.phi;
+    float *gq = sc.gq, *glim = sc.glim, *gbound = sc.gbound, *gabs = sc.gabs, *glo = sc.glo, *gends = sc.gends;
+    int32_t *qtile = sc.qtile, *qlimit = sc.qlimit, *grow = sc.grow, *first = sc.first, *last = sc.last;
+    int32_t *ranks = sc.ranks, *lists = sc.lists, *keep = sc.keep, *sub = sc.sub;
+    int32_t *cand = sc.cand, *npend = sc.npend, *pend = sc.pend;
+    uint16_t *q16 = sc.q16, *gq16 = sc.gq16;
+    uint8_t *seen = sc.seen;
     const int64_t DP = msattn_cdiv(D, 32) * 32;
-    uint16_t *q16 = (uint16_t *)(pend + Q * MS_PENDING);
-    uint8_t *seen = (uint8_t *)(q16 + (Q + 16) * 2 * DP);
     memset(seen, 0, (size_t)NK);
 
     for (int64_t w = begin; w < end;) {
@@ -533,10 +599,9 @@ int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end,
         }
         if (any && nq >= MS_SCREEN_QUERIES && p->kpanel != NULL) {
             const int amx = ops->screen_amx != NULL && p->kpanel16 != NULL;
-            /* blocked screen: panel by panel, four query regions at a time (those whose candidates
-             * reach into the panel: a suffix, since the limits ascend), float score tiles against
-             * each heap's last; the survivors that are candidates of the region's group are scored
-             * exactly. The means in float and their bounds 4 (D + 5) 2^-24 |q|, rounded up. */
+            /* the blocked screen (passes A and B above). The query regions reaching into a panel are
+             * a suffix of the tile's (their limits ascend). The means in float, with AMX also as two
+             * bf16 parts, and the margins of each screen (simd_kernels.h, amx.c), rounded up. */
             for (int64_t i = 0; i < nq; ++i) {
                 double sq = 0.0;
                 for (int64_t d = 0; d < D; ++d) {
@@ -570,9 +635,9 @@ int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end,
                 for (int64_t r0 = qs; amx && r0 < nq; r0 += 16) { /* AMX: sixteen query regions at a time */
                     const int rows = (int)msattn_min64(16, nq - r0);
                     for (int r = 0; r < rows; ++r) valid16[r] = ms_row_columns(p, live[pi], j0, g0 + gi0 + qtile[r0 + r], span, N);
-                    ops->screen_amx(plo + (r0 * NP + pi) * MS_LANES, NP * MS_LANES, pmax + r0 * NP + pi, phi + r0 * NP + pi, NP,
-                                    q16 + r0 * 2 * DP, 2 * DP, rows, panels16 + pi * MSATTN_TILE * DP * 2, (int)DP,
-                                    panels + pi * ldp + D * MSATTN_TILE, qbound16 + r0, qabs16 + r0, valid16);
+                    ops->screen_amx(NULL, plo + (r0 * NP + pi) * MS_LANES, NP * MS_LANES, pmax + r0 * NP + pi, phi + r0 * NP + pi,
+                                    NP, q16 + r0 * 2 * DP, 2 * DP, rows, panels16 + pi * MSATTN_TILE * DP * 2, (int)DP,
+                                    panels + pi * ldp + D * MSATTN_TILE, qbound16 + r0, qabs16 + r0, NULL, valid16);
                 }
                 for (int64_t r0 = qs; !amx && r0 < nq; r0 += MSATTN_ROWS) {
                     const int rows = (int)msattn_min64(MSATTN_ROWS, nq - r0);
@@ -595,23 +660,37 @@ int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end,
                 theta[i] = ms_theta(plo + i * NP * MS_LANES, pmax + i * NP, np, T);
             }
             /* B: the pairs whose upper bound reaches the limit (theta, raised to the heap's last once
-             * it is full), gathered four query regions at a time; survivors scored exactly into the heaps */
+             * it is full), gathered four (float) or sixteen (AMX) query regions at a time; survivors scored
+             * exactly into the heaps */
+            if (amx) msattn_amx_begin();
+            const int R = amx ? 16 : MSATTN_ROWS;
             for (int64_t pi = 0, qs = 0; pi < pn; ++pi) {
                 const int64_t j0 = pi * MSATTN_TILE;
                 while (qs < nq && qlimit[qs] <= j0) ++qs;
                 for (int64_t i0 = qs; i0 < nq;) {
                     int rows = 0;
-                    for (; i0 < nq && rows < MSATTN_ROWS; ++i0) {
+                    for (; i0 < nq && rows < R; ++i0) {
                         if (phi[i0 * NP + pi] < theta[i0]) continue;
-                        memcpy(gq + rows * D, qfs + i0 * D, (size_t)D * sizeof(float));
+                        if (amx) {
+                            memcpy(gq16 + rows * 2 * DP, q16 + i0 * 2 * DP, (size_t)2 * DP * sizeof(uint16_t));
+                            gbound[rows] = qbound16[i0];
+                            gabs[rows] = qabs16[i0];
+                        } else {
+                            memcpy(gq + rows * D, qfs + i0 * D, (size_t)D * sizeof(float));
+                            gbound[rows] = qbound[i0];
+                            gabs[rows] = qabs[i0];
+                        }
                         glim[rows] = theta[i0];
-                        gbound[rows] = qbound[i0];
-                        gabs[rows] = qabs[i0];
                         valid[rows] = ms_row_columns(p, live[pi], j0, g0 + gi0 + qtile[i0], span, N);
                         grow[rows++] = (int32_t)i0;
                     }
                     if (rows == 0) continue;
-                    ops->screen_tile(masks, glo, gends, gq, D, rows, panels + pi * ldp, (int)D, gbound, gabs, glim, valid);
+                    if (amx)
+                        ops->screen_amx(masks, glo, MS_LANES, gends, gends + 1, 2, gq16, 2 * DP, rows,
+                                        panels16 + pi * MSATTN_TILE * DP * 2, (int)DP, panels + pi * ldp + D * MSATTN_TILE,
+                                        gbound, gabs, glim, valid);
+                    else
+                        ops->screen_tile(masks, glo, gends, gq, D, rows, panels + pi * ldp, (int)D, gbound, gabs, glim, valid);
                     for (int r = 0; r < rows; ++r) {
                         const int64_t i = grow[r];
                         int32_t *pq = pend + i * MS_PENDING;
@@ -628,6 +707,7 @@ int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end,
                     }
                 }
             }
+            if (amx) msattn_amx_end();
             for (int64_t i = 0; i < nq; ++i)
                 if (npend[i] > 0)
                     ms_offer_exact(ops, heaps + i * TH, &fill[i], T, qbs[i], ksum, kcount, pend + i * MS_PENDING, npend[i], D,

@@ -80,11 +80,12 @@ typedef struct {
      * padded with zeros to dp, a multiple of 32; 16 rows readable) against the 64 candidates of a bf16
      * panel kb (high parts, then low parts at kb + 64 dp; msattn_amx_panel_offset), with kaux the float
      * panel's rows d and d + 1 (1 / count, kscale) and the margin e = qbound[r] * kscale[c] + qabs[r] *
-     * kinv[c] (msattn_amx_bounds); writes screen_tile's lanes (row r at lanes + r * ldl) and ends (at
-     * lomax[r * ldm], himax[r * ldm]), no keep. Between msattn_amx_begin and msattn_amx_end. */
-    void (*screen_amx)(float *lanes, int64_t ldl, float *lomax, float *himax, int64_t ldm, const uint16_t *qb,
-                       int64_t ldq, int rows, const uint16_t *kb, int dp, const float *kaux, const float *qbound,
-                       const float *qabs, const uint64_t *valid);
+     * kinv[c] (msattn_amx_bounds); writes screen_tile's keep against lim (unless keep is NULL; lim NULL:
+     * +inf), lanes (row r at lanes + r * ldl) and ends (at lomax[r * ldm], himax[r * ldm]). Between
+     * msattn_amx_begin and msattn_amx_end. */
+    void (*screen_amx)(uint64_t *keep, float *lanes, int64_t ldl, float *lomax, float *himax, int64_t ldm,
+                       const uint16_t *qb, int64_t ldq, int rows, const uint16_t *kb, int dp, const float *kaux,
+                       const float *qbound, const float *qabs, const float *lim, const uint64_t *valid);
 } msattn_simd_ops;
 
 extern const msattn_simd_ops msattn_simd_avx512;
@@ -106,9 +107,9 @@ void msattn_bf16_split(float x, uint16_t *hi, uint16_t *lo);
 /* around a pass of screen_amx calls on one thread: load the tile configuration, release the tiles */
 void msattn_amx_begin(void);
 void msattn_amx_end(void);
-void msattn_screen_amx(float *lanes, int64_t ldl, float *lomax, float *himax, int64_t ldm, const uint16_t *qb, int64_t ldq,
-                       int rows, const uint16_t *kb, int dp, const float *kaux, const float *qbound, const float *qabs,
-                       const uint64_t *valid);
+void msattn_screen_amx(uint64_t *keep, float *lanes, int64_t ldl, float *lomax, float *himax, int64_t ldm,
+                       const uint16_t *qb, int64_t ldq, int rows, const uint16_t *kb, int dp, const float *kaux,
+                       const float *qbound, const float *qabs, const float *lim, const uint64_t *valid);
 
 /* the table chosen now (best supported, or the one forced by msattn_isa_set / MSATTN_ISA env var) */
 const msattn_simd_ops *msattn_simd(void);
