@@ -17,6 +17,7 @@ region against one candidate key region, all KV heads). Defaults: the demo model
 from __future__ import annotations
 
 import argparse
+import math
 
 import torch
 from measure import median_ms
@@ -49,6 +50,7 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    ap.add_argument("--no-attention", action="store_true", help="time the selection alone")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -63,7 +65,8 @@ def main(argv=None):
         v = torch.randn(1, args.kv_heads, n, args.head_dim)
         index = msattn.ms_select(q, k, **kw)
         t_sel = median_ms(lambda: msattn.ms_select(q, k, **kw), args.warmup, args.repeats)
-        t_att = median_ms(lambda: msattn.ms_attention(q, k, v, index=index, **kw), args.warmup, args.repeats)
+        t_att = math.nan if args.no_attention else median_ms(
+            lambda: msattn.ms_attention(q, k, v, index=index, **kw), args.warmup, args.repeats)
         rate = scores_per_call(n, args.block_q, args.block_k, args.merge, args.topk, args.kv_heads) / t_sel / 1e3
         print(f"{n:>8} | {t_sel:>10.1f} | {t_att:>12.1f} | {t_sel / (t_sel + t_att):>12.0%} | {rate:>10.1f}")
 
