@@ -25,6 +25,7 @@
  * products: the unit starts cold each time). Linux hands the tile state to a process only on
  * request (arch_prctl ARCH_REQ_XCOMP_PERM); msattn_amx_usable asks once.
  */
+#define _GNU_SOURCE /* syscall() */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>

@@ -542,7 +542,7 @@ int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end,
     const int64_t a0 = msattn_first_query_region(N, Nq, p->block_q);
     const int64_t g0 = msattn_first_group(N, Nq, span), G = msattn_num_groups(N, Nq, span);
     const int64_t NP = msattn_cdiv(NK, MSATTN_TILE), ldp = (D + 2) * MSATTN_TILE;
-    const int64_t TH = msattn_min64(T, NK), tile = msattn_select_tile_groups(p), Q = tile * M;
+    const int64_t TH = msattn_min64(T, NK), tile = msattn_select_tile_groups(p);
     ms_select_scratch sc;
     ms_select_carve(p, scratch, &sc);
     double *scores = sc.scores;
