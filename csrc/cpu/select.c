@@ -488,8 +488,10 @@ static float ms_kth_bound(const float *x, int64_t n, int64_t k) {
         above += count[b];
         /* bucket b holds values whose computed u >= b, so at least lo + (b - 1) * range / 64 (one
          * bucket for the rounding of u), rounded down */
-        if (above >= k) return nextafterf(lo + (float)(b - 1) / scale, -INFINITY) > lo
-                                   ? nextafterf(lo + (float)(b - 1) / scale, -INFINITY) : lo;
+        if (above >= k) {
+            const float edge = nextafterf(lo + (float)(b - 1) / scale, -INFINITY);
+            return edge > lo ? edge : lo;
+        }
     }
     return lo;
 }
