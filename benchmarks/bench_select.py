@@ -9,7 +9,7 @@ region against one candidate key region, all KV heads). Defaults: the demo model
 
     python benchmarks/bench_select.py --lengths 65536,262144
     python benchmarks/bench_select.py --lengths 32768,262144,1048576 --heads 8 --kv-heads 2 --head-dim 64 \
-        --merge 16 --topk 64   # the authors' regions (issue 24's shape)
+        --merge 16 --topk 64   # the authors' regions (the shape of the GPU runs)
 
 ``MSATTN_ISA=avx512`` runs the same selection without the AMX screen.
 """
