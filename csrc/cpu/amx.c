@@ -144,8 +144,3 @@ void msattn_amx_bounds(double qnorm, int dp, float *qbound, float *qabs) {
     *qbound = msattn_float_up(2.0 * rel * qnorm + 0x1p-116 * sqrt((double)dp));
     *qabs = msattn_float_up(0x1p-116 * (sqrt((double)dp) * qnorm + (double)dp));
 }
-
-void msattn_bf16_split(float x, uint16_t *hi, uint16_t *lo) {
-    *hi = msattn_f32_to_bf16(x);
-    *lo = msattn_f32_to_bf16(x - msattn_bf16_to_f32(*hi));
-}

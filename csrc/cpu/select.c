@@ -34,6 +34,7 @@
 #include <string.h>
 
 #include "../msattn_regions.h"
+#include "common.h"
 #include "simd.h"
 
 // ----------------------------------------------------------------------------------------------
@@ -138,15 +139,11 @@ static void ms_add_tokens(msattn_region_sums s, const msattn_view *k, msattn_dty
         *count = 0;
     }
     const msattn_simd_ops *ops = msattn_simd();
-    const size_t esize = dt == MSATTN_F64 ? 8 : dt == MSATTN_F32 ? 4 : 2;
     float row[MSATTN_MAX_HEAD_DIM];
     for (int64_t t = tb; t < te; ++t) {
         if (mask != NULL && mask[b * mask_sb + (t - mask_t0)] == 0) continue;
         ++*count;
-        const int64_t off = b * k->sb + h * k->sh + (t - k_t0) * k->sn;
-        if (k->sd == 1) ops->to_f32(row, (const char *)k->data + off * (int64_t)esize, (int)D, dt, 1.0f);
-        else
-            for (int64_t d = 0; d < D; ++d) row[d] = msattn_load_f32(k->data, off + d * k->sd, dt);
+        ms_load_row(row, ops, k, dt, b, h, t - k_t0, (int)D, 1.0f);
         for (int64_t d = 0; d < D; ++d) acc[d] += row[d];
     }
 }
@@ -182,42 +179,36 @@ size_t msattn_select_panel16_elems(const msattn_select_params *p) {
     return (size_t)p->B * p->Hkv * msattn_cdiv(NK, MSATTN_TILE) * MSATTN_TILE * msattn_cdiv(p->D, 32) * 32 * 2;
 }
 
-/* column j of head (b, h) in the bf16 panels: its sum split into two bf16 parts (msattn_bf16_split), zeros
- * past D (and for an empty region); the last region also zeroes the columns past NK */
-static void ms_panel16_column(const msattn_select_params *p, int64_t b, int64_t h, int64_t j, int64_t NK) {
-    const int64_t D = p->D, DP = msattn_cdiv(D, 32) * 32, NP = msattn_cdiv(NK, MSATTN_TILE);
-    uint16_t *panel = p->kpanel16 + ((b * p->Hkv + h) * NP + j / MSATTN_TILE) * MSATTN_TILE * DP * 2;
-    const float *sum = p->ksum.sum + b * p->ksum.sum_sb + h * p->ksum.sum_sh + j * D;
-    const int32_t count = p->ksum.count[b * p->ksum.count_sb + h * p->ksum.count_sh + j];
-    const int64_t c = j % MSATTN_TILE;
-    for (int64_t d = 0; d < DP; ++d) {
-        uint16_t hi = 0, lo = 0;
-        if (count > 0 && d < D) msattn_bf16_split(sum[d], &hi, &lo);
-        panel[msattn_amx_panel_offset(d, c)] = hi;
-        panel[MSATTN_TILE * DP + msattn_amx_panel_offset(d, c)] = lo;
-    }
-    if (j == NK - 1)
-        for (int64_t x = c + 1; x < MSATTN_TILE; ++x)
-            for (int64_t d = 0; d < DP; ++d)
-                panel[msattn_amx_panel_offset(d, x)] = panel[MSATTN_TILE * DP + msattn_amx_panel_offset(d, x)] = 0;
-}
-
+/* column j of head (b, h) in the panels: its sum, 1 / count and a bound on |sum| / count (zeros for an
+ * empty region), and, for the AMX screen, the sum as two bf16 parts (msattn_bf16_split; zeros past D);
+ * the last region also zeroes the columns past NK */
 static void ms_panel_column(const msattn_select_params *p, int64_t b, int64_t h, int64_t j, int64_t NK) {
-    const int64_t D = p->D, NP = msattn_cdiv(NK, MSATTN_TILE), ld = (D + 2) * MSATTN_TILE;
-    float *panel = p->kpanel + ((b * p->Hkv + h) * NP + j / MSATTN_TILE) * ld;
+    const int64_t D = p->D, DP = msattn_cdiv(D, 32) * 32, NP = msattn_cdiv(NK, MSATTN_TILE);
+    const int64_t ld = (D + 2) * MSATTN_TILE, ld16 = 2 * MSATTN_TILE * DP, panel = (b * p->Hkv + h) * NP + j / MSATTN_TILE;
     const float *sum = p->ksum.sum + b * p->ksum.sum_sb + h * p->ksum.sum_sh + j * D;
     const int32_t count = p->ksum.count[b * p->ksum.count_sb + h * p->ksum.count_sh + j];
     const int64_t c = j % MSATTN_TILE;
+    float *col = p->kpanel + panel * ld;
     double sq = 0.0;
     for (int64_t d = 0; d < D; ++d) {
-        panel[d * MSATTN_TILE + c] = count > 0 ? sum[d] : 0.0f;
+        col[d * MSATTN_TILE + c] = count > 0 ? sum[d] : 0.0f;
         sq += (double)sum[d] * (double)sum[d];
     }
-    panel[D * MSATTN_TILE + c] = count > 0 ? 1.0f / (float)count : 0.0f;
-    panel[(D + 1) * MSATTN_TILE + c] = count > 0 ? msattn_float_up(sqrt(sq) / (double)count * (1.0 + 0x1p-20)) : 0.0f;
-    if (j == NK - 1)
-        for (int64_t x = c + 1; x < MSATTN_TILE; ++x)
-            for (int64_t d = 0; d < D + 2; ++d) panel[d * MSATTN_TILE + x] = 0.0f;
+    col[D * MSATTN_TILE + c] = count > 0 ? 1.0f / (float)count : 0.0f;
+    col[(D + 1) * MSATTN_TILE + c] = count > 0 ? msattn_float_up(sqrt(sq) / (double)count * (1.0 + 0x1p-20)) : 0.0f;
+    uint16_t *col16 = p->kpanel16 != NULL ? p->kpanel16 + panel * ld16 : NULL;
+    for (int64_t d = 0; col16 != NULL && d < DP; ++d) {
+        uint16_t hi = 0, lo = 0;
+        if (count > 0 && d < D) msattn_bf16_split(sum[d], &hi, &lo);
+        col16[msattn_amx_panel_offset(d, c)] = hi;
+        col16[MSATTN_TILE * DP + msattn_amx_panel_offset(d, c)] = lo;
+    }
+    if (j != NK - 1) return;
+    for (int64_t x = c + 1; x < MSATTN_TILE; ++x) {
+        for (int64_t d = 0; d < D + 2; ++d) col[d * MSATTN_TILE + x] = 0.0f;
+        for (int64_t d = 0; col16 != NULL && d < DP; ++d)
+            col16[msattn_amx_panel_offset(d, x)] = col16[MSATTN_TILE * DP + msattn_amx_panel_offset(d, x)] = 0;
+    }
 }
 
 int msattn_region_means_cpu(const msattn_select_params *p, int64_t begin, int64_t end) {
@@ -235,7 +226,6 @@ int msattn_region_means_cpu(const msattn_select_params *p, int64_t begin, int64_
                               tok.begin, tok.end);
             }
             if (p->kpanel != NULL) ms_panel_column(p, b, h, r, NK);
-            if (p->kpanel16 != NULL) ms_panel16_column(p, b, h, r, NK);
             continue;
         }
         /* query region a0 + (r - NK): the mean of its valid queries, summed over KV head h's query heads */
@@ -244,20 +234,18 @@ int msattn_region_means_cpu(const msattn_select_params *p, int64_t begin, int64_
         int32_t count = 0;
         memset(acc, 0, (size_t)D * sizeof(double));
         msattn_range pos = msattn_query_region(a0 + a, p->block_q, N, Nq);
-        /* rows of float-convertible dtypes through the vector conversion (exact), then added in double */
-        const int rows_f32 = p->dtype != MSATTN_F64 && p->q.sd == 1;
-        const size_t esize = p->dtype == MSATTN_F64 ? 8 : p->dtype == MSATTN_F32 ? 4 : 2;
+        /* rows converted to float (exact but for float64) by ms_load_row, then added in double */
         float row[MSATTN_MAX_HEAD_DIM];
         for (int64_t t = pos.begin; t < pos.end; ++t) {
             if (!ms_key_valid(p, b, t)) continue;
             ++count;
             for (int64_t hq = h * hg; hq < (h + 1) * hg; ++hq) {
-                const int64_t off = b * p->q.sb + hq * p->q.sh + (t - (N - Nq)) * p->q.sn;
-                if (rows_f32) {
-                    ops->to_f32(row, (const char *)p->q.data + off * (int64_t)esize, (int)D, p->dtype, 1.0f);
+                if (p->dtype != MSATTN_F64) {
+                    ms_load_row(row, ops, &p->q, p->dtype, b, hq, t - (N - Nq), (int)D, 1.0f);
                     for (int64_t d = 0; d < D; ++d) acc[d] += (double)row[d];
                 } else {
-                    for (int64_t d = 0; d < D; ++d) acc[d] += msattn_load_f64(p->q.data, off + d * p->q.sd, p->dtype);
+                    const int64_t off = b * p->q.sb + hq * p->q.sh + (t - (N - Nq)) * p->q.sn;
+                    for (int64_t d = 0; d < D; ++d) acc[d] += ((const double *)p->q.data)[off + d * p->q.sd];
                 }
             }
         }
@@ -624,11 +612,10 @@ int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end,
                 }
             }
             if (amx) memset(q16 + nq * 2 * DP, 0, (size_t)16 * 2 * DP * sizeof(uint16_t)); /* rows past nq a tile reads */
-            for (int64_t pi = 0; pi < msattn_cdiv(qlimit[nq - 1], MSATTN_TILE); ++pi)
-                live[pi] = ms_live_columns(kcount, pi * MSATTN_TILE, NK);
+            const int64_t pn = msattn_cdiv(qlimit[nq - 1], MSATTN_TILE); /* panels reached */
+            for (int64_t pi = 0; pi < pn; ++pi) live[pi] = ms_live_columns(kcount, pi * MSATTN_TILE, NK);
             const float *panels = p->kpanel + bh * NP * ldp;
             const uint16_t *panels16 = amx ? p->kpanel16 + bh * NP * MSATTN_TILE * DP * 2 : NULL;
-            const int64_t pn = msattn_cdiv(qlimit[nq - 1], MSATTN_TILE); /* panels reached */
             /* A: panel bounds of every (query region, panel) it reaches; theta per query region */
             if (amx) msattn_amx_begin();
             for (int64_t pi = 0, qs = 0; pi < pn; ++pi) {

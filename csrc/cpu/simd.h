@@ -96,14 +96,12 @@ extern const msattn_simd_ops msattn_simd_amx;
 /* AMX (amx.c): whether this CPU and OS run AMX tiles for this process (asks the kernel for the tile
  * state once); the bf16 panel element of dim i of column c (c < 64) at panel + msattn_amx_panel_offset:
  * tiles (i / 32, c / 16) of 16 x 32 bf16, pairs of dims side by side (AMX's VNNI layout); the margins of
- * a query region of float norm qnorm for a bf16 product over dp dims */
+ * a query region of float norm qnorm for the screen's bf16x3 product over dp dims */
 int msattn_amx_usable(void);
 static inline int64_t msattn_amx_panel_offset(int64_t i, int64_t c) {
     return ((i / 32 * 4 + c / 16) * 16 + (i % 32) / 2) * 32 + (c % 16) * 2 + i % 2;
 }
 void msattn_amx_bounds(double qnorm, int dp, float *qbound, float *qabs);
-/* x = hi + lo + r in bf16, |r| <= 2^-16 |x| (the AMX screen's two parts of every operand) */
-void msattn_bf16_split(float x, uint16_t *hi, uint16_t *lo);
 /* around a pass of screen_amx calls on one thread: load the tile configuration, release the tiles */
 void msattn_amx_begin(void);
 void msattn_amx_end(void);
@@ -140,6 +138,12 @@ static inline uint16_t msattn_f32_to_bf16(float f) {
     if ((x.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((x.u >> 16) | 0x40); /* quiet NaN */
     x.u += 0x7fffu + ((x.u >> 16) & 1u);
     return (uint16_t)(x.u >> 16);
+}
+
+/* x = hi + lo + r in bf16, |r| <= 2^-16 |x| (the AMX screen's two parts of every operand) */
+static inline void msattn_bf16_split(float x, uint16_t *hi, uint16_t *lo) {
+    *hi = msattn_f32_to_bf16(x);
+    *lo = msattn_f32_to_bf16(x - msattn_bf16_to_f32(*hi));
 }
 
 static inline float msattn_f16_to_f32(uint16_t h) {
