@@ -20,6 +20,14 @@ def _scale(q: torch.Tensor, scale: float | None) -> float:
     return 1.0 / math.sqrt(d) if d >= 1 else 1.0
 
 
+def _offsets(who: str, cu_seqlens_q, cu_seqlens_k):
+    """Packed sequences' offsets for the ops: ``cu_seqlens_k`` defaults to ``cu_seqlens_q`` (queries and
+    keys are the same tokens); keys' offsets alone are an error."""
+    if cu_seqlens_q is None and cu_seqlens_k is not None:
+        raise ValueError(f"{who}: cu_seqlens_k needs cu_seqlens_q (the queries' offsets), got only cu_seqlens_k")
+    return cu_seqlens_q, cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k
+
+
 def _int(who: str, name: str, value) -> int:
     """``value`` if it is an int (the ops check its range); a float or bool is refused, not truncated."""
     if isinstance(value, bool) or not isinstance(value, int):
@@ -40,6 +48,8 @@ def ms_select(
     key_padding_mask: torch.Tensor | None = None,
     key_sums: torch.Tensor | None = None,
     key_counts: torch.Tensor | None = None,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The key regions each query group of MS attention attends to (DESIGN section 1, steps 1-5).
 
@@ -71,12 +81,16 @@ def ms_select(
             ``(B, Hkv, >= N/block_k, D)`` and int32 ``(B, Hkv, >= N/block_k)``, see
             :class:`msattn.hf.MSCache`), used instead of reading ``k``: selection then costs
             ``O(N/block_k * D)`` per query region. The result is the same, bit for bit.
+        cu_seqlens_q, cu_seqlens_k: packed sequences, see :func:`ms_attention`.
 
     Returns:
         int32 ``(B, Hkv, G, topk)``: for each group holding a query of the call (first to last), its
-        regions ascending, padded with -1.
+        regions ascending, padded with -1. Packed: ``(1, Hkv, sum of G_s, topk)``, the groups of each
+        sequence after those of the one before.
     """
-    return ops.ms_select(q, k, key_padding_mask, key_sums, key_counts, block_q, block_k, merge, topk, causal, local)
+    cu_q, cu_k = _offsets("msattn.ms_select", cu_seqlens_q, cu_seqlens_k)
+    return ops.ms_select(q, k, key_padding_mask, key_sums, key_counts, block_q, block_k, merge, topk, causal, local,
+                         cu_q, cu_k)
 
 
 def ms_attention(
@@ -95,6 +109,8 @@ def ms_attention(
     return_lse: bool = False,
     rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
     index: torch.Tensor | None = None,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
 ):
     """Correlation-aware select-and-merge (MS) sparse attention (DESIGN section 1).
 
@@ -122,6 +138,14 @@ def ms_attention(
             region's tokens at ``i*block_k + t``, the group's own tokens after them), pairs
             ``(x[i], x[i + rotary_dim/2])`` as in HuggingFace.
         index: a selection from :func:`ms_select` for these shapes, to reuse instead of recomputing.
+        cu_seqlens_q: packed sequences (FlashAttention's varlen convention): int32 ``(S + 1,)`` offsets,
+            0 first and ``Nq`` last, of ``S`` sequences laid back to back along the tokens of a batch of
+            one (``B = 1``). Regions, groups, causality and positions restart at each sequence and no
+            sequence sees another's keys: the result equals ``S`` separate calls (forward, gradients,
+            selection). Sequence ``s`` holds queries ``cu_seqlens_q[s]:cu_seqlens_q[s+1]``.
+        cu_seqlens_k: the sequences' key offsets (0 first, ``N`` last), default ``cu_seqlens_q``. Each
+            sequence's queries are the last of its keys: one query per sequence against longer keys is
+            batched decoding. The offsets are read on the host (a device sync on CUDA).
 
     Returns:
         ``out (B, Hq, Nq, D)`` in q's dtype, and with ``return_lse`` also ``lse (B, Hq, Nq)`` in
@@ -129,9 +153,12 @@ def ms_attention(
     """
     scale = _scale(q, scale)
     cos, sin = rotary if rotary is not None else (None, None)
+    cu_q, cu_k = _offsets("msattn.ms_attention", cu_seqlens_q, cu_seqlens_k)
     if index is None:
-        index = ops.ms_select(q, k, key_padding_mask, None, None, block_q, block_k, merge, topk, causal, local)
-    out, lse = ops.ms_fwd(q, k, v, index, key_padding_mask, cos, sin, block_q, block_k, merge, causal, scale)
+        index = ops.ms_select(q, k, key_padding_mask, None, None, block_q, block_k, merge, topk, causal, local,
+                              cu_q, cu_k)
+    out, lse = ops.ms_fwd(q, k, v, index, key_padding_mask, cos, sin, block_q, block_k, merge, causal, scale,
+                          cu_q, cu_k)
     return (out, lse) if return_lse else out
 
 

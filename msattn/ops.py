@@ -49,9 +49,14 @@ def num_groups(n: int, nq: int, span: int) -> int:
 
 
 @torch.library.register_fake("msattn::ms_select")
-def _ms_select_fake(q, k, key_padding_mask, key_sums, key_counts, block_q, block_k, merge, topk, causal, local=0):
-    _same_device("q", dict(q=q, k=k, key_padding_mask=key_padding_mask, key_sums=key_sums, key_counts=key_counts))
-    g = num_groups(k.shape[2], q.shape[2], block_q * merge)
+def _ms_select_fake(q, k, key_padding_mask, key_sums, key_counts, block_q, block_k, merge, topk, causal, local=0,
+                    cu_seqlens_q=None, cu_seqlens_k=None):
+    _same_device("q", dict(q=q, k=k, key_padding_mask=key_padding_mask, key_sums=key_sums, key_counts=key_counts,
+                           cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k))
+    if cu_seqlens_q is None:
+        g = num_groups(k.shape[2], q.shape[2], block_q * merge)
+    else:  # the groups of packed sequences depend on the offsets' values
+        g = torch.library.get_ctx().new_dynamic_size()
     return q.new_empty((k.shape[0], k.shape[1], g, topk), dtype=torch.int32)
 
 
@@ -66,35 +71,37 @@ def _lse_dtype(q: torch.Tensor) -> torch.dtype:
 
 
 @torch.library.register_fake("msattn::ms_fwd")
-def _ms_fwd_fake(q, k, v, index, key_padding_mask, rope_cos, rope_sin, block_q, block_k, merge, causal, scale):
+def _ms_fwd_fake(q, k, v, index, key_padding_mask, rope_cos, rope_sin, block_q, block_k, merge, causal, scale,
+                 cu_seqlens_q=None, cu_seqlens_k=None):
     _same_device("q", dict(q=q, k=k, v=v, index=index, key_padding_mask=key_padding_mask, rope_cos=rope_cos,
-                           rope_sin=rope_sin))
+                           rope_sin=rope_sin, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k))
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=_lse_dtype(q))
 
 
 @torch.library.register_fake("msattn::ms_bwd")
 def _ms_bwd_fake(dout, dlse, q, k, v, out, lse, index, key_padding_mask, rope_cos, rope_sin, block_q, block_k,
-                 merge, causal, scale):
+                 merge, causal, scale, cu_seqlens_q=None, cu_seqlens_k=None):
     _same_device("q", dict(q=q, dout=dout, dlse=dlse, k=k, v=v, out=out, lse=lse, index=index,
-                           key_padding_mask=key_padding_mask, rope_cos=rope_cos, rope_sin=rope_sin))
+                           key_padding_mask=key_padding_mask, rope_cos=rope_cos, rope_sin=rope_sin,
+                           cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k))
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format))
 
 
 def _ms_fwd_setup(ctx, inputs, output):
-    q, k, v, index, mask, rope_cos, rope_sin, block_q, block_k, merge, causal, scale = inputs
+    q, k, v, index, mask, rope_cos, rope_sin, block_q, block_k, merge, causal, scale, cu_q, cu_k = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, index, mask, rope_cos, rope_sin, out, lse)
+    ctx.save_for_backward(q, k, v, index, mask, rope_cos, rope_sin, out, lse, cu_q, cu_k)
     ctx.params = (block_q, block_k, merge, causal, scale)
 
 
 def _ms_fwd_backward(ctx, dout, dlse):
-    q, k, v, index, mask, rope_cos, rope_sin, out, lse = ctx.saved_tensors
+    q, k, v, index, mask, rope_cos, rope_sin, out, lse, cu_q, cu_k = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = ops.ms_bwd(dout, dlse, q, k, v, out, lse, index, mask, rope_cos, rope_sin, *ctx.params)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+    dq, dk, dv = ops.ms_bwd(dout, dlse, q, k, v, out, lse, index, mask, rope_cos, rope_sin, *ctx.params, cu_q, cu_k)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("msattn::ms_fwd", _ms_fwd_backward, setup_context=_ms_fwd_setup)

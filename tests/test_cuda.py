@@ -296,6 +296,37 @@ def test_padded_queries_and_keys():
 
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_packed_sequences_equal_separate_calls(dtype):
+    """cu_seqlens on the GPU: prefill sequences and decoding (one query against longer keys), bit for bit
+    the separate calls, and the selection the CPU's."""
+    nq, nk = [70, 0, 333, 1, 129], [70, 0, 333, 97, 200]
+    qs = [torch.randn(1, 4, n, 32, dtype=dtype, device=DEV, requires_grad=True) for n in nq]
+    ks = [torch.randn(1, 2, n, 32, dtype=dtype, device=DEV, requires_grad=True) for n in nk]
+    vs = [torch.randn(1, 2, n, 32, dtype=dtype, device=DEV, requires_grad=True) for n in nk]
+    q, k, v = (torch.cat([x.detach() for x in xs], 2).requires_grad_() for xs in (qs, ks, vs))
+    cu_q, cu_k = (torch.tensor([0, *torch.tensor(n).cumsum(0).tolist()], dtype=torch.int32, device=DEV)
+                  for n in (nq, nk))
+    kw = dict(block_q=4, block_k=8, merge=4, topk=3)
+    out = msattn.ms_attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, **kw)
+    parts = [msattn.ms_attention(*x, **kw) for x in zip(qs, ks, vs)]
+    assert torch.equal(out, torch.cat(parts, 2))
+    dout = torch.randn_like(out)
+    (out * dout).sum().backward()
+    for o, d in zip(parts, dout.split(nq, dim=2)):
+        (o * d).sum().backward()
+    for packed, xs in ((q, qs), (k, ks), (v, vs)):
+        assert torch.equal(packed.grad, torch.cat([x.grad for x in xs], 2))
+    index = msattn.ms_select(q, k, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, **kw)
+    msattn.set_isa("scalar")
+    try:
+        want = msattn.ms_select(q.cpu(), k.cpu(), cu_seqlens_q=cu_q.cpu(), cu_seqlens_k=cu_k.cpu(), **kw)
+    finally:
+        msattn.set_isa("auto")
+    assert torch.equal(index.cpu(), want)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_deterministic(dtype):
     q, k, v, mask = _tensors(2, 8, 2, 700, 700, 64, dtype=dtype, pad=11)
     kw = dict(block_q=8, block_k=8, merge=4, topk=6, key_padding_mask=mask.to(DEV))

@@ -414,6 +414,115 @@ def test_rope_tables_too_short_is_an_error():
 
 
 # ---------------------------------------------------------------------------------------------
+# 6b. packed sequences (cu_seqlens): equal to separate calls, bit for bit
+
+def _offsets(lengths):
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+
+
+PACKED_CASES = [  # (queries per sequence, keys per sequence): empty sequences, lengths off the blocks, decoding
+    ([70, 0, 333, 129, 5], [70, 0, 333, 129, 5]),
+    ([1, 1, 1, 1], [1, 97, 250, 33]),
+    ([0, 40, 17], [64, 300, 17]),
+]
+
+
+@pytest.mark.parametrize("lengths", PACKED_CASES, ids=["prefill", "decode", "chunks"])
+@pytest.mark.parametrize("rope", [False, True], ids=["plain", "rope"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["f64", "f32", "bf16"])
+def test_packed_sequences_equal_separate_calls(lengths, rope, dtype):
+    nq, nk = lengths
+    Hq, Hkv, D = 4, 2, 24
+    kw = dict(block_q=4, block_k=8, merge=4, topk=3, local=1)
+    if rope:
+        kw["rotary"] = rope_tables(3 * 8 + 16, D)
+    qs = [torch.randn(1, Hq, n, D, dtype=dtype, requires_grad=True) for n in nq]
+    ks = [torch.randn(1, Hkv, n, D, dtype=dtype, requires_grad=True) for n in nk]
+    vs = [torch.randn(1, Hkv, n, D, dtype=dtype, requires_grad=True) for n in nk]
+    q, k, v = (torch.cat([x.detach() for x in xs], 2).requires_grad_() for xs in (qs, ks, vs))
+    cu_q, cu_k = _offsets(nq), _offsets(nk)
+    out, lse = msattn.ms_attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, return_lse=True, **kw)
+    parts = [msattn.ms_attention(*x, return_lse=True, **kw) for x in zip(qs, ks, vs)]
+    assert torch.equal(out, torch.cat([o for o, _ in parts], 2))
+    assert torch.equal(lse, torch.cat([l for _, l in parts], 2))
+    dout = torch.randn_like(out)
+    (out * dout).sum().backward()
+    for (o, _), d in zip(parts, dout.split(nq, dim=2)):
+        (o * d).sum().backward()
+    for packed, xs in ((q, qs), (k, ks), (v, vs)):
+        assert torch.equal(packed.grad, torch.cat([x.grad for x in xs], 2))
+    sel = {name: kw[name] for name in ("block_q", "block_k", "merge", "topk", "local")}
+    index = msattn.ms_select(q, k, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, **sel)
+    assert torch.equal(index, torch.cat([msattn.ms_select(a, b, **sel) for a, b in zip(qs, ks)], 2))
+
+
+def test_packed_sequences_never_see_each_other():
+    """Changing one sequence's keys changes no other sequence's output, while selection really is
+    sparse (topk below the candidates) and the packed call differs from the unpacked one."""
+    q, k, v = make_qkv(1, 2, 1, 300, 300, 16, torch.float32)
+    cu = _offsets([120, 180])
+    kw = dict(block_q=4, block_k=4, merge=2, topk=3, cu_seqlens_q=cu)
+    out = msattn.ms_attention(q, k, v, **kw)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, :120] = torch.randn_like(k2[:, :, :120])
+    v2[:, :, :120] = torch.randn_like(v2[:, :, :120])
+    out2 = msattn.ms_attention(q, k2, v2, **kw)
+    assert torch.equal(out[:, :, 120:], out2[:, :, 120:])
+    assert not torch.equal(out[:, :, :120], out2[:, :, :120])
+    whole = msattn.ms_attention(q, k, v, block_q=4, block_k=4, merge=2, topk=3)
+    assert torch.equal(out[:, :, :120], whole[:, :, :120]) and not torch.equal(out[:, :, 120:], whole[:, :, 120:])
+
+
+def test_packed_sequences_with_a_padding_mask():
+    q, k, v = make_qkv(1, 2, 1, 90, 90, 8, torch.float32)
+    mask = torch.rand(1, 90) > 0.3
+    kw = dict(block_q=4, block_k=4, merge=2, topk=3)
+    out = msattn.ms_attention(q, k, v, key_padding_mask=mask, cu_seqlens_q=_offsets([50, 40]), **kw)
+    first = msattn.ms_attention(q[:, :, :50], k[:, :, :50], v[:, :, :50], key_padding_mask=mask[:, :50], **kw)
+    second = msattn.ms_attention(q[:, :, 50:], k[:, :, 50:], v[:, :, 50:], key_padding_mask=mask[:, 50:], **kw)
+    assert torch.equal(out, torch.cat([first, second], 2))
+
+
+def _packed(q, k, v, cu_q, cu_k=None, **kw):
+    return msattn.ms_attention(q[:1], k[:1], v[:1], block_q=4, block_k=4, merge=2, topk=3, cu_seqlens_q=cu_q,
+                               cu_seqlens_k=cu_k, **kw)
+
+
+BAD_PACKED = [
+    ("cu_seqlens_q must be int32 of shape", lambda q, k, v: _packed(q, k, v, _offsets([20, 20]).long())),
+    ("cu_seqlens_q must be int32 of shape", lambda q, k, v: _packed(q, k, v, torch.zeros(1, dtype=torch.int32))),
+    ("cu_seqlens_q must start at 0", lambda q, k, v: _packed(q, k, v, torch.tensor([1, 40], dtype=torch.int32))),
+    ("cu_seqlens_q must be non-decreasing", lambda q, k, v: _packed(q, k, v, torch.tensor([0, 30, 20, 40],
+                                                                                         dtype=torch.int32))),
+    ("cu_seqlens_q must end at q's token axis's length 40", lambda q, k, v: _packed(q, k, v, _offsets([20, 10]))),
+    ("cu_seqlens_k must end at k's token axis's length 40", lambda q, k, v: _packed(q, k, v, _offsets([20, 20]),
+                                                                                    _offsets([20, 30]))),
+    ("as many sequences", lambda q, k, v: _packed(q, k, v, _offsets([20, 20]), _offsets([40]))),
+    ("sequence 1 has 30 queries but 20 keys", lambda q, k, v: _packed(q, k, v, _offsets([10, 30]),
+                                                                        _offsets([20, 20]))),
+    ("batch of one", lambda q, k, v: msattn.ms_attention(q, k, v, cu_seqlens_q=_offsets([20, 20]))),
+    ("key_sums cannot serve packed sequences", lambda q, k, v: msattn.ms_select(
+        q[:1], k[:1], block_q=4, block_k=4, merge=2, topk=3, cu_seqlens_q=_offsets([20, 20]),
+        key_sums=torch.zeros(1, 2, 10, 8), key_counts=torch.zeros(1, 2, 10, dtype=torch.int32))),
+    ("a packed index must hold the 6 groups", lambda q, k, v: _packed(
+        q, k, v, _offsets([20, 20]), index=torch.full((1, 2, 5, 3), -1, dtype=torch.int32))),
+]
+
+
+@pytest.mark.parametrize("message,call", BAD_PACKED, ids=[m for m, _ in BAD_PACKED])
+def test_bad_packed_offsets_are_a_clear_error(message, call):
+    q, k, v = make_qkv(2, 4, 2, 40, 40, 8, torch.float32)
+    with pytest.raises(RuntimeError, match=message):
+        call(q, k, v)
+
+
+def test_keys_offsets_alone_are_refused():
+    q, k, v = make_qkv(1, 2, 1, 40, 40, 8, torch.float32)
+    with pytest.raises(ValueError, match="cu_seqlens_k needs cu_seqlens_q"):
+        msattn.ms_attention(q, k, v, cu_seqlens_k=_offsets([20, 20]))
+
+
+# ---------------------------------------------------------------------------------------------
 # 7. bad input: the message names the argument and what was expected
 
 BAD = [

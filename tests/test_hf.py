@@ -451,3 +451,117 @@ def test_a_static_cache_is_refused_not_misread(config):
     with pytest.raises(NotImplementedError, match="static or preallocated cache"):
         model.generate(ids, max_new_tokens=3, do_sample=False, cache_implementation="static")
     assert model.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False).shape == (1, 43)  # its own cache
+
+
+# ---------------------------------------------------------------------------------------------
+# padding-free batches (position_ids restarting per sequence, DataCollatorWithFlattening)
+
+LENGTHS = [37, 90, 5, 64]
+SELECTED = msattn.MSConfig(block_q=4, block_k=4, merge=2, topk=2, local=1, rope="selected")
+
+
+def _sequences(lengths=LENGTHS, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 97, (n,), generator=generator).tolist() for n in lengths]
+
+
+def _padded(sequences):
+    """Right-padded ids, attention mask and labels (-100 on padding) of the sequences."""
+    length = max(map(len, sequences))
+    ids = torch.zeros(len(sequences), length, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, s in enumerate(sequences):
+        ids[row, :len(s)] = torch.tensor(s)
+        mask[row, :len(s)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+@pytest.mark.parametrize("config", [SPARSE, SELECTED], ids=["sparse", "rope-selected"])
+def test_padding_free_batch_equals_padded_batch(config):
+    """A sparse selection (topk 2 of up to 22 regions) on transformers' padding-free batch: the logits of
+    every token, the loss and every gradient equal those of the right-padded batch; the same tokens run
+    as one unpacked sequence differ (the sequences would see each other)."""
+    from transformers import DataCollatorWithFlattening
+
+    torch.manual_seed(0)
+    model = msattn.hf.patch(tiny(), config)
+    sequences = _sequences()
+    flat = DataCollatorWithFlattening()([{"input_ids": s} for s in sequences])
+    got = model(**flat, use_cache=False)  # what the Trainer runs (TrainingArguments.use_cache=False)
+    got.loss.backward()
+    got_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    want = model(**_padded(sequences), use_cache=False)
+    want.loss.backward()
+    want_logits = torch.cat([want.logits[row, :len(s)] for row, s in enumerate(sequences)])
+    torch.testing.assert_close(got.logits[0], want_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=0)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(got_grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    with torch.no_grad():
+        unpacked = model(flat["input_ids"], use_cache=False).logits[0]
+    assert not torch.allclose(unpacked, want_logits, rtol=1e-3, atol=1e-3)
+
+
+def test_padding_free_rows_of_a_batch_equal_the_padded_batch():
+    """Two rows, each packing two sequences (position_ids restart inside each row)."""
+    torch.manual_seed(0)
+    model = msattn.hf.patch(tiny(), SPARSE)
+    sequences = _sequences([30, 50, 61, 19])
+    ids = torch.tensor([sequences[0] + sequences[1], sequences[2] + sequences[3]])
+    positions = torch.tensor([list(range(30)) + list(range(50)), list(range(61)) + list(range(19))])
+    with torch.no_grad():
+        got = model(ids, position_ids=positions, use_cache=False).logits
+        want = model(**_padded(sequences), use_cache=False).logits
+    torch.testing.assert_close(got[0], torch.cat([want[0, :30], want[1, :50]]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], torch.cat([want[2, :61], want[3, :19]]), rtol=1e-5, atol=1e-5)
+
+
+class _Sequences(torch.utils.data.Dataset):
+    def __init__(self, sequences):
+        self.sequences = sequences
+
+    def __len__(self):
+        return len(self.sequences)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.sequences[i]}
+
+
+def test_trainer_with_packing_trains_like_padding(tmp_path):
+    """The Trainer with DataCollatorWithFlattening (padding-free) and with right padding, from the same
+    weights over the same batches: the same losses and, after three SGD steps, the same weights."""
+    from transformers import DataCollatorWithFlattening, Trainer, TrainingArguments
+
+    sequences = _sequences([37, 90, 5, 64, 70, 12], seed=1)
+    results = []
+    for collator in (DataCollatorWithFlattening(), _padded_collator):
+        torch.manual_seed(0)
+        model = msattn.hf.patch(tiny(), SPARSE)
+        args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2,
+                                 learning_rate=0.1, optim="sgd", lr_scheduler_type="constant", logging_steps=1,
+                                 save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+                                 dataloader_num_workers=0, seed=0, data_seed=0)
+        trainer = Trainer(model=model, args=args, train_dataset=_Sequences(sequences), data_collator=collator)
+        trainer.train()
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        results.append((losses, {name: p.detach().clone() for name, p in model.named_parameters()}))
+    (packed_losses, packed_weights), (padded_losses, padded_weights) = results
+    assert len(packed_losses) == 3
+    assert packed_losses == pytest.approx(padded_losses, rel=1e-4)
+    for name, weight in packed_weights.items():
+        torch.testing.assert_close(weight, padded_weights[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _padded_collator(features):
+    return _padded([f["input_ids"] for f in features])
+
+
+@pytest.mark.parametrize("config", [msattn.InfiniConfig(segment_len=16), msattn.SelfExtendConfig(group_size=4, window=16)],
+                         ids=["infini", "self_extend"])
+def test_padding_free_batches_are_refused_by_the_methods_without_them(config):
+    model = msattn.hf.patch(tiny(), config)
+    ids = torch.randint(3, 97, (1, 40))
+    positions = torch.tensor([list(range(25)) + list(range(15))])
+    with pytest.raises(NotImplementedError, match="packed sequences|mask pattern"):
+        model(ids, position_ids=positions, use_cache=False)

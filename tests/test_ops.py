@@ -32,6 +32,23 @@ def test_opcheck_every_op(dtype, nq):
     torch.library.opcheck(ops.ms_bwd, bwd_args)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_opcheck_packed_sequences(dtype):
+    q, k, v, _ = _inputs(dtype, N=90, Nq=90, requires_grad=True)
+    q, k, v = (x[:1].detach().requires_grad_() for x in (q, k, v))
+    cu_q = torch.tensor([0, 30, 30, 90], dtype=torch.int32)
+    cu_k = cu_q.clone()
+    params = (4, 4, 2)
+    torch.library.opcheck(ops.ms_select, (q, k, None, None, None, *params, 3, True, 1, cu_q, cu_k))
+    index = ops.ms_select(q, k, None, None, None, *params, 3, True, 1, cu_q, cu_k)
+    fwd_args = (q, k, v, index, None, None, None, *params, True, 0.25, cu_q, cu_k)
+    torch.library.opcheck(ops.ms_fwd, fwd_args)
+    out, lse = ops.ms_fwd(*fwd_args)
+    bwd_args = (torch.randn_like(out), torch.randn_like(lse), q.detach(), k.detach(), v.detach(), out.detach(),
+                lse.detach(), index, None, None, None, *params, True, 0.25, cu_q, cu_k)
+    torch.library.opcheck(ops.ms_bwd, bwd_args)
+
+
 def test_opcheck_with_rotary():
     q, k, v, mask = _inputs(requires_grad=True)
     ang = torch.arange(64, dtype=torch.float32)[:, None] * torch.rand(8)[None, :]

@@ -12,6 +12,7 @@
 #include "../msattn.h"
 #include "../msattn_regions.h"
 #include "checks.h"
+#include "packed.h"
 #include "run_items.h"
 
 namespace msattn {
@@ -45,11 +46,11 @@ void check_index_values(const at::Tensor &index, int64_t N, int64_t Nq, int64_t 
     }
 }
 
-at::Tensor ms_select_cpu(const at::Tensor &q, const at::Tensor &k, const c10::optional<at::Tensor> &mask_,
+// one sequence (or a padded batch); the callers hold the instruction set
+at::Tensor ms_select_one(const at::Tensor &q, const at::Tensor &k, const c10::optional<at::Tensor> &mask_,
                          const c10::optional<at::Tensor> &key_sums, const c10::optional<at::Tensor> &key_counts,
                          int64_t block_q, int64_t block_k, int64_t merge, int64_t topk, bool causal,
                          int64_t local) {
-    IsaCall isa_call(isa_mutex());  // one instruction set for the whole call
     check_qkv(q, k, nullptr);
     check_blocks(block_q, block_k, merge, topk);
     check_local(local, topk);
@@ -107,6 +108,22 @@ at::Tensor ms_select_cpu(const at::Tensor &q, const at::Tensor &k, const c10::op
     return index;
 }
 
+at::Tensor ms_select_cpu(const at::Tensor &q, const at::Tensor &k, const c10::optional<at::Tensor> &mask,
+                         const c10::optional<at::Tensor> &key_sums, const c10::optional<at::Tensor> &key_counts,
+                         int64_t block_q, int64_t block_k, int64_t merge, int64_t topk, bool causal, int64_t local,
+                         const c10::optional<at::Tensor> &cu_seqlens_q, const c10::optional<at::Tensor> &cu_seqlens_k) {
+    IsaCall isa_call(isa_mutex());  // one instruction set for the whole call
+    check_qkv(q, k, nullptr);
+    const c10::optional<Packed> packed = check_packed(cu_seqlens_q, cu_seqlens_k, q, k);
+    if (!packed) return ms_select_one(q, k, mask, key_sums, key_counts, block_q, block_k, merge, topk, causal, local);
+    TORCH_CHECK(!key_sums.has_value(), "msattn: ms_select: a cache's key_sums cannot serve packed sequences "
+                "(cu_seqlens); select from k");
+    return packed_select(*packed, q, k, check_mask(mask, k), [&](auto q_s, auto k_s, auto mask_s) {
+        return ms_select_one(q_s, k_s, mask_s, c10::nullopt, c10::nullopt, block_q, block_k, merge, topk, causal,
+                             local);
+    });
+}
+
 void ms_region_sums_append_cpu(at::Tensor &key_sums, at::Tensor &key_counts, const at::Tensor &k,
                                const c10::optional<at::Tensor> &mask_, int64_t start, int64_t block_k) {
     IsaCall isa_call(isa_mutex());  // one instruction set for the whole call
@@ -151,12 +168,11 @@ void check_ms_args(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v
     check_index_values(index.contiguous(), k.size(2), q.size(2), span, block_k, causal);
 }
 
-std::tuple<at::Tensor, at::Tensor> ms_fwd_cpu(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
+std::tuple<at::Tensor, at::Tensor> ms_fwd_one(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
                                               const at::Tensor &index_, const c10::optional<at::Tensor> &mask_,
                                               const c10::optional<at::Tensor> &rope_cos,
                                               const c10::optional<at::Tensor> &rope_sin, int64_t block_q,
                                               int64_t block_k, int64_t merge, bool causal, double scale) {
-    IsaCall isa_call(isa_mutex());  // one instruction set for the whole call
     check_ms_args(q, k, v, index_, block_q, block_k, merge, causal, scale);
     at::Tensor mask = check_mask(mask_, k), index = index_.contiguous(), cos, sin;
     const msattn_rope rope = check_rope(rope_cos, rope_sin, q, msattn_compact_len((int)index.size(3), (int)block_k,
@@ -181,12 +197,29 @@ std::tuple<at::Tensor, at::Tensor> ms_fwd_cpu(const at::Tensor &q, const at::Ten
     return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_bwd_cpu(
+std::tuple<at::Tensor, at::Tensor> ms_fwd_cpu(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
+                                              const at::Tensor &index, const c10::optional<at::Tensor> &mask,
+                                              const c10::optional<at::Tensor> &rope_cos,
+                                              const c10::optional<at::Tensor> &rope_sin, int64_t block_q,
+                                              int64_t block_k, int64_t merge, bool causal, double scale,
+                                              const c10::optional<at::Tensor> &cu_seqlens_q,
+                                              const c10::optional<at::Tensor> &cu_seqlens_k) {
+    IsaCall isa_call(isa_mutex());  // one instruction set for the whole call
+    check_qkv(q, k, &v);
+    const c10::optional<Packed> packed = check_packed(cu_seqlens_q, cu_seqlens_k, q, k);
+    if (!packed) return ms_fwd_one(q, k, v, index, mask, rope_cos, rope_sin, block_q, block_k, merge, causal, scale);
+    return packed_fwd(*packed, q, k, v, index, check_mask(mask, k), block_q * merge,
+                      [&](auto q_s, auto k_s, auto v_s, auto index_s, auto mask_s) {
+                          return ms_fwd_one(q_s, k_s, v_s, index_s, mask_s, rope_cos, rope_sin, block_q, block_k,
+                                            merge, causal, scale);
+                      });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_bwd_one(
     const at::Tensor &dout, const c10::optional<at::Tensor> &dlse_, const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, const at::Tensor &out,
     const at::Tensor &lse_, const at::Tensor &index_, const c10::optional<at::Tensor> &mask_,
     const c10::optional<at::Tensor> &rope_cos, const c10::optional<at::Tensor> &rope_sin, int64_t block_q,
     int64_t block_k, int64_t merge, bool causal, double scale) {
-    IsaCall isa_call(isa_mutex());  // one instruction set for the whole call
     check_ms_args(q, k, v, index_, block_q, block_k, merge, causal, scale);
     TORCH_CHECK(dout.sizes() == q.sizes() && dout.scalar_type() == q.scalar_type() && dout.device() == q.device(),
                 "msattn: dout must match q: shape ", shape_str(q), " dtype ", q.scalar_type(), ", got ",
@@ -259,6 +292,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_bwd_cpu(
     return {dq, dk, dv};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_bwd_cpu(
+    const at::Tensor &dout, const c10::optional<at::Tensor> &dlse, const at::Tensor &q, const at::Tensor &k,
+    const at::Tensor &v, const at::Tensor &out, const at::Tensor &lse, const at::Tensor &index,
+    const c10::optional<at::Tensor> &mask, const c10::optional<at::Tensor> &rope_cos,
+    const c10::optional<at::Tensor> &rope_sin, int64_t block_q, int64_t block_k, int64_t merge, bool causal,
+    double scale, const c10::optional<at::Tensor> &cu_seqlens_q, const c10::optional<at::Tensor> &cu_seqlens_k) {
+    IsaCall isa_call(isa_mutex());  // one instruction set for the whole call
+    check_qkv(q, k, &v);
+    const c10::optional<Packed> packed = check_packed(cu_seqlens_q, cu_seqlens_k, q, k);
+    if (!packed)
+        return ms_bwd_one(dout, dlse, q, k, v, out, lse, index, mask, rope_cos, rope_sin, block_q, block_k, merge,
+                          causal, scale);
+    TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes() && lse.dim() == 3 &&
+                    lse.size(2) == q.size(2) && (!dlse.has_value() || dlse->sizes() == lse.sizes()),
+                "msattn: ms_bwd: dout and out must have q's shape ", shape_str(q), " and lse (and dlse) (B, Hq, Nq)"
+                ", got dout ", shape_str(dout), ", out ", shape_str(out), ", lse ", shape_str(lse));
+    return packed_bwd(*packed, dout, dlse.has_value() ? *dlse : at::Tensor(), q, k, v, out, lse, index,
+                      check_mask(mask, k), block_q * merge,
+                      [&](auto dout_s, auto dlse_s, auto q_s, auto k_s, auto v_s, auto out_s, auto lse_s,
+                          auto index_s, auto mask_s) {
+                          return ms_bwd_one(dout_s, dlse_s, q_s, k_s, v_s, out_s, lse_s, index_s, mask_s, rope_cos,
+                                            rope_sin, block_q, block_k, merge, causal, scale);
+                      });
+}
+
 std::string isa() {
     IsaCall isa_call(isa_mutex());
     return msattn_isa_name();
@@ -266,8 +324,8 @@ std::string isa() {
 
 void set_isa(const std::string &name) {
     std::unique_lock<std::shared_mutex> exclusive(isa_mutex());  // waits for the calls running now
-    TORCH_CHECK(msattn_isa_set(name.c_str()) == MSATTN_OK, "msattn: set_isa(name) takes 'auto', 'avx512', 'avx2' "
-                "or 'scalar' that this CPU can run, got '", name, "'");
+    TORCH_CHECK(msattn_isa_set(name.c_str()) == MSATTN_OK, "msattn: set_isa(name) takes 'auto', 'amx', 'avx512', "
+                "'avx2' or 'scalar' that this CPU can run, got '", name, "'");
 }
 
 }  // namespace

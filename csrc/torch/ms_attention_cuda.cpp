@@ -23,6 +23,7 @@
 #include "../msattn.h"
 #include "../msattn_regions.h"
 #include "checks.h"
+#include "packed.h"
 
 namespace msattn {
 namespace {
@@ -58,7 +59,7 @@ int64_t sm_count() {
 // ----------------------------------------------------------------------------------------------
 // ms_select
 
-at::Tensor ms_select_cuda(const at::Tensor &q,                            // (B, Hq, Nq, D)
+at::Tensor ms_select_one(const at::Tensor &q,                            // (B, Hq, Nq, D)
                           const at::Tensor &k,                            // (B, Hkv, N, D)
                           const c10::optional<at::Tensor> &mask_,         // bool (B, N), True = real
                           const c10::optional<at::Tensor> &key_sums,      // float32 (B, Hkv, >= NK, D)
@@ -119,6 +120,22 @@ at::Tensor ms_select_cuda(const at::Tensor &q,                            // (B,
     return index;
 }
 
+at::Tensor ms_select_cuda(const at::Tensor &q, const at::Tensor &k, const c10::optional<at::Tensor> &mask,
+                          const c10::optional<at::Tensor> &key_sums, const c10::optional<at::Tensor> &key_counts,
+                          int64_t block_q, int64_t block_k, int64_t merge, int64_t topk, bool causal, int64_t local,
+                          const c10::optional<at::Tensor> &cu_seqlens_q,    // int32 (S + 1), packed.h
+                          const c10::optional<at::Tensor> &cu_seqlens_k) {  // int32 (S + 1)
+    check_qkv(q, k, nullptr);
+    const c10::optional<Packed> packed = check_packed(cu_seqlens_q, cu_seqlens_k, q, k);
+    if (!packed) return ms_select_one(q, k, mask, key_sums, key_counts, block_q, block_k, merge, topk, causal, local);
+    TORCH_CHECK(!key_sums.has_value(), "msattn: ms_select: a cache's key_sums cannot serve packed sequences "
+                "(cu_seqlens); select from k");
+    return packed_select(*packed, q, k, check_mask(mask, k), [&](auto q_s, auto k_s, auto mask_s) {
+        return ms_select_one(q_s, k_s, mask_s, c10::nullopt, c10::nullopt, block_q, block_k, merge, topk, causal,
+                             local);
+    });
+}
+
 void ms_region_sums_append_cuda(at::Tensor &key_sums, at::Tensor &key_counts, const at::Tensor &k,
                                 const c10::optional<at::Tensor> &mask_, int64_t start, int64_t block_k) {
     check_cuda(k, "ms_region_sums_append_");
@@ -166,7 +183,7 @@ void check_ms_args(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v
     TORCH_CHECK(std::isfinite(scale), "msattn: scale must be finite, got ", scale);
 }
 
-std::tuple<at::Tensor, at::Tensor> ms_fwd_cuda(const at::Tensor &q,                        // (B, Hq, Nq, D)
+std::tuple<at::Tensor, at::Tensor> ms_fwd_one(const at::Tensor &q,                         // (B, Hq, Nq, D)
                                                const at::Tensor &k,                        // (B, Hkv, N, D)
                                                const at::Tensor &v,                        // (B, Hkv, N, D)
                                                const at::Tensor &index_,                   // int32 (B, Hkv, G, T)
@@ -190,7 +207,24 @@ std::tuple<at::Tensor, at::Tensor> ms_fwd_cuda(const at::Tensor &q,             
     return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_bwd_cuda(
+std::tuple<at::Tensor, at::Tensor> ms_fwd_cuda(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
+                                               const at::Tensor &index, const c10::optional<at::Tensor> &mask,
+                                               const c10::optional<at::Tensor> &rope_cos,
+                                               const c10::optional<at::Tensor> &rope_sin, int64_t block_q,
+                                               int64_t block_k, int64_t merge, bool causal, double scale,
+                                               const c10::optional<at::Tensor> &cu_seqlens_q,    // int32 (S + 1)
+                                               const c10::optional<at::Tensor> &cu_seqlens_k) {  // int32 (S + 1)
+    check_qkv(q, k, &v);
+    const c10::optional<Packed> packed = check_packed(cu_seqlens_q, cu_seqlens_k, q, k);
+    if (!packed) return ms_fwd_one(q, k, v, index, mask, rope_cos, rope_sin, block_q, block_k, merge, causal, scale);
+    return packed_fwd(*packed, q, k, v, index, check_mask(mask, k), block_q * merge,
+                      [&](auto q_s, auto k_s, auto v_s, auto index_s, auto mask_s) {
+                          return ms_fwd_one(q_s, k_s, v_s, index_s, mask_s, rope_cos, rope_sin, block_q, block_k,
+                                            merge, causal, scale);
+                      });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_bwd_one(
     const at::Tensor &dout,                        // (B, Hq, Nq, D)
     const c10::optional<at::Tensor> &dlse_,        // float32 (B, Hq, Nq)
     const at::Tensor &q,                           // (B, Hq, Nq, D)
@@ -255,6 +289,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_bwd_cuda(
     check_status(msattn_ms_bwd_dq_cuda(&p, stream_of()), "ms_bwd (dq)");
     check_status(msattn_ms_bwd_dkv_cuda(&p, stream_of()), "ms_bwd (dk, dv)");
     return {dq, dk, dv};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_bwd_cuda(
+    const at::Tensor &dout, const c10::optional<at::Tensor> &dlse, const at::Tensor &q, const at::Tensor &k,
+    const at::Tensor &v, const at::Tensor &out, const at::Tensor &lse, const at::Tensor &index,
+    const c10::optional<at::Tensor> &mask, const c10::optional<at::Tensor> &rope_cos,
+    const c10::optional<at::Tensor> &rope_sin, int64_t block_q, int64_t block_k, int64_t merge, bool causal,
+    double scale, const c10::optional<at::Tensor> &cu_seqlens_q,  // int32 (S + 1)
+    const c10::optional<at::Tensor> &cu_seqlens_k) {              // int32 (S + 1)
+    check_qkv(q, k, &v);
+    const c10::optional<Packed> packed = check_packed(cu_seqlens_q, cu_seqlens_k, q, k);
+    if (!packed)
+        return ms_bwd_one(dout, dlse, q, k, v, out, lse, index, mask, rope_cos, rope_sin, block_q, block_k, merge,
+                          causal, scale);
+    TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes() && lse.dim() == 3 &&
+                    lse.size(2) == q.size(2) && (!dlse.has_value() || dlse->sizes() == lse.sizes()),
+                "msattn: ms_bwd: dout and out must have q's shape ", shape_str(q), " and lse (and dlse) (B, Hq, Nq)"
+                ", got dout ", shape_str(dout), ", out ", shape_str(out), ", lse ", shape_str(lse));
+    return packed_bwd(*packed, dout, dlse.has_value() ? *dlse : at::Tensor(), q, k, v, out, lse, index,
+                      check_mask(mask, k), block_q * merge,
+                      [&](auto dout_s, auto dlse_s, auto q_s, auto k_s, auto v_s, auto out_s, auto lse_s,
+                          auto index_s, auto mask_s) {
+                          return ms_bwd_one(dout_s, dlse_s, q_s, k_s, v_s, out_s, lse_s, index_s, mask_s, rope_cos,
+                                            rope_sin, block_q, block_k, merge, causal, scale);
+                      });
 }
 
 }  // namespace

@@ -17,8 +17,10 @@ region-sum cache).
 ``generate()`` of a patched model uses its method's cache (:func:`msattn.hf.cache.new_cache`) unless
 the caller passes one: ``patch`` wraps the model's public ``generate`` to pass it, and ``unpatch``
 removes the wrapper. Padding masks from HF collators and ``generate()`` reach the kernels as a key
-padding mask; a mask a kernel cannot honour (packed sequences, custom patterns, a sliding window the
-method does not enforce) raises.
+padding mask; MS attention also takes transformers' padding-free batches (``position_ids`` restarting
+per sequence, ``DataCollatorWithFlattening``) as packed sequences. A mask a kernel cannot honour
+(packed sequences for SelfExtend and Infini-attention, custom patterns, a sliding window the method
+does not enforce) raises.
 """
 
 from __future__ import annotations

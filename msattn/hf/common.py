@@ -20,7 +20,8 @@ from ..config import MAX_HEAD_DIM
 from ..rope import compact_rope_tables
 
 __all__ = ["Method", "PatchRecord", "UnrotatedRotary", "attention_modules", "base_model", "cache_argument",
-           "call_record", "check_model", "check_queries_are_last", "decoder", "padding_mask", "record"]
+           "call_record", "check_model", "check_queries_are_last", "decoder", "packed_or_padding_mask", "padding_mask",
+           "record"]
 
 RECORD = "_msattn"  # the attribute that holds a PatchRecord, on the base model and on each attention module
 
@@ -186,19 +187,66 @@ def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
     return mask.contiguous()
 
 
+def _block_causal_offsets(mask_function, batch_size: int, length: int, device) -> torch.Tensor | None:
+    """The sequences of a padding-free batch: int32 ``(S + 1,)`` offsets over the ``batch_size * length``
+    tokens taken row after row (each row starts a sequence), or None when ``mask_function`` is not
+    block-causal. transformers builds such a mask function from ``position_ids`` that restart per
+    sequence; it is probed here with index tensors in O(length) calls, as its own mask builders call it:
+    a new sequence starts where a token does not see the one before it, and then every token must see
+    the first token of its sequence and neither the last token of the sequence before nor the next
+    token (a sliding window shorter than a sequence, or any other pattern, fails)."""
+    b = torch.arange(batch_size, device=device)[:, None]
+    i = torch.arange(length, device=device)[None, :]
+    seen = lambda q_idx, kv_idx: torch.as_tensor(mask_function(b, 0, q_idx, kv_idx), device=device).expand(  # noqa: E731
+        batch_size, q_idx.shape[-1]).bool()
+    starts = torch.ones(batch_size, length, dtype=torch.bool, device=device)
+    if length > 1:
+        starts[:, 1:] = ~seen(i[:, 1:], i[:, :-1])
+    first = torch.where(starts, i, 0).cummax(dim=1).values  # each token's sequence start
+    if not seen(i.expand(batch_size, -1), first).all():
+        return None
+    later = first > 0
+    if later.any() and seen(i.expand(batch_size, -1), (first - 1).clamp(min=0))[later].any():
+        return None
+    if length > 1 and seen(i[:, :-1], i[:, 1:]).any():
+        return None
+    flat = torch.nonzero(starts.reshape(-1)).reshape(-1)
+    end = torch.tensor([batch_size * length], device=device)
+    return torch.cat([flat, end]).to(torch.int32)
+
+
+def packed_or_padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0,
+                           mask_function=causal_mask_function, attention_mask=None, **kwargs):
+    """The mask function of MS attention: :func:`padding_mask`, and for transformers' padding-free
+    batches (``position_ids`` restarting per sequence, no attention mask and no cache, e.g. from
+    ``DataCollatorWithFlattening``) the sequences' offsets instead: int32 ``(S + 1,)`` over the
+    ``B * L`` tokens row after row, which the attention function passes to the kernels as
+    ``cu_seqlens``."""
+    if (mask_function is not causal_mask_function and attention_mask is None and q_length == kv_length
+            and isinstance(q_offset, int) and q_offset == 0 and kv_offset == 0):
+        offsets = _block_causal_offsets(mask_function, batch_size, q_length, kwargs.get("device") or "cpu")
+        if offsets is not None:
+            return offsets
+    return padding_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask)
+
+
 def call_record(module, method: Method, attention_mask, dropout, sliding_window=None, *,
-                unpatched_ok: bool = False) -> PatchRecord | None:
+                unpatched_ok: bool = False, packed_ok: bool = False) -> PatchRecord | None:
     """The record ``patch`` left on an attention module, after the checks every msattn attention
-    function makes of its call: no dropout, the mask is msattn's 2-D key padding mask (bool ``(B, N)``)
-    or None, no sliding window (pass None where the method enforces one), and the module is patched for
-    ``method``. With ``unpatched_ok`` a module ``patch`` never saw gives None (``attn_implementation=``
-    alone); otherwise it is an error."""
+    function makes of its call: no dropout, the mask is msattn's 2-D key padding mask (bool ``(B, N)``),
+    None, or with ``packed_ok`` the int32 ``(S + 1,)`` offsets of :func:`packed_or_padding_mask`, no
+    sliding window (pass None where the method enforces one), and the module is patched for ``method``.
+    With ``unpatched_ok`` a module ``patch`` never saw gives None (``attn_implementation=`` alone);
+    otherwise it is an error."""
     if sliding_window is not None:
         raise NotImplementedError(f"msattn: the model uses a sliding window of {sliding_window} tokens, which "
                                   f"{method.name} does not implement; set model.config.sliding_window = None")
     if dropout:
         raise ValueError(f"msattn: attention dropout is not supported, got dropout={dropout}")
-    if attention_mask is not None and attention_mask.dim() != 2:
+    if attention_mask is not None and attention_mask.dim() == 1 and not packed_ok:
+        raise NotImplementedError(f"msattn: {method.name} does not take packed sequences (a padding-free batch); "
+                                  "pad the batch instead")
+    if attention_mask is not None and attention_mask.dim() not in ((1, 2) if packed_ok else (2,)):
         raise ValueError("msattn: expected the 2-D key padding mask of msattn's mask function, got a mask of "
                          f"shape {tuple(attention_mask.shape)}; was the model patched with msattn.hf.patch?")
     rec = getattr(module, RECORD, None)

@@ -1,7 +1,9 @@
 """MS attention as a transformers attention implementation, ``"msattn"``.
 
 The attention function receives ``(B, H, N, D)`` q, k, v from the model's attention layers (k and v not
-repeated for GQA) and the key padding mask from :func:`msattn.hf.common.padding_mask`; with
+repeated for GQA) and the key padding mask from :func:`msattn.hf.common.packed_or_padding_mask`, or for
+transformers' padding-free batches (``DataCollatorWithFlattening``) the sequences' offsets, which reach
+the kernels as ``cu_seqlens``; with
 ``MSConfig(rope="selected")`` the model's rotary embedding is wrapped (:class:`UnrotatedRotary`) and
 the kernel rotates the selected tokens with compact positions (DESIGN section 3). Layers outside
 ``MSConfig.layers`` run the same kernel with every region selected: exact dense attention. An
@@ -19,7 +21,7 @@ import math
 from ..config import MSConfig
 from ..functional import ms_attention, ms_select
 from .cache import MSCache
-from .common import Method, call_record, padding_mask
+from .common import Method, call_record, packed_or_padding_mask
 
 __all__ = ["METHOD", "attention_forward"]
 
@@ -32,11 +34,13 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
 
     Args:
         query: ``(B, Hq, Nq, D)``, the last ``Nq`` of ``N`` positions; key, value: ``(B, Hkv, N, D)``.
-        attention_mask: from :func:`msattn.hf.common.padding_mask`, bool ``(B, N)`` or None.
+        attention_mask: from :func:`msattn.hf.common.packed_or_padding_mask`: bool ``(B, N)``, None, or
+            for a padding-free batch the sequences' int32 ``(S + 1,)`` offsets over the ``B * N`` tokens.
     Returns:
         ``(out (B, Nq, Hq, D), None)``.
     """
-    rec = call_record(module, METHOD, attention_mask, dropout, kwargs.get("sliding_window"), unpatched_ok=True)
+    rec = call_record(module, METHOD, attention_mask, dropout, kwargs.get("sliding_window"), unpatched_ok=True,
+                      packed_ok=True)
     cfg, rotary = (DEFAULT, None) if rec is None else (rec.config, rec.rotary)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     n = key.shape[2]
@@ -48,7 +52,17 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     if rotary is not None:  # compact positions stay below topk * block_k + span, whatever n is
         tables = rotary.tables(cfg.topk * cfg.block_k + cfg.span, query.device)
     kw = dict(block_q=cfg.block_q, block_k=cfg.block_k, merge=cfg.merge, topk=cfg.topk, local=cfg.local,
-              causal=causal, key_padding_mask=attention_mask)
+              causal=causal)
+    if attention_mask is not None and attention_mask.dim() == 1:  # packed: the B rows' tokens as one batch row
+        b, nq = query.shape[0], query.shape[2]
+
+        def flat(x):
+            return x.transpose(1, 2).reshape(1, -1, x.shape[1], x.shape[3]).transpose(1, 2)
+
+        out = ms_attention(flat(query), flat(key), flat(value), scale=scaling, rotary=tables,
+                           cu_seqlens_q=attention_mask, **kw)
+        return out.transpose(1, 2).reshape(b, nq, out.shape[1], out.shape[3]), None
+    kw["key_padding_mask"] = attention_mask
     index = None
     layer = getattr(key, "_msattn_layer", None)  # an MSCache layer (weak reference): select from its region sums
     layer = layer() if layer is not None else None
@@ -72,7 +86,7 @@ METHOD = Method(
     config=MSConfig,
     attn_implementation="msattn",
     attention=attention_forward,
-    mask=padding_mask,
+    mask=packed_or_padding_mask,
     model_types=("llama", "mistral", "qwen2"),
     sliding_window=False,
     unrotated=_unrotated,
