@@ -45,3 +45,20 @@ def median_ms(fn, warmup: int, repeats: int, device: torch.device = torch.device
         sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def interleaved_median_ms(fns: dict, warmup: int, repeats: int, device: torch.device = torch.device("cpu")) -> dict:
+    """``{name: median ms}`` of each ``fns[name]()``, the calls taken in turn (one of each per round), so
+    that a machine whose speed drifts during the run slows every candidate alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
