@@ -74,6 +74,22 @@ def test_compile_fullgraph_matches_eager():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_compile_fullgraph_packed_sequences():
+    """The packed selection's group count depends on the offsets' values (a dynamic size in the fake kernel)."""
+    q, k, v = (torch.randn(1, h, 90, 16, requires_grad=True) for h in (4, 2, 2))
+    cu = torch.tensor([0, 30, 90], dtype=torch.int32)
+
+    def f(q, k, v, cu):
+        out = msattn.ms_attention(q, k, v, block_q=4, block_k=4, merge=2, topk=3, cu_seqlens_q=cu)
+        return (out * out).sum()
+
+    compiled = torch.compile(f, fullgraph=True)
+    eager = f(q, k, v, cu)
+    torch.testing.assert_close(compiled(q, k, v, cu), eager, rtol=1e-6, atol=0)
+    for a, b in zip(torch.autograd.grad(eager, (q, k, v)), torch.autograd.grad(compiled(q, k, v, cu), (q, k, v))):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_isa_switch():
     assert msattn.isa() in ("amx", "avx512", "avx2", "scalar")
     msattn.set_isa("scalar")
