@@ -88,12 +88,21 @@ typedef struct {
     int block_q, block_k, merge, topk, causal;
     int local;                    /* 0 <= local <= topk: a ranking group first takes the valid regions of
                                    * msattn_local_regions, then topk - (their number) ranked ones */
+    int coarse_regions;           /* 0: exact ranking. >= 1: multi-scale ranking: coarse region J holds the
+                                   * key regions [J * coarse_regions, (J + 1) * coarse_regions); each ranking
+                                   * query region ranks the coarse regions holding a candidate of its group
+                                   * by qbar . csum_J / ccount_J, keeps the best coarse_topk, and ranks only
+                                   * the candidates inside them (its list may then hold fewer than T) */
+    int coarse_topk;              /* >= 1 with coarse_regions; 0 without */
     msattn_dtype dtype;
     msattn_view q;                /* (B, Hq, Nq, D) */
     msattn_view k;                /* (B, Hkv, N, D) */
     const uint8_t *key_mask;      /* (B, N) at row stride mask_sb, 1 = real token; NULL: all real */
     int64_t mask_sb;
     msattn_region_sums ksum;      /* the N keys' region sums: a workspace, or a cache's */
+    msattn_region_sums csum;      /* multi-scale only, a workspace: (B, Hkv, NC, D) and (B, Hkv, NC), NC = cdiv(NK,
+                                   * coarse_regions): the coarse regions' sums, each the float rounding of its
+                                   * regions' float sums added in double in ascending order, and counts */
     int sums_given;               /* 1: ksum already holds the sums of all N keys (a cache's) */
     /* workspaces, written by msattn_region_means_cpu and read by msattn_select_cpu */
     double *qbar;                 /* (B, Hkv, NA, D) query-region means summed over the GQA group */
@@ -124,6 +133,8 @@ int msattn_region_means_cpu(const msattn_select_params *p, int64_t begin, int64_
 int msattn_region_sums_append_cpu(msattn_region_sums s, msattn_view k, msattn_dtype dtype,
                                   const uint8_t *mask, int64_t mask_sb, int Hkv, int D, int block_k,
                                   int64_t t0, int64_t t1, int64_t begin, int64_t end);
+/* multi-scale only, after msattn_region_means_cpu: the coarse regions' sums. items: (b, h, J) for J < NC */
+int msattn_coarse_sums_cpu(const msattn_select_params *p, int64_t begin, int64_t end);
 /* items: (b, h, g) for b < B, h < Hkv, g < G; consecutive groups of one (b, h) score their candidates
  * together, up to msattn_select_tile_groups(p) of them: give it ranges of that many */
 int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end, void *scratch);

@@ -34,6 +34,10 @@ class MSConfig:
         local: of these, how many are always the regions just before the group (``0 <= local <=
             topk``; see :func:`msattn.ms_select`): with small groups, the first tokens of each group
             otherwise lose their nearest context whenever ranking does not pick it. 0: the authors' rule.
+        coarse_regions, coarse_topk: multi-scale selection (see :func:`msattn.ms_select`): each query
+            region ranks coarse regions of ``coarse_regions`` key regions, keeps the best ``coarse_topk``
+            and ranks only the key regions inside them, sub-quadratic in the length. ``0, 0``: exact
+            selection (the authors'). CPU only for now.
         rope: ``"inputs"``: the model rotates q and k before attention (fine-tuning a pretrained
             model; selection sees rotated vectors). ``"selected"``: q and k reach the kernel
             un-rotated; selection uses un-rotated means and the kernel rotates selected tokens with
@@ -47,6 +51,8 @@ class MSConfig:
     merge: int = 64
     topk: int = 448
     local: int = 0
+    coarse_regions: int = 0
+    coarse_topk: int = 0
     rope: str = "inputs"
     layers: Sequence[int] | None = field(default=None)
 
@@ -63,6 +69,13 @@ class MSConfig:
                              f"{self.block_q} * {self.merge}")
         if not isinstance(self.local, int) or isinstance(self.local, bool) or not 0 <= self.local <= self.topk:
             raise ValueError(f"MSConfig.local must be an int in [0, topk = {self.topk}], got {self.local!r}")
+        for name in ("coarse_regions", "coarse_topk"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_BLOCK:
+                raise ValueError(f"MSConfig.{name} must be an int in [0, {MAX_BLOCK}], got {value!r}")
+        if (self.coarse_regions == 0) != (self.coarse_topk == 0):
+            raise ValueError("MSConfig: coarse_regions and coarse_topk are both 0 (exact selection) or both >= 1 "
+                             f"(multi-scale), got {self.coarse_regions} and {self.coarse_topk}")
         if (self.merge * self.block_q) % self.block_k != 0:
             raise ValueError(f"MSConfig: merge * block_q must be a multiple of block_k, got "
                              f"{self.merge} * {self.block_q} and {self.block_k}")

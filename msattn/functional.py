@@ -45,6 +45,8 @@ def ms_select(
     topk: int = 448,
     causal: bool = True,
     local: int = 0,
+    coarse_regions: int = 0,
+    coarse_topk: int = 0,
     key_padding_mask: torch.Tensor | None = None,
     key_sums: torch.Tensor | None = None,
     key_counts: torch.Tensor | None = None,
@@ -75,6 +77,15 @@ def ms_select(
             selects (counted in ``topk``): the tokens at the start of a group keep their nearest
             context, which ranking by region means cannot tell from any other region. 0 (default):
             DESIGN section 1's rule.
+        coarse_regions: 0 (default): exact ranking. ``s >= 1``: multi-scale ranking, sub-quadratic in
+            ``N``: coarse region ``J`` holds key regions ``[J*s, (J+1)*s)``, summarised by the mean of
+            their valid keys; each ranking query region ranks the coarse regions holding a candidate
+            of its group (same rule: descending, ties to the lower ``J``), keeps the best
+            ``coarse_topk``, and ranks only the candidates inside them, so its list may hold fewer
+            than ``topk`` regions. Scores per query region: ``N/(block_k*s) + coarse_topk*s``
+            instead of ``N/block_k``. Keeping every coarse region gives the exact selection.
+            CPU only for now.
+        coarse_topk: coarse regions kept per query region (``>= 1`` with ``coarse_regions``).
         key_padding_mask: bool ``(B, N)``, True for real tokens (HF's ``attention_mask``). Padded
             keys do not count in means; padded queries do not rank; empty regions are never chosen.
         key_sums, key_counts: a cache's region summaries of all ``N`` keys (float32
@@ -90,7 +101,7 @@ def ms_select(
     """
     cu_q, cu_k = _offsets("msattn.ms_select", cu_seqlens_q, cu_seqlens_k)
     return ops.ms_select(q, k, key_padding_mask, key_sums, key_counts, block_q, block_k, merge, topk, causal, local,
-                         cu_q, cu_k)
+                         coarse_regions, coarse_topk, cu_q, cu_k)
 
 
 def ms_attention(
@@ -104,6 +115,8 @@ def ms_attention(
     topk: int = 448,
     causal: bool = True,
     local: int = 0,
+    coarse_regions: int = 0,
+    coarse_topk: int = 0,
     scale: float | None = None,
     key_padding_mask: torch.Tensor | None = None,
     return_lse: bool = False,
@@ -126,7 +139,8 @@ def ms_attention(
             against a cache. Any strides; float32, float64, bfloat16 or float16 (16-bit inputs
             accumulate in float32); head dim 1..256.
         k, v: ``(B, Hkv, N, D)`` with ``Hq % Hkv == 0``.
-        block_q, block_k, merge, topk, causal, local: see :func:`ms_select` (defaults: the authors').
+        block_q, block_k, merge, topk, causal, local, coarse_regions, coarse_topk: see :func:`ms_select`
+            (defaults: the authors').
         scale: softmax scale, default ``1 / sqrt(D)``.
         key_padding_mask: bool ``(B, N)``, True for real tokens. Padded keys are never attended; a
             query with no visible key outputs zeros (and lse ``-inf``).
@@ -156,7 +170,7 @@ def ms_attention(
     cu_q, cu_k = _offsets("msattn.ms_attention", cu_seqlens_q, cu_seqlens_k)
     if index is None:
         index = ops.ms_select(q, k, key_padding_mask, None, None, block_q, block_k, merge, topk, causal, local,
-                              cu_q, cu_k)
+                              coarse_regions, coarse_topk, cu_q, cu_k)
     out, lse = ops.ms_fwd(q, k, v, index, key_padding_mask, cos, sin, block_q, block_k, merge, causal, scale,
                           cu_q, cu_k)
     return (out, lse) if return_lse else out

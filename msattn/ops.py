@@ -50,7 +50,7 @@ def num_groups(n: int, nq: int, span: int) -> int:
 
 @torch.library.register_fake("msattn::ms_select")
 def _ms_select_fake(q, k, key_padding_mask, key_sums, key_counts, block_q, block_k, merge, topk, causal, local=0,
-                    cu_seqlens_q=None, cu_seqlens_k=None):
+                    coarse_regions=0, coarse_topk=0, cu_seqlens_q=None, cu_seqlens_k=None):
     _same_device("q", dict(q=q, k=k, key_padding_mask=key_padding_mask, key_sums=key_sums, key_counts=key_counts,
                            cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k))
     if cu_seqlens_q is None:

@@ -15,11 +15,14 @@ def groups_of_call(n: int, nq: int, span: int) -> range:
     return range((n - nq) // span, (n - 1) // span + 1) if nq > 0 else range(0)
 
 
-def select_ref(q, k, *, block_q, block_k, merge, topk, causal=True, local=0, key_padding_mask=None):
+def select_ref(q, k, *, block_q, block_k, merge, topk, causal=True, local=0, key_padding_mask=None,
+               coarse_regions=0, coarse_topk=0):
     """DESIGN 1.1-1.5 -> int32 (B, Hkv, G, topk), ascending, -1 padded. Key regions are summarised by
     float32 sums and counts (score = qbar . sum / count, in float64), as the kernels do. ``local``: a
     group that ranks (and has a valid query) first takes the non-empty regions among the ``local``
-    just before its first token."""
+    just before its first token. ``coarse_regions`` > 0: multi-scale ranking, each query region ranks
+    only the candidates inside its best ``coarse_topk`` coarse regions (the float rounding of their
+    regions' float sums added in float64 in order, over their counts)."""
     q, k = q.double(), k.double()
     B, Hq, Nq, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]
@@ -38,6 +41,14 @@ def select_ref(q, k, *, block_q, block_k, merge, topk, causal=True, local=0, key
                 if mask[b, t]:
                     ksum[t // block_k] += k[b, h, t].float()
             kbar_sum = ksum.double()
+            if coarse_regions:
+                nc = math.ceil(nk / coarse_regions)
+                csum = torch.zeros(nc, D, dtype=torch.float64)
+                for j in range(nk):  # in ascending order, as the kernels add them
+                    if kcount[j] > 0:
+                        csum[j // coarse_regions] += ksum[j].double()
+                csum = csum.float().double()
+                ccount = [sum(kcount[j * coarse_regions:(j + 1) * coarse_regions]) for j in range(nc)]
             for gi, g in enumerate(groups):
                 s_g, e_g = g * span, (g + 1) * span
                 if causal:
@@ -55,14 +66,22 @@ def select_ref(q, k, *, block_q, block_k, merge, topk, causal=True, local=0, key
                     if not pos:
                         continue
                     qbar = qsum[b, h, [t - (N - Nq) for t in pos]].mean(0)
-                    scores = (kbar_sum[cand_t] @ qbar) / torch.tensor([kcount[j] for j in cand], dtype=torch.float64)
+                    mine = cand_t
+                    if coarse_regions:
+                        coarse = torch.tensor(sorted({j // coarse_regions for j in cand}))
+                        cscores = (csum[coarse] @ qbar) / torch.tensor([ccount[c] for c in coarse.tolist()],
+                                                                        dtype=torch.float64)
+                        kept = set(coarse[torch.sort(cscores, descending=True, stable=True).indices[:coarse_topk]].tolist())
+                        mine = torch.tensor([j for j in cand if j // coarse_regions in kept])
+                    scores = (kbar_sum[mine] @ qbar) / torch.tensor([kcount[j] for j in mine.tolist()],
+                                                                    dtype=torch.float64)
                     order = torch.sort(scores, descending=True, stable=True).indices  # ties: lower j first
-                    lists.append(cand_t[order[:topk]].tolist())
+                    lists.append(mine[order[:topk]].tolist())
                 near = range(max(0, s_g // block_k - local), s_g // block_k)
                 chosen = [j for j in near if kcount[j] > 0] if lists else []
                 for r in range(topk):
                     for lst in lists:
-                        if len(chosen) < topk and lst[r] not in chosen:
+                        if len(chosen) < topk and r < len(lst) and lst[r] not in chosen:
                             chosen.append(lst[r])
                 chosen.sort()
                 out[b, h, gi, :len(chosen)] = torch.tensor(chosen, dtype=torch.int32)

@@ -81,6 +81,67 @@ def test_select_equals_reference(case, pad, dtype, local):
     assert torch.equal(got, want)
 
 
+MULTISCALE_CASES = [  # SELECT_CASES' shapes with (coarse_regions, coarse_topk): partial last coarse regions,
+    # coarse regions straddling a group's own span (non-causal), lists shorter than topk, s = 1
+    (*SELECT_CASES[0], 4, 2), (*SELECT_CASES[0], 3, 1), (*SELECT_CASES[1], 2, 1), (*SELECT_CASES[2], 5, 2),
+    (*SELECT_CASES[3], 3, 2), (*SELECT_CASES[4], 3, 2), (*SELECT_CASES[5], 4, 3), (*SELECT_CASES[5], 1, 7),
+]
+
+
+@pytest.mark.parametrize("case", MULTISCALE_CASES, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("pad", [None, "left"])
+@pytest.mark.parametrize("local", [0, 1])
+def test_multiscale_select_equals_reference_on_every_isa(case, pad, local):
+    B, Hq, Hkv, Nq, N, D, bq, bk, merge, topk, causal, coarse, coarse_topk = case
+    q, k, _ = make_qkv(B, Hq, Hkv, Nq, N, D, torch.float32)
+    mask = make_mask(B, N, pad)
+    kw = dict(block_q=bq, block_k=bk, merge=merge, topk=topk, causal=causal, local=local, key_padding_mask=mask,
+              coarse_regions=coarse, coarse_topk=coarse_topk)
+    want = select_ref(q, k, **kw)
+    for name in RUNNABLE_ISAS:
+        msattn.set_isa(name)
+        try:
+            assert torch.equal(msattn.ms_select(q, k, **kw), want), name
+        finally:
+            msattn.set_isa("auto")
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_multiscale_select_keeping_every_coarse_region_is_exact(causal):
+    q, k, _ = make_qkv(2, 4, 2, 700, 700, 16, torch.float32)
+    mask = make_mask(2, 700, "left")
+    kw = dict(block_q=4, block_k=4, merge=4, topk=6, causal=causal, key_padding_mask=mask)
+    exact = msattn.ms_select(q, k, **kw)
+    assert torch.equal(msattn.ms_select(q, k, coarse_regions=8, coarse_topk=22, **kw), exact)  # 22 = cdiv(175, 8)
+    assert torch.equal(msattn.ms_select(q, k, coarse_regions=1, coarse_topk=6, **kw), exact)  # the top 6 regions
+    coarse = msattn.ms_select(q, k, coarse_regions=8, coarse_topk=2, **kw)
+    assert not torch.equal(coarse, exact)
+    # what it keeps is what exact ranking keeps among the candidates of fewer regions: a subset of each
+    # group's candidates, and every group that ranks still selects topk regions (16 candidates kept >= 6)
+    assert ((coarse >= 0).sum(-1) == (exact >= 0).sum(-1)).all()
+
+
+def test_multiscale_select_from_a_cache_equals_from_keys():
+    q, k, _ = make_qkv(1, 4, 2, 1, 600, 16, torch.float32)
+    kw = dict(block_q=4, block_k=4, merge=2, topk=5, coarse_regions=6, coarse_topk=3)
+    sums = torch.zeros(1, 2, 150, 16)
+    counts = torch.zeros(1, 2, 150, dtype=torch.int32)
+    torch.ops.msattn.ms_region_sums_append_(sums, counts, k, None, 0, 4)
+    assert torch.equal(msattn.ms_select(q, k, key_sums=sums, key_counts=counts, **kw), msattn.ms_select(q, k, **kw))
+
+
+@pytest.mark.parametrize("coarse_regions,coarse_topk,message", [
+    (-1, 1, r"coarse_regions must lie in \[0, "),
+    (0, 2, "coarse_topk needs coarse_regions >= 1"),
+    (4, 0, r"coarse_topk must lie in \[1, "),
+])
+def test_multiscale_select_rejects_bad_parameters(coarse_regions, coarse_topk, message):
+    q, k, _ = make_qkv(1, 2, 1, 64, 64, 8, torch.float32)
+    with pytest.raises(RuntimeError, match=message):
+        msattn.ms_select(q, k, block_q=4, block_k=4, merge=2, topk=3, coarse_regions=coarse_regions,
+                         coarse_topk=coarse_topk)
+
+
 def test_select_local_regions():
     # every ranking group holds the `local` regions just before it, and local = topk selects only them
     q, k, _ = make_qkv(1, 4, 2, 256, 256, 8, torch.float32)

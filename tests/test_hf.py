@@ -226,6 +226,10 @@ def test_bad_configs():
         msattn.MSConfig(local=-1)
     with pytest.raises(ValueError, match="MSConfig.rope must be one of"):
         msattn.MSConfig(rope="everywhere")
+    with pytest.raises(ValueError, match="coarse_regions and coarse_topk are both 0"):
+        msattn.MSConfig(coarse_regions=4)
+    with pytest.raises(ValueError, match=r"MSConfig.coarse_topk must be an int in \[0, "):
+        msattn.MSConfig(coarse_regions=4, coarse_topk=-1)
     with pytest.raises(ValueError, match="names layers beyond"):
         msattn.hf.patch(tiny(), msattn.MSConfig(layers=(0, 5)))
     with pytest.raises(ValueError, match="head dim 512"):
@@ -565,3 +569,21 @@ def test_padding_free_batches_are_refused_by_the_methods_without_them(config):
     positions = torch.tensor([list(range(25)) + list(range(15))])
     with pytest.raises(NotImplementedError, match="packed sequences|mask pattern"):
         model(ids, position_ids=positions, use_cache=False)
+
+
+def test_multiscale_selection_in_a_patched_model():
+    """MSConfig(coarse_regions=, coarse_topk=) reaches the selection: keeping every coarse region gives
+    the exact model's logits bit for bit, keeping one changes them; generation with the cache runs."""
+    model = tiny()
+    ids = torch.randint(3, 97, (1, 200))
+    logits = {}
+    for name, coarse in (("exact", {}), ("all", dict(coarse_regions=4, coarse_topk=13)),
+                         ("one", dict(coarse_regions=4, coarse_topk=1))):
+        msattn.hf.patch(model, msattn.MSConfig(block_q=4, block_k=4, merge=2, topk=3, **coarse))
+        with torch.no_grad():
+            logits[name] = model(ids).logits
+        if name == "one":
+            assert model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0).shape == (1, 204)
+        msattn.hf.unpatch(model)
+    assert torch.equal(logits["all"], logits["exact"])
+    assert not torch.allclose(logits["one"], logits["exact"], rtol=1e-4, atol=1e-4)

@@ -101,9 +101,10 @@ static int ms_cmp_int32(const void *a, const void *b) {
 }
 
 /* a ranking group's selection: first the valid regions of `local` (msattn_local_regions), then nl
- * sorted lists of t regions each (list l at lists + l*t) interleaved rank by rank, skipping
- * duplicates, until t distinct regions are in out; then sort out ascending and pad with -1. A group
- * with no list (no valid query ranks) selects nothing. seen: NK bytes, all zero on entry and on return. */
+ * sorted lists of t regions each (list l at lists + l*t; a multi-scale list shorter than t ends in -1)
+ * interleaved rank by rank, skipping duplicates, until t distinct regions are in out; then sort out
+ * ascending and pad with -1. A group with no list (no valid query ranks) selects nothing. seen: NK
+ * bytes, all zero on entry and on return. */
 static void ms_interleave(int32_t *out, const int32_t *lists, int nl, int t, msattn_range local,
                           const int32_t *kcount, uint8_t *seen) {
     int n = 0;
@@ -112,7 +113,7 @@ static void ms_interleave(int32_t *out, const int32_t *lists, int nl, int t, msa
     for (int r = 0; r < t && n < t; ++r)
         for (int l = 0; l < nl && n < t; ++l) {
             int32_t j = lists[(int64_t)l * t + r];
-            if (!seen[j]) { seen[j] = 1; out[n++] = j; }
+            if (j >= 0 && !seen[j]) { seen[j] = 1; out[n++] = j; }
         }
     for (int i = 0; i < n; ++i) seen[out[i]] = 0;
     qsort(out, (size_t)n, sizeof(int32_t), ms_cmp_int32);
@@ -169,7 +170,7 @@ int msattn_region_sums_append_cpu(msattn_region_sums s, msattn_view k, msattn_dt
 size_t msattn_select_panel_floats(const msattn_select_params *p) {
     const int64_t NK = msattn_num_key_regions(p->N, p->block_k);
     const int64_t NA = msattn_num_query_regions(p->N, p->Nq, p->block_q);
-    if (NA < MS_SCREEN_QUERIES || NK == 0) return 0;
+    if (NA < MS_SCREEN_QUERIES || NK == 0 || p->coarse_regions > 0) return 0; /* multi-scale scores exactly */
     return (size_t)p->B * p->Hkv * msattn_cdiv(NK, MSATTN_TILE) * (p->D + 2) * MSATTN_TILE;
 }
 
@@ -252,6 +253,29 @@ int msattn_region_means_cpu(const msattn_select_params *p, int64_t begin, int64_
         p->qcount[bh * NA + a] = count;
         if (count > 0)
             for (int64_t d = 0; d < D; ++d) acc[d] /= count;
+    }
+    return MSATTN_OK;
+}
+
+/* coarse region J of head (b, h): its regions' float sums added in double in ascending order, rounded to
+ * float once, and their counts (the CUDA kernel adds in the same order) */
+int msattn_coarse_sums_cpu(const msattn_select_params *p, int64_t begin, int64_t end) {
+    const int64_t D = p->D, S = p->coarse_regions, NK = msattn_num_key_regions(p->N, p->block_k);
+    const int64_t NC = msattn_cdiv(NK, S);
+    for (int64_t w = begin; w < end; ++w) {
+        const int64_t J = w % NC, bh = w / NC, b = bh / p->Hkv, h = bh % p->Hkv;
+        const float *sum = p->ksum.sum + b * p->ksum.sum_sb + h * p->ksum.sum_sh;
+        const int32_t *count = p->ksum.count + b * p->ksum.count_sb + h * p->ksum.count_sh;
+        double acc[MSATTN_MAX_HEAD_DIM] = {0};
+        int64_t n = 0;
+        for (int64_t j = J * S; j < msattn_min64((J + 1) * S, NK); ++j) {
+            if (count[j] == 0) continue;
+            n += count[j];
+            for (int64_t d = 0; d < D; ++d) acc[d] += (double)sum[j * D + d];
+        }
+        float *out = p->csum.sum + b * p->csum.sum_sb + h * p->csum.sum_sh + J * D;
+        for (int64_t d = 0; d < D; ++d) out[d] = (float)acc[d];
+        p->csum.count[b * p->csum.count_sb + h * p->csum.count_sh + J] = (int32_t)n;
     }
     return MSATTN_OK;
 }
@@ -345,6 +369,7 @@ typedef struct {
     int32_t *sub;            /* a batch's region ids (MS_SCORE_BLOCK) */
     int32_t *cand;           /* candidates (NK) */
     int32_t *npend, *pend;   /* survivors waiting for exact scores: per query region their number and list (Q, Q * MS_PENDING) */
+    ms_rank *coarse;         /* multi-scale: a query region's kept coarse regions (min(coarse_topk, NC)) */
     uint16_t *q16;           /* the means as two bf16 parts for the AMX screen ((Q + 16) * 2 * DP) */
     uint16_t *gq16;          /* up to sixteen of them gathered (16 * 2 * DP) */
     uint8_t *seen;           /* interleaving marks (NK) */
@@ -404,6 +429,8 @@ static size_t ms_select_carve(const msattn_select_params *p, void *base, ms_sele
     s->q16 = ms_take(&a, (Q + 16) * 2 * DP, sizeof(uint16_t));
     s->gq16 = ms_take(&a, 16 * 2 * DP, sizeof(uint16_t));
     s->seen = ms_take(&a, NK, 1);
+    s->coarse = ms_take(&a, p->coarse_regions > 0 ? msattn_min64(p->coarse_topk, msattn_cdiv(NK, p->coarse_regions)) : 0,
+                        sizeof(ms_rank));
     return a.off;
 }
 
@@ -424,6 +451,63 @@ static void ms_offer_exact(const msattn_simd_ops *ops, ms_rank *heap, int64_t *f
         const ms_rank x = {ms_order_key(scores[c]), sub[c]};
         ms_heap_offer(heap, fill, T, x);
         if (*fill == T) worst = ms_key_score(heap[0].key);
+    }
+}
+
+/* Multi-scale ranking of a tile's ranking groups (coarse_regions > 0): per group the coarse regions
+ * holding a candidate, then per query region its top coarse_topk of them, scored exactly from the
+ * coarse sums into the `coarse` heap, and the candidates inside those, scored exactly into the
+ * region's heap. Groups t < nt of the tile start at absolute group ga0; query regions first[t].. of
+ * group t rank (ranks[t]), up to last[t]. Cost per query region: NC + coarse_topk * coarse_regions exact scores
+ * instead of NK. */
+static void ms_select_multiscale(const msattn_select_params *p, const msattn_simd_ops *ops, int64_t b, int64_t h,
+                                 int64_t ga0, int64_t nt, const int32_t *ranks, const int32_t *first,
+                                 const int32_t *last, const double **qbs, ms_rank *heaps, int64_t *fill, ms_rank *coarse, int32_t *cand,
+                                 int32_t *sub, double *scores, int32_t *keep) {
+    const int64_t N = p->N, D = p->D, T = p->topk, S = p->coarse_regions, span = msattn_span(p->block_q, p->merge);
+    const int64_t NK = msattn_num_key_regions(N, p->block_k), NC = msattn_cdiv(NK, S);
+    const int64_t TH = msattn_min64(T, NK), CT = msattn_min64(p->coarse_topk, NC);
+    const int32_t *kcount = p->ksum.count + b * p->ksum.count_sb + h * p->ksum.count_sh;
+    const float *ksum = p->ksum.sum + b * p->ksum.sum_sb + h * p->ksum.sum_sh;
+    const int32_t *ccount = p->csum.count + b * p->csum.count_sb + h * p->csum.count_sh;
+    const float *csum = p->csum.sum + b * p->csum.sum_sb + h * p->csum.sum_sh;
+    for (int64_t t = 0; t < nt; ++t) {
+        if (!ranks[t]) continue;
+        const int64_t ga = ga0 + t;
+        /* the group's candidates are [0, limit) (causal) or all but its own regions [o.begin, o.end) */
+        const msattn_range o = msattn_group_own_regions(ga, span, p->block_k, N);
+        const int64_t limit = p->causal ? ga * span / p->block_k : NK;
+        int64_t nc = 0;
+        for (int64_t J = 0; J < NC && J * S < limit; ++J) {
+            const int64_t lo = J * S, hi = msattn_min64(lo + S, NK);
+            int holds = 0;
+            if (hi <= limit && (p->causal || hi <= o.begin || lo >= o.end)) {
+                holds = ccount[J] > 0; /* every region of J is a candidate position */
+            } else {
+                for (int64_t j = lo; j < hi && !holds; ++j)
+                    holds = kcount[j] > 0 && msattn_is_candidate(j, ga, span, p->block_k, N, p->causal);
+            }
+            if (holds) cand[nc++] = (int32_t)J;
+        }
+        for (int64_t i = first[t]; i < last[t]; ++i) {
+            int64_t kept = 0;
+            for (int64_t c0 = 0; c0 < nc; c0 += MS_SCORE_BLOCK)
+                ms_offer_exact(ops, coarse, &kept, CT, qbs[i], csum, ccount, cand + c0,
+                               (int)msattn_min64(MS_SCORE_BLOCK, nc - c0), D, scores, keep);
+            int m = 0;
+            for (int64_t c = 0; c < kept; ++c) {
+                const int64_t lo = (int64_t)coarse[c].j * S, hi = msattn_min64(lo + S, NK);
+                for (int64_t j = lo; j < hi; ++j) {
+                    if (kcount[j] == 0 || !msattn_is_candidate(j, ga, span, p->block_k, N, p->causal)) continue;
+                    sub[m++] = (int32_t)j;
+                    if (m == MS_SCORE_BLOCK) {
+                        ms_offer_exact(ops, heaps + i * TH, &fill[i], T, qbs[i], ksum, kcount, sub, m, D, scores, keep);
+                        m = 0;
+                    }
+                }
+            }
+            if (m > 0) ms_offer_exact(ops, heaps + i * TH, &fill[i], T, qbs[i], ksum, kcount, sub, m, D, scores, keep);
+        }
     }
 }
 
@@ -548,6 +632,7 @@ int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end,
     int32_t *cand = sc.cand, *npend = sc.npend, *pend = sc.pend;
     uint16_t *q16 = sc.q16, *gq16 = sc.gq16;
     uint8_t *seen = sc.seen;
+    ms_rank *coarse = sc.coarse;
     const int64_t DP = msattn_cdiv(D, 32) * 32;
     memset(seen, 0, (size_t)NK);
 
@@ -587,7 +672,9 @@ int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end,
                 }
             last[t] = (int32_t)nq;
         }
-        if (any && nq >= MS_SCREEN_QUERIES && p->kpanel != NULL) {
+        if (any && p->coarse_regions > 0) {
+            ms_select_multiscale(p, ops, b, h, g0 + gi0, nt, ranks, first, last, qbs, heaps, fill, coarse, cand, sub, scores, keep);
+        } else if (any && nq >= MS_SCREEN_QUERIES && p->kpanel != NULL) {
             const int amx = ops->screen_amx != NULL && p->kpanel16 != NULL;
             /* the blocked screen (passes A and B above). The query regions reaching into a panel are
              * a suffix of the tile's (their limits ascend). The means in float, with AMX also as two
@@ -724,8 +811,9 @@ int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end,
                 const int nl = last[t] - first[t];
                 for (int l = 0; l < nl; ++l) {
                     ms_rank *heap = heaps + (int64_t)(first[t] + l) * TH;
-                    ms_sort_ranks(heap, T);
-                    for (int64_t r = 0; r < T; ++r) lists[(int64_t)l * T + r] = heap[r].j;
+                    const int64_t n = fill[first[t] + l]; /* T, or fewer after multi-scale ranking */
+                    ms_sort_ranks(heap, n);
+                    for (int64_t r = 0; r < T; ++r) lists[(int64_t)l * T + r] = r < n ? heap[r].j : -1;
                 }
                 ms_interleave(p->index + (w + t) * T, lists, nl, (int)T,
                               msattn_local_regions(g0 + gi0 + t, span, p->block_k, p->local), kcount, seen);

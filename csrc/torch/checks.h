@@ -66,6 +66,19 @@ inline void check_local(int64_t local, int64_t topk) {
     TORCH_CHECK(local >= 0 && local <= topk, "msattn: local must lie in [0, topk = ", topk, "], got ", local);
 }
 
+// multi-scale ranking: coarse_regions key regions per coarse region (0: exact ranking), coarse_topk kept
+inline void check_coarse(int64_t coarse_regions, int64_t coarse_topk) {
+    TORCH_CHECK(coarse_regions >= 0 && coarse_regions <= MSATTN_MAX_BLOCK, "msattn: coarse_regions must lie in [0, ",
+                MSATTN_MAX_BLOCK, "] (0: exact selection), got ", coarse_regions);
+    if (coarse_regions == 0) {
+        TORCH_CHECK(coarse_topk == 0, "msattn: coarse_topk needs coarse_regions >= 1 (multi-scale selection), got "
+                    "coarse_topk ", coarse_topk, " with coarse_regions 0");
+    } else {
+        TORCH_CHECK(coarse_topk >= 1 && coarse_topk <= MSATTN_MAX_BLOCK, "msattn: coarse_topk must lie in [1, ",
+                    MSATTN_MAX_BLOCK, "] with coarse_regions ", coarse_regions, ", got ", coarse_topk);
+    }
+}
+
 inline void check_blocks(int64_t block_q, int64_t block_k, int64_t merge, int64_t topk) {
     TORCH_CHECK(block_q >= 1, "msattn: block_q must be >= 1, got ", block_q);
     TORCH_CHECK(block_k >= 1, "msattn: block_k must be >= 1, got ", block_k);

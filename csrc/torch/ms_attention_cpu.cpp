@@ -50,10 +50,11 @@ void check_index_values(const at::Tensor &index, int64_t N, int64_t Nq, int64_t 
 at::Tensor ms_select_one(const at::Tensor &q, const at::Tensor &k, const c10::optional<at::Tensor> &mask_,
                          const c10::optional<at::Tensor> &key_sums, const c10::optional<at::Tensor> &key_counts,
                          int64_t block_q, int64_t block_k, int64_t merge, int64_t topk, bool causal,
-                         int64_t local) {
+                         int64_t local, int64_t coarse_regions, int64_t coarse_topk) {
     check_qkv(q, k, nullptr);
     check_blocks(block_q, block_k, merge, topk);
     check_local(local, topk);
+    check_coarse(coarse_regions, coarse_topk);
     TORCH_CHECK(q.device().is_cpu(), "msattn: this is the CPU implementation, got q on ", q.device());
     at::Tensor mask = check_mask(mask_, k);
     TORCH_CHECK(key_sums.has_value() == key_counts.has_value(), "msattn: key_sums and key_counts go together");
@@ -79,12 +80,19 @@ at::Tensor ms_select_one(const at::Tensor &q, const at::Tensor &k, const c10::op
     p.block_q = (int)block_q; p.block_k = (int)block_k; p.merge = (int)merge; p.topk = (int)topk;
     p.causal = causal;
     p.local = (int)local;
+    p.coarse_regions = (int)coarse_regions;
+    p.coarse_topk = (int)coarse_topk;
     p.dtype = dtype_of(q);
     p.q = view_of(q);
     p.k = view_of(k);
     p.key_mask = mask_data(mask);
     p.mask_sb = mask_stride(mask);
     p.ksum = sums_view(sums, counts, k, NK, "ms_select");
+    const int64_t NC = coarse_regions > 0 ? msattn_cdiv(NK, coarse_regions) : 0;
+    at::Tensor csums = at::empty({B, Hkv, NC, D}, q.options().dtype(at::kFloat));  // (B, Hkv, NC, D)
+    at::Tensor ccounts = at::empty({B, Hkv, NC}, q.options().dtype(at::kInt));     // (B, Hkv, NC)
+    p.csum = msattn_region_sums{csums.data_ptr<float>(), csums.stride(0), csums.stride(1), ccounts.data_ptr<int32_t>(),
+                                ccounts.stride(0), ccounts.stride(1)};
     p.sums_given = key_sums.has_value();
     p.qbar = qbar.data_ptr<double>();
     p.qcount = qcount.data_ptr<int32_t>();
@@ -96,6 +104,8 @@ at::Tensor ms_select_one(const at::Tensor &q, const at::Tensor &k, const c10::op
 
     // pass 1: region sums, their panels and query means, cheap and uniform
     at::parallel_for(0, B * Hkv * (NK + NA), 64, [&](int64_t b, int64_t e) { msattn_region_means_cpu(&p, b, e); });
+    if (NC > 0)  // multi-scale: the coarse regions' sums from the region sums
+        at::parallel_for(0, B * Hkv * NC, 16, [&](int64_t b, int64_t e) { msattn_coarse_sums_cpu(&p, b, e); });
     // pass 2: one item per tile of consecutive groups of one (b, h); later groups have more candidates
     const int64_t BH = B * Hkv, tile = msattn_select_tile_groups(&p), tiles = (G + tile - 1) / tile;
     run_items_dynamic(
@@ -111,16 +121,19 @@ at::Tensor ms_select_one(const at::Tensor &q, const at::Tensor &k, const c10::op
 at::Tensor ms_select_cpu(const at::Tensor &q, const at::Tensor &k, const c10::optional<at::Tensor> &mask,
                          const c10::optional<at::Tensor> &key_sums, const c10::optional<at::Tensor> &key_counts,
                          int64_t block_q, int64_t block_k, int64_t merge, int64_t topk, bool causal, int64_t local,
-                         const c10::optional<at::Tensor> &cu_seqlens_q, const c10::optional<at::Tensor> &cu_seqlens_k) {
+                         int64_t coarse_regions, int64_t coarse_topk, const c10::optional<at::Tensor> &cu_seqlens_q,
+                         const c10::optional<at::Tensor> &cu_seqlens_k) {
     IsaCall isa_call(isa_mutex());  // one instruction set for the whole call
     check_qkv(q, k, nullptr);
     const c10::optional<Packed> packed = check_packed(cu_seqlens_q, cu_seqlens_k, q, k);
-    if (!packed) return ms_select_one(q, k, mask, key_sums, key_counts, block_q, block_k, merge, topk, causal, local);
+    if (!packed)
+        return ms_select_one(q, k, mask, key_sums, key_counts, block_q, block_k, merge, topk, causal, local,
+                             coarse_regions, coarse_topk);
     TORCH_CHECK(!key_sums.has_value(), "msattn: ms_select: a cache's key_sums cannot serve packed sequences "
                 "(cu_seqlens); select from k");
     return packed_select(*packed, q, k, check_mask(mask, k), [&](auto q_s, auto k_s, auto mask_s) {
         return ms_select_one(q_s, k_s, mask_s, c10::nullopt, c10::nullopt, block_q, block_k, merge, topk, causal,
-                             local);
+                             local, coarse_regions, coarse_topk);
     });
 }
 

@@ -123,9 +123,13 @@ at::Tensor ms_select_one(const at::Tensor &q,                            // (B, 
 at::Tensor ms_select_cuda(const at::Tensor &q, const at::Tensor &k, const c10::optional<at::Tensor> &mask,
                           const c10::optional<at::Tensor> &key_sums, const c10::optional<at::Tensor> &key_counts,
                           int64_t block_q, int64_t block_k, int64_t merge, int64_t topk, bool causal, int64_t local,
+                          int64_t coarse_regions, int64_t coarse_topk,
                           const c10::optional<at::Tensor> &cu_seqlens_q,    // int32 (S + 1), packed.h
                           const c10::optional<at::Tensor> &cu_seqlens_k) {  // int32 (S + 1)
     check_qkv(q, k, nullptr);
+    check_coarse(coarse_regions, coarse_topk);
+    TORCH_CHECK(coarse_regions == 0, "msattn: ms_select: multi-scale selection (coarse_regions > 0) runs on the CPU "
+                "only for now; select on the CPU (the index is the same on every device) or use coarse_regions=0");
     const c10::optional<Packed> packed = check_packed(cu_seqlens_q, cu_seqlens_k, q, k);
     if (!packed) return ms_select_one(q, k, mask, key_sums, key_counts, block_q, block_k, merge, topk, causal, local);
     TORCH_CHECK(!key_sums.has_value(), "msattn: ms_select: a cache's key_sums cannot serve packed sequences "

@@ -14,11 +14,13 @@ TORCH_LIBRARY(msattn, m) {
     // key_sums float32 (B, Hkv, >= NK, D) and key_counts int32 (B, Hkv, >= NK): a cache's region sums
     // of all N keys (see ms_region_sums_append_), used instead of reading k
     // local (0 <= local <= topk): a ranking group first takes the local regions just before it (0: DESIGN's rule)
+    // coarse_regions > 0: multi-scale ranking (coarse regions of that many key regions, the best coarse_topk
+    // kept per query region, fine ranking inside them); 0: exact
     // cu_seqlens_q, cu_seqlens_k int32 (S + 1): packed sequences along the tokens of a batch of one
     // (FlashAttention's varlen convention, csrc/torch/packed.h); the index then holds (1, Hkv, sum G_s, topk)
     m.def("ms_select(Tensor q, Tensor k, Tensor? key_padding_mask, Tensor? key_sums, Tensor? key_counts, "
-          "int block_q, int block_k, int merge, int topk, bool causal, int local=0, Tensor? cu_seqlens_q=None, "
-          "Tensor? cu_seqlens_k=None) -> Tensor");
+          "int block_q, int block_k, int merge, int topk, bool causal, int local=0, int coarse_regions=0, "
+          "int coarse_topk=0, Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None) -> Tensor");
     // append the keys at positions [start, start + n) of k (B, Hkv, n, D) to region sums that hold the
     // keys [0, start); key_padding_mask (B, n) for the new keys
     m.def("ms_region_sums_append_(Tensor(a!) key_sums, Tensor(b!) key_counts, Tensor k, "

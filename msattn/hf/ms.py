@@ -52,7 +52,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     if rotary is not None:  # compact positions stay below topk * block_k + span, whatever n is
         tables = rotary.tables(cfg.topk * cfg.block_k + cfg.span, query.device)
     kw = dict(block_q=cfg.block_q, block_k=cfg.block_k, merge=cfg.merge, topk=cfg.topk, local=cfg.local,
-              causal=causal)
+              coarse_regions=cfg.coarse_regions, coarse_topk=cfg.coarse_topk, causal=causal)
     if attention_mask is not None and attention_mask.dim() == 1:  # packed: the B rows' tokens as one batch row
         b, nq = query.shape[0], query.shape[2]
 
