@@ -11,7 +11,12 @@ region against one candidate key region, all KV heads). Defaults: the demo model
     python benchmarks/bench_select.py --lengths 32768,262144,1048576 --heads 8 --kv-heads 2 --head-dim 64 \
         --merge 16 --topk 64   # the authors' regions (the shape of the GPU runs)
 
-``MSATTN_ISA=avx512`` runs the same selection without the AMX screen.
+``MSATTN_ISA=avx512`` runs the same selection without the AMX screen. With ``--coarse-regions S
+--coarse-topk C`` it times multi-scale selection against the exact one (in turn, each round) and
+reports the share of the exact selection's regions that the multi-scale selection also chose:
+
+    python benchmarks/bench_select.py --lengths 262144,1048576 --heads 8 --kv-heads 2 --head-dim 64 \
+        --merge 16 --topk 64 --coarse-regions 64 --coarse-topk 16 --no-attention
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import argparse
 import math
 
 import torch
-from measure import median_ms
+from measure import interleaved_median_ms, median_ms
 
 import msattn
 
@@ -51,7 +56,12 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     ap.add_argument("--no-attention", action="store_true", help="time the selection alone")
+    ap.add_argument("--coarse-regions", type=int, default=0, help="also time multi-scale selection with coarse "
+                    "regions of this many key regions")
+    ap.add_argument("--coarse-topk", type=int, default=0, help="coarse regions kept per query region")
     args = ap.parse_args(argv)
+    if args.coarse_regions:
+        return compare_multiscale(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     kw = dict(block_q=args.block_q, block_k=args.block_k, merge=args.merge, topk=args.topk)
@@ -69,6 +79,26 @@ def main(argv=None):
             lambda: msattn.ms_attention(q, k, v, index=index, **kw), args.warmup, args.repeats)
         rate = scores_per_call(n, args.block_q, args.block_k, args.merge, args.topk, args.kv_heads) / t_sel / 1e3
         print(f"{n:>8} | {t_sel:>10.1f} | {t_att:>12.1f} | {t_sel / (t_sel + t_att):>12.0%} | {rate:>10.1f}")
+
+
+def compare_multiscale(args):
+    kw = dict(block_q=args.block_q, block_k=args.block_k, merge=args.merge, topk=args.topk)
+    coarse = dict(kw, coarse_regions=args.coarse_regions, coarse_topk=args.coarse_topk)
+    print(f"ms_select exact vs multi-scale (coarse_regions={args.coarse_regions}, coarse_topk={args.coarse_topk}), "
+          f"B=1, Hq={args.heads}, Hkv={args.kv_heads}, D={args.head_dim}, fp32, {kw}, {torch.get_num_threads()} "
+          f"threads, ISA {msattn.isa()}, median of {args.repeats} in turn")
+    print(f"{'N':>8} | {'exact ms':>9} | {'multi-scale ms':>14} | {'speedup':>7} | {'same regions':>12}")
+    for n in [int(x) for x in args.lengths.split(",")]:
+        torch.manual_seed(0)
+        q = torch.randn(1, args.heads, n, args.head_dim)
+        k = torch.randn(1, args.kv_heads, n, args.head_dim)
+        exact, multi = msattn.ms_select(q, k, **kw), msattn.ms_select(q, k, **coarse)
+        same = sum(len(set(a.tolist()) & set(b.tolist()) - {-1})
+                   for a, b in zip(exact.reshape(-1, args.topk), multi.reshape(-1, args.topk)))
+        share = same / max(1, int((exact >= 0).sum()))
+        t = interleaved_median_ms({"exact": lambda: msattn.ms_select(q, k, **kw),
+                                   "multi": lambda: msattn.ms_select(q, k, **coarse)}, args.warmup, args.repeats)
+        print(f"{n:>8} | {t['exact']:>9.1f} | {t['multi']:>14.1f} | {t['exact'] / t['multi']:>6.2f}x | {share:>12.1%}")
 
 
 if __name__ == "__main__":

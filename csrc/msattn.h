@@ -90,9 +90,10 @@ typedef struct {
                                    * msattn_local_regions, then topk - (their number) ranked ones */
     int coarse_regions;           /* 0: exact ranking. >= 1: multi-scale ranking: coarse region J holds the
                                    * key regions [J * coarse_regions, (J + 1) * coarse_regions); each ranking
-                                   * query region ranks the coarse regions holding a candidate of its group
-                                   * by qbar . csum_J / ccount_J, keeps the best coarse_topk, and ranks only
-                                   * the candidates inside them (its list may then hold fewer than T) */
+                                   * group ranks the coarse regions holding one of its candidates by
+                                   * qg . csum_J / ccount_J, qg the mean of its ranking query regions' qbar,
+                                   * keeps the best coarse_topk, and its query regions rank only the
+                                   * candidates inside them (their lists may then hold fewer than T) */
     int coarse_topk;              /* >= 1 with coarse_regions; 0 without */
     msattn_dtype dtype;
     msattn_view q;                /* (B, Hq, Nq, D) */

@@ -34,10 +34,10 @@ class MSConfig:
         local: of these, how many are always the regions just before the group (``0 <= local <=
             topk``; see :func:`msattn.ms_select`): with small groups, the first tokens of each group
             otherwise lose their nearest context whenever ranking does not pick it. 0: the authors' rule.
-        coarse_regions, coarse_topk: multi-scale selection (see :func:`msattn.ms_select`): each query
-            region ranks coarse regions of ``coarse_regions`` key regions, keeps the best ``coarse_topk``
-            and ranks only the key regions inside them, sub-quadratic in the length. ``0, 0``: exact
-            selection (the authors'). CPU only for now.
+        coarse_regions, coarse_topk: multi-scale selection (see :func:`msattn.ms_select`): each group
+            ranks coarse regions of ``coarse_regions`` key regions by its mean query, keeps the best
+            ``coarse_topk``, and its query regions rank only the key regions inside them. ``0, 0``:
+            exact selection (the authors'). CPU only for now.
         rope: ``"inputs"``: the model rotates q and k before attention (fine-tuning a pretrained
             model; selection sees rotated vectors). ``"selected"``: q and k reach the kernel
             un-rotated; selection uses un-rotated means and the kernel rotates selected tokens with

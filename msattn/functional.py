@@ -77,14 +77,15 @@ def ms_select(
             selects (counted in ``topk``): the tokens at the start of a group keep their nearest
             context, which ranking by region means cannot tell from any other region. 0 (default):
             DESIGN section 1's rule.
-        coarse_regions: 0 (default): exact ranking. ``s >= 1``: multi-scale ranking, sub-quadratic in
-            ``N``: coarse region ``J`` holds key regions ``[J*s, (J+1)*s)``, summarised by the mean of
-            their valid keys; each ranking query region ranks the coarse regions holding a candidate
-            of its group (same rule: descending, ties to the lower ``J``), keeps the best
-            ``coarse_topk``, and ranks only the candidates inside them, so its list may hold fewer
-            than ``topk`` regions. Scores per query region: ``N/(block_k*s) + coarse_topk*s``
-            instead of ``N/block_k``. Keeping every coarse region gives the exact selection.
-            CPU only for now.
+        coarse_regions: 0 (default): exact ranking. ``s >= 1``: multi-scale ranking: coarse region
+            ``J`` holds key regions ``[J*s, (J+1)*s)``, summarised by the mean of their valid keys. A
+            ranking group ranks the coarse regions holding one of its candidates by its mean query
+            (the mean of its query regions' means; same rule: descending, ties to the lower ``J``),
+            keeps the best ``coarse_topk``, and its query regions rank only the candidates inside
+            them (a list may then hold fewer than ``topk`` regions). Scores per group:
+            ``N/(block_k*s) + merge*coarse_topk*s`` instead of ``merge*N/block_k``: the ranking of
+            fine regions no longer grows with ``N``. Keeping every coarse region gives the exact
+            selection. CPU only for now.
         coarse_topk: coarse regions kept per query region (``>= 1`` with ``coarse_regions``).
         key_padding_mask: bool ``(B, N)``, True for real tokens (HF's ``attention_mask``). Padded
             keys do not count in means; padded queries do not rank; empty regions are never chosen.

@@ -20,9 +20,10 @@ def select_ref(q, k, *, block_q, block_k, merge, topk, causal=True, local=0, key
     """DESIGN 1.1-1.5 -> int32 (B, Hkv, G, topk), ascending, -1 padded. Key regions are summarised by
     float32 sums and counts (score = qbar . sum / count, in float64), as the kernels do. ``local``: a
     group that ranks (and has a valid query) first takes the non-empty regions among the ``local``
-    just before its first token. ``coarse_regions`` > 0: multi-scale ranking, each query region ranks
-    only the candidates inside its best ``coarse_topk`` coarse regions (the float rounding of their
-    regions' float sums added in float64 in order, over their counts)."""
+    just before its first token. ``coarse_regions`` > 0: multi-scale ranking, the query regions of a group
+    rank only the candidates inside the best ``coarse_topk`` coarse regions for the group's mean query
+    (coarse regions: the float rounding of their regions' float sums added in float64 in order, over
+    their counts)."""
     q, k = q.double(), k.double()
     B, Hq, Nq, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]
@@ -59,24 +60,28 @@ def select_ref(q, k, *, block_q, block_k, merge, topk, causal=True, local=0, key
                 if len(cand) <= topk:
                     out[b, h, gi, :len(cand)] = torch.tensor(cand, dtype=torch.int32)
                     continue
-                cand_t = torch.tensor(cand)
-                lists = []
+                qbars = []  # the means of the group's query regions that hold a valid query
                 for a in range(g * merge, (g + 1) * merge):
                     pos = [t for t in range(a * block_q, (a + 1) * block_q) if N - Nq <= t < N and mask[b, t]]
-                    if not pos:
-                        continue
-                    qbar = qsum[b, h, [t - (N - Nq) for t in pos]].mean(0)
-                    mine = cand_t
-                    if coarse_regions:
-                        coarse = torch.tensor(sorted({j // coarse_regions for j in cand}))
-                        cscores = (csum[coarse] @ qbar) / torch.tensor([ccount[c] for c in coarse.tolist()],
-                                                                        dtype=torch.float64)
-                        kept = set(coarse[torch.sort(cscores, descending=True, stable=True).indices[:coarse_topk]].tolist())
-                        mine = torch.tensor([j for j in cand if j // coarse_regions in kept])
-                    scores = (kbar_sum[mine] @ qbar) / torch.tensor([kcount[j] for j in mine.tolist()],
-                                                                    dtype=torch.float64)
+                    if pos:
+                        qbars.append(qsum[b, h, [t - (N - Nq) for t in pos]].mean(0))
+                cand_t = torch.tensor(cand)
+                if coarse_regions and qbars:  # the group's mean query ranks the coarse regions
+                    qg = torch.zeros(D, dtype=torch.float64)
+                    for qbar in qbars:
+                        qg += qbar
+                    qg /= len(qbars)
+                    coarse = torch.tensor(sorted({j // coarse_regions for j in cand}))
+                    cscores = (csum[coarse] @ qg) / torch.tensor([ccount[c] for c in coarse.tolist()],
+                                                                  dtype=torch.float64)
+                    kept = set(coarse[torch.sort(cscores, descending=True, stable=True).indices[:coarse_topk]].tolist())
+                    cand_t = torch.tensor([j for j in cand if j // coarse_regions in kept])
+                lists = []
+                for qbar in qbars:
+                    scores = (kbar_sum[cand_t] @ qbar) / torch.tensor([kcount[j] for j in cand_t.tolist()],
+                                                                      dtype=torch.float64)
                     order = torch.sort(scores, descending=True, stable=True).indices  # ties: lower j first
-                    lists.append(mine[order[:topk]].tolist())
+                    lists.append(cand_t[order[:topk]].tolist())
                 near = range(max(0, s_g // block_k - local), s_g // block_k)
                 chosen = [j for j in near if kcount[j] > 0] if lists else []
                 for r in range(topk):

@@ -369,7 +369,9 @@ typedef struct {
     int32_t *sub;            /* a batch's region ids (MS_SCORE_BLOCK) */
     int32_t *cand;           /* candidates (NK) */
     int32_t *npend, *pend;   /* survivors waiting for exact scores: per query region their number and list (Q, Q * MS_PENDING) */
-    ms_rank *coarse;         /* multi-scale: a query region's kept coarse regions (min(coarse_topk, NC)) */
+    ms_rank *coarse;         /* multi-scale: a group's kept coarse regions (min(coarse_topk, NC)) */
+    ms_rank *ranked;         /* multi-scale: every scored candidate of a query region or group (NK) */
+    double *all_scores;      /* multi-scale: their exact scores (NK) */
     uint16_t *q16;           /* the means as two bf16 parts for the AMX screen ((Q + 16) * 2 * DP) */
     uint16_t *gq16;          /* up to sixteen of them gathered (16 * 2 * DP) */
     uint8_t *seen;           /* interleaving marks (NK) */
@@ -431,6 +433,8 @@ static size_t ms_select_carve(const msattn_select_params *p, void *base, ms_sele
     s->seen = ms_take(&a, NK, 1);
     s->coarse = ms_take(&a, p->coarse_regions > 0 ? msattn_min64(p->coarse_topk, msattn_cdiv(NK, p->coarse_regions)) : 0,
                         sizeof(ms_rank));
+    s->ranked = ms_take(&a, p->coarse_regions > 0 ? NK : 0, sizeof(ms_rank));
+    s->all_scores = ms_take(&a, p->coarse_regions > 0 ? NK : 0, sizeof(double));
     return a.off;
 }
 
@@ -454,16 +458,64 @@ static void ms_offer_exact(const msattn_simd_ops *ops, ms_rank *heap, int64_t *f
     }
 }
 
-/* Multi-scale ranking of a tile's ranking groups (coarse_regions > 0): per group the coarse regions
- * holding a candidate, then per query region its top coarse_topk of them, scored exactly from the
- * coarse sums into the `coarse` heap, and the candidates inside those, scored exactly into the
- * region's heap. Groups t < nt of the tile start at absolute group ga0; query regions first[t].. of
- * group t rank (ranks[t]), up to last[t]. Cost per query region: NC + coarse_topk * coarse_regions exact scores
- * instead of NK. */
+/* reorder x[0..n) so that x[0..t) are its t first in ranking order (any order among them) */
+static void ms_partition_top(ms_rank *x, int64_t n, int64_t t) {
+    while (t > 0 && t < n) {
+        if (n <= 24) { /* the median of three below needs a third element that ranks after it */
+            ms_sort_ranks(x, n);
+            return;
+        }
+        ms_rank a = x[0], b = x[n / 2], c = x[n - 1];
+        ms_rank pivot = ms_before(a, b) ? (ms_before(b, c) ? b : (ms_before(a, c) ? c : a))
+                                        : (ms_before(a, c) ? a : (ms_before(b, c) ? c : b));
+        int64_t i = 0, j = n - 1;
+        for (;;) {
+            while (ms_before(x[i], pivot)) ++i;
+            while (ms_before(pivot, x[j])) --j;
+            if (i >= j) break;
+            ms_rank tmp = x[i]; x[i] = x[j]; x[j] = tmp;
+            ++i; --j;
+        }
+        /* x[0..j] rank before or as the pivot, x[j+1..n) after or as it */
+        if (t <= j + 1) {
+            n = j + 1;
+        } else {
+            x += j + 1; n -= j + 1; t -= j + 1;
+        }
+    }
+}
+
+/* the top min(t, m) of candidates cand[0..m), scored exactly, into out[0..*fill) (any order): every score
+ * computed (all_scores, m), then one partition of their ranks (ranked, m); O(m), where a bounded heap
+ * offered many candidates would sift about t ln(m / t) times */
+static void ms_top_exact(const msattn_simd_ops *ops, ms_rank *out, int64_t *fill, int64_t t, const double *qb,
+                         const float *sums, const int32_t *counts, const int32_t *cand, int64_t m, int64_t D,
+                         double *all_scores, ms_rank *ranked, int32_t *keep) {
+    for (int64_t c0 = 0; c0 < m; c0 += MS_SCORE_BLOCK)
+        ops->score_block(all_scores + c0, keep, qb, sums, cand + c0, counts, (int)msattn_min64(MS_SCORE_BLOCK, m - c0),
+                         (int)D, -INFINITY);
+    for (int64_t c = 0; c < m; ++c) ranked[c] = (ms_rank){ms_order_key(all_scores[c]), cand[c]};
+    const int64_t n = msattn_min64(t, m);
+    ms_partition_top(ranked, m, n);
+    memcpy(out, ranked, (size_t)n * sizeof(ms_rank));
+    *fill = n;
+}
+
+static int ms_cmp_rank_region(const void *a, const void *b) {
+    return ms_cmp_int32(&((const ms_rank *)a)->j, &((const ms_rank *)b)->j);
+}
+
+/* Multi-scale ranking of a tile's ranking groups (coarse_regions > 0). Per group: the coarse regions
+ * holding one of its candidates, ranked by the group's mean query (the mean of its ranking query
+ * regions' means, added in order) against the coarse sums, exactly, the best coarse_topk kept
+ * (`coarse`); then every ranking query region of the group ranks the candidates inside the kept coarse
+ * regions into its heap (ms_top_exact: every score, then one partition). Groups t < nt of the tile start at absolute group ga0; the query regions first[t] ..
+ * last[t] - 1 of group t rank (ranks[t]). Exact scores per group: NC + merge * coarse_topk *
+ * coarse_regions, against merge * NK for exact ranking. */
 static void ms_select_multiscale(const msattn_select_params *p, const msattn_simd_ops *ops, int64_t b, int64_t h,
                                  int64_t ga0, int64_t nt, const int32_t *ranks, const int32_t *first,
-                                 const int32_t *last, const double **qbs, ms_rank *heaps, int64_t *fill, ms_rank *coarse, int32_t *cand,
-                                 int32_t *sub, double *scores, int32_t *keep) {
+                                 const int32_t *last, const double **qbs, ms_rank *heaps, int64_t *fill, ms_rank *coarse,
+                                 int32_t *cand, double *all_scores, ms_rank *ranked, int32_t *keep) {
     const int64_t N = p->N, D = p->D, T = p->topk, S = p->coarse_regions, span = msattn_span(p->block_q, p->merge);
     const int64_t NK = msattn_num_key_regions(N, p->block_k), NC = msattn_cdiv(NK, S);
     const int64_t TH = msattn_min64(T, NK), CT = msattn_min64(p->coarse_topk, NC);
@@ -471,9 +523,14 @@ static void ms_select_multiscale(const msattn_select_params *p, const msattn_sim
     const float *ksum = p->ksum.sum + b * p->ksum.sum_sb + h * p->ksum.sum_sh;
     const int32_t *ccount = p->csum.count + b * p->csum.count_sb + h * p->csum.count_sh;
     const float *csum = p->csum.sum + b * p->csum.sum_sb + h * p->csum.sum_sh;
+    double qg[MSATTN_MAX_HEAD_DIM];
     for (int64_t t = 0; t < nt; ++t) {
-        if (!ranks[t]) continue;
+        if (!ranks[t] || last[t] == first[t]) continue;
         const int64_t ga = ga0 + t;
+        for (int64_t d = 0; d < D; ++d) qg[d] = 0.0;
+        for (int64_t i = first[t]; i < last[t]; ++i)
+            for (int64_t d = 0; d < D; ++d) qg[d] += qbs[i][d];
+        for (int64_t d = 0; d < D; ++d) qg[d] /= (double)(last[t] - first[t]);
         /* the group's candidates are [0, limit) (causal) or all but its own regions [o.begin, o.end) */
         const msattn_range o = msattn_group_own_regions(ga, span, p->block_k, N);
         const int64_t limit = p->causal ? ga * span / p->block_k : NK;
@@ -489,25 +546,16 @@ static void ms_select_multiscale(const msattn_select_params *p, const msattn_sim
             }
             if (holds) cand[nc++] = (int32_t)J;
         }
-        for (int64_t i = first[t]; i < last[t]; ++i) {
-            int64_t kept = 0;
-            for (int64_t c0 = 0; c0 < nc; c0 += MS_SCORE_BLOCK)
-                ms_offer_exact(ops, coarse, &kept, CT, qbs[i], csum, ccount, cand + c0,
-                               (int)msattn_min64(MS_SCORE_BLOCK, nc - c0), D, scores, keep);
-            int m = 0;
-            for (int64_t c = 0; c < kept; ++c) {
-                const int64_t lo = (int64_t)coarse[c].j * S, hi = msattn_min64(lo + S, NK);
-                for (int64_t j = lo; j < hi; ++j) {
-                    if (kcount[j] == 0 || !msattn_is_candidate(j, ga, span, p->block_k, N, p->causal)) continue;
-                    sub[m++] = (int32_t)j;
-                    if (m == MS_SCORE_BLOCK) {
-                        ms_offer_exact(ops, heaps + i * TH, &fill[i], T, qbs[i], ksum, kcount, sub, m, D, scores, keep);
-                        m = 0;
-                    }
-                }
-            }
-            if (m > 0) ms_offer_exact(ops, heaps + i * TH, &fill[i], T, qbs[i], ksum, kcount, sub, m, D, scores, keep);
-        }
+        int64_t kept = 0;
+        ms_top_exact(ops, coarse, &kept, CT, qg, csum, ccount, cand, nc, D, all_scores, ranked, keep);
+        /* the candidates inside the kept coarse regions, ascending (cand is free again) */
+        qsort(coarse, (size_t)kept, sizeof(ms_rank), ms_cmp_rank_region);
+        int64_t m = 0;
+        for (int64_t c = 0; c < kept; ++c)
+            for (int64_t j = (int64_t)coarse[c].j * S; j < msattn_min64(((int64_t)coarse[c].j + 1) * S, NK); ++j)
+                if (kcount[j] > 0 && msattn_is_candidate(j, ga, span, p->block_k, N, p->causal)) cand[m++] = (int32_t)j;
+        for (int64_t i = first[t]; i < last[t]; ++i)
+            ms_top_exact(ops, heaps + i * TH, &fill[i], T, qbs[i], ksum, kcount, cand, m, D, all_scores, ranked, keep);
     }
 }
 
@@ -673,7 +721,8 @@ int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end,
             last[t] = (int32_t)nq;
         }
         if (any && p->coarse_regions > 0) {
-            ms_select_multiscale(p, ops, b, h, g0 + gi0, nt, ranks, first, last, qbs, heaps, fill, coarse, cand, sub, scores, keep);
+            ms_select_multiscale(p, ops, b, h, g0 + gi0, nt, ranks, first, last, qbs, heaps, fill, coarse, cand,
+                                 sc.all_scores, sc.ranked, keep);
         } else if (any && nq >= MS_SCREEN_QUERIES && p->kpanel != NULL) {
             const int amx = ops->screen_amx != NULL && p->kpanel16 != NULL;
             /* the blocked screen (passes A and B above). The query regions reaching into a panel are
