@@ -509,9 +509,10 @@ static int ms_cmp_rank_region(const void *a, const void *b) {
  * holding one of its candidates, ranked by the group's mean query (the mean of its ranking query
  * regions' means, added in order) against the coarse sums, exactly, the best coarse_topk kept
  * (`coarse`); then every ranking query region of the group ranks the candidates inside the kept coarse
- * regions into its heap (ms_top_exact: every score, then one partition). Groups t < nt of the tile start at absolute group ga0; the query regions first[t] ..
- * last[t] - 1 of group t rank (ranks[t]). Exact scores per group: NC + merge * coarse_topk *
- * coarse_regions, against merge * NK for exact ranking. */
+ * regions into its heap (ms_top_exact: every score, then one partition). Groups t < nt of the tile
+ * start at absolute group ga0; the query regions first[t] .. last[t] - 1 of group t rank (ranks[t]).
+ * Exact scores per group: NC + merge * coarse_topk * coarse_regions, against merge * NK for exact
+ * ranking (whose screens avoid most of them). */
 static void ms_select_multiscale(const msattn_select_params *p, const msattn_simd_ops *ops, int64_t b, int64_t h,
                                  int64_t ga0, int64_t nt, const int32_t *ranks, const int32_t *first,
                                  const int32_t *last, const double **qbs, ms_rank *heaps, int64_t *fill, ms_rank *coarse,
