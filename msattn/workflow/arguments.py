@@ -33,6 +33,9 @@ class AttentionArguments:
     merge: int | None = _help("MS: query regions per group", default=None)
     topk: int | None = _help("MS: key regions each group selects", default=None)
     local: int | None = _help("MS: of these, the regions just before the group, always kept", default=None)
+    coarse_regions: int | None = _help("MS: multi-scale selection, key regions per coarse region (0: exact)",
+                                       default=None)
+    coarse_topk: int | None = _help("MS: multi-scale selection, coarse regions each group keeps", default=None)
     rope: Literal["inputs", "selected"] | None = _help("MS: RoPE on the inputs or on the selected tokens",
                                                        default=None)
     group_size: int | None = _help("SelfExtend: positions per group", default=None)
