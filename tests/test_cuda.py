@@ -45,6 +45,33 @@ def test_cuda_source_compiles_cleanly(source, tmp_path):
     assert "warning" not in (res.stdout + res.stderr).lower(), f"nvcc warned:\n{res.stdout}{res.stderr}"
 
 
+def _cuda_include():
+    """The CUDA toolkit's include directory (cuda_runtime.h): $CUDA_HOME's, else /usr/local/cuda's, or None."""
+    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if home and os.path.isfile(os.path.join(home, "include", "cuda_runtime.h")):
+            return os.path.join(home, "include")
+    return None
+
+
+@pytest.mark.skipif(_cuda_include() is None, reason="no CUDA toolkit headers beside nvcc")
+def test_cuda_glue_compiles_cleanly(tmp_path):
+    """csrc/torch/ms_attention_cuda.cpp against this torch's headers and the toolkit's, syntax and types
+    only, every warning of -Wall -Wextra an error (torch's headers are system headers). A CPU build of
+    torch lacks c10/cuda's generated config header: an empty one stands in for it."""
+    from torch.utils.cpp_extension import include_paths
+
+    stub = tmp_path / "c10" / "cuda" / "impl"
+    stub.mkdir(parents=True)
+    (stub / "cuda_cmake_macros.h").write_text("#pragma once\n")
+    import sysconfig
+
+    system = [str(tmp_path), *include_paths(), _cuda_include(), sysconfig.get_paths()["include"]]
+    cmd = [os.environ.get("CXX", "g++"), "-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-Werror",
+           *[a for d in system for a in ("-isystem", d)], os.path.join(ROOT, "csrc", "torch", "ms_attention_cuda.cpp")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, f"the CUDA glue does not compile:\n{res.stderr[-4000:]}"
+
+
 # ----------------------------------------------------------------------------------------------
 # (b) behaviour: needs a GPU and an extension built with the CUDA kernels
 

@@ -63,21 +63,29 @@ static inline int ms_before(ms_rank a, ms_rank b) {
     return a.key > b.key || (a.key == b.key && a.j < b.j);
 }
 
+#define MS_SORT_SHORT 24 /* runs sorted by insertion */
+
+/* Hoare partition of x[0..n), n > MS_SORT_SHORT, on the middle of three: returns j with x[0..j] ranking
+ * before or as the pivot and x[j+1..n) after or as it, both sides nonempty (keys are all distinct since
+ * regions are, so the median of three has an element after it) */
+static int64_t ms_partition(ms_rank *x, int64_t n) {
+    ms_rank a = x[0], b = x[n / 2], c = x[n - 1];
+    ms_rank pivot = ms_before(a, b) ? (ms_before(b, c) ? b : (ms_before(a, c) ? c : a))
+                                    : (ms_before(a, c) ? a : (ms_before(b, c) ? c : b));
+    int64_t i = 0, j = n - 1;
+    for (;;) {
+        while (ms_before(x[i], pivot)) ++i;
+        while (ms_before(pivot, x[j])) --j;
+        if (i >= j) return j;
+        ms_rank t = x[i]; x[i] = x[j]; x[j] = t;
+        ++i; --j;
+    }
+}
+
 static void ms_sort_ranks(ms_rank *x, int64_t n) {
-    /* insertion sort for short runs, else quicksort on the middle-of-three pivot (keys are all
-     * distinct since regions are, so this terminates and partitions evenly in expectation) */
-    while (n > 24) {
-        ms_rank a = x[0], b = x[n / 2], c = x[n - 1];
-        ms_rank pivot = ms_before(a, b) ? (ms_before(b, c) ? b : (ms_before(a, c) ? c : a))
-                                        : (ms_before(a, c) ? a : (ms_before(b, c) ? c : b));
-        int64_t i = 0, j = n - 1;
-        for (;;) {
-            while (ms_before(x[i], pivot)) ++i;
-            while (ms_before(pivot, x[j])) --j;
-            if (i >= j) break;
-            ms_rank t = x[i]; x[i] = x[j]; x[j] = t;
-            ++i; --j;
-        }
+    /* insertion sort for short runs, else quicksort (partitions evenly in expectation) */
+    while (n > MS_SORT_SHORT) {
+        const int64_t j = ms_partition(x, n);
         /* recurse into the smaller side, loop on the larger */
         if (j + 1 < n - j - 1) {
             ms_sort_ranks(x, j + 1);
@@ -461,22 +469,11 @@ static void ms_offer_exact(const msattn_simd_ops *ops, ms_rank *heap, int64_t *f
 /* reorder x[0..n) so that x[0..t) are its t first in ranking order (any order among them) */
 static void ms_partition_top(ms_rank *x, int64_t n, int64_t t) {
     while (t > 0 && t < n) {
-        if (n <= 24) { /* the median of three below needs a third element that ranks after it */
+        if (n <= MS_SORT_SHORT) {
             ms_sort_ranks(x, n);
             return;
         }
-        ms_rank a = x[0], b = x[n / 2], c = x[n - 1];
-        ms_rank pivot = ms_before(a, b) ? (ms_before(b, c) ? b : (ms_before(a, c) ? c : a))
-                                        : (ms_before(a, c) ? a : (ms_before(b, c) ? c : b));
-        int64_t i = 0, j = n - 1;
-        for (;;) {
-            while (ms_before(x[i], pivot)) ++i;
-            while (ms_before(pivot, x[j])) --j;
-            if (i >= j) break;
-            ms_rank tmp = x[i]; x[i] = x[j]; x[j] = tmp;
-            ++i; --j;
-        }
-        /* x[0..j] rank before or as the pivot, x[j+1..n) after or as it */
+        const int64_t j = ms_partition(x, n);
         if (t <= j + 1) {
             n = j + 1;
         } else {

@@ -121,23 +121,19 @@ at::Tensor ms_select_one(const at::Tensor &q,                            // (B, 
 }
 
 at::Tensor ms_select_cuda(const at::Tensor &q, const at::Tensor &k, const c10::optional<at::Tensor> &mask,
-                          const c10::optional<at::Tensor> &key_sums, const c10::optional<at::Tensor> &key_counts,
-                          int64_t block_q, int64_t block_k, int64_t merge, int64_t topk, bool causal, int64_t local,
-                          int64_t coarse_regions, int64_t coarse_topk,
-                          const c10::optional<at::Tensor> &cu_seqlens_q,    // int32 (S + 1), packed.h
-                          const c10::optional<at::Tensor> &cu_seqlens_k) {  // int32 (S + 1)
-    check_qkv(q, k, nullptr);
+                         const c10::optional<at::Tensor> &key_sums, const c10::optional<at::Tensor> &key_counts,
+                         int64_t block_q, int64_t block_k, int64_t merge, int64_t topk, bool causal, int64_t local,
+                         int64_t coarse_regions, int64_t coarse_topk,
+                         const c10::optional<at::Tensor> &cu_seqlens_q,    // int32 (S + 1), packed.h
+                         const c10::optional<at::Tensor> &cu_seqlens_k) {  // int32 (S + 1)
     check_coarse(coarse_regions, coarse_topk);
     TORCH_CHECK(coarse_regions == 0, "msattn: ms_select: multi-scale selection (coarse_regions > 0) runs on the CPU "
                 "only for now; select on the CPU (the index is the same on every device) or use coarse_regions=0");
-    const c10::optional<Packed> packed = check_packed(cu_seqlens_q, cu_seqlens_k, q, k);
-    if (!packed) return ms_select_one(q, k, mask, key_sums, key_counts, block_q, block_k, merge, topk, causal, local);
-    TORCH_CHECK(!key_sums.has_value(), "msattn: ms_select: a cache's key_sums cannot serve packed sequences "
-                "(cu_seqlens); select from k");
-    return packed_select(*packed, q, k, check_mask(mask, k), [&](auto q_s, auto k_s, auto mask_s) {
-        return ms_select_one(q_s, k_s, mask_s, c10::nullopt, c10::nullopt, block_q, block_k, merge, topk, causal,
-                             local);
-    });
+    return select_maybe_packed(cu_seqlens_q, cu_seqlens_k, q, k, mask, key_sums, key_counts,
+                               [&](auto q_s, auto k_s, auto mask_s, auto sums_s, auto counts_s) {
+                                   return ms_select_one(q_s, k_s, mask_s, sums_s, counts_s, block_q, block_k, merge,
+                                                        topk, causal, local);
+                               });
 }
 
 void ms_region_sums_append_cuda(at::Tensor &key_sums, at::Tensor &key_counts, const at::Tensor &k,
@@ -212,20 +208,17 @@ std::tuple<at::Tensor, at::Tensor> ms_fwd_one(const at::Tensor &q,              
 }
 
 std::tuple<at::Tensor, at::Tensor> ms_fwd_cuda(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
-                                               const at::Tensor &index, const c10::optional<at::Tensor> &mask,
-                                               const c10::optional<at::Tensor> &rope_cos,
-                                               const c10::optional<at::Tensor> &rope_sin, int64_t block_q,
-                                               int64_t block_k, int64_t merge, bool causal, double scale,
-                                               const c10::optional<at::Tensor> &cu_seqlens_q,    // int32 (S + 1)
-                                               const c10::optional<at::Tensor> &cu_seqlens_k) {  // int32 (S + 1)
-    check_qkv(q, k, &v);
-    const c10::optional<Packed> packed = check_packed(cu_seqlens_q, cu_seqlens_k, q, k);
-    if (!packed) return ms_fwd_one(q, k, v, index, mask, rope_cos, rope_sin, block_q, block_k, merge, causal, scale);
-    return packed_fwd(*packed, q, k, v, index, check_mask(mask, k), block_q * merge,
-                      [&](auto q_s, auto k_s, auto v_s, auto index_s, auto mask_s) {
-                          return ms_fwd_one(q_s, k_s, v_s, index_s, mask_s, rope_cos, rope_sin, block_q, block_k,
-                                            merge, causal, scale);
-                      });
+                                              const at::Tensor &index, const c10::optional<at::Tensor> &mask,
+                                              const c10::optional<at::Tensor> &rope_cos,
+                                              const c10::optional<at::Tensor> &rope_sin, int64_t block_q,
+                                              int64_t block_k, int64_t merge, bool causal, double scale,
+                                              const c10::optional<at::Tensor> &cu_seqlens_q,    // int32 (S + 1)
+                                              const c10::optional<at::Tensor> &cu_seqlens_k) {  // int32 (S + 1)
+    return fwd_maybe_packed(cu_seqlens_q, cu_seqlens_k, q, k, v, index, mask, block_q * merge,
+                            [&](auto q_s, auto k_s, auto v_s, auto index_s, auto mask_s) {
+                                return ms_fwd_one(q_s, k_s, v_s, index_s, mask_s, rope_cos, rope_sin, block_q,
+                                                  block_k, merge, causal, scale);
+                            });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_bwd_one(
@@ -302,22 +295,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_bwd_cuda(
     const c10::optional<at::Tensor> &rope_sin, int64_t block_q, int64_t block_k, int64_t merge, bool causal,
     double scale, const c10::optional<at::Tensor> &cu_seqlens_q,  // int32 (S + 1)
     const c10::optional<at::Tensor> &cu_seqlens_k) {              // int32 (S + 1)
-    check_qkv(q, k, &v);
-    const c10::optional<Packed> packed = check_packed(cu_seqlens_q, cu_seqlens_k, q, k);
-    if (!packed)
-        return ms_bwd_one(dout, dlse, q, k, v, out, lse, index, mask, rope_cos, rope_sin, block_q, block_k, merge,
-                          causal, scale);
-    TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes() && lse.dim() == 3 &&
-                    lse.size(2) == q.size(2) && (!dlse.has_value() || dlse->sizes() == lse.sizes()),
-                "msattn: ms_bwd: dout and out must have q's shape ", shape_str(q), " and lse (and dlse) (B, Hq, Nq)"
-                ", got dout ", shape_str(dout), ", out ", shape_str(out), ", lse ", shape_str(lse));
-    return packed_bwd(*packed, dout, dlse.has_value() ? *dlse : at::Tensor(), q, k, v, out, lse, index,
-                      check_mask(mask, k), block_q * merge,
-                      [&](auto dout_s, auto dlse_s, auto q_s, auto k_s, auto v_s, auto out_s, auto lse_s,
-                          auto index_s, auto mask_s) {
-                          return ms_bwd_one(dout_s, dlse_s, q_s, k_s, v_s, out_s, lse_s, index_s, mask_s, rope_cos,
-                                            rope_sin, block_q, block_k, merge, causal, scale);
-                      });
+    return bwd_maybe_packed(cu_seqlens_q, cu_seqlens_k, dout, dlse, q, k, v, out, lse, index, mask, block_q * merge,
+                            [&](auto dout_s, auto dlse_s, auto q_s, auto k_s, auto v_s, auto out_s, auto lse_s,
+                                auto index_s, auto mask_s) {
+                                return ms_bwd_one(dout_s, dlse_s, q_s, k_s, v_s, out_s, lse_s, index_s, mask_s,
+                                                  rope_cos, rope_sin, block_q, block_k, merge, causal, scale);
+                            });
 }
 
 }  // namespace

@@ -72,13 +72,26 @@ inline c10::optional<at::Tensor> mask_of(const at::Tensor &mask, const Packed &p
     return mask.narrow(1, p.k[s], p.k_len(s));
 }
 
-// one(q_s, k_s, mask_s) -> int32 (1, Hkv, G_s, T); the packed index (1, Hkv, sum G_s, T)
+// Each op of a device runs through one of these: `one` is its single call (one sequence, or a padded
+// batch), given the optional padding mask; with offsets it runs once per sequence on views and the
+// results are concatenated.
+
+// ms_select: one(q, k, mask, key_sums, key_counts) -> int32 (B, Hkv, G, T); packed (1, Hkv, sum G_s, T)
 template <class Select>
-at::Tensor packed_select(const Packed &p, const at::Tensor &q, const at::Tensor &k, const at::Tensor &mask,
-                         Select one) {
+at::Tensor select_maybe_packed(const c10::optional<at::Tensor> &cu_q, const c10::optional<at::Tensor> &cu_k,
+                               const at::Tensor &q, const at::Tensor &k, const c10::optional<at::Tensor> &mask,
+                               const c10::optional<at::Tensor> &key_sums, const c10::optional<at::Tensor> &key_counts,
+                               Select one) {
+    check_qkv(q, k, nullptr);
+    const c10::optional<Packed> p = check_packed(cu_q, cu_k, q, k);
+    if (!p) return one(q, k, mask, key_sums, key_counts);
+    TORCH_CHECK(!key_sums.has_value(), "msattn: ms_select: a cache's key_sums cannot serve packed sequences "
+                "(cu_seqlens); select from k");
+    const at::Tensor m = check_mask(mask, k);
     std::vector<at::Tensor> parts;
-    for (int64_t s = 0; s < p.sequences(); ++s)
-        parts.push_back(one(q.narrow(2, p.q[s], p.q_len(s)), k.narrow(2, p.k[s], p.k_len(s)), mask_of(mask, p, s)));
+    for (int64_t s = 0; s < p->sequences(); ++s)
+        parts.push_back(one(q.narrow(2, p->q[s], p->q_len(s)), k.narrow(2, p->k[s], p->k_len(s)), mask_of(m, *p, s),
+                            c10::nullopt, c10::nullopt));
     return at::cat(parts, 2);
 }
 
@@ -91,40 +104,52 @@ inline std::vector<int64_t> group_offsets(const Packed &p, const at::Tensor &ind
     return g;
 }
 
-// one(q_s, k_s, v_s, index_s, mask_s) -> (out_s, lse_s); concatenated along the query tokens
+// ms_fwd: one(q, k, v, index, mask) -> (out, lse); packed: concatenated along the query tokens
 template <class Forward>
-std::tuple<at::Tensor, at::Tensor> packed_fwd(const Packed &p, const at::Tensor &q, const at::Tensor &k,
-                                              const at::Tensor &v, const at::Tensor &index, const at::Tensor &mask,
-                                              int64_t span, Forward one) {
-    const std::vector<int64_t> g = group_offsets(p, index, span);
+std::tuple<at::Tensor, at::Tensor> fwd_maybe_packed(const c10::optional<at::Tensor> &cu_q,
+                                                    const c10::optional<at::Tensor> &cu_k, const at::Tensor &q,
+                                                    const at::Tensor &k, const at::Tensor &v, const at::Tensor &index,
+                                                    const c10::optional<at::Tensor> &mask, int64_t span, Forward one) {
+    check_qkv(q, k, &v);
+    const c10::optional<Packed> p = check_packed(cu_q, cu_k, q, k);
+    if (!p) return one(q, k, v, index, mask);
+    const at::Tensor m = check_mask(mask, k);
+    const std::vector<int64_t> g = group_offsets(*p, index, span);
     std::vector<at::Tensor> outs, lses;
-    for (int64_t s = 0; s < p.sequences(); ++s) {
-        const int64_t nk = p.k_len(s);
-        auto r = one(q.narrow(2, p.q[s], p.q_len(s)), k.narrow(2, p.k[s], nk), v.narrow(2, p.k[s], nk),
-                     index.narrow(2, g[s], g[s + 1] - g[s]), mask_of(mask, p, s));
+    for (int64_t s = 0; s < p->sequences(); ++s) {
+        const int64_t k0 = p->k[s], nk = p->k_len(s);
+        auto r = one(q.narrow(2, p->q[s], p->q_len(s)), k.narrow(2, k0, nk), v.narrow(2, k0, nk),
+                     index.narrow(2, g[s], g[s + 1] - g[s]), mask_of(m, *p, s));
         outs.push_back(std::get<0>(r));
         lses.push_back(std::get<1>(r));
     }
     return {at::cat(outs, 2), at::cat(lses, 2)};
 }
 
-// one(dout_s, dlse_s, q_s, k_s, v_s, out_s, lse_s, index_s, mask_s) -> (dq_s, dk_s, dv_s); concatenated
+// ms_bwd: one(dout, dlse, q, k, v, out, lse, index, mask) -> (dq, dk, dv); packed: concatenated
 template <class Backward>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> packed_bwd(const Packed &p, const at::Tensor &dout,
-                                                          const at::Tensor &dlse, const at::Tensor &q,
-                                                          const at::Tensor &k, const at::Tensor &v,
-                                                          const at::Tensor &out, const at::Tensor &lse,
-                                                          const at::Tensor &index, const at::Tensor &mask,
-                                                          int64_t span, Backward one) {
-    const std::vector<int64_t> g = group_offsets(p, index, span);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_maybe_packed(
+    const c10::optional<at::Tensor> &cu_q, const c10::optional<at::Tensor> &cu_k, const at::Tensor &dout,
+    const c10::optional<at::Tensor> &dlse, const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
+    const at::Tensor &out, const at::Tensor &lse, const at::Tensor &index, const c10::optional<at::Tensor> &mask,
+    int64_t span, Backward one) {
+    check_qkv(q, k, &v);
+    const c10::optional<Packed> p = check_packed(cu_q, cu_k, q, k);
+    if (!p) return one(dout, dlse, q, k, v, out, lse, index, mask);
+    TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes() && lse.dim() == 3 && lse.size(2) == q.size(2) &&
+                    (!dlse.has_value() || dlse->sizes() == lse.sizes()),
+                "msattn: ms_bwd: dout and out must have q's shape ", shape_str(q), " and lse (and dlse) (B, Hq, Nq)"
+                ", got dout ", shape_str(dout), ", out ", shape_str(out), ", lse ", shape_str(lse));
+    const at::Tensor m = check_mask(mask, k);
+    const std::vector<int64_t> g = group_offsets(*p, index, span);
     std::vector<at::Tensor> dqs, dks, dvs;
-    for (int64_t s = 0; s < p.sequences(); ++s) {
-        const int64_t q0 = p.q[s], nq = p.q_len(s), k0 = p.k[s], nk = p.k_len(s);
+    for (int64_t s = 0; s < p->sequences(); ++s) {
+        const int64_t q0 = p->q[s], nq = p->q_len(s), k0 = p->k[s], nk = p->k_len(s);
         c10::optional<at::Tensor> dlse_s;
-        if (dlse.defined()) dlse_s = dlse.narrow(2, q0, nq);
+        if (dlse.has_value()) dlse_s = dlse->narrow(2, q0, nq);
         auto r = one(dout.narrow(2, q0, nq), dlse_s, q.narrow(2, q0, nq), k.narrow(2, k0, nk), v.narrow(2, k0, nk),
                      out.narrow(2, q0, nq), lse.narrow(2, q0, nq), index.narrow(2, g[s], g[s + 1] - g[s]),
-                     mask_of(mask, p, s));
+                     mask_of(m, *p, s));
         dqs.push_back(std::get<0>(r));
         dks.push_back(std::get<1>(r));
         dvs.push_back(std::get<2>(r));
