@@ -52,9 +52,12 @@ def main(argv=None):
     ap.add_argument("--lengths", type=parse_lengths, default=[250, 256, 1024])
     ap.add_argument("--trials", type=int, default=40)
     ap.add_argument("--seed", type=int, default=1, help="prompt seed (the demo evaluates with its --seed + 1)")
+    ap.add_argument("--coarse-regions", type=int, default=None, help="multi-scale selection (MSConfig.coarse_regions)")
+    ap.add_argument("--coarse-topk", type=int, default=None, help="multi-scale selection (MSConfig.coarse_topk)")
     args = ap.parse_args(argv)
     model, tokenizer = load(model=args.model)
-    prepare(model, "ms", settings_from_meta(read_checkpoint_meta(args.model)))
+    prepare(model, "ms", settings_from_meta(read_checkpoint_meta(args.model), coarse_regions=args.coarse_regions,
+                                            coarse_topk=args.coarse_topk))
     cfg = patched_config(model)
     if cfg.rope != "selected":
         raise SystemExit(f"demo_selection: --model must use rope='selected' (q_proj/k_proj outputs are then what "
@@ -88,7 +91,8 @@ def main(argv=None):
                     q = caught[("q", layer)].view(1, n + fed, hq, -1).transpose(1, 2)
                     k = caught[("k", layer)].view(1, n + fed, hkv, -1).transpose(1, 2)
                     sel = msattn.ms_select(q[:, :, start:], k, block_q=cfg.block_q, block_k=cfg.block_k,
-                                           merge=cfg.merge, topk=cfg.topk)[0, :, -1]
+                                           merge=cfg.merge, topk=cfg.topk, local=cfg.local,
+                                           coarse_regions=cfg.coarse_regions, coarse_topk=cfg.coarse_topk)[0, :, -1]
                     for h in range(hkv):
                         tokens = {t for j in sel[h].tolist() if j >= 0
                                   for t in range(j * cfg.block_k, (j + 1) * cfg.block_k)}
