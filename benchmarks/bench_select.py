@@ -58,7 +58,7 @@ def main(argv=None):
     ap.add_argument("--no-attention", action="store_true", help="time the selection alone")
     ap.add_argument("--coarse-regions", type=int, default=0, help="also time multi-scale selection with coarse "
                     "regions of this many key regions")
-    ap.add_argument("--coarse-topk", type=int, default=0, help="coarse regions kept per query region")
+    ap.add_argument("--coarse-topk", type=int, default=0, help="coarse regions each group keeps")
     args = ap.parse_args(argv)
     if args.coarse_regions:
         return compare_multiscale(args)

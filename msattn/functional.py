@@ -86,7 +86,7 @@ def ms_select(
             ``N/(block_k*s) + merge*coarse_topk*s`` instead of ``merge*N/block_k``: the ranking of
             fine regions no longer grows with ``N``. Keeping every coarse region gives the exact
             selection. CPU only for now.
-        coarse_topk: coarse regions kept per query region (``>= 1`` with ``coarse_regions``).
+        coarse_topk: coarse regions each ranking group keeps (``>= 1`` with ``coarse_regions``).
         key_padding_mask: bool ``(B, N)``, True for real tokens (HF's ``attention_mask``). Padded
             keys do not count in means; padded queries do not rank; empty regions are never chosen.
         key_sums, key_counts: a cache's region summaries of all ``N`` keys (float32

@@ -15,7 +15,7 @@ TORCH_LIBRARY(msattn, m) {
     // of all N keys (see ms_region_sums_append_), used instead of reading k
     // local (0 <= local <= topk): a ranking group first takes the local regions just before it (0: DESIGN's rule)
     // coarse_regions > 0: multi-scale ranking (coarse regions of that many key regions, the best coarse_topk
-    // kept per query region, fine ranking inside them); 0: exact
+    // for each group's mean query kept, its query regions ranking the key regions inside them); 0: exact
     // cu_seqlens_q, cu_seqlens_k int32 (S + 1): packed sequences along the tokens of a batch of one
     // (FlashAttention's varlen convention, csrc/torch/packed.h); the index then holds (1, Hkv, sum G_s, topk)
     m.def("ms_select(Tensor q, Tensor k, Tensor? key_padding_mask, Tensor? key_sums, Tensor? key_counts, "

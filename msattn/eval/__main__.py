@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     ms.add_argument("--local", type=int, help="key regions just before each group always selected (0..topk)")
     ms.add_argument("--rope", choices=["inputs", "selected"])
     ms.add_argument("--coarse-regions", type=int, help="multi-scale selection: key regions per coarse region (0: exact)")
-    ms.add_argument("--coarse-topk", type=int, help="multi-scale selection: coarse regions kept per query region")
+    ms.add_argument("--coarse-topk", type=int, help="multi-scale selection: coarse regions each group keeps")
     peers = common.add_argument_group("SelfExtend and Infini-attention")
     peers.add_argument("--group-size", type=positive_int, help="SelfExtend group size G (default 8)")
     peers.add_argument("--window", type=int, help="SelfExtend neighbour window W (default 128)")
