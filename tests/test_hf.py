@@ -587,3 +587,22 @@ def test_multiscale_selection_in_a_patched_model():
         msattn.hf.unpatch(model)
     assert torch.equal(logits["all"], logits["exact"])
     assert not torch.allclose(logits["one"], logits["exact"], rtol=1e-4, atol=1e-4)
+
+
+def test_the_packed_mask_is_recognised_only_when_block_causal():
+    """msattn's mask function turns a block-causal mask function (what transformers builds for a
+    padding-free batch) into the sequences' offsets, and refuses what is not: a sliding window shorter
+    than a sequence, attention within a sequence in both directions."""
+    from msattn.hf.common import packed_or_padding_mask
+
+    seq = torch.tensor([[0] * 5 + [1] * 7 + [2] * 4, [0] * 9 + [1] * 7])  # two rows of 16 tokens
+
+    def packed(b, h, q, kv):
+        return (kv <= q) & (seq[b, q] == seq[b, kv])
+
+    offsets = packed_or_padding_mask(2, 16, 16, mask_function=packed)
+    assert offsets.dtype == torch.int32 and offsets.tolist() == [0, 5, 12, 16, 25, 32]
+    for name, fn in (("window", lambda b, h, q, kv: packed(b, h, q, kv) & (q - kv < 3)),
+                     ("both directions", lambda b, h, q, kv: seq[b, q] == seq[b, kv])):
+        with pytest.raises(NotImplementedError, match="another mask pattern"):
+            packed_or_padding_mask(2, 16, 16, mask_function=fn)

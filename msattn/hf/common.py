@@ -197,8 +197,10 @@ def _block_causal_offsets(mask_function, batch_size: int, length: int, device) -
     token (a sliding window shorter than a sequence, or any other pattern, fails)."""
     b = torch.arange(batch_size, device=device)[:, None]
     i = torch.arange(length, device=device)[None, :]
-    seen = lambda q_idx, kv_idx: torch.as_tensor(mask_function(b, 0, q_idx, kv_idx), device=device).expand(  # noqa: E731
-        batch_size, q_idx.shape[-1]).bool()
+
+    def seen(q_idx, kv_idx):  # (B, len) bool: does query q_idx see key kv_idx
+        return torch.as_tensor(mask_function(b, 0, q_idx, kv_idx), device=device).expand(batch_size, q_idx.shape[-1]).bool()
+
     starts = torch.ones(batch_size, length, dtype=torch.bool, device=device)
     if length > 1:
         starts[:, 1:] = ~seen(i[:, 1:], i[:, :-1])
