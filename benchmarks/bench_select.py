@@ -42,6 +42,13 @@ def scores_per_call(n: int, block_q: int, block_k: int, merge: int, topk: int, k
     return total * kv_heads
 
 
+def random_qkv(args, n: int):
+    """q ``(1, Hq, n, D)``, k and v ``(1, Hkv, n, D)`` from seed 0, fp32."""
+    torch.manual_seed(0)
+    return (torch.randn(1, args.heads, n, args.head_dim), torch.randn(1, args.kv_heads, n, args.head_dim),
+            torch.randn(1, args.kv_heads, n, args.head_dim))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--lengths", default="65536,262144", help="comma-separated sequence lengths")
@@ -60,19 +67,16 @@ def main(argv=None):
                     "regions of this many key regions")
     ap.add_argument("--coarse-topk", type=int, default=0, help="coarse regions each group keeps")
     args = ap.parse_args(argv)
-    if args.coarse_regions:
-        return compare_multiscale(args)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.coarse_regions:
+        return compare_multiscale(args)
     kw = dict(block_q=args.block_q, block_k=args.block_k, merge=args.merge, topk=args.topk)
     print(f"ms_select vs ms_attention (given the selection), B=1, Hq={args.heads}, Hkv={args.kv_heads}, "
           f"D={args.head_dim}, fp32, {kw}, {torch.get_num_threads()} threads, ISA {msattn.isa()}")
     print(f"{'N':>8} | {'select ms':>10} | {'attention ms':>12} | {'select share':>12} | {'Mscores/s':>10}")
     for n in [int(x) for x in args.lengths.split(",")]:
-        torch.manual_seed(0)
-        q = torch.randn(1, args.heads, n, args.head_dim)
-        k = torch.randn(1, args.kv_heads, n, args.head_dim)
-        v = torch.randn(1, args.kv_heads, n, args.head_dim)
+        q, k, v = random_qkv(args, n)
         index = msattn.ms_select(q, k, **kw)
         t_sel = median_ms(lambda: msattn.ms_select(q, k, **kw), args.warmup, args.repeats)
         t_att = math.nan if args.no_attention else median_ms(
@@ -89,9 +93,7 @@ def compare_multiscale(args):
           f"threads, ISA {msattn.isa()}, median of {args.repeats} in turn")
     print(f"{'N':>8} | {'exact ms':>9} | {'multi-scale ms':>14} | {'speedup':>7} | {'same regions':>12}")
     for n in [int(x) for x in args.lengths.split(",")]:
-        torch.manual_seed(0)
-        q = torch.randn(1, args.heads, n, args.head_dim)
-        k = torch.randn(1, args.kv_heads, n, args.head_dim)
+        q, k, _ = random_qkv(args, n)
         exact, multi = msattn.ms_select(q, k, **kw), msattn.ms_select(q, k, **coarse)
         same = sum(len(set(a.tolist()) & set(b.tolist()) - {-1})
                    for a, b in zip(exact.reshape(-1, args.topk), multi.reshape(-1, args.topk)))

@@ -35,16 +35,7 @@ def sync(device: torch.device) -> None:
 
 def median_ms(fn, warmup: int, repeats: int, device: torch.device = torch.device("cpu")) -> float:
     """Median wall time of ``fn()`` in ms over ``repeats`` calls after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return interleaved_median_ms({"fn": fn}, warmup, repeats, device)["fn"]
 
 
 def interleaved_median_ms(fns: dict, warmup: int, repeats: int, device: torch.device = torch.device("cpu")) -> dict:

@@ -498,6 +498,11 @@ static void ms_top_exact(const msattn_simd_ops *ops, ms_rank *out, int64_t *fill
     *fill = n;
 }
 
+/* key region j holds a valid key and group ga may attend to it */
+static inline int ms_valid_candidate(const msattn_select_params *p, const int32_t *kcount, int64_t j, int64_t ga) {
+    return kcount[j] > 0 && msattn_is_candidate(j, ga, msattn_span(p->block_q, p->merge), p->block_k, p->N, p->causal);
+}
+
 static int ms_cmp_rank_region(const void *a, const void *b) {
     return ms_cmp_int32(&((const ms_rank *)a)->j, &((const ms_rank *)b)->j);
 }
@@ -540,7 +545,7 @@ static void ms_select_multiscale(const msattn_select_params *p, const msattn_sim
                 holds = ccount[J] > 0; /* every region of J is a candidate position */
             } else {
                 for (int64_t j = lo; j < hi && !holds; ++j)
-                    holds = kcount[j] > 0 && msattn_is_candidate(j, ga, span, p->block_k, N, p->causal);
+                    holds = ms_valid_candidate(p, kcount, j, ga);
             }
             if (holds) cand[nc++] = (int32_t)J;
         }
@@ -551,7 +556,7 @@ static void ms_select_multiscale(const msattn_select_params *p, const msattn_sim
         int64_t m = 0;
         for (int64_t c = 0; c < kept; ++c)
             for (int64_t j = (int64_t)coarse[c].j * S; j < msattn_min64(((int64_t)coarse[c].j + 1) * S, NK); ++j)
-                if (kcount[j] > 0 && msattn_is_candidate(j, ga, span, p->block_k, N, p->causal)) cand[m++] = (int32_t)j;
+                if (ms_valid_candidate(p, kcount, j, ga)) cand[m++] = (int32_t)j;
         for (int64_t i = first[t]; i < last[t]; ++i)
             ms_top_exact(ops, heaps + i * TH, &fill[i], T, qbs[i], ksum, kcount, cand, m, D, all_scores, ranked, keep);
     }
@@ -696,7 +701,7 @@ int msattn_select_cpu(const msattn_select_params *p, int64_t begin, int64_t end,
             int32_t *out = p->index + (w + t) * T;
             int64_t nc = 0;
             for (int64_t j = 0; j < NK && nc <= T; ++j)
-                if (kcount[j] > 0 && msattn_is_candidate(j, ga, span, p->block_k, N, p->causal)) cand[nc++] = (int32_t)j;
+                if (ms_valid_candidate(p, kcount, j, ga)) cand[nc++] = (int32_t)j;
             ranks[t] = nc > T;
             first[t] = last[t] = (int32_t)nq;
             if (!ranks[t]) {
