@@ -571,3 +571,64 @@ def test_hf_beam_search_reorders_the_infini_cache():
     out = model.generate(ids, **kw)  # InfiniCache: crosses segment boundaries at 32
     ref = model.generate(ids, **kw, **with_cache(model, transformers.DynamicCache()))
     assert torch.equal(out, ref)
+
+
+# 9. Training segment by segment (truncated backpropagation through the memory), and the memory saved
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("delta_rule", [False, True])
+def test_train_by_segments_equals_the_whole_sequence_forward(delta_rule):
+    from msattn.hf.infini import train_by_segments
+
+    torch.manual_seed(0)
+    model = msattn.hf.patch(tiny().double().train(), msattn.InfiniConfig(segment_len=16, delta_rule=delta_rule,
+                                                                        gate_init=0.0))
+    ids = torch.randint(3, 97, (2, 72))  # 4.5 segments: the last window is partial
+    labels = ids.clone()
+    labels[0, :10] = -100
+    loss = model(ids, labels=labels).loss
+    loss.backward()
+    whole = _grads(model)
+    assert any("infini_gate" in n for n in whole)
+    for horizon in (None, 5, 2, 1):
+        model.zero_grad()
+        got = train_by_segments(model, ids, labels, horizon=horizon)
+        assert abs(got.item() - loss.item()) <= 1e-6 * loss.item()  # the forward never changes
+        err = max(rel_err(p.grad, whole[n]) for n, p in model.named_parameters() if n in whole)
+        if horizon in (None, 5):  # one window holds every segment: exactly the whole-sequence step
+            assert err <= 1e-12, horizon
+        else:  # truncated: later segments' losses no longer reach the earlier segments' memory writes
+            assert err > 1e-3, horizon
+
+
+def test_train_by_segments_bad_input():
+    from msattn.hf.infini import train_by_segments
+
+    ids = torch.randint(3, 97, (1, 20))
+    with pytest.raises(ValueError, match="patched with Infini-attention"):
+        train_by_segments(tiny(), ids, ids)
+    model = msattn.hf.patch(tiny().train(), msattn.InfiniConfig(segment_len=8))
+    with pytest.raises(ValueError, match="horizon must be a positive int"):
+        train_by_segments(model, ids, ids, horizon=0)
+    with pytest.raises(ValueError, match="of one shape"):
+        train_by_segments(model, ids, ids[:, :10])
+
+
+def test_infini_cache_saved_and_reloaded_continues_the_uninterrupted_run(tmp_path):
+    model = tiny()
+    msattn.hf.patch(model, msattn.InfiniConfig(segment_len=16, delta_rule=True))
+    set_gates(model, 0.0)
+    ids = torch.randint(3, 97, (2, 90))
+    with torch.no_grad():
+        whole = model(ids, use_cache=False).logits
+        cache, _ = msattn.hf.prefill(model, ids[:, :53], chunk_size=None)  # 3 segments in memory, 5 keys held
+        torch.save(cache.state_dict(), tmp_path / "memory.pt")
+        del cache
+        cache = msattn.hf.InfiniCache.from_state_dict(torch.load(tmp_path / "memory.pt"))
+        assert cache.get_seq_length() == 53 and cache.layers[0].folded == 48
+        rest = model(ids[:, 53:], position_ids=torch.arange(53, 90)[None], **with_cache(model, cache)).logits
+    assert torch.allclose(rest, whole[:, 53:], rtol=0, atol=1e-5 * whole.abs().max())

@@ -230,6 +230,32 @@ class InfiniLayer(_RowLayer):
         if self.memory is not None:
             self.memory, self.norm = self.memory.index_select(0, index), self.norm.index_select(0, index)
 
+    STATE = ("keys", "values", "memory", "norm")
+
+    def detach_(self) -> None:
+        """Cut the autograd graph here: later calls read the same values, but no gradient flows back
+        through them into the calls before (truncated backpropagation through the memory)."""
+        for name in self.STATE:
+            x = getattr(self, name)
+            if x is not None:
+                setattr(self, name, x.detach())
+        if self.keys is not None:
+            self.keys._infini_layer = weakref.ref(self)
+
+    def state_dict(self) -> dict:
+        tensors = {name: getattr(self, name) for name in self.STATE}
+        return {"start": self.start, "length": self.length, "folded": self.folded,
+                **{name: None if x is None else x.detach() for name, x in tensors.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.start, self.length, self.folded = int(state["start"]), int(state["length"]), int(state["folded"])
+        for name in self.STATE:
+            setattr(self, name, state[name])
+        self.is_initialized = self.keys is not None
+        if self.is_initialized:
+            self.dtype, self.device = self.keys.dtype, self.keys.device
+            self.keys._infini_layer = weakref.ref(self)
+
 
 class InfiniCache(Cache):
     """A transformers ``Cache`` of :class:`InfiniLayer` s: per layer, the current segment's keys and
@@ -244,6 +270,28 @@ class InfiniCache(Cache):
             raise ValueError(f"InfiniCache: segment_len must be a positive int, got {segment_len!r}")
         super().__init__(layer_class_to_replicate=partial(InfiniLayer, segment_len=segment_len))
         self.segment_len = segment_len
+
+    def detach_(self) -> None:
+        """Cut the autograd graph of every layer (:meth:`InfiniLayer.detach_`): the boundary of a window
+        of truncated backpropagation (:func:`msattn.hf.infini.train_by_segments`)."""
+        for layer in self.layers:
+            layer.detach_()
+
+    def state_dict(self) -> dict:
+        """Everything the cache holds, as tensors and ints (``torch.save`` it): per layer the current
+        segment's keys and values and the compressive memory. :meth:`from_state_dict` continues from it
+        exactly as the uninterrupted cache would."""
+        return {"segment_len": self.segment_len, "layers": [layer.state_dict() for layer in self.layers]}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> InfiniCache:
+        """The cache :meth:`state_dict` described (tensors on the device they were saved from or loaded to)."""
+        cache = cls(state["segment_len"])
+        for saved in state["layers"]:
+            layer = InfiniLayer(cache.segment_len)
+            layer.load_state_dict(saved)
+            cache.layers.append(layer)
+        return cache
 
 
 # ---------------------------------------------------------------------------------------------

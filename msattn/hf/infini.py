@@ -38,14 +38,15 @@ but O(N) per step.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import InfiniConfig
 from ..functional import infini_attention
 from .cache import InfiniCache
-from .common import Method, call_record, padding_mask
+from .common import Method, cache_argument, call_record, padding_mask, record
 
-__all__ = ["METHOD", "InfiniGate", "attention_forward"]
+__all__ = ["METHOD", "InfiniGate", "attention_forward", "train_by_segments"]
 
 
 class InfiniGate(nn.Module):
@@ -120,6 +121,56 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         layer.memory, layer.norm, layer.folded = memory, norm, total // seg * seg
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
     return out.transpose(1, 2), None
+
+
+def train_by_segments(model, input_ids: torch.Tensor, labels: torch.Tensor, *, horizon: int | None = None) -> torch.Tensor:
+    """One training step's forward and backward, ``horizon`` segments at a time (truncated
+    backpropagation through the compressive memory).
+
+    The sequence is fed to the model in windows of ``horizon * segment_len`` tokens against one
+    :class:`InfiniCache`, which carries the memory from window to window; each window's loss is
+    backpropagated at once (gradients accumulate in ``.grad``, as under gradient accumulation), so
+    activations are held for one window only, and the memory is then detached
+    (:meth:`InfiniCache.detach_`): gradients flow through the memory across the segments of a window and
+    stop at its start. ``horizon=None`` (or at least the number of segments) is one window: the loss
+    and gradients of ``model(input_ids, labels=labels)`` (up to rounding); ``horizon=1`` writes
+    each segment's memory with no gradient from later segments.
+
+    Args:
+        model: a causal LM patched with Infini-attention (``msattn.hf.patch``), in train mode.
+        input_ids: ``(B, N)`` token ids; batches of unequal lengths are right-padded (padding only
+            follows real tokens, so it changes none of their results) with labels -100 there.
+        labels: ``(B, N)``, transformers' convention: position ``t``'s logits are scored against
+            ``labels[:, t + 1]``, -100 is ignored; the loss is the mean over all scored positions.
+        horizon: segments per window, a positive int, or None for the whole sequence.
+    Returns:
+        the loss of the whole sequence (detached, a 0-dim float32 tensor).
+    """
+    rec = record(model)
+    if rec is None or rec.method is not METHOD:
+        raise ValueError("train_by_segments: the model must be patched with Infini-attention "
+                         "(msattn.hf.patch(model, InfiniConfig(...)))")
+    if input_ids.dim() != 2 or labels.shape != input_ids.shape:
+        raise ValueError(f"train_by_segments: input_ids and labels must be (batch, tokens) of one shape, got "
+                         f"{tuple(input_ids.shape)} and {tuple(labels.shape)}")
+    if horizon is not None and (isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1):
+        raise ValueError(f"train_by_segments: horizon must be a positive int (segments) or None, got {horizon!r}")
+    n = input_ids.shape[1]
+    window = n if horizon is None else horizon * rec.config.segment_len
+    targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], 1)
+    count = (targets != -100).sum().clamp_min(1)
+    cache, name = InfiniCache(rec.config.segment_len), cache_argument(model)
+    total = torch.zeros((), dtype=torch.float32)
+    for start in range(0, n, window):
+        end = min(start + window, n)
+        positions = torch.arange(start, end, device=input_ids.device)[None]
+        logits = model(input_ids[:, start:end], position_ids=positions, use_cache=True, **{name: cache}).logits
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets[:, start:end].flatten(), ignore_index=-100,
+                               reduction="sum") / count
+        loss.backward()
+        total += loss.detach().cpu()
+        cache.detach_()
+    return total
 
 
 def _install(attn: nn.Module, config: InfiniConfig) -> None:
