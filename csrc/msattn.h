@@ -272,6 +272,10 @@ typedef struct {
     int64_t mask_sb;
     int q_block;                  /* queries per item of the forward and backward pass 1, >= 1 */
     int k_block;                  /* keys per item of backward pass 2, >= 1 */
+    msattn_rope rope;             /* cos NULL: q and k are used as given. Else they arrive un-rotated:
+                                   * the local attention rotates them with their positions in the
+                                   * segment (query i at N - Nq + i, key t at t; len >= N) and the
+                                   * memory reads and writes them un-rotated */
     /* forward outputs, backward inputs */
     msattn_view out;              /* (B, Hq, Nq, D) the gated mix */
     msattn_view out_local;        /* (B, Hq, Nq, D) A_loc alone */

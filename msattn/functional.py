@@ -267,6 +267,7 @@ def infini_attention(
     scale: float | None = None,
     key_padding_mask: torch.Tensor | None = None,
     update_memory: bool = True,
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
 ):
     """Infini-attention over one segment with a compressive memory (arXiv 2404.07143, DESIGN section 3).
 
@@ -305,6 +306,12 @@ def infini_attention(
             ``g * A_mem``).
         update_memory: False leaves the memory as it is (``memory' = memory``): decoding inside a segment
             that is not yet complete.
+        rotary: ``(cos, sin)`` float32 ``(L, rotary_dim / 2)`` each, ``L >= N`` (from
+            ``msattn.rope.compact_rope_tables``), or None. Given, ``q`` and ``k`` arrive un-rotated: the
+            local attention rotates them with their positions inside the segment (key ``t`` at ``t``,
+            query ``i`` at ``N - Nq + i``; the same relative angles as absolute positions), and the memory
+            reads and writes them un-rotated, so that what it stores does not depend on where in the
+            sequence it was written (``InfiniConfig(rope="segment")``). None: q and k are used as given.
 
     Returns:
         ``(out, (memory', norm'))``: ``out (B, Hq, Nq, D)`` in q's dtype, the updated memory
@@ -318,7 +325,8 @@ def infini_attention(
         dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         memory = q.new_zeros((B, Hkv, D, D), dtype=dtype)
         norm = q.new_zeros((B, Hkv, D), dtype=dtype)
-    out, _, _, memory, norm = ops.infini_fwd(q, k, v, beta, memory, norm, key_padding_mask, delta_rule, causal,
-                                             scale, update_memory)
+    cos, sin = (None, None) if rotary is None else rotary
+    out, _, _, memory, norm = ops.infini_fwd(q, k, v, beta, memory, norm, key_padding_mask, cos, sin, delta_rule,
+                                             causal, scale, update_memory)
     return out, (memory, norm)
 # [/Infini-attention]

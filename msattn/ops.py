@@ -164,8 +164,10 @@ def set_isa(name: str) -> None:
 # [Infini-attention] infini_fwd / infini_bwd (csrc/torch/infini_cpu.cpp)
 
 @torch.library.register_fake("msattn::infini_fwd")
-def _infini_fwd_fake(q, k, v, beta, memory, norm, key_padding_mask, delta_rule, causal, scale, update_memory):
-    _same_device("q", dict(q=q, k=k, v=v, beta=beta, memory=memory, norm=norm, key_padding_mask=key_padding_mask))
+def _infini_fwd_fake(q, k, v, beta, memory, norm, key_padding_mask, rope_cos, rope_sin, delta_rule, causal, scale,
+                     update_memory):
+    _same_device("q", dict(q=q, k=k, v=v, beta=beta, memory=memory, norm=norm, key_padding_mask=key_padding_mask,
+                           rope_cos=rope_cos, rope_sin=rope_sin))
     def like(t):
         return torch.empty_like(t, memory_format=torch.contiguous_format)
 
@@ -174,10 +176,10 @@ def _infini_fwd_fake(q, k, v, beta, memory, norm, key_padding_mask, delta_rule, 
 
 @torch.library.register_fake("msattn::infini_bwd")
 def _infini_bwd_fake(dout, dout_local, dlse, dmemory, dnorm, q, k, v, beta, memory, norm, out_local, lse,
-                     key_padding_mask, delta_rule, causal, scale, update_memory):
+                     key_padding_mask, rope_cos, rope_sin, delta_rule, causal, scale, update_memory):
     _same_device("q", dict(q=q, dout=dout, dout_local=dout_local, dlse=dlse, dmemory=dmemory, dnorm=dnorm, k=k, v=v,
                            beta=beta, memory=memory, norm=norm, out_local=out_local, lse=lse,
-                           key_padding_mask=key_padding_mask))
+                           key_padding_mask=key_padding_mask, rope_cos=rope_cos, rope_sin=rope_sin))
     def like(t):
         return torch.empty_like(t, memory_format=torch.contiguous_format)
 
@@ -185,19 +187,19 @@ def _infini_bwd_fake(dout, dout_local, dlse, dmemory, dnorm, q, k, v, beta, memo
 
 
 def _infini_fwd_setup(ctx, inputs, output):
-    q, k, v, beta, memory, norm, mask, delta_rule, causal, scale, update_memory = inputs
+    q, k, v, beta, memory, norm, mask, cos, sin, delta_rule, causal, scale, update_memory = inputs
     _, out_local, lse, _, _ = output
-    ctx.save_for_backward(q, k, v, beta, memory, norm, mask, out_local, lse)
+    ctx.save_for_backward(q, k, v, beta, memory, norm, mask, cos, sin, out_local, lse)
     ctx.params = (delta_rule, causal, scale, update_memory)
 
 
 def _infini_fwd_backward(ctx, dout, dout_local, dlse, dmemory, dnorm):
-    q, k, v, beta, memory, norm, mask, out_local, lse = ctx.saved_tensors
+    q, k, v, beta, memory, norm, mask, cos, sin, out_local, lse = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out_local)
     grads = ops.infini_bwd(dout, dout_local, dlse, dmemory, dnorm, q, k, v, beta, memory, norm, out_local, lse,
-                           mask, *ctx.params)
-    return (*grads, None, None, None, None, None)
+                           mask, cos, sin, *ctx.params)
+    return (*grads, None, None, None, None, None, None, None)
 
 
 torch.library.register_autograd("msattn::infini_fwd", _infini_fwd_backward, setup_context=_infini_fwd_setup)

@@ -13,17 +13,21 @@ import torch.nn.functional as F
 
 import msattn
 from msattn.ops import ops
-from reference import make_mask, rel_err
+from reference import make_mask, rel_err, rotate
 
 EPS = 1e-6
 
 
 def infini_ref(q, k, v, beta, memory=None, norm=None, *, delta_rule=False, causal=True, scale=None,
-               key_padding_mask=None, update_memory=True):
-    """-> (out, (memory', norm')) in float64, from the formulas."""
+               key_padding_mask=None, update_memory=True, rotary=None):
+    """-> (out, (memory', norm')) in float64, from the formulas. ``rotary``: the local attention scores q
+    and k rotated with their positions in the segment; the memory uses them as given."""
     q, k, v = q.double(), k.double(), v.double()
     B, Hq, Nq, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]
+    ql, kl = q, k
+    if rotary is not None:
+        ql, kl = rotate(q, *rotary, torch.arange(N - Nq, N)), rotate(k, *rotary, torch.arange(N))
     hg = Hq // Hkv
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     M = q.new_zeros(B, Hkv, D, D) if memory is None else memory.double()
@@ -33,13 +37,13 @@ def infini_ref(q, k, v, beta, memory=None, norm=None, *, delta_rule=False, causa
         return F.elu(x) + 1.0
 
     # local: causal softmax attention inside the segment (bottom-right), padded keys masked
-    kk, vv = k.repeat_interleave(hg, 1), v.repeat_interleave(hg, 1)
+    kk, vv = kl.repeat_interleave(hg, 1), v.repeat_interleave(hg, 1)
     allowed = torch.ones(B, 1, Nq, N, dtype=torch.bool)
     if causal:
         allowed = allowed & (torch.arange(N)[None, :] <= torch.arange(N - Nq, N)[:, None])
     if key_padding_mask is not None:
         allowed = allowed & key_padding_mask[:, None, None, :]
-    S = (q @ kk.transpose(-1, -2) * scale).masked_fill(~allowed, -math.inf)
+    S = (ql @ kk.transpose(-1, -2) * scale).masked_fill(~allowed, -math.inf)
     m = S.amax(-1, keepdim=True)
     m = torch.where(m.isfinite(), m, torch.zeros_like(m))
     E = torch.exp(S - m)
@@ -167,6 +171,56 @@ def test_one_segment_with_a_memory_equals_reference(shape, delta_rule, causal):
     ref, (rM2, rz2) = infini_ref(q, k, v, beta, M, z, **kw)
     assert rel_err(out, ref) <= 2e-6
     assert rel_err(M2, rM2) <= 2e-6 and rel_err(z2, rz2) <= 2e-6
+
+
+def rope_tables(n, half, base=100.0):
+    """(cos, sin) float32 (n, half) of RoPE at positions 0..n-1 (a short base: large angles within a segment)."""
+    angles = torch.arange(n, dtype=torch.float64)[:, None] * base ** (-torch.arange(half, dtype=torch.float64) / half)
+    return angles.cos().float(), angles.sin().float()
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=ids)
+@pytest.mark.parametrize("delta_rule", [False, True], ids=["linear", "delta"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["f64", "f32", "bf16"])
+@pytest.mark.parametrize("partial", [False, True], ids=["full-rotary", "partial-rotary"])
+def test_rope_in_the_segment_equals_reference(shape, delta_rule, dtype, partial):
+    """rotary tables: the local attention rotates q and k with their positions in the segment, the memory
+    reads and writes them un-rotated; outputs, memory and every gradient against the reference."""
+    B, Hq, Hkv, Nq, N, D = shape
+    q, k, v, beta, M, z = make_inputs(B, Hq, Hkv, Nq, N, D, dtype, requires_grad=True)
+    half = max(1, D // 4) if partial else D // 2
+    if half == 0:
+        pytest.skip("head dim 1 has no rotary pair")
+    rotary = rope_tables(N + 3, half)
+    mask = make_mask(B, N, "left")
+    kw = dict(delta_rule=delta_rule, key_padding_mask=mask, scale=0.3)
+    out, (M2, z2) = msattn.infini_attention(q, k, v, beta, M, z, rotary=rotary, **kw)
+    ref, (rM2, rz2) = infini_ref(q, k, v, beta, M, z, rotary=rotary, **kw)
+    tol = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 1e-2}[dtype]
+    assert rel_err(out, ref) <= tol and rel_err(M2, rM2) <= tol and rel_err(z2, rz2) <= tol
+    if Nq > 1 and N > 1:  # the rotation changes the local attention
+        plain, _ = msattn.infini_attention(q, k, v, beta, M, z, **kw)
+        assert rel_err(plain, ref) > 1e-3
+    if dtype == torch.bfloat16:
+        return
+    g = [torch.randn_like(t) for t in (out, M2, z2)]
+    got = torch.autograd.grad((out * g[0]).sum() + (M2 * g[1]).sum() + (z2 * g[2]).sum(), (q, k, v, beta, M, z))
+    want = torch.autograd.grad((ref * g[0]).sum() + (rM2 * g[1]).sum() + (rz2 * g[2]).sum(), (q, k, v, beta, M, z))
+    for name, a, b in zip("q k v beta M z".split(), got, want):
+        assert rel_err(a, b) <= 10 * tol, name
+
+
+def test_rope_in_the_segment_gradcheck_float64():
+    q, k, v, beta, M, z = make_inputs(1, 2, 1, 5, 9, 6, torch.float64, requires_grad=True)
+    rotary = rope_tables(9, 3)
+    mask = torch.tensor([[False, True, True, True, True, False, True, True, True]])
+
+    def f(q, k, v, beta, M, z):
+        out, (M2, z2) = msattn.infini_attention(q, k, v, beta, M, z, rotary=rotary, delta_rule=True,
+                                                key_padding_mask=mask)
+        return out, M2, z2
+
+    assert torch.autograd.gradcheck(f, (q, k, v, beta, M, z))
 
 
 def test_update_memory_false_keeps_the_memory():
@@ -340,16 +394,18 @@ def test_any_strides():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["f32", "f64", "bf16"])
 @pytest.mark.parametrize("nq", [37, 5])
-def test_opcheck_every_op(dtype, nq):
+@pytest.mark.parametrize("rope", [False, True], ids=["no-rope", "rope"])
+def test_opcheck_every_op(dtype, nq, rope):
     B, Hq, Hkv, N, D = 2, 4, 2, 37, 16
     q, k, v, beta, M, z = make_inputs(B, Hq, Hkv, nq, N, D, dtype, requires_grad=True)
     mask = make_mask(B, N, "left")
-    args = (q, k, v, beta, M, z, mask, True, True, 0.25, True)
+    cos, sin = rope_tables(N, 8) if rope else (None, None)
+    args = (q, k, v, beta, M, z, mask, cos, sin, True, True, 0.25, True)
     torch.library.opcheck(ops.infini_fwd, args)
     out, out_local, lse, M2, z2 = ops.infini_fwd(*args)
     grads = [torch.randn_like(t) for t in (out, out_local, lse, M2, z2)]
     bwd = (*grads, *(t.detach() for t in (q, k, v, beta, M, z)), out_local.detach(), lse.detach(), mask,
-           True, True, 0.25, True)
+           cos, sin, True, True, 0.25, True)
     torch.library.opcheck(ops.infini_bwd, bwd)
     # optional gradients absent
     torch.library.opcheck(ops.infini_bwd, (grads[0], None, None, None, None, *bwd[5:]))
@@ -361,7 +417,7 @@ def test_gradients_of_out_local_and_lse():
     mask = torch.tensor([[False, True, True, True, False, True]])
 
     def f(q, k, v, beta, M, z):
-        out, out_local, lse, M2, z2 = ops.infini_fwd(q, k, v, beta, M, z, mask, True, True, 0.5, True)
+        out, out_local, lse, M2, z2 = ops.infini_fwd(q, k, v, beta, M, z, mask, None, None, True, True, 0.5, True)
         return out, out_local, lse.masked_fill(lse.isinf(), 0.0), M2, z2
 
     assert torch.autograd.gradcheck(f, (q, k, v, beta, M, z))
@@ -403,6 +459,11 @@ BAD = [
     ("key_padding_mask must have shape", lambda q, k, v, M, z: _call(
         q, k, v, key_padding_mask=torch.ones(2, 39, dtype=torch.bool))),
     ("scale must be finite", lambda q, k, v, M, z: _call(q, k, v, scale=math.inf)),
+    ("rope tables must cover the segment's positions 0..39", lambda q, k, v, M, z: _call(
+        q, k, v, rotary=rope_tables(39, 4))),
+    ("rotary dim 2 \\* 5 exceeds head dim 8", lambda q, k, v, M, z: _call(q, k, v, rotary=rope_tables(40, 5))),
+    ("rope_cos and rope_sin must be float32", lambda q, k, v, M, z: _call(
+        q, k, v, rotary=tuple(t.double() for t in rope_tables(40, 4)))),
 ]
 
 

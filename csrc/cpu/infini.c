@@ -12,6 +12,10 @@
  *   z' = z + sum_t sigma(K_t)
  * sigma > 0 makes z >= 0 and the denominator positive for any memory built by this op; eps only
  * decides the empty memory (M = 0, z = 0), which retrieves exactly 0.
+ * With rope tables (p->rope.cos), q and k arrive un-rotated: A_loc scores R(i) q against R(t) k with
+ * positions inside the segment (the same relative angles as absolute positions), while sigma(q),
+ * sigma(k) and the memory use them un-rotated, so that what the memory stores and retrieves does not
+ * depend on where in the sequence it was written. Local gradients are rotated back.
  *
  *   forward   item (b, h, query block): packs the keys up to the block's last query (K transposed
  *             tile-major, V as rows, fp32) once, then for every query head of the GQA group runs the
@@ -164,7 +168,8 @@ static void inf_retrieve(const msattn_simd_ops *ops, const msattn_infini_params 
     }
 }
 
-/* pack L keys (positions kpos) of (b, h), converted to fp32:
+/* pack L keys (positions kpos) of (b, h) for the local attention, converted to fp32 (keys rotated at
+ * their positions with rope tables):
  *   kt, vt  K, V transposed, tile-major: tile i (64 keys) is a contiguous (D, 64) block (or NULL)
  *   krows, vrows  K, V as rows (Lp, Dp) (or NULL); keys past L are zero */
 static void inf_pack_keys(const msattn_infini_params *p, const msattn_simd_ops *ops, const inf_dims *d,
@@ -175,8 +180,12 @@ static void inf_pack_keys(const msattn_infini_params *p, const msattn_simd_ops *
         float *tt = pass == 0 ? kt : vt, *rr = pass == 0 ? krows : vrows;
         if (!tt && !rr) continue;
         for (int64_t t = 0; t < Lp; ++t) {
-            if (t < L) inf_load_row(tmp, ops, src, p->dtype, b, h, kpos[t], d, 1.0f);
-            else memset(tmp, 0, (size_t)d->Dp * sizeof(float));
+            if (t < L) {
+                inf_load_row(tmp, ops, src, p->dtype, b, h, kpos[t], d, 1.0f);
+                if (pass == 0 && p->rope.cos) ms_rope_rotate(tmp, &p->rope, kpos[t], 1.0f);
+            } else {
+                memset(tmp, 0, (size_t)d->Dp * sizeof(float));
+            }
             if (tt) {
                 float *tile = tt + (t / MSATTN_TILE) * d->D * MSATTN_TILE + t % MSATTN_TILE;
                 for (int64_t i = 0; i < d->D; ++i) tile[i * MSATTN_TILE] = tmp[i];
@@ -254,6 +263,7 @@ int msattn_infini_fwd_cpu(const msattn_infini_params *p, int64_t begin, int64_t 
                 const int64_t pos0 = off + j0;
                 for (int r = 0; r < qrows; ++r) {
                     inf_load_row(qb + r * d.Dp, ops, &p->q, p->dtype, b, hq, j0 + r, &d, d.c);
+                    if (p->rope.cos) ms_rope_rotate(qb + r * d.Dp, &p->rope, pos0 + r, 1.0f);
                     inf_load_row(sq + r * d.Dp, ops, &p->q, p->dtype, b, hq, j0 + r, &d, 1.0f);
                     inf_sigma(ops, sq + r * d.Dp, NULL, d.D);
                 }
@@ -431,6 +441,7 @@ int msattn_infini_bwd_dq_cpu(const msattn_infini_params *p, int64_t begin, int64
                     float *x = sq + r * d.Dp;
                     inf_load_row(x, ops, &p->q, p->dtype, b, hq, j0 + r, &d, 1.0f);
                     for (int64_t i = 0; i < d.Dp; ++i) qb[r * d.Dp + i] = x[i] * d.c;
+                    if (p->rope.cos) ms_rope_rotate(qb + r * d.Dp, &p->rope, pos0 + r, 1.0f);
                     inf_sigma(ops, x, dsq + r * d.Dp, d.D);
                     inf_load_row(dob + r * d.Dp, ops, &p->dout, p->dtype, b, hq, j0 + r, &d, 1.0f);
                     inf_load_row(alb + r * d.Dp, ops, &p->out_local, p->dtype, b, hq, j0 + r, &d, 1.0f);
@@ -472,6 +483,7 @@ int msattn_infini_bwd_dq_cpu(const msattn_infini_params *p, int64_t begin, int64
                     float *gq = dqb + r * d.Dp;
                     const float *x = ds + r * d.Dp, *ds1 = dsq + r * d.Dp;
                     ops->scale(gq, (int)d.D, (float)p->scale);
+                    if (p->rope.cos) ms_rope_rotate(gq, &p->rope, pos0 + r, -1.0f); /* local part, rotated back */
                     for (int64_t i = 0; i < d.D; ++i) gq[i] += (x[i] + z[i] * dden[r]) * ds1[i];
                     ms_store_row(&p->dq, ops, p->dtype, b, hq, j0 + r, gq, (int)d.D);
                 }
@@ -486,18 +498,18 @@ int msattn_infini_bwd_dq_cpu(const msattn_infini_params *p, int64_t begin, int64
 
 static size_t inf_bwd_dkv_bytes(const inf_dims *d) {
     const int64_t KBp = ms_round_up(d->KB, MSATTN_ROWS);
-    return (size_t)KBp * 4 + (size_t)(10 * KBp * d->Dp) * 4 + (size_t)(2 * d->D * INF_COLS) * 4 +
+    return (size_t)KBp * 4 + (size_t)(11 * KBp * d->Dp) * 4 + (size_t)(2 * d->D * INF_COLS) * 4 +
            (size_t)(2 * INF_COLS * d->Dp) * 4 + (size_t)(3 * INF_COLS + 2 * (INF_COLS / MSATTN_TILE)) * 4 +
            (size_t)(3 * MSATTN_ROWS * MSATTN_TILE) * 4 + (size_t)(4 * d->D * d->Dp + 2 * d->Dp + KBp) * 4 +
-           (size_t)(2 * d->Dp) * 4 + 40 * 64;
+           (size_t)(2 * d->Dp) * 4 + 42 * 64;
 }
 
 /* pack query columns [c0, c0 + n) of the item (n a multiple of 64): column c is query
  * i = ibeg + c % nqp of head h*hg + c / nqp, inert when i >= Nq. ibeg and nqp are multiples of 64, so
  * a tile always holds the same queries at the same lanes whatever the key block: the sums do not
  * depend on k_block (which the caller may choose from the thread count).
- * qt, dat: q * scale * log2(e) and dA_loc transposed, tile-major; qrow, darow as rows; lse2, delta,
- * qpos per column; tmin, tmax per 64-column tile over its real columns. */
+ * qt, dat: q * scale * log2(e) (rotated with rope tables) and dA_loc transposed, tile-major; qrow,
+ * darow as rows; lse2, delta, qpos per column; tmin, tmax per 64-column tile over its real columns. */
 static void inf_pack_columns(const msattn_infini_params *p, const msattn_simd_ops *ops, const inf_dims *d,
                              int64_t b, int64_t h, int64_t ibeg, int64_t nqp, int64_t c0, int n, float *qt,
                              float *dat, float *qrow, float *darow, float *lse2, float *delta, int32_t *qpos,
@@ -512,6 +524,7 @@ static void inf_pack_columns(const msattn_infini_params *p, const msattn_simd_op
             const int64_t row = (b * p->Hq + hq) * d->Nq + i;
             const float gl = (float)(1.0 - inf_gate(p->beta[hq]));
             inf_load_row(qr, ops, &p->q, p->dtype, b, hq, i, d, 1.0f);
+            if (p->rope.cos) ms_rope_rotate(qr, &p->rope, d->N - d->Nq + i, 1.0f);
             inf_load_row(tmp, ops, &p->dout, p->dtype, b, hq, i, d, 1.0f);
             inf_load_dlocal(p, ops, d, dr, tmp, tmp + d->Dp, b, hq, i, gl);
             for (int64_t k = 0; k < d->D; ++k) {
@@ -550,6 +563,7 @@ int msattn_infini_bwd_dkv_cpu(const msattn_infini_params *p, int64_t begin, int6
     char *cur = (char *)scratch;
     int32_t *kp = (int32_t *)ms_carve(&cur, (size_t)KBp, 4);
     float *kr = (float *)ms_carve(&cur, (size_t)(KBp * d.Dp), 4);   /* the block's valid keys, rows */
+    float *krot = (float *)ms_carve(&cur, (size_t)(KBp * d.Dp), 4); /* rotated for the local part (rope) */
     float *vr = (float *)ms_carve(&cur, (size_t)(KBp * d.Dp), 4);
     float *dka = (float *)ms_carve(&cur, (size_t)(KBp * d.Dp), 4);  /* their gradients */
     float *dva = (float *)ms_carve(&cur, (size_t)(KBp * d.Dp), 4);
@@ -585,9 +599,14 @@ int msattn_infini_bwd_dkv_cpu(const msattn_infini_params *p, int64_t begin, int6
         const int64_t kb = w % d.nkb, bh = w / d.nkb, b = bh / p->Hkv, h = bh % p->Hkv;
         const int64_t t0 = kb * d.KB, t1 = msattn_min64(d.N, t0 + d.KB), off = d.N - d.Nq;
         const int64_t nk = inf_valid_keys(p, b, t0, t1, kp);
+        const float *kl = p->rope.cos ? krot : kr; /* the keys the local attention scores */
         for (int64_t r = 0; r < nk; ++r) {
             inf_load_row(kr + r * d.Dp, ops, &p->k, p->dtype, b, h, kp[r], &d, 1.0f);
             inf_load_row(vr + r * d.Dp, ops, &p->v, p->dtype, b, h, kp[r], &d, 1.0f);
+            if (p->rope.cos) {
+                memcpy(krot + r * d.Dp, kr + r * d.Dp, (size_t)d.Dp * sizeof(float));
+                ms_rope_rotate(krot + r * d.Dp, &p->rope, kp[r], 1.0f);
+            }
         }
         memset(dka, 0, (size_t)(KBp * d.Dp) * sizeof(float));
         memset(dva, 0, (size_t)(KBp * d.Dp) * sizeof(float));
@@ -607,7 +626,7 @@ int msattn_infini_bwd_dkv_cpu(const msattn_infini_params *p, int64_t begin, int6
                     const int64_t toff = (ct / MSATTN_TILE) * d.D * MSATTN_TILE;
                     const int32_t tlo = tmin[ct / MSATTN_TILE], thi = tmax[ct / MSATTN_TILE];
                     if (p->causal && thi < kp[r0]) continue; /* every query of the tile precedes */
-                    ops->qk(s, kr + r0 * d.Dp, d.Dp, rows, qt + toff, MSATTN_TILE, (int)d.D);
+                    ops->qk(s, kl + r0 * d.Dp, d.Dp, rows, qt + toff, MSATTN_TILE, (int)d.D);
                     for (int r = 0; r < rows; ++r) ops->exp2_sub(s + r * MSATTN_TILE, lse2 + ct, nc);
                     if (p->causal && tlo < kp[r0 + rows - 1])
                         for (int r = 0; r < rows; ++r)
@@ -621,7 +640,10 @@ int msattn_infini_bwd_dkv_cpu(const msattn_infini_params *p, int64_t begin, int6
                 }
             }
         }
-        for (int64_t r = 0; r < nk; ++r) ops->scale(dka + r * d.Dp, (int)d.D, (float)p->scale);
+        for (int64_t r = 0; r < nk; ++r) {
+            ops->scale(dka + r * d.Dp, (int)d.D, (float)p->scale);
+            if (p->rope.cos) ms_rope_rotate(dka + r * d.Dp, &p->rope, kp[r], -1.0f); /* rotated back */
+        }
 
         /* the memory write */
         if (write_grad && nk > 0) {
@@ -784,13 +806,14 @@ int msattn_infini_bwd_dmem_cpu(const msattn_infini_params *p, int64_t begin, int
 // ----------------------------------------------------------------------------------------------
 // naive twins, in double
 
+/* q, k as given; ql, kl as the local attention scores them (rotated with rope tables) */
 typedef struct {
-    double *q, *k, *v, *sq, *num, *o, *go, *gl, *sc, *pr, *dpr, *m, *z, *dm, *dz, *dk, *dv, *dq, *tmp;
+    double *q, *k, *ql, *kl, *v, *sq, *num, *o, *go, *gl, *sc, *pr, *dpr, *m, *z, *dm, *dz, *dk, *dv, *dq, *tmp;
 } inf_ref_buf;
 
 static void inf_ref_free(inf_ref_buf *r) {
-    double **f[] = {&r->q, &r->k, &r->v, &r->sq, &r->num, &r->o, &r->go, &r->gl, &r->sc, &r->pr, &r->dpr,
-                    &r->m, &r->z, &r->dm, &r->dz, &r->dk, &r->dv, &r->dq, &r->tmp};
+    double **f[] = {&r->q, &r->k, &r->ql, &r->kl, &r->v, &r->sq, &r->num, &r->o, &r->go, &r->gl, &r->sc,
+                    &r->pr, &r->dpr, &r->m, &r->z, &r->dm, &r->dz, &r->dk, &r->dv, &r->dq, &r->tmp};
     for (size_t i = 0; i < sizeof(f) / sizeof(f[0]); ++i) { free(*f[i]); *f[i] = NULL; }
 }
 
@@ -798,12 +821,13 @@ static int inf_ref_alloc(inf_ref_buf *r, int64_t N, int64_t D) {
     memset(r, 0, sizeof(*r));
     const size_t nd = (size_t)(N > 0 ? N : 1) * (size_t)D, dd = (size_t)D * (size_t)D, n1 = (size_t)(N > 0 ? N : 1);
     r->q = malloc(D * 8); r->k = malloc(nd * 8); r->v = malloc(nd * 8); r->sq = malloc(D * 8);
+    r->ql = malloc(D * 8); r->kl = malloc(nd * 8);
     r->num = malloc(D * 8); r->o = malloc(D * 8); r->go = malloc(D * 8); r->gl = malloc(D * 8);
     r->sc = malloc(n1 * 8); r->pr = malloc(n1 * 8); r->dpr = malloc(n1 * 8);
     r->m = malloc(dd * 8); r->z = malloc(D * 8); r->dm = malloc(dd * 8); r->dz = malloc(D * 8);
     r->dk = malloc(nd * 8); r->dv = malloc(nd * 8); r->dq = malloc(D * 8); r->tmp = malloc(D * 8);
-    if (!r->q || !r->k || !r->v || !r->sq || !r->num || !r->o || !r->go || !r->gl || !r->sc || !r->pr ||
-        !r->dpr || !r->m || !r->z || !r->dm || !r->dz || !r->dk || !r->dv || !r->dq || !r->tmp) {
+    if (!r->q || !r->k || !r->ql || !r->kl || !r->v || !r->sq || !r->num || !r->o || !r->go || !r->gl ||
+        !r->sc || !r->pr || !r->dpr || !r->m || !r->z || !r->dm || !r->dz || !r->dk || !r->dv || !r->dq || !r->tmp) {
         inf_ref_free(r);
         return MSATTN_ERR_NOMEM;
     }
@@ -833,10 +857,19 @@ static void inf_ref_load_kv(const msattn_infini_params *p, inf_ref_buf *r, int64
     for (int64_t t = 0; t < p->N; ++t) {
         inf_ref_row(r->k + t * p->D, p, &p->k, b, h, t, p->D);
         inf_ref_row(r->v + t * p->D, p, &p->v, b, h, t, p->D);
+        memcpy(r->kl + t * p->D, r->k + t * p->D, (size_t)p->D * 8);
+        if (p->rope.cos) ms_rope_rotate_f64(r->kl + t * p->D, &p->rope, t, 1.0);
     }
 }
 
-/* local attention of query i of head hq: probabilities into pr (0 for invisible keys), out into o;
+/* query i of head hq into q, and as the local attention scores it into ql */
+static void inf_ref_load_q(const msattn_infini_params *p, inf_ref_buf *r, int64_t b, int64_t hq, int64_t i) {
+    inf_ref_row(r->q, p, &p->q, b, hq, i, p->D);
+    memcpy(r->ql, r->q, (size_t)p->D * 8);
+    if (p->rope.cos) ms_rope_rotate_f64(r->ql, &p->rope, p->N - p->Nq + i, 1.0);
+}
+
+/* local attention of query i (ql, kl): probabilities into pr (0 for invisible keys), out into o;
  * returns the log-sum-exp (-inf without keys) */
 static double inf_ref_local(const msattn_infini_params *p, inf_ref_buf *r, int64_t b, int64_t i) {
     const int64_t D = p->D, pos = p->N - p->Nq + i;
@@ -845,7 +878,7 @@ static double inf_ref_local(const msattn_infini_params *p, inf_ref_buf *r, int64
         r->sc[t] = -INFINITY;
         if (!ms_valid(p->key_mask, p->mask_sb, b, t) || (p->causal && t > pos)) continue;
         double s = 0.0;
-        for (int64_t x = 0; x < D; ++x) s += r->q[x] * r->k[t * D + x];
+        for (int64_t x = 0; x < D; ++x) s += r->ql[x] * r->kl[t * D + x];
         r->sc[t] = s * p->scale;
         mx = r->sc[t] > mx ? r->sc[t] : mx;
     }
@@ -897,7 +930,7 @@ int msattn_infini_fwd_ref_cpu(const msattn_infini_params *p, int64_t begin, int6
             const double g = inf_gate(p->beta[hq]);
             for (int64_t i = 0; i < p->Nq; ++i) {
                 const int64_t row = (b * p->Hq + hq) * p->Nq + i;
-                inf_ref_row(r.q, p, &p->q, b, hq, i, D);
+                inf_ref_load_q(p, &r, b, hq, i);
                 const double lse = inf_ref_local(p, &r, b, i);
                 if (p->dtype == MSATTN_F64) ((double *)p->lse)[row] = lse;
                 else ((float *)p->lse)[row] = (float)lse;
@@ -947,7 +980,7 @@ int msattn_infini_bwd_ref_cpu(const msattn_infini_params *p, int64_t begin, int6
             double dbeta = 0.0;
             for (int64_t i = 0; i < p->Nq; ++i) {
                 const int64_t row = (b * p->Hq + hq) * p->Nq + i;
-                inf_ref_row(r.q, p, &p->q, b, hq, i, D);
+                inf_ref_load_q(p, &r, b, hq, i);
                 inf_ref_row(r.go, p, &p->dout, b, hq, i, D);
                 for (int64_t x = 0; x < D; ++x) r.gl[x] = (1.0 - g) * r.go[x];
                 if (p->dout_local.data) {
@@ -971,11 +1004,12 @@ int msattn_infini_bwd_ref_cpu(const msattn_infini_params *p, int64_t begin, int6
                     if (r.pr[t] == 0.0) continue;
                     const double ds = r.pr[t] * (r.dpr[t] - delta) * p->scale;
                     for (int64_t x = 0; x < D; ++x) {
-                        r.dq[x] += ds * r.k[t * D + x];
-                        r.dk[t * D + x] += ds * r.q[x];
+                        r.dq[x] += ds * r.kl[t * D + x];
+                        r.dk[t * D + x] += ds * r.ql[x];
                         r.dv[t * D + x] += r.pr[t] * r.gl[x];
                     }
                 }
+                if (p->rope.cos) ms_rope_rotate_f64(r.dq, &p->rope, N - p->Nq + i, -1.0);
                 /* retrieval */
                 const double den = inf_ref_retrieve(p, &r, r.q);
                 double da = 0.0;
@@ -996,6 +1030,7 @@ int msattn_infini_bwd_ref_cpu(const msattn_infini_params *p, int64_t begin, int6
             p->dbeta[b * p->Hq + hq] = g * (1.0 - g) * dbeta;
         }
 
+        for (int64_t t = 0; p->rope.cos && t < N; ++t) ms_rope_rotate_f64(r.dk + t * D, &p->rope, t, -1.0);
         /* the memory write, from dM' and dz' */
         for (int64_t t = 0; p->update_memory && t < N; ++t) {
             if (!ms_valid(p->key_mask, p->mask_sb, b, t)) continue;

@@ -157,9 +157,11 @@ inline AppendArgs check_append(const at::Tensor &key_sums, const at::Tensor &key
                                            "ms_region_sums_append_"), end};
 }
 
-// rope tables for rope="selected": float32 (len, dim/2) each, len covering every compact position
+// rope tables applied inside a kernel: float32 (len, dim/2) each, len covering the positions the kernel
+// rotates to (`positions` names them in the error)
 inline msattn_rope check_rope(const c10::optional<at::Tensor> &cos, const c10::optional<at::Tensor> &sin,
-                              const at::Tensor &q, int64_t needed_len, at::Tensor &cos_c, at::Tensor &sin_c) {
+                              const at::Tensor &q, int64_t needed_len, at::Tensor &cos_c, at::Tensor &sin_c,
+                              const char *positions = "the compact positions (topk * block_k + merge * block_q)") {
     msattn_rope r{nullptr, nullptr, 0, 0};
     TORCH_CHECK(cos.has_value() == sin.has_value(), "msattn: rope_cos and rope_sin must be given together");
     if (!cos.has_value()) return r;
@@ -173,8 +175,8 @@ inline msattn_rope check_rope(const c10::optional<at::Tensor> &cos, const c10::o
                 "msattn: rope_cos and rope_sin must be on q's device ", q.device());
     TORCH_CHECK(2 * cos->size(1) <= q.size(3) && cos->size(1) >= 1,
                 "msattn: rotary dim 2 * ", cos->size(1), " exceeds head dim ", q.size(3));
-    TORCH_CHECK(cos->size(0) >= needed_len, "msattn: rope tables must cover the compact positions 0..",
-                needed_len - 1, " (topk * block_k + merge * block_q), got ", cos->size(0), " rows");
+    TORCH_CHECK(cos->size(0) >= needed_len, "msattn: rope tables must cover ", positions, " 0..", needed_len - 1,
+                ", got ", cos->size(0), " rows");
     cos_c = cos->contiguous();
     sin_c = sin->contiguous();
     r.cos = cos_c.data_ptr<float>();

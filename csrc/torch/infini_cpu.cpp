@@ -49,6 +49,12 @@ void check_infini_args(const at::Tensor &q, const at::Tensor &k, const at::Tenso
     TORCH_CHECK(std::isfinite(scale), "msattn: scale must be finite, got ", scale);
 }
 
+// rope tables for the local attention (q and k un-rotated): they cover the segment's positions 0..N-1
+msattn_rope check_infini_rope(const c10::optional<at::Tensor> &cos, const c10::optional<at::Tensor> &sin,
+                              const at::Tensor &q, const at::Tensor &k, at::Tensor &cos_c, at::Tensor &sin_c) {
+    return check_rope(cos, sin, q, k.size(2), cos_c, sin_c, "the segment's positions");
+}
+
 // an optional gradient: undefined, or `like`'s shape and dtype
 at::Tensor check_grad(const c10::optional<at::Tensor> &g, const at::Tensor &like, const char *name) {
     if (!g.has_value()) return at::Tensor();
@@ -98,10 +104,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> infini_fw
     const at::Tensor &memory_,                  // (B, Hkv, D, D) float32 (float64 for float64 inputs)
     const at::Tensor &norm_,                    // (B, Hkv, D)
     const c10::optional<at::Tensor> &mask_,     // (B, N) bool, True = real token
+    const c10::optional<at::Tensor> &rope_cos,  // (L, R2) float32, L >= N, or None
+    const c10::optional<at::Tensor> &rope_sin,
     bool delta_rule, bool causal, double scale, bool update_memory) {
     IsaCall isa_call(isa_mutex());  // one instruction set for the whole call
     check_infini_args(q, k, v, beta_, memory_, norm_, scale);
     at::Tensor mask = check_mask(mask_, k), memory = memory_.contiguous(), norm = norm_.contiguous();
+    at::Tensor cos_c, sin_c;
+    const msattn_rope rope = check_infini_rope(rope_cos, rope_sin, q, k, cos_c, sin_c);
     at::Tensor beta = beta_.to(at::kDouble).contiguous();
     at::Tensor out = at::empty(q.sizes(), q.options());
     at::Tensor out_local = at::empty(q.sizes(), q.options());
@@ -110,6 +120,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> infini_fw
     at::Tensor norm_out = at::empty(norm.sizes(), norm.options());
     msattn_infini_params p = infini_params(q, k, v, beta, memory, norm, mask, delta_rule, causal, scale,
                                            update_memory);
+    p.rope = rope;
     p.out = view_of(out);
     p.out_local = view_of(out_local);
     p.lse = lse.data_ptr();
@@ -145,9 +156,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor &memory_, const at::Tensor &norm_,
     const at::Tensor &out_local,                   // (B, Hq, Nq, D) from infini_fwd
     const at::Tensor &lse_,                        // (B, Hq, Nq) from infini_fwd
-    const c10::optional<at::Tensor> &mask_, bool delta_rule, bool causal, double scale, bool update_memory) {
+    const c10::optional<at::Tensor> &mask_, const c10::optional<at::Tensor> &rope_cos,
+    const c10::optional<at::Tensor> &rope_sin, bool delta_rule, bool causal, double scale, bool update_memory) {
     IsaCall isa_call(isa_mutex());  // one instruction set for the whole call
     check_infini_args(q, k, v, beta_, memory_, norm_, scale);
+    at::Tensor cos_c, sin_c;
+    const msattn_rope rope = check_infini_rope(rope_cos, rope_sin, q, k, cos_c, sin_c);
     TORCH_CHECK(dout.sizes() == q.sizes() && dout.scalar_type() == q.scalar_type() && dout.device() == q.device(),
                 "msattn: dout must match q: shape ", shape_str(q), " dtype ", q.scalar_type(), ", got ",
                 shape_str(dout), " ", dout.scalar_type());
@@ -178,6 +192,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     at::Tensor dbeta_part = at::zeros({q.size(0), q.size(1)}, q.options().dtype(at::kDouble));  // (B, Hq)
     msattn_infini_params p = infini_params(q, k, v, beta, memory, norm, mask, delta_rule, causal, scale,
                                            update_memory);
+    p.rope = rope;
     p.out_local = view_of(out_local);
     p.lse = lse.data_ptr();
     p.dout = view_of(dout);
@@ -226,16 +241,18 @@ TORCH_LIBRARY_FRAGMENT(msattn, m) {
     // Infini-attention over one segment (DESIGN 3) -> out (B, Hq, Nq, D), out_local (B, Hq, Nq, D) the local
     // attention alone, lse (B, Hq, Nq) its log-sum-exp, memory' (B, Hkv, D, D), norm' (B, Hkv, D).
     // beta (Hq) gate logits; memory, norm float32 (float64 for float64 inputs); update_memory=False leaves
-    // memory' = memory and norm' = norm (decoding inside a segment)
+    // memory' = memory and norm' = norm (decoding inside a segment); rope_cos/rope_sin (L >= N, R2): q and k
+    // arrive un-rotated, the local attention rotates them with their positions in the segment, the memory
+    // uses them un-rotated
     m.def("infini_fwd(Tensor q, Tensor k, Tensor v, Tensor beta, Tensor memory, Tensor norm, "
-          "Tensor? key_padding_mask, bool delta_rule, bool causal, float scale, bool update_memory) "
-          "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+          "Tensor? key_padding_mask, Tensor? rope_cos, Tensor? rope_sin, bool delta_rule, bool causal, "
+          "float scale, bool update_memory) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
     // its backward, given the gradients of out (and optionally of out_local, lse, memory', norm')
     // -> dq, dk, dv, dbeta, dmemory, dnorm
     m.def("infini_bwd(Tensor dout, Tensor? dout_local, Tensor? dlse, Tensor? dmemory, Tensor? dnorm, "
           "Tensor q, Tensor k, Tensor v, Tensor beta, Tensor memory, Tensor norm, Tensor out_local, Tensor lse, "
-          "Tensor? key_padding_mask, bool delta_rule, bool causal, float scale, bool update_memory) "
-          "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+          "Tensor? key_padding_mask, Tensor? rope_cos, Tensor? rope_sin, bool delta_rule, bool causal, "
+          "float scale, bool update_memory) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(msattn, CPU, m) {
