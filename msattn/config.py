@@ -132,11 +132,17 @@ class InfiniConfig:
         gate_init: the initial gate logit ``beta`` of every head (-3: ``sigmoid(-3) = 0.047``, mostly
             local attention, so a pretrained model starts from a working state while the memory path
             still gets gradient).
+        unrotated_memory: False: the memory stores and retrieves q and k as the model hands them,
+            rotated at their absolute positions. True: q and k reach the kernel un-rotated; the local
+            attention rotates them with their positions inside the segment (the same relative angles)
+            and the memory stores and retrieves them un-rotated, so that a retrieval does not depend on
+            the absolute position at which a key was written.
     """
 
     segment_len: int = 256
     delta_rule: bool = False
     gate_init: float = -3.0
+    unrotated_memory: bool = False
 
     def __post_init__(self):
         _check_int("InfiniConfig", "segment_len", self.segment_len, 1)
@@ -145,3 +151,5 @@ class InfiniConfig:
         if isinstance(self.gate_init, bool) or not isinstance(self.gate_init, (int, float)) \
                 or not math.isfinite(self.gate_init):
             raise ValueError(f"InfiniConfig.gate_init must be a finite number, got {self.gate_init!r}")
+        if not isinstance(self.unrotated_memory, bool):
+            raise ValueError(f"InfiniConfig.unrotated_memory must be a bool, got {self.unrotated_memory!r}")

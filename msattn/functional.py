@@ -311,7 +311,7 @@ def infini_attention(
             local attention rotates them with their positions inside the segment (key ``t`` at ``t``,
             query ``i`` at ``N - Nq + i``; the same relative angles as absolute positions), and the memory
             reads and writes them un-rotated, so that what it stores does not depend on where in the
-            sequence it was written (``InfiniConfig(rope="segment")``). None: q and k are used as given.
+            sequence it was written (``InfiniConfig(unrotated_memory=True)``). None: q and k are used as given.
 
     Returns:
         ``(out, (memory', norm'))``: ``out (B, Hq, Nq, D)`` in q's dtype, the updated memory

@@ -615,6 +615,8 @@ def test_hf_patch_errors():
     model = tiny()
     with pytest.raises(ValueError, match="segment_len must be an int >= 1"):
         msattn.InfiniConfig(segment_len=0)
+    with pytest.raises(ValueError, match="InfiniConfig.unrotated_memory must be a bool, got 'yes'"):
+        msattn.InfiniConfig(unrotated_memory="yes")
     msattn.hf.patch(model, msattn.InfiniConfig(segment_len=8))
     with pytest.raises(RuntimeError, match="already patched"):
         msattn.hf.patch(model, msattn.InfiniConfig(segment_len=8))
@@ -693,3 +695,53 @@ def test_infini_cache_saved_and_reloaded_continues_the_uninterrupted_run(tmp_pat
         assert cache.get_seq_length() == 53 and cache.layers[0].folded == 48
         rest = model(ids[:, 53:], position_ids=torch.arange(53, 90)[None], **with_cache(model, cache)).logits
     assert torch.allclose(rest, whole[:, 53:], rtol=0, atol=1e-5 * whole.abs().max())
+
+
+# 10. unrotated_memory: the memory stores and retrieves un-rotated keys
+
+
+def test_hf_unrotated_memory_local_attention_is_unchanged_and_memory_is_position_free():
+    torch.manual_seed(0)
+    model = tiny()
+    ids = torch.randint(3, 97, (2, 80))
+    shifted = torch.arange(1000, 1080)[None].expand(2, -1)
+    logits = {}
+    with torch.no_grad():
+        for rope in ("inputs", "segment"):
+            msattn.hf.patch(model, msattn.InfiniConfig(segment_len=16, unrotated_memory=rope == "segment"))
+            assert model.model.rotary_emb.__class__.__name__ == (
+                "UnrotatedRotary" if rope == "segment" else "LlamaRotaryEmbedding")
+            set_gates(model, -1e4)  # local attention alone: RoPE is relative, both modes agree
+            logits[rope, "shut"] = model(ids).logits
+            set_gates(model, 0.0)
+            logits[rope] = model(ids).logits
+            logits[rope, "shifted"] = model(ids, position_ids=shifted).logits
+            msattn.hf.unpatch(model)
+    scale = logits["inputs", "shut"].abs().max()
+    assert torch.allclose(logits["segment", "shut"], logits["inputs", "shut"], rtol=0, atol=1e-5 * scale)
+    # with the memory open: un-rotated keys make the model blind to where the sequence starts
+    assert torch.allclose(logits["segment", "shifted"], logits["segment"], rtol=0, atol=1e-5 * scale)
+    assert not torch.allclose(logits["inputs", "shifted"], logits["inputs"], rtol=0, atol=1e-3 * scale)
+    assert not torch.allclose(logits["segment"][:, 16:], logits["inputs"][:, 16:], rtol=0, atol=1e-3 * scale)
+
+
+def test_hf_unrotated_memory_generate_and_train_by_segments():
+    from msattn.hf.infini import train_by_segments
+
+    torch.manual_seed(0)
+    model = msattn.hf.patch(tiny(), msattn.InfiniConfig(segment_len=16, unrotated_memory=True, delta_rule=True))
+    set_gates(model, 0.0)
+    ids = torch.randint(3, 97, (2, 21))
+    out = model.generate(ids, max_new_tokens=30, min_new_tokens=30, do_sample=False, return_dict_in_generate=True,
+                         output_logits=True)
+    with torch.no_grad():
+        full = model(out.sequences, use_cache=False).logits
+    assert torch.allclose(torch.stack(out.logits, 1), full[:, 20:50], rtol=0, atol=1e-4 * full.abs().max())
+    model = model.double().train()
+    ids = torch.randint(3, 97, (2, 50))
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    whole = _grads(model)
+    model.zero_grad()
+    assert abs(train_by_segments(model, ids, ids).item() - loss.item()) <= 1e-6 * loss.item()
+    assert max(rel_err(p.grad, whole[n]) for n, p in model.named_parameters() if n in whole) <= 1e-12

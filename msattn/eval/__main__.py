@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     peers.add_argument("--segment-len", type=positive_int, help="Infini-attention segment length (default 256, or the "
                        "checkpoint's)")
     peers.add_argument("--delta-rule", action="store_true", default=None, help="Infini-attention's delta-rule memory")
+    peers.add_argument("--unrotated-memory", action="store_true", default=None,
+                       help="Infini-attention's memory stores un-rotated keys (InfiniConfig.unrotated_memory)")
 
     keys = argparse.ArgumentParser(add_help=False)
     keys.add_argument("--digits", type=positive_int, default=5, help="digits of the pass key (default 5)")
@@ -144,7 +146,8 @@ def run(args) -> list[dict]:
     settings = settings_from_meta(meta, block_q=args.block_q, block_k=args.block_k, merge=args.merge, topk=args.topk,
                                   local=args.local, rope=args.rope, coarse_regions=args.coarse_regions,
                                   coarse_topk=args.coarse_topk, group_size=args.group_size, window=args.window,
-                                  segment_len=args.segment_len, delta_rule=args.delta_rule)
+                                  segment_len=args.segment_len, delta_rule=args.delta_rule,
+                                  unrotated_memory=args.unrotated_memory)
     span = settings.ms.span
     if "ms" in args.methods and args.chunk_size % span:
         raise ValueError(f"--chunk-size {args.chunk_size} is not a multiple of the MS group span merge * block_q = "

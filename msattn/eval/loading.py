@@ -6,8 +6,8 @@ Sources (``load``):
 - a llama2.c checkpoint (``llama2c=`` with ``tokenizer=`` a ``tok*.bin``);
 - a checkpoint directory (``save_checkpoint``: the demo's models, ``msattn pretrain``'s output): an HF
   model directory that also holds ``msattn.json`` = ``{"method": "dense" | "ms" | "self_extend" |
-  "infini", "ms_config": {MSConfig fields} | null, "infini": {"segment_len", "delta_rule", "gates":
-  [per layer, per head beta]} | null, "tokenizer": PasskeyTokenizer.to_dict() | {"type":
+  "infini", "ms_config": {MSConfig fields} | null, "infini": {"segment_len", "delta_rule",
+  "unrotated_memory", "gates": [per layer, per head beta]} | null, "tokenizer": PasskeyTokenizer.to_dict() | {"type":
   "Llama2cTokenizer", "path"} | null (the directory's own HF tokenizer)}``;
 - a fine-tuned run (``msattn finetune``'s output): a PEFT adapter directory whose ``msattn.json`` also
   holds ``"base_model": {"model" | "llama2c", "tokenizer"}`` (what ``load`` takes) and ``"crd_ntk":
@@ -153,7 +153,7 @@ def save_checkpoint(model, tokenizer, directory, *, method: str, settings: Setti
                              "(its gates are saved)")
         gates = [attn.infini_gate.beta.detach().float().cpu().tolist() for attn in attention_modules(decoder(model))]
         meta["infini"] = {"segment_len": settings.infini.segment_len, "delta_rule": settings.infini.delta_rule,
-                          "gates": gates}
+                          "unrotated_memory": settings.infini.unrotated_memory, "gates": gates}
     # the plain model: its weights without the gates, its config without msattn.hf's patch record (the
     # method and its parameters are in msattn.json)
     from ..hf import SAVED, base_model
@@ -225,7 +225,7 @@ def settings_from_meta(meta: dict | None, **overrides) -> Settings:
     """The :class:`Settings` a checkpoint was trained with (``meta`` from :func:`read_checkpoint_meta`;
     None: the defaults), with ``overrides`` by field name, each routed to the config that has it
     (``block_q=``.., ``rope=`` for MS, ``group_size=``, ``window=`` for SelfExtend, ``segment_len=``,
-    ``delta_rule=`` for Infini-attention; None values ignored)."""
+    ``delta_rule=``, ``unrotated_memory=`` for Infini-attention; None values ignored)."""
     meta = meta or {}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     ms_fields = {f.name for f in dataclasses.fields(MSConfig)}
@@ -233,7 +233,7 @@ def settings_from_meta(meta: dict | None, **overrides) -> Settings:
     configs = {}
     for name, cls, saved in (("self_extend", SelfExtendConfig, {}),
                              ("infini", InfiniConfig, {k: v for k, v in (meta.get("infini") or {}).items()
-                                                       if k in ("segment_len", "delta_rule")})):
+                                                       if k in ("segment_len", "delta_rule", "unrotated_memory")})):
         fields = {f.name for f in dataclasses.fields(cls)}
         values = dict(saved)
         values.update({k: v for k, v in overrides.items() if k in fields})

@@ -12,7 +12,15 @@ The attention function walks the segments in order, carrying the memory ``(M, z)
 next inside the forward: activation memory is O(segment_len) per segment (the kernel is flash-style;
 no (N, N) or even (segment, segment) score matrix exists), and backpropagation runs through the
 memory across segments. The memory is per key/value head (shared by its query heads under GQA),
-float32, and holds the keys as the model hands them to attention (after RoPE).
+float32, and holds the keys as the model hands them to attention (see Positions).
+
+Positions. By default the attention function receives q and k rotated at their absolute positions,
+and the memory holds them so. With ``InfiniConfig(unrotated_memory=True)`` the model's rotary
+embedding is wrapped (:class:`msattn.hf.common.UnrotatedRotary`): q and k arrive un-rotated, the kernel
+rotates them with their positions inside the segment for the local attention (the same relative
+angles, so the local attention is unchanged) and the memory stores and retrieves them un-rotated: a
+key written 10 or 10,000 segments back is retrieved alike, and no position beyond ``segment_len`` is
+ever used, whatever the length.
 
 The gate. ``attn.infini_gate`` is a tiny module holding ``beta`` ``(num_attention_heads,)`` as an
 ``nn.Parameter``, so it is part of ``model.parameters()`` (the HF Trainer trains it) and can be named
@@ -78,7 +86,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     Returns:
         ``(out (B, Nq, Hq, D), None)``.
     """
-    state = call_record(module, METHOD, attention_mask, dropout, kwargs.get("sliding_window")).config
+    rec = call_record(module, METHOD, attention_mask, dropout, kwargs.get("sliding_window"))
+    state = rec.config
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     seg, nq, nk = state.segment_len, query.shape[2], key.shape[2]
     beta = module.infini_gate()
@@ -96,6 +105,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     mask = None if attention_mask is None else attention_mask[:, -nk:]
     first = total - nq  # absolute position of the first query
     kw = dict(delta_rule=state.delta_rule, causal=causal, scale=scaling)
+    if rec.rotary is not None:  # unrotated_memory: the local attention's positions are 0..seg-1
+        kw["rotary"] = rec.rotary.tables(seg, query.device)
 
     def piece(x, a, e):
         return x[:, :, a - start:e - start]
@@ -183,7 +194,7 @@ def _uninstall(attn: nn.Module) -> None:
 
 
 def _unrotated(config: InfiniConfig) -> bool:
-    return False
+    return config.unrotated_memory
 
 
 def _new_cache(config: InfiniConfig) -> InfiniCache:

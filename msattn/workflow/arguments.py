@@ -42,6 +42,7 @@ class AttentionArguments:
     window: int | None = _help("SelfExtend: neighbour window", default=None)
     segment_len: int | None = _help("Infini-attention: tokens per segment", default=None)
     delta_rule: bool | None = _help("Infini-attention: write the memory with the delta rule", default=None)
+    unrotated_memory: bool | None = _help("Infini-attention: the memory stores un-rotated keys", default=None)
 
     def method(self, meta: dict | None, default: str = "ms") -> str:
         """The method: this config's, else the saved model's, else ``default``."""
