@@ -48,6 +48,7 @@ from .config import InfiniConfig, MSConfig
 from .eval import report
 from .eval.loading import Settings, load, prepare, save_checkpoint
 from .eval.passkey import PasskeyTokenizer, random_key, passkey_prompt, run_passkey, template_length
+from .hf.infini import train_by_segments
 
 DIGITS = 5             # evaluation keys, the standard passkey
 MAX_TRAIN_DIGITS = 7   # training keys have 5..7 digits
@@ -80,6 +81,17 @@ def parse_args(argv=None):
                     help="of the topk regions, how many are always the ones just before the group (MSConfig.local): "
                          "without it a token at the start of a group sees only the regions ranking picks")
     ap.add_argument("--segment-len", type=int, default=64, help="Infini-attention segment length (tokens)")
+    ap.add_argument("--infini-gate-init", type=float, default=0.0,
+                    help="Infini-attention's initial gate logit (InfiniConfig.gate_init; 0: half memory, half local)")
+    ap.add_argument("--infini-delta-rule", action="store_true", help="Infini-attention writes with the delta rule")
+    ap.add_argument("--infini-rotated-memory", action="store_true",
+                    help="Infini-attention's memory holds rotated keys (InfiniConfig.unrotated_memory=False)")
+    ap.add_argument("--infini-boundary", type=float, default=0.5,
+                    help="share of Infini-attention's long training batches whose answer straddles a segment "
+                         "boundary (msattn.demo_toy.batch)")
+    ap.add_argument("--infini-horizon", type=int, default=None,
+                    help="train Infini-attention this many segments at a time (msattn.hf.infini.train_by_segments; "
+                         "default: the whole sequence in one window)")
     ap.add_argument("--heads", type=int, default=4, help="query heads (KV heads: half); head dim = hidden / heads")
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=2)
@@ -161,15 +173,25 @@ def training_key(rng: random.Random, digits: int, hard: float) -> str:
     return str(random_key(rng, digits))
 
 
-def batch(tokenizer: PasskeyTokenizer, rng: random.Random, max_len: int, size: int, hard: float = 0.0):
+def batch(tokenizer: PasskeyTokenizer, rng: random.Random, max_len: int, size: int, hard: float = 0.0,
+          boundary: tuple[int, float] | None = None):
     """``size`` training sequences, all of one length drawn for the batch: half the batches short (up
     to twice the prompt template), half up to ``max_len``. Each is a passkey prompt followed by its
     answer and the "." that ends it; keys have ``DIGITS`` to ``MAX_TRAIN_DIGITS`` digits and come from
-    :func:`training_key` (a share ``hard`` of them repeating digits on purpose). Returns ``(inputs,
-    targets, weights)``, ``(size, n)`` each."""
+    :func:`training_key` (a share ``hard`` of them repeating digits on purpose). ``boundary = (segment,
+    share)``: a share of the batches instead ends 8 tokens or less past a multiple of ``segment`` (or 3
+    before it), so that a segment boundary falls in the question's end or the answer (Infini-attention:
+    the answer's digits then see the question only through the memory, the case that evaluation prompts
+    of a multiple of the segment length always pose). Returns ``(inputs, targets, weights)``, ``(size,
+    n)`` each."""
     lo = shortest_training_length(tokenizer)
     mid = min(2 * lo, max_len)
     n = rng.randint(lo, mid) if rng.random() < 0.5 else rng.randint(mid, max_len)
+    if boundary is not None and rng.random() < boundary[1]:
+        segment = boundary[0]
+        ends = [m * segment + u for m in range(1, max_len // segment + 2) for u in range(-3, 8)
+                if lo <= m * segment + u <= max_len]
+        n = rng.choice(ends) if ends else n
     end = tokenizer.encode(".", bos=False)  # the answer ends like the key sentence's key
     inputs, weights = [], []
     for _ in range(size):
@@ -306,28 +328,39 @@ class Training:
         self.rng.setstate(state["rng"])
         self.losses = list(state["losses"])
 
-    def run(self, stop: int, name: str, position: int = 0, config: MSConfig | None = None) -> None:
+    def run(self, stop: int, name: str, position: int = 0, config: MSConfig | InfiniConfig | None = None) -> None:
         """Train from the current step up to step ``stop``. Given the MS ``config``, the loss adds
-        ``--select-weight`` times :class:`SelectionLoss` (which never applies in the first stage)."""
+        ``--select-weight`` times :class:`SelectionLoss` (which never applies in the first stage). Given
+        an ``InfiniConfig``, the long batches straddle a segment boundary in a share ``--infini-boundary``
+        (:func:`batch`) and each step runs :func:`msattn.hf.infini.train_by_segments` with
+        ``--infini-horizon``."""
         args, model = self.args, self.model
         short = min(short_length(method_settings(args).ms), args.train_len)
+        infini = config if isinstance(config, InfiniConfig) else None
         select = (SelectionLoss(model, config, digit_ids(self.tokenizer))
-                  if config is not None and args.select_weight else None)
+                  if isinstance(config, MSConfig) and args.select_weight else None)
+        boundary = None if infini is None or not args.infini_boundary else (infini.segment_len, args.infini_boundary)
         model.train()
         try:
             with tqdm(range(len(self.losses), stop), desc=f"train {name}", position=position) as bar:
                 for step in bar:
-                    x, y, w = batch(self.tokenizer, self.rng, short if step < args.short_steps else args.train_len,
-                                    args.batch_size, args.hard_keys)
-                    logits = model(x).logits
-                    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten(),
-                                                            reduction="none")
-                    loss = (nll * w.flatten()).sum() / w.sum()
-                    total = loss
-                    if select is not None and (extra := select(x)) is not None:
-                        total = loss + args.select_weight * extra
+                    first = step < args.short_steps
+                    x, y, w = batch(self.tokenizer, self.rng, short if first else args.train_len, args.batch_size,
+                                    args.hard_keys, None if first else boundary)
                     self.opt.zero_grad()
-                    total.backward()
+                    if infini is not None:  # the copy weights as transformers' labels: -100 where unweighted
+                        scored = torch.cat([torch.zeros_like(w[:, :1]), w[:, :-1]], 1) > 0
+                        labels = x.masked_fill(~scored, -100)
+                        loss = train_by_segments(model, x, labels, horizon=args.infini_horizon)
+                    else:
+                        logits = model(x).logits
+                        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten(),
+                                                                reduction="none")
+                        loss = (nll * w.flatten()).sum() / w.sum()
+                        total = loss
+                        if select is not None and (extra := select(x)) is not None:
+                            total = loss + args.select_weight * extra
+                        total.backward()
                     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                     self.opt.step()
                     self.sched.step()
@@ -401,7 +434,7 @@ def train_model(method: str, args, position: int = 0, first_stage: bytes | None 
             run.load_state_dict(state["training"])
             first_seconds = state["seconds"]
         t0 = time.perf_counter()
-        run.run(args.steps, method, position, config=settings.ms if method == "ms" else None)
+        run.run(args.steps, method, position, config=settings.config(method))
     losses = run.losses
     timings = {"first_stage_seconds": first_seconds, "train_seconds": time.perf_counter() - t0,
                "final_copy_nll": sum(losses[-20:]) / len(losses[-20:])}
@@ -416,10 +449,13 @@ def train_and_save(method: str, args, position: int = 0, first_stage: bytes | No
 
 
 def method_settings(args) -> Settings:
-    """Every method's parameters: MS with RoPE on selected tokens, Infini with ``--segment-len``."""
+    """Every method's parameters: MS with RoPE on selected tokens, Infini with ``--segment-len`` and the
+    ``--infini-*`` options."""
     ms = MSConfig(block_q=args.block_q, block_k=args.block_k, merge=args.merge, topk=args.topk, local=args.local,
                   rope="selected")
-    return Settings(ms=ms, infini=InfiniConfig(segment_len=args.segment_len))
+    infini = InfiniConfig(segment_len=args.segment_len, delta_rule=args.infini_delta_rule,
+                          gate_init=args.infini_gate_init, unrotated_memory=not args.infini_rotated_memory)
+    return Settings(ms=ms, infini=infini)
 
 
 def main(argv=None):
@@ -441,6 +477,12 @@ def main(argv=None):
         raise SystemExit(f"msattn.demo_toy: --hard-keys is a share of the training keys, in [0, 1], got {args.hard_keys}")
     if not args.select_weight >= 0:
         raise SystemExit(f"msattn.demo_toy: --select-weight must be >= 0, got {args.select_weight}")
+    if not 0 <= args.infini_boundary <= 1:
+        raise SystemExit(f"msattn.demo_toy: --infini-boundary is a share of the batches, in [0, 1], got "
+                         f"{args.infini_boundary}")
+    if args.infini_horizon is not None and args.infini_horizon < 1:
+        raise SystemExit(f"msattn.demo_toy: --infini-horizon must be a positive number of segments, got "
+                         f"{args.infini_horizon}")
     try:
         settings = method_settings(args)
     except ValueError as e:

@@ -41,11 +41,37 @@ def test_demo_trains_saves_and_reports_every_method(tmp_path):
         if method == "ms":
             assert settings.ms.rope == "selected" and settings.ms.block_q == 16
         else:
-            assert settings.infini.segment_len == 32
+            assert settings.infini.segment_len == 32 and settings.infini.unrotated_memory
             prepare(model, "infini", settings)
             gates = [layer.self_attn.infini_gate.beta for layer in model.model.layers]
-            assert all(not torch.equal(g, torch.full_like(g, -3.0)) for g in gates)  # trained, not the init
+            assert all(not torch.equal(g, torch.full_like(g, settings.infini.gate_init)) for g in gates)  # trained
         assert torch.isfinite(prepare(model, method, settings)(x).logits).all()
+
+
+def test_infini_recipe_lowers_the_copy_loss():
+    """A few steps of the Infini-attention recipe (train_by_segments over 32-token segments, the boundary
+    batches) lower the answer's loss from where the untrained model starts."""
+    args = demo.parse_args(["--steps", "40", "--short-steps", "10", "--batch-size", "8", "--hidden", "32",
+                            "--heads", "4", "--layers", "1", "--train-len", "128", "--segment-len", "32",
+                            "--infini-horizon", "2", "--lr", "1e-2"])
+    with demo._threads(1):
+        model, tok = demo._new_model(args)
+        settings = demo.method_settings(args)
+        prepare(model, "infini", settings)
+        run = demo.Training(model, tok, args)
+        run.run(args.steps, "infini", config=settings.infini)
+    first, last = sum(run.losses[:5]) / 5, sum(run.losses[-5:]) / 5
+    assert last < 0.8 * first, (first, last)
+
+
+def test_training_batches_straddle_a_segment_boundary_when_asked():
+    tok = PasskeyTokenizer()
+    rng = random.Random(0)
+    lengths = [demo.batch(tok, rng, 256, 1, boundary=(64, 1.0))[0].shape[1] for _ in range(40)]
+    assert all(-3 <= n - round(n / 64) * 64 < 8 for n in lengths) and len(set(lengths)) > 5
+    rng = random.Random(0)
+    plain = [demo.batch(tok, rng, 256, 1)[0].shape[1] for _ in range(40)]
+    assert sum(-3 <= n - round(n / 64) * 64 < 8 for n in plain) < 20
 
 
 def test_demo_bad_input(tmp_path):
@@ -57,6 +83,10 @@ def test_demo_bad_input(tmp_path):
         demo.main(["--out", str(tmp_path), "--steps", "10", "--short-steps", "11"])
     with pytest.raises(SystemExit, match="--hard-keys is a share of the training keys, in \\[0, 1\\], got 1.5"):
         demo.main(["--out", str(tmp_path), "--hard-keys", "1.5"])
+    with pytest.raises(SystemExit, match="--infini-boundary is a share of the batches, in \\[0, 1\\], got -1"):
+        demo.main(["--out", str(tmp_path), "--infini-boundary", "-1"])
+    with pytest.raises(SystemExit, match="--infini-horizon must be a positive number of segments, got 0"):
+        demo.main(["--out", str(tmp_path), "--infini-horizon", "0"])
     with pytest.raises(SystemExit, match="MSConfig.local must be an int in \\[0, topk = 4\\], got 5"):
         demo.main(["--out", str(tmp_path), "--local", "5"])
     with pytest.raises(ValueError, match="short_steps must lie in \\[0, steps = 3\\], got 1400"):
