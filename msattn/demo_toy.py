@@ -15,8 +15,13 @@ with its own attention, side by side:
   answer's queries to select the key's regions (selection itself passes no gradient);
 - ``dense``: PyTorch SDPA with ordinary RoPE, the baseline;
 - ``infini`` (only when asked, ``--methods ms,dense,infini``): Infini-attention with segments of
-  ``--segment-len`` tokens and ordinary RoPE, trained on the same data, every step with its own
-  attention (which is not dense on the first stage's prompts).
+  ``--segment-len`` tokens, trained on the same data, every step with its own attention (which is not
+  dense on the first stage's prompts) through :func:`msattn.hf.infini.train_by_segments`; its recipe
+  (``--infini-*``): the memory holds un-rotated keys (``InfiniConfig.unrotated_memory``), the gates
+  start at 0 (half memory), and a share of the long batches puts a segment boundary between the
+  question and its answer. It needs longer training than the others (``--steps 4000 --short-steps
+  2800``: its first stage teaches retrieval from one segment of memory) and still fails where a
+  boundary splits the question from the answer (benchmarks/RESULTS.md).
 
 Then it evaluates passkey retrieval (``msattn.eval.passkey``) at lengths from 1x to ``--max-len``
 (default 64x the training length; the MS model's answer tokens are predicted exactly as a forward over
