@@ -295,9 +295,10 @@ def test_demo_training_starts_short_and_adds_the_selection_loss_to_ms_only(monke
     lengths = []
     original = demo.batch
 
-    def recording(tokenizer, rng, max_len, size, hard):
+    def recording(tokenizer, rng, max_len, size, hard, boundary=None):
         lengths.append(max_len)
         assert hard == 0.5  # --hard-keys
+        assert boundary is None  # the segment-boundary batches are Infini-attention's only
         return original(tokenizer, rng, max_len, size, hard)
 
     monkeypatch.setattr(demo, "batch", recording)
