@@ -199,8 +199,13 @@ class InfiniLayer(_RowLayer):
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         self.length += key_states.shape[-2]
-        self.keys._infini_layer = weakref.ref(self)  # how the attention function finds the memory (weak: no cycle)
+        self._publish()
         return self.keys, self.values
+
+    def _publish(self) -> None:
+        """How the attention function finds the memory: a weak reference (no cycle) on the key tensor."""
+        if self.keys is not None:
+            self.keys._infini_layer = weakref.ref(self)
 
     def get_seq_length(self) -> int:
         return self.length
@@ -239,10 +244,10 @@ class InfiniLayer(_RowLayer):
             x = getattr(self, name)
             if x is not None:
                 setattr(self, name, x.detach())
-        if self.keys is not None:
-            self.keys._infini_layer = weakref.ref(self)
+        self._publish()
 
     def state_dict(self) -> dict:
+        """``start``, ``length``, ``folded`` and the (detached) keys, values, memory and norm."""
         tensors = {name: getattr(self, name) for name in self.STATE}
         return {"start": self.start, "length": self.length, "folded": self.folded,
                 **{name: None if x is None else x.detach() for name, x in tensors.items()}}
@@ -254,7 +259,7 @@ class InfiniLayer(_RowLayer):
         self.is_initialized = self.keys is not None
         if self.is_initialized:
             self.dtype, self.device = self.keys.dtype, self.keys.device
-            self.keys._infini_layer = weakref.ref(self)
+        self._publish()
 
 
 class InfiniCache(Cache):

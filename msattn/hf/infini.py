@@ -134,7 +134,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     return out.transpose(1, 2), None
 
 
-def train_by_segments(model, input_ids: torch.Tensor, labels: torch.Tensor, *, horizon: int | None = None) -> torch.Tensor:
+def train_by_segments(model, input_ids: torch.Tensor, labels: torch.Tensor, *,
+                      horizon: int | None = None) -> torch.Tensor:
     """One training step's forward and backward, ``horizon`` segments at a time (truncated
     backpropagation through the compressive memory).
 
