@@ -37,6 +37,7 @@ __all__ = ["DENSE", "CHECKPOINT_META", "HFTokenizer", "install_rope", "load", "m
            "model_device", "auto_batch_size", "reset_peak_rss", "rss_mb", "peak_rss_mb"]
 
 CHECKPOINT_META = "msattn.json"
+INFINI_SAVED = ("segment_len", "delta_rule", "unrotated_memory")  # the InfiniConfig fields msattn.json keeps
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,8 +153,7 @@ def save_checkpoint(model, tokenizer, directory, *, method: str, settings: Setti
             raise ValueError("save_checkpoint: method='infini' needs the model still patched with Infini-attention "
                              "(its gates are saved)")
         gates = [attn.infini_gate.beta.detach().float().cpu().tolist() for attn in attention_modules(decoder(model))]
-        meta["infini"] = {"segment_len": settings.infini.segment_len, "delta_rule": settings.infini.delta_rule,
-                          "unrotated_memory": settings.infini.unrotated_memory, "gates": gates}
+        meta["infini"] = {**{name: getattr(settings.infini, name) for name in INFINI_SAVED}, "gates": gates}
     # the plain model: its weights without the gates, its config without msattn.hf's patch record (the
     # method and its parameters are in msattn.json)
     from ..hf import SAVED, base_model
@@ -233,7 +233,7 @@ def settings_from_meta(meta: dict | None, **overrides) -> Settings:
     configs = {}
     for name, cls, saved in (("self_extend", SelfExtendConfig, {}),
                              ("infini", InfiniConfig, {k: v for k, v in (meta.get("infini") or {}).items()
-                                                       if k in ("segment_len", "delta_rule", "unrotated_memory")})):
+                                                       if k in INFINI_SAVED})):
         fields = {f.name for f in dataclasses.fields(cls)}
         values = dict(saved)
         values.update({k: v for k, v in overrides.items() if k in fields})

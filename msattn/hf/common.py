@@ -199,7 +199,8 @@ def _block_causal_offsets(mask_function, batch_size: int, length: int, device) -
     i = torch.arange(length, device=device)[None, :]
 
     def seen(q_idx, kv_idx):  # (B, len) bool: does query q_idx see key kv_idx
-        return torch.as_tensor(mask_function(b, 0, q_idx, kv_idx), device=device).expand(batch_size, q_idx.shape[-1]).bool()
+        allowed = torch.as_tensor(mask_function(b, 0, q_idx, kv_idx), device=device)
+        return allowed.expand(batch_size, q_idx.shape[-1]).bool()
 
     starts = torch.ones(batch_size, length, dtype=torch.bool, device=device)
     if length > 1:
