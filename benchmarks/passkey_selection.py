@@ -67,6 +67,13 @@ def main(argv=None):
     held = {layer: [] for layer in range(layers)}
     ranks = {layer: [] for layer in range(layers)}
     bound_ranks = {layer: [] for layer in range(layers)}
+    slow_ranks = {layer: [] for layer in range(layers)}
+    # the rotary pairs (x[i], x[i + D/2]) whose wavelength exceeds the model's window: at any distance the
+    # model was trained on they barely rotate, so un-rotated q . k over them is what the model computed
+    d = conf.hidden_size // hq
+    theta = (getattr(conf, "rope_parameters", None) or {}).get("rope_theta", getattr(conf, "rope_theta", 10000.0))
+    wavelength = 2 * torch.pi * theta ** (torch.arange(d // 2) * 2 / d)
+    slow = (wavelength > conf.max_position_embeddings).repeat(2).float()  # (D,)
     prompts = [["key", "depth", "answer", "right", "layer x head selections holding the key"]]
     for key, depth, offset in trial_plan(n, args.trials, seed=args.seed):
         ids, answer = passkey_prompt(tok, n, key, depth, filler=filler, offset=offset)
@@ -96,24 +103,27 @@ def main(argv=None):
             blocks = k[0, :, :nk * cfg.block_k].reshape(hkv, nk, cfg.block_k, -1)
             lo, hi = blocks.amin(2), blocks.amax(2)
             bound = torch.maximum(qbar[:, None] * lo, qbar[:, None] * hi).sum(-1)  # (hkv, nk)
+            slow_scores = (kbar * slow @ qbar[..., None])[..., 0]
             for h in range(hkv):
                 chosen = set(sel[h].tolist()) | set(range(nk, n // cfg.block_k + 1))  # + the group's own
                 ok = any(r <= chosen for r in key_regions)
                 held[layer].append(ok)
                 count += ok
-                for table, score in ((ranks, scores), (bound_ranks, bound)):
+                for table, score in ((ranks, scores), (bound_ranks, bound), (slow_ranks, slow_scores)):
                     order = score[h].argsort(descending=True).tolist()
                     table[layer].append(min((order.index(j) for r in key_regions for j in r if j < nk), default=0))
         prompts.append([str(key), f"{depth:.2f}", repr(text), str(retrieved(answer, text)), f"{count}/{layers * hkv}"])
         print(" | ".join(prompts[-1]), file=sys.stderr, flush=True)
     table = [["layer", "key held (share of prompts x heads)", "median rank of the best key region: by the mean",
-              "by Quest's bound"]]
+              "by Quest's bound", "by the mean over the slow rotary channels"]]
     for layer in range(layers):
         table.append([str(layer), f"{sum(held[layer]) / len(held[layer]):.2f}", f"{statistics.median(ranks[layer]):g}",
-                      f"{statistics.median(bound_ranks[layer]):g}"])
+                      f"{statistics.median(bound_ranks[layer]):g}",
+                      f"{statistics.median(slow_ranks[layer]):g}"])
     table.append(["all", f"{sum(map(sum, held.values())) / sum(map(len, held.values())):.2f}",
-                  f"{statistics.median(sum(ranks.values(), [])):g}", f"{statistics.median(sum(bound_ranks.values(), [])):g}"])
-    print(f"{args.model}, {n} tokens, {cfg}, filler {args.filler}")
+                  f"{statistics.median(sum(ranks.values(), [])):g}", f"{statistics.median(sum(bound_ranks.values(), [])):g}",
+                  f"{statistics.median(sum(slow_ranks.values(), [])):g}"])
+    print(f"{args.model}, {n} tokens, {cfg}, filler {args.filler}; slow rotary channels: {int(slow.sum())} of {d}")
     print(markdown_table(prompts, left=3))
     print()
     print(markdown_table(table))

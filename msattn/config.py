@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 __all__ = ["ConfigError", "InfiniConfig", "MSConfig", "SelfExtendConfig"]
 
 ROPE_MODES = ("inputs", "selected")
+SCORE_CHANNELS = ("all", "slow")
 # the kernels' limits (MSATTN_MAX_SPAN, MSATTN_MAX_BLOCK, MSATTN_MAX_HEAD_DIM in csrc/msattn.h), checked
 # here too so that a config or a model that no call could run is refused when it is built or patched
 MAX_SPAN = 1 << 24
@@ -42,6 +43,12 @@ class MSConfig:
             model; selection sees rotated vectors). ``"selected"``: q and k reach the kernel
             un-rotated; selection uses un-rotated means and the kernel rotates selected tokens with
             compact positions, so no distance beyond ``topk*block_k + merge*block_q`` ever occurs.
+        score_channels: which of q's and k's channels the selection scores with. ``"all"`` (the
+            authors'). ``"slow"`` (``rope="selected"`` only): the rotary pairs whose wavelength exceeds
+            the model's window (``max_position_embeddings``), and any channel RoPE leaves alone. Those
+            pairs barely turn at any distance the model was trained on, so their un-rotated ``q . k`` is
+            what the model's attention computed; a fast pair's turns through every angle within the window
+            and its un-rotated product is noise to the ranking (``msattn.rope.slow_rotary_channels``).
         layers: indices of the decoder layers that use MS attention; the others stay dense
             (PyTorch SDPA). ``None``: every layer.
     """
@@ -54,6 +61,7 @@ class MSConfig:
     coarse_regions: int = 0
     coarse_topk: int = 0
     rope: str = "inputs"
+    score_channels: str = "all"
     layers: Sequence[int] | None = field(default=None)
 
     def __post_init__(self):
@@ -81,6 +89,11 @@ class MSConfig:
                              f"{self.merge} * {self.block_q} and {self.block_k}")
         if self.rope not in ROPE_MODES:
             raise ValueError(f"MSConfig.rope must be one of {ROPE_MODES}, got {self.rope!r}")
+        if self.score_channels not in SCORE_CHANNELS:
+            raise ValueError(f"MSConfig.score_channels must be one of {SCORE_CHANNELS}, got {self.score_channels!r}")
+        if self.score_channels == "slow" and self.rope != "selected":
+            raise ValueError("MSConfig.score_channels='slow' needs rope='selected' (un-rotated q and k to score); "
+                             f"got rope={self.rope!r}")
         if self.layers is not None:
             layers = tuple(self.layers)
             if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):

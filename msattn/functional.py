@@ -20,6 +20,30 @@ def _scale(q: torch.Tensor, scale: float | None) -> float:
     return 1.0 / math.sqrt(d) if d >= 1 else 1.0
 
 
+def _autocast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The q, k, v an op should see inside ``torch.autocast``: cast to the autocast dtype of their device
+    when it is on there (as ``scaled_dot_product_attention`` is), else as given. Under autocast a
+    model's projections give 16-bit tensors while un-rotated q and k pass through float32 cos = 1, so
+    they reach the attention function in mixed dtypes; float64 is left alone (autocast ignores it)."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t for t in tensors)
+
+
+def _weigh(who: str, q: torch.Tensor, channels: torch.Tensor | None) -> torch.Tensor:
+    """``q`` with its channels scaled by ``channels`` ``(D,)``, for selection's scores only."""
+    if channels is None:
+        return q
+    if not isinstance(channels, torch.Tensor) or channels.dim() != 1 or channels.shape[0] != q.shape[-1] \
+            or not channels.is_floating_point():
+        got = f"{channels.dtype} {tuple(channels.shape)}" if isinstance(channels, torch.Tensor) else repr(channels)
+        raise ValueError(f"{who}: score_channels must be a floating tensor of shape (D,) = ({q.shape[-1]},), "
+                         f"got {got}")
+    return q * channels.to(device=q.device, dtype=q.dtype)
+
+
 def _offsets(who: str, cu_seqlens_q, cu_seqlens_k):
     """Packed sequences' offsets for the ops: ``cu_seqlens_k`` defaults to ``cu_seqlens_q`` (queries and
     keys are the same tokens); keys' offsets alone are an error."""
@@ -52,6 +76,7 @@ def ms_select(
     key_counts: torch.Tensor | None = None,
     cu_seqlens_q: torch.Tensor | None = None,
     cu_seqlens_k: torch.Tensor | None = None,
+    score_channels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The key regions each query group of MS attention attends to (DESIGN section 1, steps 1-5).
 
@@ -94,6 +119,9 @@ def ms_select(
             :class:`msattn.hf.MSCache`), used instead of reading ``k``: selection then costs
             ``O(N/block_k * D)`` per query region. The result is the same, bit for bit.
         cu_seqlens_q, cu_seqlens_k: packed sequences, see :func:`ms_attention`.
+        score_channels: ``(D,)`` weights of the channels in the scores, which become
+            ``sum_d w_d qbar_a[d] kbar_j[d]`` (e.g. 0/1 from :func:`msattn.rope.slow_rotary_channels`);
+            None: every channel, weight 1.
 
     Returns:
         int32 ``(B, Hkv, G, topk)``: for each group holding a query of the call (first to last), its
@@ -101,6 +129,8 @@ def ms_select(
         sequence after those of the one before.
     """
     cu_q, cu_k = _offsets("msattn.ms_select", cu_seqlens_q, cu_seqlens_k)
+    q, k = _autocast(q, k)
+    q = _weigh("msattn.ms_select", q, score_channels)
     return ops.ms_select(q, k, key_padding_mask, key_sums, key_counts, block_q, block_k, merge, topk, causal, local,
                          coarse_regions, coarse_topk, cu_q, cu_k)
 
@@ -125,6 +155,7 @@ def ms_attention(
     index: torch.Tensor | None = None,
     cu_seqlens_q: torch.Tensor | None = None,
     cu_seqlens_k: torch.Tensor | None = None,
+    score_channels: torch.Tensor | None = None,
 ):
     """Correlation-aware select-and-merge (MS) sparse attention (DESIGN section 1).
 
@@ -161,6 +192,8 @@ def ms_attention(
         cu_seqlens_k: the sequences' key offsets (0 first, ``N`` last), default ``cu_seqlens_q``. Each
             sequence's queries are the last of its keys: one query per sequence against longer keys is
             batched decoding. The offsets are read on the host (a device sync on CUDA).
+        score_channels: ``(D,)`` weights of the channels in selection's scores (see :func:`ms_select`);
+            the attention itself uses every channel.
 
     Returns:
         ``out (B, Hq, Nq, D)`` in q's dtype, and with ``return_lse`` also ``lse (B, Hq, Nq)`` in
@@ -169,9 +202,10 @@ def ms_attention(
     scale = _scale(q, scale)
     cos, sin = rotary if rotary is not None else (None, None)
     cu_q, cu_k = _offsets("msattn.ms_attention", cu_seqlens_q, cu_seqlens_k)
+    q, k, v = _autocast(q, k, v)
     if index is None:
-        index = ops.ms_select(q, k, key_padding_mask, None, None, block_q, block_k, merge, topk, causal, local,
-                              coarse_regions, coarse_topk, cu_q, cu_k)
+        index = ops.ms_select(_weigh("msattn.ms_attention", q, score_channels), k, key_padding_mask, None, None,
+                              block_q, block_k, merge, topk, causal, local, coarse_regions, coarse_topk, cu_q, cu_k)
     out, lse = ops.ms_fwd(q, k, v, index, key_padding_mask, cos, sin, block_q, block_k, merge, causal, scale,
                           cu_q, cu_k)
     return (out, lse) if return_lse else out
@@ -245,6 +279,7 @@ def self_extend_attention(
     if rotary is None or len(rotary) != 2:
         raise ValueError(f"{who}: rotary must be a (cos, sin) pair of float32 tables")
     cos, sin = rotary
+    q, k, v = _autocast(q, k, v)
     out, lse = ops.self_extend_fwd(q, k, v, cos, sin, key_padding_mask, group_size, window, sliding_window or 0,
                                    causal, scale)
     return (out, lse) if return_lse else out
@@ -320,6 +355,7 @@ def infini_attention(
     scale = _scale(q, scale)
     if (memory is None) != (norm is None):
         raise ValueError("infini_attention: give memory and norm together (or neither, for an empty memory)")
+    q, k, v = _autocast(q, k, v)
     if memory is None:
         B, Hkv, D = k.shape[0], k.shape[1], q.shape[-1]
         dtype = torch.float64 if q.dtype == torch.float64 else torch.float32

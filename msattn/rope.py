@@ -20,6 +20,8 @@ Contents:
   with the Trainer's checkpoints.
 - ``compact_rope_tables``: ``(length, rotary_dim // 2)`` cos/sin tables from any HF-style rotary
   module, for kernels that rotate the pairs ``(x[i], x[i + rotary_dim // 2])``.
+- ``slow_rotary_channels``: from such tables, the channels whose pairs turn less than a full turn
+  within a window (``MSConfig(score_channels="slow")``).
 
 Dimension legend: B batch, L sequence length, d = rotary_dim (``head_dim`` times the partial rotary
 factor, even).
@@ -44,7 +46,7 @@ try:
 except ImportError:  # the callback needs transformers; the rotary module and the tables do not
     _CALLBACK_BASES = (object,)
 
-__all__ = ["CRDNTK", "CRDNTKCallback", "CRDNTKRotaryEmbedding", "compact_rope_tables"]
+__all__ = ["CRDNTK", "CRDNTKCallback", "CRDNTKRotaryEmbedding", "compact_rope_tables", "slow_rotary_channels"]
 
 
 # ----------------------------------------------------------------------------
@@ -527,3 +529,31 @@ def compact_rope_tables(
             "compact_rope_tables needs HF's rotate_half layout"
         )
     return cos[:, :half].contiguous(), sin[:, :half].contiguous()
+
+
+def slow_rotary_channels(tables: tuple[torch.Tensor, torch.Tensor], head_dim: int, window: int) -> torch.Tensor:
+    """The channels of a head whose rotation stays below one full turn over ``window`` positions.
+
+    Pair ``p`` of :func:`compact_rope_tables` turns by ``theta_p`` a position (read from the tables' row
+    1); it is slow when its wavelength ``2 pi / theta_p`` exceeds ``window``. Within a model's window a
+    slow pair's ``q . k`` keeps the sign and roughly the size of its un-rotated product, while a fast
+    pair's averages out over distances; channels past the rotary dim do not rotate and count as slow.
+
+    Args:
+        tables: ``(cos, sin)``, each ``(L, rotary_dim / 2)`` with ``L >= 2``.
+        head_dim: ``D >= rotary_dim``.
+        window: positions, >= 1 (a model's ``max_position_embeddings``).
+
+    Returns:
+        float32 ``(D,)`` of 1 (slow: pairs ``p`` and ``p + rotary_dim / 2``, and channels past the rotary
+        dim) and 0 (fast), on the tables' device.
+    """
+    cos, sin = tables
+    _check_int("window", window, 1)
+    half = cos.shape[-1]
+    if cos.dim() != 2 or cos.shape[0] < 2 or sin.shape != cos.shape or not 2 * half <= head_dim:
+        raise ValueError(f"slow_rotary_channels: expected (cos, sin) tables of shape (L >= 2, rotary_dim / 2 <= "
+                         f"head_dim / 2 = {head_dim // 2}), got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    turn = torch.atan2(sin[1].float(), cos[1].float()).abs()  # (rotary_dim / 2,) radians a position
+    slow = (turn * window < 2 * math.pi).float()
+    return torch.cat([slow, slow, slow.new_ones(head_dim - 2 * half)])

@@ -74,8 +74,13 @@ def test_crop_follows_the_cache_contract():
         assert cache.get_seq_length() == 20
 
 
-def test_generate_uses_ms_cache_and_matches_dynamic_cache():
-    model = msattn.hf.patch(tiny(), SPARSE)
+SLOW = msattn.MSConfig(block_q=4, block_k=4, merge=2, topk=3, rope="selected", score_channels="slow")
+
+
+@pytest.mark.parametrize("config", [SPARSE, SLOW], ids=["ms", "slow-channels"])
+def test_generate_uses_ms_cache_and_matches_dynamic_cache(config):
+    # a decode step selects from the cache's region sums, a DynamicCache step from the keys: the same
+    model = msattn.hf.patch(tiny(), config)
     ids = torch.randint(3, 97, (2, 50))
     mask = torch.ones_like(ids)
     mask[1, :11] = 0
@@ -96,6 +101,22 @@ def test_beam_search_reorders_the_cache():
     ref = model.generate(ids, max_new_tokens=10, min_new_tokens=10, num_beams=3, do_sample=False,
                          **with_cache(model, DynamicCache(config=model.config)))
     assert torch.equal(out, ref)
+
+
+def test_slow_score_channels_reach_the_selection():
+    # head dim 16, theta 1e4, window 4096: 2 of the 8 rotary pairs are slow; the selection (and so the
+    # logits) differ from scoring with every channel, and with a window of 1 every pair is slow: the same
+    ids = torch.randint(3, 97, (1, 96))
+    logits = {}
+    for window in (4096, 1):
+        for channels in ("all", "slow"):
+            torch.manual_seed(0)
+            model = msattn.hf.patch(tiny(max_position_embeddings=window), msattn.MSConfig(
+                block_q=4, block_k=4, merge=2, topk=3, rope="selected", score_channels=channels))
+            with torch.no_grad():
+                logits[window, channels] = model(ids).logits
+    assert not torch.allclose(logits[4096, "all"], logits[4096, "slow"], atol=1e-3)
+    assert torch.equal(logits[1, "all"], logits[1, "slow"])
 
 
 def test_generation_runs_past_eight_times_the_training_length():

@@ -66,6 +66,27 @@ SELECT_CASES = [  # (B, Hq, Hkv, Nq, N, D, block_q, block_k, merge, topk, causal
 ]
 
 
+@pytest.mark.parametrize("case", SELECT_CASES[:4], ids=lambda c: "-".join(map(str, c)))
+def test_select_score_channels_weigh_the_scores(case):
+    B, Hq, Hkv, Nq, N, D, bq, bk, merge, topk, causal = case
+    q, k, v = make_qkv(B, Hq, Hkv, Nq, N, D, torch.float64)
+    kw = dict(block_q=bq, block_k=bk, merge=merge, topk=topk, causal=causal)
+    weights = torch.rand(D, dtype=torch.float64).round()  # 0/1: which channels count
+    weights[0] = 1.0
+    got = msattn.ms_select(q, k, score_channels=weights, **kw)
+    # sum_d w_d qbar[d] kbar[d]: the reference's selection of q with its channels weighed, k as it is
+    assert torch.equal(got, select_ref(q * weights, k, **kw))
+    assert torch.equal(msattn.ms_select(q, k, score_channels=torch.ones(D, dtype=torch.float32), **kw),
+                       msattn.ms_select(q, k, **kw))
+    # the attention selects with them and attends with every channel
+    out = msattn.ms_attention(q, k, v, score_channels=weights, **kw)
+    assert torch.equal(out, msattn.ms_attention(q, k, v, index=got, **kw))
+    for bad in (torch.ones(D + 1), torch.ones(D, dtype=torch.int64), [1.0] * D):
+        with pytest.raises(ValueError, match=rf"msattn.ms_select: score_channels must be a floating tensor of "
+                                             rf"shape \(D,\) = \({D},\)"):
+            msattn.ms_select(q, k, score_channels=bad, **kw)
+
+
 @pytest.mark.parametrize("case", SELECT_CASES, ids=lambda c: "-".join(map(str, c)))
 @pytest.mark.parametrize("pad", [None, "left", "right"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["f64", "f32", "bf16"])
@@ -387,6 +408,35 @@ def test_half_precision_gradients(dtype):
     assert rel_err(out, ref) <= 4 * eps
     for g, r in zip(grads, ref_grads):
         assert g.dtype == dtype and rel_err(g, r) <= 8 * eps
+
+
+def _tables(n, d):
+    angles = torch.arange(n, dtype=torch.float32)[:, None] * 10000.0 ** (-torch.arange(d // 2) / (d // 2))
+    return angles.cos(), angles.sin()
+
+
+@pytest.mark.parametrize("method", ["ms", "ms_selected", "self_extend", "infini"])
+def test_autocast_casts_q_k_v_like_sdpa(method):
+    # a model under torch.autocast hands the attention mixed dtypes (bf16 projections, float32 q and k
+    # after RoPE): every method computes in the autocast dtype, as SDPA does, gradients in the inputs' dtype
+    B, Hq, Hkv, N, D = 1, 4, 2, 100, 32
+    q, k, v = make_qkv(B, Hq, Hkv, N, N, D, torch.float32)
+    v = v.bfloat16()
+    kw = dict(block_q=4, block_k=8, merge=4, topk=3)
+    call = {"ms": lambda q, k, v: msattn.ms_attention(q, k, v, **kw),
+            "ms_selected": lambda q, k, v: msattn.ms_attention(q, k, v, rotary=_tables(256, D), **kw),
+            "self_extend": lambda q, k, v: msattn.self_extend_attention(q, k, v, group_size=4, window=16,
+                                                                        rotary=_tables(N, D)),
+            "infini": lambda q, k, v: msattn.infini_attention(q, k, v, torch.zeros(Hq))[0]}[method]
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = call(*leaves)
+    ref = call(*(t.bfloat16() for t in (q, k, v)))
+    assert out.dtype == torch.bfloat16 and torch.equal(out, ref)
+    out.float().sum().backward()
+    assert [t.grad.dtype for t in leaves] == [torch.float32, torch.float32, torch.bfloat16]
+    with pytest.raises(RuntimeError, match="dtype"):  # outside autocast mixed dtypes are still refused
+        call(q, k, v)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -120,6 +120,30 @@ def test_backward_through_patched_model():
     assert all(g is not None and g.isfinite().all() for g in grads)
 
 
+@pytest.mark.parametrize("config", [COVER, msattn.MSConfig(block_q=4, block_k=8, merge=4, topk=64, rope="selected")])
+def test_autocast_bf16_training_step_matches_sdpa(config):
+    # under torch.autocast the projections give bfloat16 while un-rotated q and k pass through float32
+    # cos = 1 (rope="selected"): the attention function gets mixed dtypes and must cast as SDPA does
+    model = tiny().train()
+    ids, mask = batch(2, 120, "right")
+    labels = ids.masked_fill(mask == 0, -100)
+
+    def step():
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        return out.loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    ref_loss, ref_grads = step()
+    msattn.hf.patch(model, config)  # covers the sequence: exactly dense attention, in bfloat16
+    loss, grads = step()
+    assert torch.allclose(loss, ref_loss, rtol=1e-2)
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == torch.float32 and g.isfinite().all()
+        assert (g - r).norm() <= 0.05 * r.norm() + 1e-6
+
+
 # ---------------------------------------------------------------------------------------------
 # rope="selected"
 
@@ -226,6 +250,10 @@ def test_bad_configs():
         msattn.MSConfig(local=-1)
     with pytest.raises(ValueError, match="MSConfig.rope must be one of"):
         msattn.MSConfig(rope="everywhere")
+    with pytest.raises(ValueError, match="MSConfig.score_channels must be one of"):
+        msattn.MSConfig(score_channels="fast", rope="selected")
+    with pytest.raises(ValueError, match="score_channels='slow' needs rope='selected'"):
+        msattn.MSConfig(score_channels="slow")
     with pytest.raises(ValueError, match="coarse_regions and coarse_topk are both 0"):
         msattn.MSConfig(coarse_regions=4)
     with pytest.raises(ValueError, match=r"MSConfig.coarse_topk must be an int in \[0, "):

@@ -21,7 +21,8 @@ from transformers import (  # noqa: E402
 from transformers.models.glm.modeling_glm import GlmRotaryEmbedding  # noqa: E402
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding  # noqa: E402
 
-from msattn.rope import CRDNTK, CRDNTKCallback, CRDNTKRotaryEmbedding, compact_rope_tables  # noqa: E402
+from msattn.rope import (CRDNTK, CRDNTKCallback, CRDNTKRotaryEmbedding, compact_rope_tables,  # noqa: E402
+                         slow_rotary_channels)
 
 THETA = 500.0
 ORIG_LEN = 32
@@ -436,3 +437,22 @@ def test_resume_with_another_schedule_warns(tmp_path):
     with pytest.warns(UserWarning, match="restore_callback_states_from_checkpoint"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
     assert seen == [3.0, 9.0]  # its own schedule, from the restored step
+
+
+def test_slow_rotary_channels_are_the_pairs_longer_than_the_window():
+    # theta 1e4, head dim 16: pair p turns 1e4 ** (-p / 8) radians a position
+    angles = torch.arange(4.0)[:, None] * 1e4 ** (-torch.arange(8) / 8)
+    tables = (angles.cos(), angles.sin())
+    wavelength = 2 * math.pi * 1e4 ** (torch.arange(8) / 8)
+    for window in (1, 100, 4096, 10 ** 6):
+        slow = (wavelength > window).float()
+        assert torch.equal(slow_rotary_channels(tables, 16, window), torch.cat([slow, slow]))
+    assert slow_rotary_channels(tables, 16, 1).sum() == 16 and slow_rotary_channels(tables, 16, 10 ** 6).sum() == 0
+    # channels past a partial rotary dim never turn: slow
+    assert slow_rotary_channels(tables, 20, 10 ** 6).tolist() == [0.0] * 16 + [1.0] * 4
+    with pytest.raises(ValueError, match=r"slow_rotary_channels: expected \(cos, sin\) tables"):
+        slow_rotary_channels((tables[0][:1], tables[1][:1]), 16, 100)
+    with pytest.raises(ValueError, match="head_dim / 2 = 4"):
+        slow_rotary_channels(tables, 8, 100)
+    with pytest.raises(ValueError, match="window"):
+        slow_rotary_channels(tables, 16, 0)

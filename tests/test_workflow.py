@@ -21,7 +21,8 @@ from msattn import cli  # noqa: E402
 from msattn.eval.loading import load, prepare, read_checkpoint_meta, settings_from_meta  # noqa: E402
 from msattn.rope import CRDNTKCallback, CRDNTKRotaryEmbedding  # noqa: E402
 from msattn.config import ConfigError  # noqa: E402
-from msattn.workflow.data import TokenChunks, byte_tokenizer  # noqa: E402
+from msattn.workflow.data import PasskeyMix, TokenChunks, byte_tokenizer, make_tokenizer, text_dataset  # noqa: E402
+from msattn.eval.passkey import KEY_SENTENCE, QUESTION  # noqa: E402
 from msattn.workflow.losscurve import keys_per_query, parse_budget  # noqa: E402
 from msattn.workflow.arguments import AttentionArguments  # noqa: E402
 
@@ -246,6 +247,40 @@ def test_token_chunks_and_the_byte_tokenizer(tmp_path):
 
     again = AutoTokenizer.from_pretrained(tmp_path)
     assert again(text)["input_ids"] == ids and again.decode(ids, skip_special_tokens=True) == text
+
+
+def test_passkey_share_hides_keys_in_the_text_and_trains_on_them_only(files, pretrained, tmp_path):
+    tok = make_tokenizer("bytes")
+    text = [str(files / "train.txt")]
+    plain = text_dataset(tok, text, 512)
+    mixed = text_dataset(tok, text, 512, passkey_share=0.5, seed=3)
+    assert isinstance(plain, TokenChunks) and isinstance(mixed, PasskeyMix) and len(mixed) == len(plain)
+    prompts = [i for i in range(len(mixed)) if mixed.is_passkey(i)]
+    assert 0.3 * len(mixed) < len(prompts) < 0.7 * len(mixed)
+    for i in range(len(mixed)):
+        item = mixed[i]
+        assert item["input_ids"].shape == (512,) and torch.equal(item["input_ids"], mixed[i]["input_ids"])
+        if i not in prompts:
+            assert torch.equal(item["input_ids"], plain[i]["input_ids"])
+            assert torch.equal(item["labels"], plain[i]["labels"])
+            continue
+        trained = (item["labels"] != -100).nonzero()[:, 0].tolist()
+        key = tok.decode(item["labels"][trained].tolist())
+        assert trained == list(range(512 - len(trained), 512)) and key.isdigit() and len(key) == 5
+        words = tok.decode(item["input_ids"][:trained[0]].tolist())
+        assert KEY_SENTENCE.format(key=key) in words and words.endswith(QUESTION)
+    # the prompts differ from one seed to another, and from the evaluation's (other random streams)
+    other = text_dataset(tok, text, 512, passkey_share=0.5, seed=4)
+    assert [other.is_passkey(i) for i in range(len(other))] != [mixed.is_passkey(i) for i in range(len(mixed))]
+    with pytest.raises(ConfigError, match="passkey_share: expected a share between 0 and 1, got 1.5"):
+        text_dataset(tok, text, 512, passkey_share=1.5)
+    with pytest.raises(ConfigError, match="passkey_share: a pass-key prompt needs at least"):
+        text_dataset(tok, text, 128, passkey_share=0.5)
+    # through the command line: trained, and recorded in msattn.json
+    out = tmp_path / "pk"
+    cli.run(["finetune", *_ft(files, out), "--model", str(pretrained[0]), "--seq_len", "512",
+             "--passkey_share", "0.5", "--max_steps", "2"])
+    assert read_checkpoint_meta(out)["training"]["passkey_share"] == 0.5
 
 
 def test_finetune_a_gguf_model(files, tmp_path, monkeypatch):

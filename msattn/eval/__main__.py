@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     ms.add_argument("--rope", choices=["inputs", "selected"])
     ms.add_argument("--coarse-regions", type=int, help="multi-scale selection: key regions per coarse region (0: exact)")
     ms.add_argument("--coarse-topk", type=int, help="multi-scale selection: coarse regions each group keeps")
+    ms.add_argument("--score-channels", choices=["all", "slow"], help="channels selection scores with: all, or "
+                    "(--rope selected) the rotary pairs slower than the model's window")
     peers = common.add_argument_group("SelfExtend and Infini-attention")
     peers.add_argument("--group-size", type=positive_int, help="SelfExtend group size G (default 8)")
     peers.add_argument("--window", type=int, help="SelfExtend neighbour window W (default 128)")
@@ -145,7 +147,8 @@ def run(args) -> list[dict]:
         raise ValueError(f"--window must be >= 0, got {args.window}")
     settings = settings_from_meta(meta, block_q=args.block_q, block_k=args.block_k, merge=args.merge, topk=args.topk,
                                   local=args.local, rope=args.rope, coarse_regions=args.coarse_regions,
-                                  coarse_topk=args.coarse_topk, group_size=args.group_size, window=args.window,
+                                  coarse_topk=args.coarse_topk, score_channels=args.score_channels,
+                                  group_size=args.group_size, window=args.window,
                                   segment_len=args.segment_len, delta_rule=args.delta_rule,
                                   unrotated_memory=args.unrotated_memory)
     span = settings.ms.span

@@ -20,6 +20,7 @@ import math
 
 from ..config import MSConfig
 from ..functional import ms_attention, ms_select
+from ..rope import slow_rotary_channels
 from .cache import MSCache
 from .common import Method, call_record, packed_or_padding_mask
 
@@ -48,11 +49,14 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         # a layer left dense: the same kernel with every region selected is exact attention
         cfg = MSConfig(block_q=cfg.block_q, block_k=cfg.block_k, merge=cfg.merge,
                        topk=max(1, math.ceil(n / cfg.block_k)))
-    tables = None
+    tables = channels = None
     if rotary is not None:  # compact positions stay below topk * block_k + span, whatever n is
         tables = rotary.tables(cfg.topk * cfg.block_k + cfg.span, query.device)
+        if cfg.score_channels == "slow":
+            channels = slow_rotary_channels(tables, query.shape[-1], module.config.max_position_embeddings)
     kw = dict(block_q=cfg.block_q, block_k=cfg.block_k, merge=cfg.merge, topk=cfg.topk, local=cfg.local,
-              coarse_regions=cfg.coarse_regions, coarse_topk=cfg.coarse_topk, causal=causal)
+              coarse_regions=cfg.coarse_regions, coarse_topk=cfg.coarse_topk, causal=causal,
+              score_channels=channels)
     if attention_mask is not None and attention_mask.dim() == 1:  # packed: the B rows' tokens as one batch row
         b, nq = query.shape[0], query.shape[2]
 

@@ -38,6 +38,9 @@ class AttentionArguments:
     coarse_topk: int | None = _help("MS: multi-scale selection, coarse regions each group keeps", default=None)
     rope: Literal["inputs", "selected"] | None = _help("MS: RoPE on the inputs or on the selected tokens",
                                                        default=None)
+    score_channels: Literal["all", "slow"] | None = _help("MS: channels the selection scores with: all, or "
+                                                          "(rope selected) the rotary pairs slower than the "
+                                                          "model's window", default=None)
     group_size: int | None = _help("SelfExtend: positions per group", default=None)
     window: int | None = _help("SelfExtend: neighbour window", default=None)
     segment_len: int | None = _help("Infini-attention: tokens per segment", default=None)
@@ -90,6 +93,8 @@ class DataArguments:
                             default_factory=list)
     seq_len: int = _help("training sequence length (tokens)", default=512)
     max_tokens: int | None = _help("use at most this many tokens of the text", default=None)
+    passkey_share: float = _help("share of the sequences that are pass-key prompts hidden in the same text, "
+                                 "trained on the key's tokens only (teaches retrieval; 0: text only)", default=0.0)
 
 
 @dataclass

@@ -6,19 +6,24 @@
 - :func:`corpus_files`: the files a phase trains on; by default the Austen novels of
   ``../shared/data/austen`` other than the held-out ``persuasion.txt``, which is refused as training text.
 - :class:`TokenChunks`: consecutive ``seq_len`` chunks of the tokenized files, as a map-style dataset.
+- :class:`PasskeyMix`: those chunks with a share replaced by pass-key prompts hidden in the same text,
+  the loss on the key's digits only: what teaches a model to retrieve (``passkey_share``).
 """
 
 from __future__ import annotations
 
 import os
+import random
 
 import torch
 
 from ..eval.loading import HFTokenizer, load_tokenizer
-from ..eval.passkey import HELD_OUT, austen_files
+from ..eval.passkey import (HELD_OUT, TextFiller, austen_files, passkey_prompt, random_key,
+                            template_length)
 from ..config import ConfigError
 
-__all__ = ["BYTE_OFFSET", "byte_tokenizer", "make_tokenizer", "corpus_files", "TokenChunks", "text_dataset"]
+__all__ = ["BYTE_OFFSET", "byte_tokenizer", "make_tokenizer", "corpus_files", "TokenChunks", "PasskeyMix",
+           "text_dataset"]
 
 BYTE_OFFSET = 3  # ids 0..2 are <unk>, <s>, </s>
 
@@ -94,14 +99,66 @@ class TokenChunks(torch.utils.data.Dataset):
         return {"input_ids": self.chunks[i], "labels": self.chunks[i]}
 
 
-def text_dataset(tokenizer, paths, seq_len: int, max_tokens: int | None = None) -> TokenChunks:
+class PasskeyMix(torch.utils.data.Dataset):
+    """``chunks`` with a share of the items replaced by pass-key prompts (``msattn.eval.passkey``'s
+    prompt, a 5-digit key at a uniform depth of the ``filler`` text, from a uniform offset), each
+    ``seq_len`` tokens: the prompt and the key's tokens after it. Labels are -100 but on the key's
+    tokens, so those items train retrieval only; the others are the text's chunks as they are.
+
+    Which items are prompts, and each prompt's key, depth and offset, follow from ``(seed, index)``
+    alone: the same on every process and epoch, and drawn from streams the evaluation's
+    ``trial_plan`` does not use.
+    """
+
+    def __init__(self, chunks: TokenChunks, tokenizer, filler: TextFiller, share: float, seed: int = 0):
+        if not 0.0 <= share <= 1.0:
+            raise ConfigError(f"passkey_share: expected a share between 0 and 1, got {share}")
+        longest = 10 ** 5 - 1  # the widest 5-digit key
+        seq_len = chunks.chunks.shape[1]
+        need = template_length(tokenizer, longest) + len(tokenizer.encode(str(longest), bos=False))
+        if share and seq_len < need:
+            raise ConfigError(f"passkey_share: a pass-key prompt needs at least {need} tokens, got seq_len={seq_len}")
+        self.chunks, self.tokenizer, self.filler, self.share, self.seed = chunks, tokenizer, filler, share, seed
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def is_passkey(self, i: int) -> bool:
+        return random.Random(f"passkey-train/{self.seed}/{i}").random() < self.share
+
+    def __getitem__(self, i) -> dict:
+        if not self.is_passkey(i):
+            return self.chunks[i]
+        rng = random.Random(f"passkey-train-prompt/{self.seed}/{i}")
+        key = random_key(rng, 5)
+        answer = self.tokenizer.encode(str(key), bos=False)
+        seq_len = self.chunks.chunks.shape[1]
+        ids, _ = passkey_prompt(self.tokenizer, seq_len - len(answer), key, rng.random(), filler=self.filler,
+                                offset=rng.random())
+        input_ids = torch.tensor(ids + answer, dtype=torch.long)
+        labels = torch.full_like(input_ids, -100)
+        labels[len(ids):] = input_ids[len(ids):]
+        return {"input_ids": input_ids, "labels": labels}
+
+
+def text_dataset(tokenizer, paths, seq_len: int, max_tokens: int | None = None, *, passkey_share: float = 0.0,
+                 seed: int = 0) -> TokenChunks | PasskeyMix:
     """Each file tokenized with BOS first, concatenated, cut into ``seq_len`` chunks (at most
-    ``max_tokens`` tokens in all)."""
+    ``max_tokens`` tokens in all); with ``passkey_share > 0`` a :class:`PasskeyMix` of them, its prompts
+    hidden in the same files."""
+    files = corpus_files(paths)
     ids: list[int] = []
-    for path in corpus_files(paths):
+    for path in files:
         with open(path, encoding="utf-8") as f:
             ids += tokenizer.encode(f.read(), bos=True)
         if max_tokens is not None and len(ids) >= max_tokens:
             ids = ids[:max_tokens]
             break
-    return TokenChunks(ids, seq_len)
+    chunks = TokenChunks(ids, seq_len)
+    if not passkey_share:
+        return chunks
+    try:
+        filler = TextFiller(tokenizer, files)
+        return PasskeyMix(chunks, tokenizer, filler, passkey_share, seed)
+    except ValueError as e:  # too little text, or a prompt longer than seq_len
+        raise ConfigError(f"passkey_share: {e}") from None

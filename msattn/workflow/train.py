@@ -99,7 +99,8 @@ def pretrain(arch, attn, data, training) -> Trainer:
     """Train a Llama from scratch; returns the Trainer (its ``state.log_history`` holds the losses)."""
     set_seed(training.seed)
     tokenizer = _tokenizer(arch.tokenizer)
-    dataset = text_dataset(tokenizer, data.text, data.seq_len, data.max_tokens)
+    dataset = text_dataset(tokenizer, data.text, data.seq_len, data.max_tokens, passkey_share=data.passkey_share,
+                           seed=training.seed)
     method, settings = attn.method(None), attn.settings(None)
     model = build_llama(arch, tokenizer, data.seq_len)
     prepare(model, method, settings).train()
@@ -156,7 +157,8 @@ def finetune(base, attn, crd, lora, data, training) -> Trainer:
         raise ConfigError("attention: infini: reduced LoRA does not train Infini-attention's gates; "
                           "pretrain with it instead")
     rope = crd_config(crd, data.seq_len, model.config.max_position_embeddings)
-    dataset = text_dataset(tokenizer, data.text, data.seq_len, data.max_tokens)
+    dataset = text_dataset(tokenizer, data.text, data.seq_len, data.max_tokens, passkey_share=data.passkey_share,
+                           seed=training.seed)
     if rope is not None:
         install_rope(model, rope)
     prepare(model, method, settings)
@@ -172,6 +174,7 @@ def finetune(base, attn, crd, lora, data, training) -> Trainer:
                 "crd_ntk": None if rope is None else dataclasses.asdict(rope),
                 "lora": {"r": lora.lora_r, "alpha": lora.lora_alpha},
                 "training": {"seq_len": data.seq_len, "max_steps": training.max_steps,
+                             "passkey_share": data.passkey_share,
                              "text": [os.path.abspath(t) for t in data.text] or "austen"}}
         write_checkpoint_meta(out, meta)
         print(f"finetune: adapter and {CHECKPOINT_META} written to {out}", flush=True)
