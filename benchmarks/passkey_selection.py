@@ -12,8 +12,9 @@ per prompt, the answer, whether it is right, and in how many of the layer x KV-h
 occurrence of the key is held; per layer, the share of prompts and heads holding it and the median
 rank of the best key region among all candidates for the last query region (the rank the key would
 need to be within ``topk``; 0 when the key lies in the group itself, which always attends to it), by
-MS attention's score (the region's mean key) and by Quest's upper bound of ``q . k`` over the region
-(per-channel min and max keys), a scoring msattn does not implement yet.
+MS attention's score (the region's mean key), by Quest's upper bound of ``q . k`` over the region
+(per-channel min and max keys; msattn does not implement it) and by the mean over the slow rotary
+channels only (``MSConfig(score_channels="slow")``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from msattn.eval.loading import Settings, load, prepare
 from msattn.eval.passkey import greedy_generate, make_filler, passkey_prompt, retrieved, trial_plan
 from msattn.eval.report import markdown_table
 from msattn.hf import decoder
+from msattn.rope import compact_rope_tables, slow_rotary_channels
 
 
 def capture(model) -> tuple[dict, list]:
@@ -54,9 +56,11 @@ def main(argv=None):
     for name, default in (("block-q", 16), ("block-k", 16), ("merge", 64), ("topk", 448), ("local", 0)):
         ap.add_argument(f"--{name}", type=int, default=default)
     ap.add_argument("--rope", default="selected", choices=["selected"])
+    ap.add_argument("--score-channels", default="all", choices=["all", "slow"],
+                    help="what the model selects with (the table ranks by every scoring either way)")
     args = ap.parse_args(argv)
     cfg = msattn.MSConfig(block_q=args.block_q, block_k=args.block_k, merge=args.merge, topk=args.topk,
-                          local=args.local, rope=args.rope)
+                          local=args.local, rope=args.rope, score_channels=args.score_channels)
     model, tok = load(model=args.model, dtype=getattr(torch, args.dtype))
     filler = make_filler(args.filler, tok)
     model = prepare(model, "ms", Settings(ms=cfg))
@@ -68,12 +72,11 @@ def main(argv=None):
     ranks = {layer: [] for layer in range(layers)}
     bound_ranks = {layer: [] for layer in range(layers)}
     slow_ranks = {layer: [] for layer in range(layers)}
-    # the rotary pairs (x[i], x[i + D/2]) whose wavelength exceeds the model's window: at any distance the
-    # model was trained on they barely rotate, so un-rotated q . k over them is what the model computed
+    # the rotary pairs that turn less than once within the model's window (the model's own rotary, CRD NTK's
+    # inference base included): the channels MSConfig(score_channels="slow") scores with
     d = conf.hidden_size // hq
-    theta = (getattr(conf, "rope_parameters", None) or {}).get("rope_theta", getattr(conf, "rope_theta", 10000.0))
-    wavelength = 2 * torch.pi * theta ** (torch.arange(d // 2) * 2 / d)
-    slow = (wavelength > conf.max_position_embeddings).repeat(2).float()  # (D,)
+    slow = slow_rotary_channels(compact_rope_tables(decoder(model).rotary_emb.inner, 2), d,
+                                conf.max_position_embeddings)
     prompts = [["key", "depth", "answer", "right", "layer x head selections holding the key"]]
     for key, depth, offset in trial_plan(n, args.trials, seed=args.seed):
         ids, answer = passkey_prompt(tok, n, key, depth, filler=filler, offset=offset)
@@ -92,7 +95,8 @@ def main(argv=None):
             q = torch.cat(caught[("q", layer)], 1)[:, :n].float().view(1, n, hq, -1).transpose(1, 2)
             k = torch.cat(caught[("k", layer)], 1)[:, :n].float().view(1, n, hkv, -1).transpose(1, 2)
             sel = msattn.ms_select(q[:, :, start:].contiguous(), k.contiguous(), block_q=cfg.block_q,
-                                   block_k=cfg.block_k, merge=cfg.merge, topk=cfg.topk, local=cfg.local)[0, :, -1]
+                                   block_k=cfg.block_k, merge=cfg.merge, topk=cfg.topk, local=cfg.local,
+                                   score_channels=slow if cfg.score_channels == "slow" else None)[0, :, -1]
             # the rank of the best key region for the last query region, by qbar . kbar summed over query heads
             nk = start // cfg.block_k
             kbar = k[0, :, :nk * cfg.block_k].reshape(hkv, nk, cfg.block_k, -1).mean(2)
