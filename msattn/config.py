@@ -47,7 +47,7 @@ class MSConfig:
             authors'). ``"slow"`` (``rope="selected"`` only): the rotary pairs whose wavelength exceeds
             the model's window (``max_position_embeddings``), and any channel RoPE leaves alone. Those
             pairs barely turn at any distance the model was trained on, so their un-rotated ``q . k`` is
-            what the model's attention computed; a fast pair's turns through every angle within the window
+            what the model's attention computed; a fast pair turns through every angle within the window
             and its un-rotated product is noise to the ranking (``msattn.rope.slow_rotary_channels``).
         layers: indices of the decoder layers that use MS attention; the others stay dense
             (PyTorch SDPA). ``None``: every layer.
