@@ -26,7 +26,7 @@ def _autocast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     model's projections give 16-bit tensors while un-rotated q and k pass through float32 cos = 1, so
     they reach the attention function in mixed dtypes; float64 is left alone (autocast ignores it)."""
     device = tensors[0].device.type
-    if not torch.is_autocast_enabled(device):
+    if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):  # e.g. meta
         return tensors
     dtype = torch.get_autocast_dtype(device)
     return tuple(t.to(dtype) if t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t for t in tensors)
