@@ -53,6 +53,8 @@ def main(argv=None):
     ap.add_argument("--trials", type=int, default=6)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--filler", default="austen")
+    ap.add_argument("--only", type=lambda x: {int(t) for t in x.split(",")}, default=None,
+                    help="diagnose only these trials of the plan (e.g. the 'missed' trials of an eval record)")
     for name, default in (("block-q", 16), ("block-k", 16), ("merge", 64), ("topk", 448), ("local", 0)):
         ap.add_argument(f"--{name}", type=int, default=default)
     ap.add_argument("--rope", default="selected", choices=["selected"])
@@ -78,7 +80,9 @@ def main(argv=None):
     slow = slow_rotary_channels(compact_rope_tables(decoder(model).rotary_emb.inner, 2), d,
                                 conf.max_position_embeddings)
     prompts = [["key", "depth", "answer", "right", "layer x head selections holding the key"]]
-    for key, depth, offset in trial_plan(n, args.trials, seed=args.seed):
+    for trial, (key, depth, offset) in enumerate(trial_plan(n, args.trials, seed=args.seed)):
+        if args.only and trial not in args.only:
+            continue
         ids, answer = passkey_prompt(tok, n, key, depth, filler=filler, offset=offset)
         caught, handles = capture(model)
         out = greedy_generate(model, torch.tensor([ids]), len(tok.encode(answer, bos=False)) + 2,

@@ -322,6 +322,12 @@ def test_hf_model_directory_with_its_own_tokenizer(tmp_path):
     assert len(ids) == 150 and ids[0] == 1 and tok.encode(answer, bos=False) == [3 + int(d) for d in answer]
     records = run_passkey(prepare(model, "ms", SPARSE), tok, [150], 2, method="ms", chunk_size=64, progress=False)
     assert records[0]["method"] == "ms" and records[0]["trials"] == 2 and 0 <= records[0]["accuracy"] <= 1
+    # every prompt not retrieved is named, as trial_plan draws it, with what the model wrote
+    plan = trial_plan(150, 2)
+    missed = records[0]["missed"]
+    assert len(missed) == round(2 * (1 - records[0]["accuracy"]))
+    for m in missed:
+        assert (m["key"], m["depth"], m["offset"]) == plan[m["trial"]] and not retrieved(str(m["key"]), m["generated"])
     with pytest.raises(ValueError, match="unknown method 'sparse'"):
         prepare(model, "sparse")
 

@@ -383,8 +383,10 @@ def run_passkey(model, tokenizer, lengths: Sequence[int], trials: int, *, method
     the repeated sentences.
 
     Returns one record per length: ``{"method", "length", "trials", "accuracy", "seconds_per_trial",
-    "peak_rss_mb", "filler"}`` (peak RSS of the process during that length's trials; ``peak_cuda_mb``
-    too on CUDA; ``filler``: the filler's name, or ``"repeated"``).
+    "peak_rss_mb", "filler", "missed"}`` (peak RSS of the process during that length's trials;
+    ``peak_cuda_mb`` too on CUDA; ``filler``: the filler's name, or ``"repeated"``; ``missed``: one
+    ``{"trial", "key", "depth", "offset", "generated"}`` per prompt not retrieved, ``trial`` its index in
+    :func:`trial_plan`, so ``benchmarks/passkey_selection.py`` can rebuild and diagnose it).
     Every length is checked against the prompt template before any work starts.
     """
     if trials < 1:
@@ -403,7 +405,7 @@ def run_passkey(model, tokenizer, lengths: Sequence[int], trials: int, *, method
         plan = plans[length]
         size = batch_size or auto_batch_size(length, trials)
         reset_peak_rss(device)
-        start, correct = time.perf_counter(), 0
+        start, correct, missed = time.perf_counter(), 0, []
         with tqdm(total=trials * length, desc=f"{length} tokens", unit="tok", unit_scale=True, leave=False,
                   disable=not progress) as bar:
             for first in range(0, trials, size):
@@ -414,12 +416,18 @@ def run_passkey(model, tokenizer, lengths: Sequence[int], trials: int, *, method
                 rows = ids.shape[0]
                 out = greedy_generate(model, ids, new, chunk_size=chunk_size, exact=exact,
                                       on_chunk=lambda s, e: bar.update(rows * (e - s)))
-                correct += sum(retrieved(a, tokenizer.decode(row.tolist())) for (_, a), row in zip(prompts, out))
+                for trial, ((key, depth, offset), (_, a), row) in enumerate(zip(plan[first:], prompts, out), first):
+                    text = tokenizer.decode(row.tolist())
+                    if retrieved(a, text):
+                        correct += 1
+                    else:
+                        missed.append({"trial": trial, "key": key, "depth": depth, "offset": offset,
+                                       "generated": text})
                 del ids, out
         seconds = time.perf_counter() - start
         record = {"method": method, "length": int(length), "trials": trials, "accuracy": correct / trials,
                   "seconds_per_trial": seconds / trials, "peak_rss_mb": peak_rss_mb(),
-                  "filler": "repeated" if filler is None else filler.name}
+                  "filler": "repeated" if filler is None else filler.name, "missed": missed}
         if device.type == "cuda":
             record["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
         records.append(record)
