@@ -272,9 +272,9 @@ def test_passkey_share_hides_keys_in_the_text_and_trains_on_them_only(files, pre
     # the prompts differ from one seed to another, and from the evaluation's (other random streams)
     other = text_dataset(tok, text, 512, passkey_share=0.5, seed=4)
     assert [other.is_passkey(i) for i in range(len(other))] != [mixed.is_passkey(i) for i in range(len(mixed))]
-    with pytest.raises(ConfigError, match="passkey_share: expected a share between 0 and 1, got 1.5"):
+    with pytest.raises(ConfigError, match="^passkey_share: expected a share between 0 and 1, got 1.5"):
         text_dataset(tok, text, 512, passkey_share=1.5)
-    with pytest.raises(ConfigError, match="passkey_share: a pass-key prompt needs at least"):
+    with pytest.raises(ConfigError, match="^passkey_share: a pass-key prompt needs at least"):
         text_dataset(tok, text, 128, passkey_share=0.5)
     # through the command line: trained, and recorded in msattn.json
     out = tmp_path / "pk"

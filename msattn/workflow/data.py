@@ -99,6 +99,16 @@ class TokenChunks(torch.utils.data.Dataset):
         return {"input_ids": self.chunks[i], "labels": self.chunks[i]}
 
 
+def check_passkey_share(share: float, tokenizer, seq_len: int) -> None:
+    """``passkey_share`` in [0, 1], and (when > 0) ``seq_len`` long enough for a pass-key prompt."""
+    if not 0.0 <= share <= 1.0:
+        raise ConfigError(f"passkey_share: expected a share between 0 and 1, got {share}")
+    longest = 10 ** PasskeyMix.DIGITS - 1  # the widest key
+    need = template_length(tokenizer, longest) + len(tokenizer.encode(str(longest), bos=False))
+    if share and seq_len < need:
+        raise ConfigError(f"passkey_share: a pass-key prompt needs at least {need} tokens, got seq_len={seq_len}")
+
+
 class PasskeyMix(torch.utils.data.Dataset):
     """``chunks`` with a share of the items replaced by pass-key prompts (``msattn.eval.passkey``'s
     prompt, a 5-digit key at a uniform depth of the ``filler`` text, from a uniform offset), each
@@ -110,15 +120,12 @@ class PasskeyMix(torch.utils.data.Dataset):
     ``trial_plan`` does not use.
     """
 
+    DIGITS = 5  # of each key
+
     def __init__(self, chunks: TokenChunks, tokenizer, filler: TextFiller, share: float, seed: int = 0):
-        if not 0.0 <= share <= 1.0:
-            raise ConfigError(f"passkey_share: expected a share between 0 and 1, got {share}")
-        longest = 10 ** 5 - 1  # the widest 5-digit key
-        seq_len = chunks.chunks.shape[1]
-        need = template_length(tokenizer, longest) + len(tokenizer.encode(str(longest), bos=False))
-        if share and seq_len < need:
-            raise ConfigError(f"passkey_share: a pass-key prompt needs at least {need} tokens, got seq_len={seq_len}")
+        check_passkey_share(share, tokenizer, chunks.chunks.shape[1])
         self.chunks, self.tokenizer, self.filler, self.share, self.seed = chunks, tokenizer, filler, share, seed
+        self.seq_len = chunks.chunks.shape[1]
 
     def __len__(self) -> int:
         return len(self.chunks)
@@ -130,10 +137,9 @@ class PasskeyMix(torch.utils.data.Dataset):
         if not self.is_passkey(i):
             return self.chunks[i]
         rng = random.Random(f"passkey-train-prompt/{self.seed}/{i}")
-        key = random_key(rng, 5)
+        key = random_key(rng, self.DIGITS)
         answer = self.tokenizer.encode(str(key), bos=False)
-        seq_len = self.chunks.chunks.shape[1]
-        ids, _ = passkey_prompt(self.tokenizer, seq_len - len(answer), key, rng.random(), filler=self.filler,
+        ids, _ = passkey_prompt(self.tokenizer, self.seq_len - len(answer), key, rng.random(), filler=self.filler,
                                 offset=rng.random())
         input_ids = torch.tensor(ids + answer, dtype=torch.long)
         labels = torch.full_like(input_ids, -100)
@@ -157,8 +163,9 @@ def text_dataset(tokenizer, paths, seq_len: int, max_tokens: int | None = None, 
     chunks = TokenChunks(ids, seq_len)
     if not passkey_share:
         return chunks
+    check_passkey_share(passkey_share, tokenizer, seq_len)  # before tokenizing the filler
     try:
         filler = TextFiller(tokenizer, files)
-        return PasskeyMix(chunks, tokenizer, filler, passkey_share, seed)
-    except ValueError as e:  # too little text, or a prompt longer than seq_len
+    except ValueError as e:  # too little text
         raise ConfigError(f"passkey_share: {e}") from None
+    return PasskeyMix(chunks, tokenizer, filler, passkey_share, seed)
