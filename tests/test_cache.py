@@ -89,6 +89,7 @@ def test_generate_uses_ms_cache_and_matches_dynamic_cache(config):
     ms = model.generate(ids, **kw)
     dyn = model.generate(ids, **with_cache(model, DynamicCache(config=model.config)), **kw)
     assert isinstance(output_cache(ms), MSCache) and isinstance(output_cache(dyn), DynamicCache)
+    assert output_cache(ms).capacity == 50 + 20  # sized for the prompt and its new tokens
     assert torch.equal(ms.sequences, dyn.sequences)
     for a, b in zip(ms.scores, dyn.scores):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
@@ -186,6 +187,49 @@ def test_prefill_bad_input():
         msattn.prefill(model, ids, chunk_size=16, cache=cache, attention_mask=torch.ones(1, 40))
     with pytest.raises(ValueError, match="block_k must be a positive int"):
         MSCache(block_k=0)
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match=rf"MSCache: capacity must be a non-negative int \(tokens\), got {bad!r}"):
+            MSCache(block_k=4, capacity=bad)
+
+
+def test_cache_capacity_allocates_once_then_doubles():
+    """With ``capacity`` a layer's buffers are allocated once at that size while it suffices (a prompt
+    and its new tokens are never copied into a doubled buffer); past it they grow by doubling."""
+    k, v = torch.randn(1, 2, 700, 8), torch.randn(1, 2, 700, 8)
+    cache = MSCache(block_k=4, capacity=300)
+    buffers = set()
+    for start in range(0, 300, 100):
+        cache.update(k[:, :, start:start + 100], v[:, :, start:start + 100], 0)
+        buffers.add(cache.layers[0]._k.data_ptr())
+    assert len(buffers) == 1 and cache.layers[0]._k.shape[2] == 300
+    cache.update(k[:, :, 300:301], v[:, :, 300:301], 0)
+    assert cache.layers[0]._k.shape[2] == 600
+    assert torch.equal(cache.layers[0].keys, k[:, :, :301]) and torch.equal(cache.layers[0].values, v[:, :, :301])
+    plain = MSCache(block_k=4)  # no capacity: each buffer doubles from 256
+    plain.update(k[:, :, :300], v[:, :, :300], 0)
+    assert plain.layers[0]._k.shape[2] == 300
+    plain.update(k[:, :, 300:301], v[:, :, 300:301], 0)
+    assert plain.layers[0]._k.shape[2] == 600
+
+
+def test_generation_allocates_the_prompt_and_its_new_tokens_once():
+    """``greedy_generate`` sizes the cache for the prompt and the new tokens (also with ``exact``, which
+    re-feeds the last group): no buffer past it."""
+    from msattn.eval.passkey import greedy_generate
+
+    model = msattn.hf.patch(tiny(), SPARSE)
+    ids = torch.randint(3, 97, (1, 320))
+    seen = []
+    original = MSLayer._reserve
+
+    def spy(layer, n, like_k, like_v):
+        original(layer, n, like_k, like_v)
+        seen.append(layer._k.shape[2])
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(MSLayer, "_reserve", spy)
+        out = greedy_generate(model, ids, 9, chunk_size=64, exact=True)
+    assert out.shape == (1, 9) and set(seen) == {320 + 9}
 
 
 def test_a_dropped_cache_is_freed_at_once():

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..hf.cache import prefill
+from ..hf.cache import new_cache, prefill
 from ..hf.common import cache_argument
 from .loading import auto_batch_size, is_patched, model_device, peak_rss_mb, reset_peak_rss
 
@@ -328,7 +328,8 @@ def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, chun
     selects with the new query alone (DESIGN section 2) and costs one token instead of up to
     ``merge * block_q``.
     """
-    cache, last = prefill(model, input_ids, chunk_size=chunk_size, on_chunk=on_chunk)
+    cache = new_cache(model, capacity=input_ids.shape[1] + max_new_tokens)
+    cache, last = prefill(model, input_ids, chunk_size=chunk_size, cache=cache, on_chunk=on_chunk)
     span = None
     if exact and is_patched(model):
         from ..hf import patched_config

@@ -30,6 +30,7 @@ import functools
 import json
 import os
 
+import torch
 from torch import nn
 from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_utils import AttentionInterface
@@ -75,7 +76,7 @@ def _method_of(config) -> Method:
 def _generate(model, *args, **kwargs):
     """``model.generate`` of a patched model: the method's cache unless the caller passes one, asks for
     one by name (``cache_implementation``) or turns caching off (``use_cache``; each as an argument or
-    in the generation config)."""
+    in the generation config), sized for the prompt and ``max_new_tokens`` when both are given."""
     rec = record(model)
     name = cache_argument(model)
     config = kwargs.get("generation_config") or model.generation_config
@@ -83,7 +84,10 @@ def _generate(model, *args, **kwargs):
     named = kwargs.get("cache_implementation", getattr(config, "cache_implementation", None))
     if (use_cache is not False and named is None and kwargs.get("cache") is None
             and kwargs.get("past_key_values") is None):
-        kwargs[name] = rec.method.new_cache(rec.config)
+        ids = args[0] if args else kwargs.get("input_ids")
+        new = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
+        known = isinstance(ids, torch.Tensor) and isinstance(new, int)  # else the cache grows as it goes
+        kwargs[name] = rec.method.new_cache(rec.config, ids.shape[-1] + new if known else 0)
     return type(model).generate(model, *args, **kwargs)
 
 

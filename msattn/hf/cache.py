@@ -64,9 +64,10 @@ class MSLayer(_RowLayer):
     the first ``summed`` keys: float32 ``(B, Hkv, NKcap, D)`` and int32 counts ``(B, Hkv, NKcap)``.
     """
 
-    def __init__(self, block_k: int = 16):
+    def __init__(self, block_k: int = 16, capacity: int = 0):
         super().__init__()
         self.block_k = block_k
+        self.capacity = capacity
         self.length = 0
         self.summed = 0
         self._k = self._v = self._sums = self._counts = None
@@ -79,7 +80,8 @@ class MSLayer(_RowLayer):
         cap = 0 if self._k is None else self._k.shape[2]
         if n <= cap:
             return
-        cap = max(n, 2 * cap, 256)
+        # the first allocation takes the cache's capacity when it suffices; beyond it, doubling
+        cap = max(n, 256, self.capacity if n <= self.capacity else 2 * cap)
         B, H, _, D = like_k.shape
         k = like_k.new_empty((B, H, cap, D))
         v = like_v.new_empty((B, H, cap, like_v.shape[3]))
@@ -162,13 +164,20 @@ class MSCache(Cache):
 
     Args:
         block_k: the key region size of the model's MS attention (``MSConfig.block_k``).
+        capacity: the number of tokens the cache will hold when known (a prompt and the tokens to be
+            generated), or 0: each layer allocates it at its first write, so a cache that stays within it
+            is never copied into a larger buffer (doubling past the end of a prompt would transiently
+            need three times its size). Beyond it the buffers grow by doubling.
     """
 
-    def __init__(self, block_k: int = 16):
+    def __init__(self, block_k: int = 16, capacity: int = 0):
         if not isinstance(block_k, int) or block_k < 1:
             raise ValueError(f"MSCache: block_k must be a positive int, got {block_k!r}")
-        super().__init__(layer_class_to_replicate=partial(MSLayer, block_k=block_k))
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
+            raise ValueError(f"MSCache: capacity must be a non-negative int (tokens), got {capacity!r}")
+        super().__init__(layer_class_to_replicate=partial(MSLayer, block_k=block_k, capacity=capacity))
         self.block_k = block_k
+        self.capacity = capacity
 
 
 class InfiniLayer(_RowLayer):
@@ -302,14 +311,15 @@ class InfiniCache(Cache):
 # ---------------------------------------------------------------------------------------------
 # chunked prefill
 
-def new_cache(model) -> Cache:
+def new_cache(model, capacity: int = 0) -> Cache:
     """The cache of the model's method: an :class:`MSCache` for MS attention, an :class:`InfiniCache` for
     Infini-attention, a full ``DynamicCache`` for SelfExtend (it needs every key's slot, also under a
-    sliding window), and transformers' ``DynamicCache`` for the model's config when it is not patched."""
+    sliding window), and transformers' ``DynamicCache`` for the model's config when it is not patched.
+    ``capacity``: the tokens it will hold when known, or 0 (a hint; see :class:`MSCache`)."""
     rec = record(model)
     if rec is None:
         return DynamicCache(config=base_model(model).config)
-    return rec.method.new_cache(rec.config)
+    return rec.method.new_cache(rec.config, capacity)
 
 
 @torch.no_grad()
@@ -326,7 +336,8 @@ def prefill(model, input_ids: torch.Tensor, *, chunk_size: int | None = 16384,
             ``merge * block_q``, so that chunking does not change the selection.
         attention_mask: padding mask (1 = real token) of every token in the cache and in ``input_ids``,
             ``(B, past + N)`` (``(B, N)`` for a new cache, as generate() takes it), or None.
-        cache: a cache to extend (a prompt continued in several calls), or None for :func:`new_cache`.
+        cache: a cache to extend (a prompt continued in several calls), or None for :func:`new_cache`
+            with room for the ``N`` tokens.
         on_logits: called as ``on_logits(start, logits)`` with logits ``(B, n, V)`` for positions
             ``start..start+n-1`` (for example to accumulate a loss) before they are freed; ``n`` is small
             enough that the slice holds about ``LOGITS_BYTES`` of float32 (the LM head runs on the
@@ -351,7 +362,7 @@ def prefill(model, input_ids: torch.Tensor, *, chunk_size: int | None = 16384,
     if chunk_size % span != 0:
         raise ValueError(f"prefill: chunk_size must be a positive multiple of the group span merge * block_q = "
                          f"{span}, so that chunking does not change the selection; got {chunk_size}")
-    cache = new_cache(model) if cache is None else cache
+    cache = new_cache(model, capacity=n) if cache is None else cache
     past = cache.get_seq_length()
     want = (input_ids.shape[0], past + n)
     if attention_mask is not None and tuple(attention_mask.shape) != want:

@@ -40,7 +40,8 @@ class Method:
         sliding_window: whether it enforces a model's sliding window itself (else patching such a model raises).
         unrotated: ``unrotated(config)``: whether the kernel applies RoPE itself, so the attention layers
             must receive un-rotated q and k (the model's rotary embedding is then wrapped).
-        new_cache: ``new_cache(config)``: the cache ``generate()`` and ``prefill`` use for a patched model.
+        new_cache: ``new_cache(config, capacity)``: the cache ``generate()`` and ``prefill`` use for a patched
+            model; ``capacity`` is the number of tokens it will hold when known, else 0 (a hint).
         install: ``install(attention_module, config)`` adds what the method trains per layer (Infini's
             gate), or None; ``uninstall(attention_module)`` removes it.
     """
@@ -53,7 +54,7 @@ class Method:
     model_types: tuple[str, ...]
     sliding_window: bool
     unrotated: Callable[[object], bool]
-    new_cache: Callable[[object], object]
+    new_cache: Callable[[object, int], object]
     install: Callable | None = None
     uninstall: Callable | None = None
 

@@ -198,7 +198,7 @@ def _unrotated(config: InfiniConfig) -> bool:
     return config.unrotated_memory
 
 
-def _new_cache(config: InfiniConfig) -> InfiniCache:
+def _new_cache(config: InfiniConfig, capacity: int = 0) -> InfiniCache:  # holds one segment: no capacity
     return InfiniCache(config.segment_len)
 
 

@@ -81,8 +81,8 @@ def _unrotated(config: MSConfig) -> bool:
     return config.rope == "selected"
 
 
-def _new_cache(config: MSConfig) -> MSCache:
-    return MSCache(block_k=config.block_k)
+def _new_cache(config: MSConfig, capacity: int = 0) -> MSCache:
+    return MSCache(block_k=config.block_k, capacity=capacity)
 
 
 METHOD = Method(

@@ -89,7 +89,7 @@ def _unrotated(config: SelfExtendConfig) -> bool:
     return True
 
 
-def _new_cache(config: SelfExtendConfig) -> DynamicCache:
+def _new_cache(config: SelfExtendConfig, capacity: int = 0) -> DynamicCache:  # appends by concatenation
     return DynamicCache()  # no config: no sliding-window layers, every key keeps its slot
 
 
