@@ -166,8 +166,8 @@ class MSCache(Cache):
         block_k: the key region size of the model's MS attention (``MSConfig.block_k``).
         capacity: the number of tokens the cache will hold when known (a prompt and the tokens to be
             generated), or 0: each layer allocates it at its first write, so a cache that stays within it
-            is never copied into a larger buffer (doubling past the end of a prompt would transiently
-            need three times its size). Beyond it the buffers grow by doubling.
+            is never copied into a larger buffer (doubling just past the end of a prompt holds twice its
+            size, and three times a layer's while copying it). Beyond it the buffers grow by doubling.
     """
 
     def __init__(self, block_k: int = 16, capacity: int = 0):
