@@ -95,10 +95,10 @@ def main(argv=None) -> int:
         print("compare: python -m msattn.eval " + " ".join(DEFAULTS) + " --model OUT/finetune --text AUSTEN/" + HELD_OUT)
         return 0
     args, rest = _parser().parse_known_args(argv)
-    if args.steps < 0 or args.train_len < 1:
-        print(f"python -m msattn.demo: error: --steps must be >= 0 and --train-len >= 1, got {args.steps} and "
-              f"{args.train_len}", file=sys.stderr)
-        return 2
+    for flag, value, least in (("--steps", args.steps, 0), ("--train-len", args.train_len, 1)):
+        if value < least:
+            print(f"python -m msattn.demo: error: {flag} must be >= {least}, got {value}", file=sys.stderr)
+            return 2
     text = []
     if "--text" not in rest:
         try:

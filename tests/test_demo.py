@@ -80,7 +80,10 @@ def test_demo_defaults_are_the_eval_and_finetune_clis():
     assert data.passkey_share == 0.75 and training.bf16 and training.max_steps == 3
 
 
-def test_demo_bad_arguments(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "msattn.demo", "--steps", "-1", "--out", str(tmp_path)], cwd=ROOT,
+@pytest.mark.parametrize("flag, value, message", [("--steps", "-1", "--steps must be >= 0, got -1"),
+                                                  ("--train-len", "0", "--train-len must be >= 1, got 0")])
+def test_demo_bad_arguments(tmp_path, flag, value, message):
+    proc = subprocess.run([sys.executable, "-m", "msattn.demo", flag, value, "--out", str(tmp_path)], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "--steps must be >= 0 and --train-len >= 1, got -1 and 2048" in proc.stderr
+    assert proc.returncode == 2 and f"python -m msattn.demo: error: {message}" in proc.stderr
+    assert not (tmp_path / "finetune").exists()
