@@ -1,5 +1,7 @@
 """msattn.hf.cache: MSCache (region sums, decode, the cache contract), chunked prefill."""
 
+import os
+
 import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
@@ -289,3 +291,85 @@ def test_prefill_continues_a_cache_with_a_padding_mask(config):
     got = torch.cat(first + [logits for _, logits in second], 1)
     valid = mask.bool()
     assert torch.allclose(got[valid], ref[valid], rtol=1e-5, atol=1e-5)
+
+
+def _resident_kb(tensor: torch.Tensor) -> int:
+    """The resident kB of the mapping that starts at ``tensor``'s first byte (/proc/self/smaps)."""
+    start = f"{tensor.data_ptr():x}-"
+    with open("/proc/self/smaps") as f:
+        lines = f.read().splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith(start):
+            for field in lines[i + 1:]:
+                if field.startswith("Rss:"):
+                    return int(field.split()[1])
+    raise AssertionError(f"no mapping starts at {start}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_kv_dir_cache_equals_the_memory_cache(tmp_path, dtype):
+    """With ``kv_dir`` the keys and values live in unlinked files mapped into memory: prefill in chunks and
+    greedy decoding give the in-memory cache's logits bit for bit, also past the capacity (the buffers grow
+    into new files), and no file is left in the directory."""
+    from msattn.eval.passkey import greedy_generate
+
+    model = msattn.hf.patch(tiny().to(dtype), SPARSE)
+    ids = torch.randint(3, 97, (2, 320))
+    want, got = [], []
+    memory, _ = msattn.prefill(model, ids, chunk_size=64, on_logits=lambda s, x: want.append(x))
+    mapped = MSCache(block_k=4, capacity=288, kv_dir=tmp_path)  # too small: grows by doubling
+    cache, _ = msattn.prefill(model, ids, chunk_size=64, cache=mapped, on_logits=lambda s, x: got.append(x))
+    assert cache is mapped and os.listdir(tmp_path) == []
+    assert torch.equal(torch.cat(got, 1), torch.cat(want, 1))
+    for a, b in zip(memory.layers, mapped.layers):
+        assert b._mappings and not a._mappings and b._k.shape[2] == 576
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    for exact in (False, True):
+        a = greedy_generate(model, ids, 7, chunk_size=64, exact=exact)
+        b = greedy_generate(model, ids, 7, chunk_size=64, exact=exact, kv_dir=str(tmp_path))
+        assert torch.equal(a, b)
+    assert os.listdir(tmp_path) == []
+
+
+def test_kv_dir_beam_search_and_release(tmp_path):
+    """Beam search reorders a mapped cache into new mapped buffers (the same tokens as a DynamicCache), and
+    when a layer writes, the pages of the layer that wrote before it leave the process: only the layer in
+    use is resident."""
+    model = msattn.hf.patch(tiny(num_hidden_layers=3), SPARSE)
+    ids = torch.randint(3, 97, (1, 40))
+    cache = MSCache(block_k=4, kv_dir=tmp_path)
+    kw = dict(max_new_tokens=10, min_new_tokens=10, num_beams=3, do_sample=False)
+    out = model.generate(ids, **kw, **with_cache(model, cache))
+    ref = model.generate(ids, **kw, **with_cache(model, DynamicCache(config=model.config)))
+    assert torch.equal(out, ref) and all(layer._mappings for layer in cache.layers)
+    cache = MSCache(block_k=4, kv_dir=tmp_path)
+    msattn.prefill(model, torch.randint(3, 97, (1, 4096)), chunk_size=1024, cache=cache)
+    resident = [_resident_kb(layer._k) + _resident_kb(layer._v) for layer in cache.layers]
+    assert resident[0] == resident[1] == 0 and resident[2] >= 2 * 4096 * 2 * 16 * 4 // 1024  # K+V of layer 2
+    cache.layers[2].release()
+    assert _resident_kb(cache.layers[2]._k) == 0
+    assert torch.isfinite(cache.layers[0].keys).all()  # the data is still there: read back from the files
+
+
+def test_kv_dir_bad_input(tmp_path, monkeypatch):
+    import errno
+
+    with pytest.raises(ValueError, match=r"MSCache: kv_dir must be an existing directory or None, got '/no/such'"):
+        MSCache(block_k=4, kv_dir="/no/such")
+    for config, name in ((None, "an unpatched model's DynamicCache"),
+                         (msattn.SelfExtendConfig(group_size=4, window=16), "SelfExtend's DynamicCache"),
+                         (msattn.InfiniConfig(segment_len=16), "Infini-attention's InfiniCache")):
+        model = tiny()
+        if config is not None:
+            msattn.hf.patch(model, config)
+        with pytest.raises(ValueError, match=f"kv_dir: only MS attention's cache .* {name} keeps them in memory"):
+            msattn.hf.new_cache(model, kv_dir=tmp_path)
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    cache = MSCache(block_k=4, kv_dir=tmp_path)
+    with pytest.raises(OSError, match=r"cannot reserve 16,384 bytes of keys and values in kv_dir .*No space left"):
+        cache.update(torch.randn(1, 2, 8, 8), torch.randn(1, 2, 8, 8), 0)
+    assert os.listdir(tmp_path) == []

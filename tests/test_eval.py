@@ -1,6 +1,7 @@
 """msattn.eval: the passkey prompt and tokenizer, the greedy decode and NLL paths, reports, the CLI end to end."""
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -300,7 +301,26 @@ def test_cli_bad_input(checkpoint, tmp_path, capsys):
     short.write_text(FILLER)
     _fails(["perplexity", *base, "--lengths", "256", "--text", str(short)], capsys,
            f"the text has {len(PasskeyTokenizer().encode(FILLER, bos=False))} tokens, shorter than the length 256")
+    _fails(["passkey", *base, "--lengths", "256", "--methods", "dense,ms", "--kv-dir", str(tmp_path)], capsys,
+           "--kv-dir keeps MS attention's cache in files of an existing directory: it needs --methods ms and a "
+           f"directory, got --methods dense,ms and {str(tmp_path)!r}")
+    _fails(["passkey", *base, "--lengths", "256", "--methods", "ms", "--kv-dir", str(missing)], capsys,
+           f"got --methods ms and {str(missing)!r}")
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_passkey_with_the_cache_in_files(checkpoint, tmp_path):
+    """``--kv-dir``: the same answers as the cache in memory, and no file left behind."""
+    kv = tmp_path / "kv"
+    kv.mkdir()
+    runs = {}
+    for name, extra in (("memory", []), ("files", ["--kv-dir", str(kv)])):
+        argv = ["passkey", "--model", str(checkpoint), "--lengths", "512", "--trials", "3", "--methods", "ms",
+                "--chunk-size", "128", "--out", str(tmp_path / name), "--quiet", *extra]
+        assert main(argv) == 0
+        runs[name] = json.loads((tmp_path / name / "passkey.json").read_text())[0]
+    assert runs["files"]["accuracy"] == runs["memory"]["accuracy"]
+    assert runs["files"]["missed"] == runs["memory"]["missed"] and os.listdir(kv) == []
 
 
 def test_hf_model_directory_with_its_own_tokenizer(tmp_path):

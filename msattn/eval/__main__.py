@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     passkey = tasks.add_parser("passkey", parents=[common, keys], help="passkey retrieval accuracy")
     passkey.add_argument("--trials", type=positive_int, default=10, help="prompts per length (default 10)")
+    passkey.add_argument("--kv-dir", help="ms only: keep the cache's keys and values in files in this existing "
+                         "directory, mapped into memory (msattn.hf.MSCache's kv_dir): for caches larger than the "
+                         "memory, e.g. 1M tokens")
     perplexity = tasks.add_parser("perplexity", parents=[common, windows], help="perplexity on a text file")
     perplexity.add_argument("--text", required=True, help="UTF-8 text file")
     compare = tasks.add_parser("compare", parents=[common, keys, windows],
@@ -151,6 +154,10 @@ def run(args) -> list[dict]:
                                   group_size=args.group_size, window=args.window,
                                   segment_len=args.segment_len, delta_rule=args.delta_rule,
                                   unrotated_memory=args.unrotated_memory)
+    kv_dir = getattr(args, "kv_dir", None)
+    if kv_dir is not None and (args.methods != ["ms"] or not os.path.isdir(kv_dir)):
+        raise ValueError(f"--kv-dir keeps MS attention's cache in files of an existing directory: it needs "
+                         f"--methods ms and a directory, got --methods {','.join(args.methods)} and {kv_dir!r}")
     span = settings.ms.span
     if "ms" in args.methods and args.chunk_size % span:
         raise ValueError(f"--chunk-size {args.chunk_size} is not a multiple of the MS group span merge * block_q = "
@@ -168,7 +175,8 @@ def run(args) -> list[dict]:
         model = prepare(model, method, settings)
         if args.task == "passkey":
             records += run_passkey(model, tokenizer, args.lengths, args.trials, method=method, seed=args.seed,
-                                   digits=args.digits, exact=args.decode == "exact", filler=filler, **common)
+                                   digits=args.digits, exact=args.decode == "exact", filler=filler,
+                                   kv_dir=kv_dir, **common)
         else:
             records += run_perplexity(model, tokenizer, args.text, args.lengths, method=method, windows=args.windows,
                                       tokens=args.tokens, **common)

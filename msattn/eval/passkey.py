@@ -315,11 +315,12 @@ class PasskeyTokenizer:
 
 @torch.no_grad()
 def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, chunk_size: int | None = 16384,
-                    on_chunk=None, exact: bool = False) -> torch.Tensor:
+                    on_chunk=None, exact: bool = False, kv_dir: str | None = None) -> torch.Tensor:
     """Greedy continuation of ``(B, N)`` prompts: chunked prefill (:func:`msattn.prefill`, with the cache
     of the model's method), then one token at a time against the cache.
-    ``on_chunk(start, end)`` is called after each prefill chunk. Returns the new tokens
-    ``(B, max_new_tokens)``.
+    ``on_chunk(start, end)`` is called after each prefill chunk. ``kv_dir``: the cache keeps its keys and
+    values in files there, mapped into memory (MS attention only; :class:`msattn.hf.MSCache`). Returns
+    the new tokens ``(B, max_new_tokens)``.
 
     ``exact`` (models patched with MS attention only; a no-op for others): every step runs the new
     token's whole group again (the cache is cropped to the group's start and the group's tokens are
@@ -328,7 +329,7 @@ def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, chun
     selects with the new query alone (DESIGN section 2) and costs one token instead of up to
     ``merge * block_q``.
     """
-    cache = new_cache(model, capacity=input_ids.shape[1] + max_new_tokens)
+    cache = new_cache(model, capacity=input_ids.shape[1] + max_new_tokens, kv_dir=kv_dir)
     cache, last = prefill(model, input_ids, chunk_size=chunk_size, cache=cache, on_chunk=on_chunk)
     span = None
     if exact and is_patched(model):
@@ -373,7 +374,7 @@ def trial_plan(length: int, trials: int, *, seed: int = 0, digits: int = 5) -> l
 def run_passkey(model, tokenizer, lengths: Sequence[int], trials: int, *, method: str, seed: int = 0,
                 digits: int = 5, chunk_size: int | None = 16384, batch_size: int | None = None,
                 extra_tokens: int = 4, exact: bool = False, filler: TextFiller | None = None,
-                progress: bool = True) -> list[dict]:
+                kv_dir: str | None = None, progress: bool = True) -> list[dict]:
     """Passkey retrieval accuracy of a prepared model (``loading.prepare``) at each prompt length.
 
     For each length, ``trials`` prompts with uniform random keys of ``digits`` digits at uniform random
@@ -381,7 +382,7 @@ def run_passkey(model, tokenizer, lengths: Sequence[int], trials: int, *, method
     32K tokens a batch); each is continued greedily by the answer's token count plus ``extra_tokens``,
     and counts as retrieved when the generated text holds the key as a whole number. ``exact``: see
     :func:`greedy_generate`. ``filler``: real text around the key (:class:`TextFiller`), or None for
-    the repeated sentences.
+    the repeated sentences. ``kv_dir``: see :func:`greedy_generate`.
 
     Returns one record per length: ``{"method", "length", "trials", "accuracy", "seconds_per_trial",
     "peak_rss_mb", "filler", "missed"}`` (peak RSS of the process during that length's trials;
@@ -415,7 +416,7 @@ def run_passkey(model, tokenizer, lengths: Sequence[int], trials: int, *, method
                 ids = torch.tensor([p for p, _ in prompts], dtype=torch.long, device=device)
                 new = max(len(tokenizer.encode(a, bos=False)) for _, a in prompts) + extra_tokens
                 rows = ids.shape[0]
-                out = greedy_generate(model, ids, new, chunk_size=chunk_size, exact=exact,
+                out = greedy_generate(model, ids, new, chunk_size=chunk_size, exact=exact, kv_dir=kv_dir,
                                       on_chunk=lambda s, e: bar.update(rows * (e - s)))
                 for trial, ((key, depth, offset), (_, a), row) in enumerate(zip(plan[first:], prompts, out), first):
                     text = tokenizer.decode(row.tolist())

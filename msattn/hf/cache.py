@@ -4,7 +4,7 @@ positive length to keep or a negative number of tokens to drop, ``reset``, ``reo
 batch operations of beam search and contrastive search).
 
 ``MSCache`` is a transformers ``Cache`` whose layers keep K and V (in buffers that grow by doubling, so
-appending is amortised O(1)) plus, per key region of ``block_k`` tokens, the float32 sum of its valid
+appending is amortised O(1); in memory, or with ``kv_dir`` in files mapped into memory) plus, per key region of ``block_k`` tokens, the float32 sum of its valid
 keys and their count: ``1 / (2 * block_k)`` of a float32 KV cache, ``1 / block_k`` of a 16-bit one.
 A decode step then scores the query against every region from the sums (``N / block_k`` dot products)
 and reads K and V only for the regions it selects and its own group: ``O(N/CK * D + (topk*CK + window)
@@ -24,6 +24,9 @@ memory of all complete segments (O(segment_len + D^2) per layer whatever the len
 from __future__ import annotations
 
 import math
+import mmap
+import os
+import tempfile
 import weakref
 from collections.abc import Callable
 from functools import partial
@@ -34,7 +37,8 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from ..ops import ops
 from .common import base_model, cache_argument, decoder, record
 
-__all__ = ["InfiniCache", "InfiniLayer", "LOGITS_BYTES", "MSCache", "MSLayer", "new_cache", "prefill"]
+__all__ = ["InfiniCache", "InfiniLayer", "LOGITS_BYTES", "MSCache", "MSLayer", "mapped_empty", "memory_only", "new_cache",
+           "prefill"]
 
 LOGITS_BYTES = 64 * 2 ** 20  # prefill's on_logits slices: about this much float32 logits at a time
 
@@ -57,20 +61,59 @@ class _RowLayer(DynamicLayer):
             self._select_batch(torch.arange(self.keys.shape[0]).repeat_interleave(repeats))
 
 
+def mapped_empty(shape: tuple[int, ...], dtype: torch.dtype, directory: str) -> tuple[torch.Tensor, mmap.mmap]:
+    """An uninitialised CPU tensor whose memory is a file in ``directory`` mapped into the process
+    (shared mapping), and the mapping. The file's blocks are reserved at once (a full disk raises here,
+    not as a crash at a later write) and its name is unlinked at once: it lives as long as the tensor."""
+    nbytes = max(1, math.prod(shape) * dtype.itemsize)
+    fd, path = tempfile.mkstemp(prefix="msattn-kv-", dir=directory)
+    try:
+        os.unlink(path)
+        try:
+            os.posix_fallocate(fd, 0, nbytes)
+        except OSError as e:
+            raise OSError(e.errno, f"MSCache: cannot reserve {nbytes:,} bytes of keys and values in kv_dir "
+                                   f"{directory!r}: {e.strerror}") from None
+        mapping = mmap.mmap(fd, nbytes)
+    finally:
+        os.close(fd)
+    return torch.frombuffer(mapping, dtype=dtype, count=math.prod(shape)).view(shape), mapping
+
+
 class MSLayer(_RowLayer):
     """One layer of an :class:`MSCache`.
 
-    Holds ``keys``/``values`` ``(B, Hkv, length, D)`` (views of larger buffers) and the region sums of
-    the first ``summed`` keys: float32 ``(B, Hkv, NKcap, D)`` and int32 counts ``(B, Hkv, NKcap)``.
+    Holds ``keys``/``values`` ``(B, Hkv, length, D)`` (views of larger buffers: in memory, or with
+    ``kv_dir`` in files mapped into memory) and the region sums of the first ``summed`` keys, always in
+    memory: float32 ``(B, Hkv, NKcap, D)`` and int32 counts ``(B, Hkv, NKcap)``.
     """
 
-    def __init__(self, block_k: int = 16, capacity: int = 0):
+    def __init__(self, block_k: int = 16, capacity: int = 0, kv_dir: str | None = None):
         super().__init__()
         self.block_k = block_k
         self.capacity = capacity
+        self.kv_dir = kv_dir
         self.length = 0
         self.summed = 0
         self._k = self._v = self._sums = self._counts = None
+        self._mappings: tuple[mmap.mmap, ...] = ()
+
+    def _empty(self, shape: tuple[int, ...], like: torch.Tensor) -> tuple[torch.Tensor, tuple[mmap.mmap, ...]]:
+        """An uninitialised K or V buffer of ``like``'s dtype and device, and the mappings it lives in."""
+        if self.kv_dir is None:
+            return like.new_empty(shape), ()
+        if like.device.type != "cpu":
+            raise ValueError(f"MSCache: kv_dir keeps keys and values in files mapped into CPU memory, but this "
+                             f"model's keys are on {like.device}; use kv_dir=None on an accelerator")
+        tensor, mapping = mapped_empty(shape, like.dtype, self.kv_dir)
+        return tensor, (mapping,)
+
+    def release(self) -> None:
+        """Unmap the pages of a ``kv_dir`` layer's keys and values from the process (their data stays in the
+        files and the page cache, which the kernel writes back and evicts as it needs): what bounds the
+        resident memory of a long cache to the layers in use. A no-op in memory."""
+        for mapping in self._mappings:
+            mapping.madvise(mmap.MADV_DONTNEED)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -83,8 +126,8 @@ class MSLayer(_RowLayer):
         # the first allocation takes the cache's capacity when it suffices; beyond it, doubling
         cap = max(n, 256, self.capacity if n <= self.capacity else 2 * cap)
         B, H, _, D = like_k.shape
-        k = like_k.new_empty((B, H, cap, D))
-        v = like_v.new_empty((B, H, cap, like_v.shape[3]))
+        k, k_map = self._empty((B, H, cap, D), like_k)
+        v, v_map = self._empty((B, H, cap, like_v.shape[3]), like_v)
         nk = math.ceil(cap / self.block_k)
         sums = torch.zeros((B, H, nk, D), dtype=torch.float32, device=like_k.device)
         counts = torch.zeros((B, H, nk), dtype=torch.int32, device=like_k.device)
@@ -94,6 +137,7 @@ class MSLayer(_RowLayer):
             sums[:, :, :self._sums.shape[2]] = self._sums
             counts[:, :, :self._counts.shape[2]] = self._counts
         self._k, self._v, self._sums, self._counts = k, v, sums, counts
+        self._mappings = k_map + v_map
 
     def _publish(self) -> None:
         self.keys = self._k[:, :, :self.length]
@@ -134,6 +178,7 @@ class MSLayer(_RowLayer):
     def reset(self) -> None:
         self.length = self.summed = 0
         self._k = self._v = self._sums = self._counts = None
+        self._mappings = ()
         self.keys = self.values = None
         self.is_initialized = False
 
@@ -154,8 +199,11 @@ class MSLayer(_RowLayer):
         if self._k is None:
             return
         index = index.to(self._k.device)
-        self._k, self._v = self._k.index_select(0, index), self._v.index_select(0, index)
+        (k, k_map), (v, v_map) = (self._empty((len(index), *x.shape[1:]), x) for x in (self._k, self._v))
+        self._k = torch.index_select(self._k, 0, index, out=k)
+        self._v = torch.index_select(self._v, 0, index, out=v)
         self._sums, self._counts = self._sums.index_select(0, index), self._counts.index_select(0, index)
+        self._mappings = k_map + v_map
         self._publish()
 
 
@@ -168,16 +216,39 @@ class MSCache(Cache):
             generated), or 0: each layer allocates it at its first write, so a cache that stays within it
             is never copied into a larger buffer (doubling just past the end of a prompt holds twice its
             size, and three times a layer's while copying it). Beyond it the buffers grow by doubling.
+        kv_dir: None (keys and values in memory), or an existing directory: each layer's keys and values
+            then live in unlinked files there, mapped into memory (CPU only), and a layer's pages are
+            unmapped from the process (:meth:`MSLayer.release`) when the next layer writes. The process
+            then holds the region sums (``1 / block_k`` of a 16-bit cache) and the pages of about one layer;
+            the rest is the kernel's page cache, written back to the disk and evicted under memory pressure.
+            A decode step reads the regions it selects; a prefill chunk reads those its groups select.
+            For caches larger than the memory: SmolLM2-135M's 1M tokens are 22.5 GiB of bfloat16.
     """
 
-    def __init__(self, block_k: int = 16, capacity: int = 0):
+    def __init__(self, block_k: int = 16, capacity: int = 0, kv_dir: str | os.PathLike | None = None):
         if not isinstance(block_k, int) or block_k < 1:
             raise ValueError(f"MSCache: block_k must be a positive int, got {block_k!r}")
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
             raise ValueError(f"MSCache: capacity must be a non-negative int (tokens), got {capacity!r}")
-        super().__init__(layer_class_to_replicate=partial(MSLayer, block_k=block_k, capacity=capacity))
+        if kv_dir is not None:
+            if not isinstance(kv_dir, (str, os.PathLike)) or not os.path.isdir(kv_dir):
+                raise ValueError(f"MSCache: kv_dir must be an existing directory or None, got {kv_dir!r}")
+            kv_dir = os.fspath(kv_dir)
+        super().__init__(layer_class_to_replicate=partial(MSLayer, block_k=block_k, capacity=capacity,
+                                                          kv_dir=kv_dir))
         self.block_k = block_k
         self.capacity = capacity
+        self.kv_dir = kv_dir
+        self._in_use: int | None = None  # the layer whose mapped pages the process holds (kv_dir)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Append to layer ``layer_idx`` (transformers' contract); with ``kv_dir``, first release the pages of
+        the layer that wrote before it: its attention is done."""
+        if self.kv_dir is not None:
+            if self._in_use is not None and self._in_use != layer_idx and self._in_use < len(self.layers):
+                self.layers[self._in_use].release()
+            self._in_use = layer_idx
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
 
 class InfiniLayer(_RowLayer):
@@ -311,15 +382,24 @@ class InfiniCache(Cache):
 # ---------------------------------------------------------------------------------------------
 # chunked prefill
 
-def new_cache(model, capacity: int = 0) -> Cache:
+def new_cache(model, capacity: int = 0, kv_dir: str | os.PathLike | None = None) -> Cache:
     """The cache of the model's method: an :class:`MSCache` for MS attention, an :class:`InfiniCache` for
     Infini-attention, a full ``DynamicCache`` for SelfExtend (it needs every key's slot, also under a
     sliding window), and transformers' ``DynamicCache`` for the model's config when it is not patched.
-    ``capacity``: the tokens it will hold when known, or 0 (a hint; see :class:`MSCache`)."""
+    ``capacity``: the tokens it will hold when known, or 0 (a hint; see :class:`MSCache`). ``kv_dir``: keep
+    the keys and values in files mapped into memory (MS attention only; see :class:`MSCache`)."""
     rec = record(model)
     if rec is None:
+        memory_only("an unpatched model's DynamicCache", kv_dir)
         return DynamicCache(config=base_model(model).config)
-    return rec.method.new_cache(rec.config, capacity)
+    return rec.method.new_cache(rec.config, capacity, kv_dir)
+
+
+def memory_only(cache: str, kv_dir) -> None:
+    """Raise for a ``kv_dir`` given to a cache that keeps its keys and values in memory."""
+    if kv_dir is not None:
+        raise ValueError(f"kv_dir: only MS attention's cache (MSCache) keeps keys and values in mapped files; "
+                         f"{cache} keeps them in memory: pass kv_dir=None, got {kv_dir!r}")
 
 
 @torch.no_grad()

@@ -40,8 +40,10 @@ class Method:
         sliding_window: whether it enforces a model's sliding window itself (else patching such a model raises).
         unrotated: ``unrotated(config)``: whether the kernel applies RoPE itself, so the attention layers
             must receive un-rotated q and k (the model's rotary embedding is then wrapped).
-        new_cache: ``new_cache(config, capacity)``: the cache ``generate()`` and ``prefill`` use for a patched
-            model; ``capacity`` is the number of tokens it will hold when known, else 0 (a hint).
+        new_cache: ``new_cache(config, capacity, kv_dir)``: the cache ``generate()`` and ``prefill`` use for a
+            patched model; ``capacity`` is the number of tokens it will hold when known, else 0 (a hint);
+            ``kv_dir`` a directory for keys and values in mapped files, or None (a cache that keeps them
+            in memory raises for a directory: :func:`msattn.hf.cache.memory_only`).
         install: ``install(attention_module, config)`` adds what the method trains per layer (Infini's
             gate), or None; ``uninstall(attention_module)`` removes it.
     """
@@ -54,7 +56,7 @@ class Method:
     model_types: tuple[str, ...]
     sliding_window: bool
     unrotated: Callable[[object], bool]
-    new_cache: Callable[[object, int], object]
+    new_cache: Callable[[object, int, object], object]
     install: Callable | None = None
     uninstall: Callable | None = None
 

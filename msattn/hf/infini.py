@@ -51,7 +51,7 @@ from torch import nn
 
 from ..config import InfiniConfig
 from ..functional import infini_attention
-from .cache import InfiniCache
+from .cache import InfiniCache, memory_only
 from .common import Method, cache_argument, call_record, padding_mask, record
 
 __all__ = ["METHOD", "InfiniGate", "attention_forward", "train_by_segments"]
@@ -198,7 +198,8 @@ def _unrotated(config: InfiniConfig) -> bool:
     return config.unrotated_memory
 
 
-def _new_cache(config: InfiniConfig, capacity: int = 0) -> InfiniCache:  # holds one segment: no capacity
+def _new_cache(config: InfiniConfig, capacity: int = 0, kv_dir=None) -> InfiniCache:  # one segment: no capacity
+    memory_only("Infini-attention's InfiniCache", kv_dir)
     return InfiniCache(config.segment_len)
 
 

@@ -81,8 +81,8 @@ def _unrotated(config: MSConfig) -> bool:
     return config.rope == "selected"
 
 
-def _new_cache(config: MSConfig, capacity: int = 0) -> MSCache:
-    return MSCache(block_k=config.block_k, capacity=capacity)
+def _new_cache(config: MSConfig, capacity: int = 0, kv_dir=None) -> MSCache:
+    return MSCache(block_k=config.block_k, capacity=capacity, kv_dir=kv_dir)
 
 
 METHOD = Method(

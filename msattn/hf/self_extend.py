@@ -21,6 +21,7 @@ from transformers.masking_utils import causal_mask_function
 
 from ..config import SelfExtendConfig
 from ..functional import self_extend_attention
+from .cache import memory_only
 from .common import Method, call_record, padding_mask
 
 __all__ = ["METHOD", "attention_forward", "mask_function"]
@@ -89,7 +90,8 @@ def _unrotated(config: SelfExtendConfig) -> bool:
     return True
 
 
-def _new_cache(config: SelfExtendConfig, capacity: int = 0) -> DynamicCache:  # appends by concatenation
+def _new_cache(config: SelfExtendConfig, capacity: int = 0, kv_dir=None) -> DynamicCache:  # appends by concatenation
+    memory_only("SelfExtend's DynamicCache", kv_dir)
     return DynamicCache()  # no config: no sliding-window layers, every key keeps its slot
 
 
