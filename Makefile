@@ -89,7 +89,6 @@ test-asan: $(ASAN_LIB)/.built
 	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so) $$(g++ -print-file-name=libstdc++.so)" \
 	PYTHONPATH=$(ASAN_LIB) $(PY) -P -m pytest -q -p no:cacheprovider --capture=sys $(ASAN_TESTS) $(PYTEST_ARGS)
 
-# the main job: train a tiny Llama at 256 tokens (MS and dense), evaluate passkey retrieval to 64x
 # the main job: a real pretrained model (SmolLM2-135M, converted once into ~/.cache/msattn) far past its window
 demo: install
 	$(PY) -m msattn.demo $(DEMO_ARGS)

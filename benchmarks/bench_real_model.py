@@ -65,7 +65,7 @@ def main(argv=None):
     methods = ["dense", "ms"] + (["ms-files"] if args.kv_dir else [])
     rows = [["dtype", "length", "dense tok/s", "MS tok/s", "MS / dense", "peak RSS dense (MiB)", "peak RSS MS (MiB)"]]
     if args.kv_dir:
-        rows[0] += ["MS, KV in files: tok/s", "peak RSS (MiB)", "page cache after (MiB)"]
+        rows[0] += ["MS, KV in files: tok/s", "peak RSS (MiB)", "page cache at the end (MiB)"]
     profiles = [["dtype", "length", *GROUPS, "other", "total (s)"]]
     for dtype in args.dtypes.split(","):
         model, tok = load(model=args.model, dtype=getattr(torch, dtype))
@@ -86,11 +86,12 @@ def main(argv=None):
                     prefill(model, x[:, :args.chunk_size], chunk_size=args.chunk_size)  # warm-up
                     reset_peak_rss(torch.device("cpu"))
                     start = time.perf_counter()
-                    prefill(model, x, chunk_size=args.chunk_size, cache=new_cache(model, n, kv_dir=kv_dir))
+                    cache, _ = prefill(model, x, chunk_size=args.chunk_size, cache=new_cache(model, n, kv_dir=kv_dir))
                     speed[method] = n / (time.perf_counter() - start)
                     rss[method] = peak_rss_mb()
                     if kv_dir is not None:
-                        page_cache = page_cache_mb()
+                        page_cache = page_cache_mb()  # while the cache's files exist
+                    del cache
                     if method == "ms" and args.profile:
                         with torch.profiler.profile() as prof:
                             prefill(model, x, chunk_size=args.chunk_size)

@@ -4,8 +4,9 @@ positive length to keep or a negative number of tokens to drop, ``reset``, ``reo
 batch operations of beam search and contrastive search).
 
 ``MSCache`` is a transformers ``Cache`` whose layers keep K and V (in buffers that grow by doubling, so
-appending is amortised O(1); in memory, or with ``kv_dir`` in files mapped into memory) plus, per key region of ``block_k`` tokens, the float32 sum of its valid
-keys and their count: ``1 / (2 * block_k)`` of a float32 KV cache, ``1 / block_k`` of a 16-bit one.
+appending is amortised O(1); in memory, or with ``kv_dir`` in files mapped into memory) plus, per key
+region of ``block_k`` tokens, the float32 sum of its valid keys and their count: ``1 / (2 * block_k)``
+of a float32 KV cache, ``1 / block_k`` of a 16-bit one.
 A decode step then scores the query against every region from the sums (``N / block_k`` dot products)
 and reads K and V only for the regions it selects and its own group: ``O(N/CK * D + (topk*CK + window)
 * D)`` instead of ``O(N * D)``. The sums are appended token by token in position order by the same
@@ -37,8 +38,8 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from ..ops import ops
 from .common import base_model, cache_argument, decoder, record
 
-__all__ = ["InfiniCache", "InfiniLayer", "LOGITS_BYTES", "MSCache", "MSLayer", "mapped_empty", "memory_only", "new_cache",
-           "prefill"]
+__all__ = ["InfiniCache", "InfiniLayer", "LOGITS_BYTES", "MSCache", "MSLayer", "mapped_empty", "memory_only",
+           "new_cache", "prefill"]
 
 LOGITS_BYTES = 64 * 2 ** 20  # prefill's on_logits slices: about this much float32 logits at a time
 
