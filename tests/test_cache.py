@@ -342,6 +342,8 @@ def test_kv_dir_beam_search_and_release(tmp_path):
     out = model.generate(ids, **kw, **with_cache(model, cache))
     ref = model.generate(ids, **kw, **with_cache(model, DynamicCache(config=model.config)))
     assert torch.equal(out, ref) and all(layer._mappings for layer in cache.layers)
+    cache.layers[0].batch_select_indices(torch.tensor([], dtype=torch.long))  # an empty batch: nothing to map
+    assert cache.layers[0].keys.shape[0] == 0 and not cache.layers[0]._mappings
     cache = MSCache(block_k=4, kv_dir=tmp_path)
     msattn.prefill(model, torch.randint(3, 97, (1, 4096)), chunk_size=1024, cache=cache)
     resident = [_resident_kb(layer._k) + _resident_kb(layer._v) for layer in cache.layers]

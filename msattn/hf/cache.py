@@ -63,10 +63,11 @@ class _RowLayer(DynamicLayer):
 
 
 def mapped_empty(shape: tuple[int, ...], dtype: torch.dtype, directory: str) -> tuple[torch.Tensor, mmap.mmap]:
-    """An uninitialised CPU tensor whose memory is a file in ``directory`` mapped into the process
-    (shared mapping), and the mapping. The file's blocks are reserved at once (a full disk raises here,
-    not as a crash at a later write) and its name is unlinked at once: it lives as long as the tensor."""
-    nbytes = max(1, math.prod(shape) * dtype.itemsize)
+    """An uninitialised CPU tensor of at least one element whose memory is a file in ``directory`` mapped
+    into the process (shared mapping), and the mapping. The file's blocks are reserved at once (a full disk
+    raises here, not as a crash at a later write) and its name is unlinked at once: it lives as long as the
+    tensor."""
+    nbytes = math.prod(shape) * dtype.itemsize
     fd, path = tempfile.mkstemp(prefix="msattn-kv-", dir=directory)
     try:
         os.unlink(path)
@@ -101,7 +102,7 @@ class MSLayer(_RowLayer):
 
     def _empty(self, shape: tuple[int, ...], like: torch.Tensor) -> tuple[torch.Tensor, tuple[mmap.mmap, ...]]:
         """An uninitialised K or V buffer of ``like``'s dtype and device, and the mappings it lives in."""
-        if self.kv_dir is None:
+        if self.kv_dir is None or math.prod(shape) == 0:  # (an empty batch: nothing to map)
             return like.new_empty(shape), ()
         if like.device.type != "cpu":
             raise ValueError(f"MSCache: kv_dir keeps keys and values in files mapped into CPU memory, but this "
@@ -246,7 +247,7 @@ class MSCache(Cache):
         """Append to layer ``layer_idx`` (transformers' contract); with ``kv_dir``, first release the pages of
         the layer that wrote before it: its attention is done."""
         if self.kv_dir is not None:
-            if self._in_use is not None and self._in_use != layer_idx and self._in_use < len(self.layers):
+            if self._in_use is not None and self._in_use != layer_idx:
                 self.layers[self._in_use].release()
             self._in_use = layer_idx
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
