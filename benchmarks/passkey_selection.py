@@ -5,16 +5,23 @@
 
 For each prompt of ``run_passkey`` (the same seed, key, depth and real-text filler; ``--filler`` as in
 ``python -m msattn.eval``), the MS model (RoPE on selected tokens: the ``q_proj`` / ``k_proj`` outputs
-are what the kernel selects with) runs the prompt once; for every layer and KV head the key regions
-that ``msattn.ms_select`` gives the prompt's last group (the group whose queries predict the answer's
-first digit) are compared with the regions holding the key's digits (both occurrences). It prints,
-per prompt, the answer, whether it is right, and in how many of the layer x KV-head selections a whole
-occurrence of the key is held; per layer, the share of prompts and heads holding it and the median
-rank of the best key region among all candidates for the last query region (the rank the key would
-need to be within ``topk``; 0 when the key lies in the group itself, which always attends to it), by
-MS attention's score (the region's mean key), by Quest's upper bound of ``q . k`` over the region
-(per-channel min and max keys; msattn does not implement it) and by the mean over the slow rotary
-channels only (``MSConfig(score_channels="slow")``).
+are what the kernel selects with) answers the prompt as ``--decode exact`` does (``greedy_generate``:
+each new token's group is run again with the tokens so far). For every layer and KV head the key regions
+that ``msattn.ms_select`` gives each group that predicted a token of the answer are compared with the
+regions holding the key (both occurrences). It prints, per prompt, the answer, whether it is right, in
+how many of the layer x KV-head selections of the prompt's last group (the one predicting the answer's
+first token, a space) a whole occurrence of the key is held, and per answer token (the space, then one
+token per digit) in how many selections of the group that predicted it the region holding that token
+of the key is held, by layer: a wrong digit whose region was held is a copy error with the key in
+view. Per layer, for the prompt's last group: the share of prompts and heads holding the key and the
+median rank of the best key region among all candidates for the last query region (the rank the key
+would need to be within ``topk``; 0 when the key lies in the group itself, which always attends to
+it), by MS attention's score (the region's mean key), by Quest's upper bound of ``q . k`` over the
+region (per-channel min and max keys; msattn does not implement it) and by the mean over the slow
+rotary channels only (``MSConfig(score_channels="slow")``).
+
+Memory: every layer's keys for the whole prompt (float32: 6 GiB at 256K for SmolLM2-135M) and the
+queries of the last group only; ``--kv-dir`` keeps the model's own KV cache in files.
 """
 
 from __future__ import annotations
@@ -34,15 +41,49 @@ from msattn.hf import decoder
 from msattn.rope import compact_rope_tables, slow_rotary_channels
 
 
-def capture(model) -> tuple[dict, list]:
-    """Forward hooks that append each layer's q_proj and k_proj outputs ``(B, n, H*D)`` chunk by chunk."""
-    caught, handles = {}, []
-    for i, attn in enumerate(layer.self_attn for layer in decoder(model).layers):
-        for name in ("q", "k"):
-            proj = getattr(attn, f"{name}_proj")
-            handles.append(proj.register_forward_hook(
-                lambda m, a, out, key=(name, i): caught.setdefault(key, []).append(out.detach())))
-    return caught, handles
+class Capture:
+    """Forward hooks on every layer's ``q_proj`` and ``k_proj`` during :func:`greedy_generate` with
+    ``exact=True``: the prefill's keys at all ``n`` positions and queries from ``keep_from`` on (the last
+    group's: all a selection needs, so a 256K prompt holds one layer's keys, not every query), then each
+    decode step's whole output (the step's group, re-fed). Outputs are ``(B, positions, heads*D)``."""
+
+    def __init__(self, model, n: int, keep_from: int):
+        self.n, self.keep_from = n, keep_from
+        self.prefill: dict = {}  # (name, layer) -> chunks
+        self.steps: dict = {}  # (name, layer) -> one output per decode forward
+        self.seen: dict = {}
+        self.handles = []
+        for i, attn in enumerate(layer.self_attn for layer in decoder(model).layers):
+            for name in ("q", "k"):
+                self.handles.append(getattr(attn, f"{name}_proj").register_forward_hook(self._hook((name, i))))
+
+    def _hook(self, key):
+        def hook(module, args, out):
+            out = out.detach()
+            pos = self.seen.get(key, 0)
+            if pos >= self.n:  # a decode step
+                self.steps.setdefault(key, []).append(out)
+                return
+            self.seen[key] = pos + out.shape[1]
+            lo = max(self.keep_from - pos, 0) if key[0] == "q" else 0
+            if lo < out.shape[1]:
+                self.prefill.setdefault(key, []).append(out[:, lo:].clone())
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+    def groups(self, layer: int):
+        """Per generated token ``s`` (0: predicted by the prefill), ``(q, k)``: the queries of the group
+        that predicted it ``(1, m, Hq*D)`` and the keys up to its last position ``(1, end, Hkv*D)``, as that
+        forward saw them (earlier positions from the forward that last wrote them to the cache)."""
+        k = torch.cat(self.prefill[("k", layer)], 1)
+        yield torch.cat(self.prefill[("q", layer)], 1), k
+        for step, (q_s, k_s) in enumerate(zip(self.steps.get(("q", layer), []), self.steps.get(("k", layer), [])), 1):
+            start = self.n + step - q_s.shape[1]
+            k = torch.cat([k[:, :start], k_s], 1)
+            yield q_s, k
 
 
 def main(argv=None):
@@ -53,6 +94,8 @@ def main(argv=None):
     ap.add_argument("--trials", type=int, default=6)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--filler", default="austen")
+    ap.add_argument("--kv-dir", default=None,
+                    help="keep the model's KV cache in files in this folder (as python -m msattn.eval --kv-dir)")
     ap.add_argument("--only", type=lambda x: {int(t) for t in x.split(",")}, default=None,
                     help="diagnose only these trials of the plan (e.g. the 'missed' trials of an eval record)")
     for name, default in (("block-q", 16), ("block-k", 16), ("merge", 64), ("topk", 448), ("local", 0)):
@@ -79,48 +122,71 @@ def main(argv=None):
     d = conf.hidden_size // hq
     slow = slow_rotary_channels(compact_rope_tables(decoder(model).rotary_emb.inner, 2), d,
                                 conf.max_position_embeddings)
-    prompts = [["key", "depth", "answer", "right", "layer x head selections holding the key"]]
+    prompts = [["key", "depth", "answer", "right", "layer x head selections holding the key",
+                "per answer token: expected, generated, selections holding its region"]]
+    steps_table = [["key", "token", "expected", "generated", "held", f"KV heads holding it, per layer (0-{layers - 1})"]]
     for trial, (key, depth, offset) in enumerate(trial_plan(n, args.trials, seed=args.seed)):
         if args.only and trial not in args.only:
             continue
         ids, answer = passkey_prompt(tok, n, key, depth, filler=filler, offset=offset)
-        caught, handles = capture(model)
-        out = greedy_generate(model, torch.tensor([ids]), len(tok.encode(answer, bos=False)) + 2,
-                              chunk_size=cfg.span * max(1, 8192 // cfg.span), exact=True)
-        for h in handles:
-            h.remove()
-        text = tok.decode(out[0].tolist())
-        # the key's digit tokens: every occurrence of the answer's token run in the prompt
-        a = tok.encode(answer, bos=False)
+        a = tok.encode(answer, bos=False)  # the answer's tokens: a space, then one token per digit
+        cap = Capture(model, n, start)
+        out = greedy_generate(model, torch.tensor([ids]), len(a) + 2, chunk_size=cfg.span * max(1, 8192 // cfg.span),
+                              exact=True, kv_dir=args.kv_dir)
+        cap.remove()
+        gen = out[0].tolist()
+        text = tok.decode(gen)
+        # every occurrence of the answer's token run in the prompt; token s of the answer sits at run[s]
         runs = [range(p, p + len(a)) for p in range(len(ids) - len(a)) if ids[p:p + len(a)] == a]
         key_regions = [{t // cfg.block_k for t in run} for run in runs]
         count = 0
+        token_held = [[0] * layers for _ in a]  # [answer token][layer]: KV heads whose selection holds it
         for layer in range(layers):
-            q = torch.cat(caught[("q", layer)], 1)[:, :n].float().view(1, n, hq, -1).transpose(1, 2)
-            k = torch.cat(caught[("k", layer)], 1)[:, :n].float().view(1, n, hkv, -1).transpose(1, 2)
-            sel = msattn.ms_select(q[:, :, start:].contiguous(), k.contiguous(), block_q=cfg.block_q,
-                                   block_k=cfg.block_k, merge=cfg.merge, topk=cfg.topk, local=cfg.local,
-                                   score_channels=slow if cfg.score_channels == "slow" else None)[0, :, -1]
-            # the rank of the best key region for the last query region, by qbar . kbar summed over query heads
-            nk = start // cfg.block_k
-            kbar = k[0, :, :nk * cfg.block_k].reshape(hkv, nk, cfg.block_k, -1).mean(2)
-            qbar = q[0, :, (n - 1) // cfg.block_q * cfg.block_q:].mean(1).view(hkv, hq // hkv, -1).sum(1)
-            scores = (kbar @ qbar[..., None])[..., 0]  # (hkv, nk)
-            # Quest's bound (arXiv 2406.10774): per region and channel the min and max key; the upper
-            # bound of q . k over the region's keys is sum_d max(q_d min_d, q_d max_d)
-            blocks = k[0, :, :nk * cfg.block_k].reshape(hkv, nk, cfg.block_k, -1)
-            lo, hi = blocks.amin(2), blocks.amax(2)
-            bound = torch.maximum(qbar[:, None] * lo, qbar[:, None] * hi).sum(-1)  # (hkv, nk)
-            slow_scores = (kbar * slow @ qbar[..., None])[..., 0]
-            for h in range(hkv):
-                chosen = set(sel[h].tolist()) | set(range(nk, n // cfg.block_k + 1))  # + the group's own
-                ok = any(r <= chosen for r in key_regions)
-                held[layer].append(ok)
-                count += ok
-                for table, score in ((ranks, scores), (bound_ranks, bound), (slow_ranks, slow_scores)):
-                    order = score[h].argsort(descending=True).tolist()
-                    table[layer].append(min((order.index(j) for r in key_regions for j in r if j < nk), default=0))
-        prompts.append([str(key), f"{depth:.2f}", repr(text), str(retrieved(answer, text)), f"{count}/{layers * hkv}"])
+            for s, (q_s, k_s) in enumerate(cap.groups(layer)):
+                if s >= len(a):
+                    break
+                end = k_s.shape[1]
+                q_s = q_s.float().view(1, -1, hq, d).transpose(1, 2)
+                k_s = k_s.float().view(1, end, hkv, d).transpose(1, 2)
+                sel = msattn.ms_select(q_s.contiguous(), k_s.contiguous(), block_q=cfg.block_q,
+                                       block_k=cfg.block_k, merge=cfg.merge, topk=cfg.topk, local=cfg.local,
+                                       score_channels=slow if cfg.score_channels == "slow" else None)[0, :, -1]
+                first = (end - q_s.shape[2]) // cfg.block_k  # the group's own regions are always attended
+                for h in range(hkv):
+                    chosen = set(sel[h].tolist()) | set(range(first, (end - 1) // cfg.block_k + 1))
+                    token_held[s][layer] += any(run[s] // cfg.block_k in chosen for run in runs)
+                    if s == 0:
+                        ok = any(r <= chosen for r in key_regions)
+                        held[layer].append(ok)
+                        count += ok
+                if s:
+                    continue
+                # the rank of the best key region for the last query region, by qbar . kbar summed over query heads
+                nk = start // cfg.block_k
+                kbar = k_s[0, :, :nk * cfg.block_k].reshape(hkv, nk, cfg.block_k, -1).mean(2)
+                qbar = q_s[0, :, (n - 1) // cfg.block_q * cfg.block_q - start:].mean(1).view(hkv, hq // hkv, -1).sum(1)
+                scores = (kbar @ qbar[..., None])[..., 0]  # (hkv, nk)
+                # Quest's bound (arXiv 2406.10774): per region and channel the min and max key; the upper
+                # bound of q . k over the region's keys is sum_d max(q_d min_d, q_d max_d)
+                blocks = k_s[0, :, :nk * cfg.block_k].reshape(hkv, nk, cfg.block_k, -1)
+                lo, hi = blocks.amin(2), blocks.amax(2)
+                bound = torch.maximum(qbar[:, None] * lo, qbar[:, None] * hi).sum(-1)  # (hkv, nk)
+                slow_scores = (kbar * slow @ qbar[..., None])[..., 0]
+                for h in range(hkv):
+                    for table, score in ((ranks, scores), (bound_ranks, bound), (slow_ranks, slow_scores)):
+                        order = score[h].argsort(descending=True).tolist()
+                        table[layer].append(min((order.index(j) for r in key_regions for j in r if j < nk), default=0))
+        del cap
+        per_token = []
+        for s, want in enumerate(a):
+            got = gen[s] if s < len(gen) else None
+            total = sum(token_held[s])
+            mark = "" if got == want else f"->{tok.decode([got])!r}"
+            per_token.append(f"{tok.decode([want])!r}{mark}:{total}")
+            steps_table.append([str(key), str(s), repr(tok.decode([want])), repr(tok.decode([got])),
+                                f"{total}/{layers * hkv}", "".join(str(c) for c in token_held[s])])
+        prompts.append([str(key), f"{depth:.2f}", repr(text), str(retrieved(answer, text)), f"{count}/{layers * hkv}",
+                        " ".join(per_token)])
         print(" | ".join(prompts[-1]), file=sys.stderr, flush=True)
     table = [["layer", "key held (share of prompts x heads)", "median rank of the best key region: by the mean",
               "by Quest's bound", "by the mean over the slow rotary channels"]]
@@ -133,6 +199,8 @@ def main(argv=None):
                   f"{statistics.median(sum(slow_ranks.values(), [])):g}"])
     print(f"{args.model}, {n} tokens, {cfg}, filler {args.filler}; slow rotary channels: {int(slow.sum())} of {d}")
     print(markdown_table(prompts, left=3))
+    print()
+    print(markdown_table(steps_table, left=6))
     print()
     print(markdown_table(table))
 
