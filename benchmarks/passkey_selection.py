@@ -13,7 +13,10 @@ how many of the layer x KV-head selections of the prompt's last group (the one p
 first token, a space) a whole occurrence of the key is held, and per answer token (the space, then one
 token per digit) in how many selections of the group that predicted it the region holding that token
 of the key is held, by layer: a wrong digit whose region was held is a copy error with the key in
-view. Per layer, for the prompt's last group: the share of prompts and heads holding the key and the
+view. And where the attention of the query that predicted each digit went, measured by running the
+kernel again on indicator values (:class:`AttentionProbe`): the largest softmax mass any layer and head
+puts on that token of the key, that head's mass on the whole key and on the answer so far, and per
+layer the best head's mass on the token (a copy head of a working copy puts nearly all of it there). Per layer, for the prompt's last group: the share of prompts and heads holding the key and the
 median rank of the best key region among all candidates for the last query region (the rank the key
 would need to be within ``topk``; 0 when the key lies in the group itself, which always attends to
 it), by MS attention's score (the region's mean key), by Quest's upper bound of ``q . k`` over the
@@ -31,12 +34,14 @@ import statistics
 import sys
 
 import torch
+from transformers.modeling_utils import AttentionInterface
 
 import msattn
 from msattn.eval.__main__ import _one_length
 from msattn.eval.loading import Settings, load, prepare
 from msattn.eval.passkey import greedy_generate, make_filler, passkey_prompt, retrieved, trial_plan
 from msattn.eval.report import markdown_table
+import msattn.hf.ms
 from msattn.hf import decoder
 from msattn.rope import compact_rope_tables, slow_rotary_channels
 
@@ -86,6 +91,35 @@ class Capture:
             yield q_s, k
 
 
+class AttentionProbe:
+    """Where each decode step's last query puts its attention, measured by the kernel itself: while
+    installed, the ``"msattn"`` attention function runs a second time on each decode step with indicator
+    values (channel ``c`` of ``v`` is 1 at the positions of ``marks(step)[c]``, 0 elsewhere), so output
+    channel ``c`` is the softmax mass on those positions, with the model's own selection, compact
+    positions and scale. ``mass[(step, layer)]``: ``(Hq, len(marks))`` for the last query; step ``s`` is
+    the forward whose keys end at ``n + s`` (it predicts the answer's token ``s``)."""
+
+    def __init__(self, n: int, marks):
+        self.n, self.marks, self.mass = n, marks, {}
+        self.original = msattn.hf.ms.attention_forward
+        AttentionInterface.register("msattn", self)
+
+    def remove(self):
+        AttentionInterface.register("msattn", self.original)
+
+    def __call__(self, module, query, key, value, attention_mask, *args, **kwargs):
+        out = self.original(module, query, key, value, attention_mask, *args, **kwargs)
+        step = key.shape[2] - self.n
+        marks = self.marks(step) if step > 0 else None
+        if marks:
+            v = torch.zeros_like(value)  # (B, Hkv, N, D)
+            for c, positions in enumerate(marks):
+                v[:, :, positions, c] = 1
+            probe = self.original(module, query, key, v, attention_mask, *args, **kwargs)[0]  # (B, Nq, Hq, D)
+            self.mass[(step, module.layer_idx)] = probe[0, -1, :, :len(marks)].float()
+        return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -124,20 +158,28 @@ def main(argv=None):
                                 conf.max_position_embeddings)
     prompts = [["key", "depth", "answer", "right", "layer x head selections holding the key",
                 "per answer token: expected, generated, selections holding its region"]]
-    steps_table = [["key", "token", "expected", "generated", "held", f"KV heads holding it, per layer (0-{layers - 1})"]]
+    steps_table = [["key", "token", "expected", "generated", "held", f"KV heads holding it, per layer (0-{layers - 1})",
+                    "most attention on it: mass, where (and that head's mass on the whole key, on the answer so far)",
+                    "the best head's mass on it per layer, in tenths"]]
     for trial, (key, depth, offset) in enumerate(trial_plan(n, args.trials, seed=args.seed)):
         if args.only and trial not in args.only:
             continue
         ids, answer = passkey_prompt(tok, n, key, depth, filler=filler, offset=offset)
         a = tok.encode(answer, bos=False)  # the answer's tokens: a space, then one token per digit
+        # every occurrence of the answer's token run in the prompt; token s of the answer sits at run[s]
+        runs = [range(p, p + len(a)) for p in range(len(ids) - len(a)) if ids[p:p + len(a)] == a]
+        key_positions = [p for run in runs for p in run]
         cap = Capture(model, n, start)
+        # the step predicting answer token s: its mass on that token of the key (either occurrence), on
+        # the whole key (both occurrences) and on the answer written so far (positions n on)
+        probe = AttentionProbe(n, lambda s: [[run[s] for run in runs], key_positions, list(range(n, n + s))]
+                               if s < len(a) else None)
         out = greedy_generate(model, torch.tensor([ids]), len(a) + 2, chunk_size=cfg.span * max(1, 8192 // cfg.span),
                               exact=True, kv_dir=args.kv_dir)
         cap.remove()
+        probe.remove()
         gen = out[0].tolist()
         text = tok.decode(gen)
-        # every occurrence of the answer's token run in the prompt; token s of the answer sits at run[s]
-        runs = [range(p, p + len(a)) for p in range(len(ids) - len(a)) if ids[p:p + len(a)] == a]
         key_regions = [{t // cfg.block_k for t in run} for run in runs]
         count = 0
         token_held = [[0] * layers for _ in a]  # [answer token][layer]: KV heads whose selection holds it
@@ -183,8 +225,18 @@ def main(argv=None):
             total = sum(token_held[s])
             mark = "" if got == want else f"->{tok.decode([got])!r}"
             per_token.append(f"{tok.decode([want])!r}{mark}:{total}")
+            best, per_layer = "-", "-"
+            if all((s, layer) in probe.mass for layer in range(layers)):
+                mass = torch.stack([probe.mass[(s, layer)] for layer in range(layers)])  # (layers, Hq, marks)
+                on_token = mass[..., 0]
+                i = int(on_token.argmax())
+                lay, head = divmod(i, hq)
+                best = (f"{on_token[lay, head]:.2f} (layer {lay} head {head}; key {mass[lay, head, 1]:.2f}, "
+                        f"answer so far {mass[lay, head, 2]:.2f})")
+                per_layer = "".join(str(min(9, int(10 * x))) for x in on_token.amax(1).tolist())
             steps_table.append([str(key), str(s), repr(tok.decode([want])), repr(tok.decode([got])),
-                                f"{total}/{layers * hkv}", "".join(str(c) for c in token_held[s])])
+                                f"{total}/{layers * hkv}", "".join(str(c) for c in token_held[s]), best, per_layer])
+            print(" | ".join(steps_table[-1]), file=sys.stderr, flush=True)
         prompts.append([str(key), f"{depth:.2f}", repr(text), str(retrieved(answer, text)), f"{count}/{layers * hkv}",
                         " ".join(per_token)])
         print(" | ".join(prompts[-1]), file=sys.stderr, flush=True)
@@ -200,7 +252,7 @@ def main(argv=None):
     print(f"{args.model}, {n} tokens, {cfg}, filler {args.filler}; slow rotary channels: {int(slow.sum())} of {d}")
     print(markdown_table(prompts, left=3))
     print()
-    print(markdown_table(steps_table, left=6))
+    print(markdown_table(steps_table, left=7))
     print()
     print(markdown_table(table))
 
