@@ -12,11 +12,12 @@ regions holding the key (both occurrences). It prints, per prompt, the answer, w
 how many of the layer x KV-head selections of the prompt's last group (the one predicting the answer's
 first token, a space) a whole occurrence of the key is held, and per answer token (the space, then one
 token per digit) in how many selections of the group that predicted it the region holding that token
-of the key is held, by layer: a wrong digit whose region was held is a copy error with the key in
-view. And where the attention of the query that predicted each digit went, measured by running the
+of the key is held, by layer and KV head (a copy reads the key through a few heads: held elsewhere is
+not enough). And where the attention of the query that predicted each digit went, measured by running the
 kernel again on indicator values (:class:`AttentionProbe`): the largest softmax mass any layer and head
 puts on that token of the key, that head's mass on the whole key and on the answer so far, and per
-layer the best head's mass on the token (a copy head of a working copy puts nearly all of it there). Per layer, for the prompt's last group: the share of prompts and heads holding the key and the
+layer the best head's mass on the token (a copy head of a working copy puts nearly all of it there).
+Per layer, for the prompt's last group: the share of prompts and heads holding the key and the
 median rank of the best key region among all candidates for the last query region (the rank the key
 would need to be within ``topk``; 0 when the key lies in the group itself, which always attends to
 it), by MS attention's score (the region's mean key), by Quest's upper bound of ``q . k`` over the
@@ -158,7 +159,8 @@ def main(argv=None):
                                 conf.max_position_embeddings)
     prompts = [["key", "depth", "answer", "right", "layer x head selections holding the key",
                 "per answer token: expected, generated, selections holding its region"]]
-    steps_table = [["key", "token", "expected", "generated", "held", f"KV heads holding it, per layer (0-{layers - 1})",
+    steps_table = [["key", "token", "expected", "generated", "held",
+                    f"KV heads holding it, per layer (0-{layers - 1}): bit h of a hex digit for KV head h",
                     "most attention on it: mass, where (and that head's mass on the whole key, on the answer so far)",
                     "the best head's mass on it per layer, in tenths"]]
     for trial, (key, depth, offset) in enumerate(trial_plan(n, args.trials, seed=args.seed)):
@@ -182,7 +184,7 @@ def main(argv=None):
         text = tok.decode(gen)
         key_regions = [{t // cfg.block_k for t in run} for run in runs]
         count = 0
-        token_held = [[0] * layers for _ in a]  # [answer token][layer]: KV heads whose selection holds it
+        token_held = [[0] * layers for _ in a]  # [answer token][layer]: bit h set if KV head h's selection holds it
         for layer in range(layers):
             for s, (q_s, k_s) in enumerate(cap.groups(layer)):
                 if s >= len(a):
@@ -196,7 +198,7 @@ def main(argv=None):
                 first = (end - q_s.shape[2]) // cfg.block_k  # the group's own regions are always attended
                 for h in range(hkv):
                     chosen = set(sel[h].tolist()) | set(range(first, (end - 1) // cfg.block_k + 1))
-                    token_held[s][layer] += any(run[s] // cfg.block_k in chosen for run in runs)
+                    token_held[s][layer] |= any(run[s] // cfg.block_k in chosen for run in runs) << h
                     if s == 0:
                         ok = any(r <= chosen for r in key_regions)
                         held[layer].append(ok)
@@ -222,7 +224,7 @@ def main(argv=None):
         per_token = []
         for s, want in enumerate(a):
             got = gen[s] if s < len(gen) else None
-            total = sum(token_held[s])
+            total = sum(bin(m).count("1") for m in token_held[s])
             mark = "" if got == want else f"->{tok.decode([got])!r}"
             per_token.append(f"{tok.decode([want])!r}{mark}:{total}")
             best, per_layer = "-", "-"
@@ -235,7 +237,8 @@ def main(argv=None):
                         f"answer so far {mass[lay, head, 2]:.2f})")
                 per_layer = "".join(str(min(9, int(10 * x))) for x in on_token.amax(1).tolist())
             steps_table.append([str(key), str(s), repr(tok.decode([want])), repr(tok.decode([got])),
-                                f"{total}/{layers * hkv}", "".join(str(c) for c in token_held[s]), best, per_layer])
+                                f"{total}/{layers * hkv}", (" " if hkv > 4 else "").join(f"{m:x}" for m in token_held[s]),
+                                best, per_layer])
             print(" | ".join(steps_table[-1]), file=sys.stderr, flush=True)
         prompts.append([str(key), f"{depth:.2f}", repr(text), str(retrieved(answer, text)), f"{count}/{layers * hkv}",
                         " ".join(per_token)])
