@@ -474,3 +474,35 @@ def test_trial_plan_and_criterion():
     # retrieved: the key as a whole number, not a part of one
     assert retrieved("12345", "The pass key is 12345.") and retrieved("12345", "7 12345 9")
     assert not retrieved("12345", "123456") and not retrieved("12345", "1234") and not retrieved("12345", "")
+
+
+def test_passkey_selection_probe_reads_the_attention_weights():
+    # benchmarks/passkey_selection.py's AttentionProbe runs the kernel on indicator values; with every
+    # region selected MS attention is exact attention, so the mass it reads must equal eager attention's
+    # weights of the last query summed over each mark
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "passkey_selection.py"
+    spec = importlib.util.spec_from_file_location("passkey_selection", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=97,
+                                         max_position_embeddings=4096, attn_implementation="eager")).eval()
+    ids = torch.randint(3, 97, (1, 65))
+    n, marks = 64, [[5, 40], [0, 1, 2, 3], [63, 64]]
+    with torch.no_grad():
+        ref = model(ids, output_attentions=True).attentions  # per layer (1, Hq, N, N)
+    msattn.hf.patch(model, msattn.MSConfig(block_q=4, block_k=8, merge=4, topk=64, rope="selected"))
+    probe = script.AttentionProbe(n, lambda step: marks if step == 1 else None)  # keys end at n + 1: step 1
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        probe.remove()
+    assert sorted(probe.mass) == [(1, 0), (1, 1)]
+    for layer, weights in enumerate(ref):
+        want = torch.stack([weights[0, :, -1, m].sum(-1) for m in marks], -1)  # (Hq, marks)
+        assert want[:, 0].min() > 0.01  # the marks carry weight: the comparison means something
+        torch.testing.assert_close(probe.mass[(1, layer)], want, rtol=0, atol=1e-5)
