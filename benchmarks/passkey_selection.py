@@ -38,11 +38,11 @@ import torch
 from transformers.modeling_utils import AttentionInterface
 
 import msattn
+import msattn.hf.ms
 from msattn.eval.__main__ import _one_length
 from msattn.eval.loading import Settings, load, prepare
 from msattn.eval.passkey import greedy_generate, make_filler, passkey_prompt, retrieved, trial_plan
 from msattn.eval.report import markdown_table
-import msattn.hf.ms
 from msattn.hf import decoder
 from msattn.rope import compact_rope_tables, slow_rotary_channels
 
