@@ -50,7 +50,7 @@ from msattn.rope import compact_rope_tables, slow_rotary_channels
 class Capture:
     """Forward hooks on every layer's ``q_proj`` and ``k_proj`` during :func:`greedy_generate` with
     ``exact=True``: the prefill's keys at all ``n`` positions and queries from ``keep_from`` on (the last
-    group's: all a selection needs, so a 256K prompt holds one layer's keys, not every query), then each
+    group's: all a selection needs, so a 256K prompt holds every layer's keys but no other queries), then each
     decode step's whole output (the step's group, re-fed). Outputs are ``(B, positions, heads*D)``."""
 
     def __init__(self, model, n: int, keep_from: int):
@@ -236,9 +236,9 @@ def main(argv=None):
                 best = (f"{on_token[lay, head]:.2f} (layer {lay} head {head}; key {mass[lay, head, 1]:.2f}, "
                         f"answer so far {mass[lay, head, 2]:.2f})")
                 per_layer = "".join(str(min(9, int(10 * x))) for x in on_token.amax(1).tolist())
+            heads = (" " if hkv > 4 else "").join(f"{m:x}" for m in token_held[s])
             steps_table.append([str(key), str(s), repr(tok.decode([want])), repr(tok.decode([got])),
-                                f"{total}/{layers * hkv}", (" " if hkv > 4 else "").join(f"{m:x}" for m in token_held[s]),
-                                best, per_layer])
+                                f"{total}/{layers * hkv}", heads, best, per_layer])
             print(" | ".join(steps_table[-1]), file=sys.stderr, flush=True)
         prompts.append([str(key), f"{depth:.2f}", repr(text), str(retrieved(answer, text)), f"{count}/{layers * hkv}",
                         " ".join(per_token)])
