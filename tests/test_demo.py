@@ -9,8 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from msattn import demo
+from msattn.eval.loading import fast_dtype
 
 pytest.importorskip("gguf")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -73,11 +75,13 @@ def test_demo_defaults_are_the_eval_and_finetune_clis():
     assert args.chunk_size % (args.merge * args.block_q) == 0
     parser = finetune_parser("finetune")
     parsed = parser.parse_args_into_dataclasses(
-        demo.FINETUNE[1:] + ["--model", "smollm2-135m", "--max_steps", "3", "--seq_len", "2048", "--output_dir", "x"])
+        demo.FINETUNE[1:] + demo.precision_args()
+        + ["--model", "smollm2-135m", "--max_steps", "3", "--seq_len", "2048", "--output_dir", "x"])
     named = {type(x).__name__: x for x in parsed}
     attn, data, training = named["AttentionArguments"], named["DataArguments"], named["TrainingArguments"]
     assert (attn.block_q, attn.merge, attn.topk, attn.local, attn.rope) == (16, 16, 64, 2, "selected")
-    assert data.passkey_share == 0.75 and training.bf16 and training.max_steps == 3
+    assert data.passkey_share == 0.75 and training.max_steps == 3
+    assert training.bf16 == (fast_dtype() == torch.bfloat16)  # bf16 autocast where it is the faster dtype
 
 
 @pytest.mark.parametrize("flag, value, message", [("--steps", "-1", "--steps must be >= 0, got -1"),

@@ -323,6 +323,45 @@ def test_cli_passkey_with_the_cache_in_files(checkpoint, tmp_path):
     assert runs["files"]["missed"] == runs["memory"]["missed"] and os.listdir(kv) == []
 
 
+def test_parameter_dtype_auto_follows_the_hardware(tmp_path, monkeypatch):
+    """``--dtype auto``: bfloat16 on CUDA and on CPUs with AMX (the kernel's ``amx_bf16`` flag), float32 on
+    other CPUs; a bad name is an error naming the choices."""
+    from msattn.eval import loading
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile\n")
+    assert loading._cpu_has_amx(str(cpuinfo))
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16\n")
+    assert not loading._cpu_has_amx(str(cpuinfo))
+    assert not loading._cpu_has_amx(str(tmp_path / "missing"))
+    for amx, cpu in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(loading, "_cpu_has_amx", lambda amx=amx: amx)
+        assert loading.parse_dtype("auto") == loading.fast_dtype("cpu") == cpu
+        assert loading.parse_dtype("auto", "cuda") == torch.bfloat16
+        assert loading.parse_dtype("float32") == torch.float32 and loading.parse_dtype("bfloat16") == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype: expected auto or one of float32, bfloat16, float16, got 'fp8'"):
+        loading.parse_dtype("fp8")
+
+
+def test_cli_dtype_auto(checkpoint, tmp_path, monkeypatch):
+    """The eval CLI loads the model in the dtype ``auto`` picks."""
+    from msattn.eval import loading
+
+    seen = []
+    real_load = loading.load
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["dtype"])
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr("msattn.eval.__main__.load", spy)
+    for amx, dtype in ((False, torch.float32), (True, torch.bfloat16)):
+        monkeypatch.setattr(loading, "_cpu_has_amx", lambda amx=amx: amx)
+        argv = ["passkey", "--model", str(checkpoint), "--lengths", "256", "--trials", "1", "--methods", "dense",
+                "--dtype", "auto", "--out", str(tmp_path / str(amx)), "--quiet"]
+        assert main(argv) == 0 and seen[-1] == dtype
+
+
 def test_hf_model_directory_with_its_own_tokenizer(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

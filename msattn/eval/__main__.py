@@ -24,13 +24,10 @@ import os
 import re
 import sys
 
-import torch
-
-from .loading import load, method_names, prepare, read_checkpoint_meta, settings_from_meta
+from .loading import DTYPES, load, method_names, parse_dtype, prepare, read_checkpoint_meta, settings_from_meta
 from .passkey import make_filler
 
 _LENGTH = re.compile(r"(\d+)([km]?)", re.IGNORECASE)
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parse_lengths(text: str) -> list[int]:
@@ -78,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "or a named model: smollm2-135m")
     which.add_argument("--llama2c", help="llama2.c checkpoint (.bin); needs --tokenizer")
     source.add_argument("--tokenizer", help="tokenizer: llama2.c tok*.bin, HF tokenizer directory, or .json")
-    source.add_argument("--dtype", choices=list(_DTYPES), default="float32")
+    source.add_argument("--dtype", choices=["auto", *DTYPES], default="float32",
+                        help="parameter dtype (default float32); auto: bfloat16 on CUDA and CPUs with AMX, else float32")
     run = common.add_argument_group("run")
     run.add_argument("--lengths", type=parse_lengths, required=True, help="comma-separated, e.g. 1k,4k,64k,1m")
     run.add_argument("--methods", type=parse_methods, default=["dense", "ms"],
@@ -163,7 +161,7 @@ def run(args) -> list[dict]:
         raise ValueError(f"--chunk-size {args.chunk_size} is not a multiple of the MS group span merge * block_q = "
                          f"{settings.ms.merge} * {settings.ms.block_q} = {span}")
     model, tokenizer = load(model=args.model, llama2c=args.llama2c, tokenizer=args.tokenizer,
-                            dtype=_DTYPES[args.dtype])
+                            dtype=parse_dtype(args.dtype))
     filler = make_filler(args.filler, tokenizer) if args.task != "perplexity" else None
     common = dict(chunk_size=args.chunk_size, batch_size=args.batch_size, progress=not args.quiet)
     if args.task == "compare":

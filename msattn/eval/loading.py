@@ -32,12 +32,46 @@ import torch
 
 from ..config import InfiniConfig, MSConfig, SelfExtendConfig
 
-__all__ = ["DENSE", "CHECKPOINT_META", "HFTokenizer", "install_rope", "load", "method_meta", "write_checkpoint_meta", "load_tokenizer", "method_names", "read_checkpoint_meta",
+__all__ = ["DENSE", "CHECKPOINT_META", "DTYPES", "HFTokenizer", "fast_dtype", "parse_dtype", "install_rope", "load", "method_meta", "write_checkpoint_meta", "load_tokenizer", "method_names", "read_checkpoint_meta",
            "ms_config_from_dict", "settings_from_meta", "save_checkpoint", "Settings", "prepare", "is_patched",
            "model_device", "auto_batch_size", "reset_peak_rss", "rss_mb", "peak_rss_mb"]
 
 CHECKPOINT_META = "msattn.json"
 INFINI_SAVED = ("segment_len", "delta_rule", "unrotated_memory")  # the InfiniConfig fields msattn.json keeps
+
+
+# ---------------------------------------------------------------------------------------------
+# parameter dtypes
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _cpu_has_amx(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether the CPU has AMX with bf16 (Linux: the kernel's ``amx_bf16`` flag; elsewhere: no)."""
+    try:
+        with open(cpuinfo) as f:
+            return any(line.startswith("flags") and "amx_bf16" in line.split() for line in f)
+    except OSError:
+        return False
+
+
+def fast_dtype(device: torch.device | str = "cpu") -> torch.dtype:
+    """The faster parameter dtype of a model on ``device``: bfloat16 on CUDA and on CPUs with AMX (oneDNN
+    runs bf16 products on the tiles), float32 on other CPUs: with AVX-512 BF16 but no AMX, a bf16 matrix
+    product of this project's shapes runs at about half the fp32 speed (benchmarks/RESULTS.md, "The
+    fine-tune again, in float32")."""
+    if torch.device(device).type == "cuda" or _cpu_has_amx():
+        return torch.bfloat16
+    return torch.float32
+
+
+def parse_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
+    """``"auto"`` (:func:`fast_dtype` for ``device``) or a name of :data:`DTYPES`."""
+    if name == "auto":
+        return fast_dtype(device)
+    if name not in DTYPES:
+        raise ValueError(f"dtype: expected auto or one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -127,7 +127,8 @@ class InferArguments:
     model: str | None = _help("HF model directory (a pretrain or finetune output included), .gguf file or "
                               "named model", default=None)
     tokenizer: str | None = _help("tokenizer path (default: the model's own)", default=None)
-    dtype: Literal["float32", "bfloat16"] = _help("parameter dtype", default="float32")
+    dtype: Literal["auto", "float32", "bfloat16"] = _help("parameter dtype; auto: bfloat16 on CUDA and on CPUs "
+                                                          "with AMX, else float32", default="float32")
     prompt_file: str | None = _help("a text file: its text is the prompt", default=None)
     passkey_length: int | None = _help("instead of a prompt file: a pass-key prompt of this many tokens",
                                        default=None)

@@ -16,13 +16,11 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from ..eval.loading import load, peak_rss_mb, prepare, read_checkpoint_meta, reset_peak_rss
+from ..eval.loading import load, parse_dtype, peak_rss_mb, prepare, read_checkpoint_meta, reset_peak_rss
 from ..eval.passkey import greedy_generate, make_filler, passkey_prompt, random_key, retrieved
 from ..config import ConfigError
 
 __all__ = ["infer"]
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def _prompt(args, tokenizer) -> tuple[list[int], str | None]:
@@ -54,9 +52,10 @@ def infer(args, attn) -> dict:
     for key in ("max_new_tokens", "chunk_size") + (("passkey_length",) if args.passkey_length is not None else ()):
         if getattr(args, key) < 1:
             raise ConfigError(f"{key}: expected a positive int, got {getattr(args, key)}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         path = resolve(args.model)
-        model, tokenizer = load(model=path, tokenizer=args.tokenizer, dtype=DTYPES[args.dtype])
+        model, tokenizer = load(model=path, tokenizer=args.tokenizer, dtype=parse_dtype(args.dtype, device))
     except (OSError, ValueError) as e:
         raise ConfigError(f"model: {e}") from None
     meta = read_checkpoint_meta(path)
@@ -67,7 +66,6 @@ def infer(args, attn) -> dict:
     if args.chunk_size % span:
         raise ConfigError(f"chunk_size: must be a multiple of the MS group span merge * block_q = {span}, "
                           f"got {args.chunk_size}")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     ids, answer = _prompt(args, tokenizer)
     n = len(ids)
