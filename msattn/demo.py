@@ -102,7 +102,8 @@ def main(argv=None) -> int:
     if "-h" in argv or "--help" in argv:
         print(__doc__)
         _parser().print_help()
-        print("\nfine-tune: msattn " + " ".join(FINETUNE + precision_args()) + " --model MODEL --max_steps STEPS --seq_len TRAIN_LEN")
+        print("\nfine-tune: msattn " + " ".join(FINETUNE + precision_args())
+              + " --model MODEL --max_steps STEPS --seq_len TRAIN_LEN")
         print("compare: python -m msattn.eval " + " ".join(DEFAULTS) + " --model OUT/finetune --text AUSTEN/"
               + HELD_OUT)
         return 0
