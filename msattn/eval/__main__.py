@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--llama2c", help="llama2.c checkpoint (.bin); needs --tokenizer")
     source.add_argument("--tokenizer", help="tokenizer: llama2.c tok*.bin, HF tokenizer directory, or .json")
     source.add_argument("--dtype", choices=["auto", *DTYPES], default="float32",
-                        help="parameter dtype (default float32); auto: bfloat16 on CUDA and CPUs with AMX, else float32")
+                        help="parameter dtype (default float32); auto: bfloat16 on CUDA and CPUs with AMX, "
+                             "else float32")
     run = common.add_argument_group("run")
     run.add_argument("--lengths", type=parse_lengths, required=True, help="comma-separated, e.g. 1k,4k,64k,1m")
     run.add_argument("--methods", type=parse_methods, default=["dense", "ms"],
