@@ -81,7 +81,17 @@ def test_demo_defaults_are_the_eval_and_finetune_clis():
     attn, data, training = named["AttentionArguments"], named["DataArguments"], named["TrainingArguments"]
     assert (attn.block_q, attn.merge, attn.topk, attn.local, attn.rope) == (16, 16, 64, 2, "selected")
     assert data.passkey_share == 0.75 and training.max_steps == 3
-    assert training.bf16 == (fast_dtype() == torch.bfloat16)  # bf16 autocast where it is the faster dtype
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert training.bf16 == (fast_dtype(device) == torch.bfloat16)  # bf16 autocast where it is the faster dtype
+
+
+def test_demo_precision_follows_the_cpu(monkeypatch):
+    from msattn.eval import loading
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for amx, flag in ((True, "true"), (False, "false")):
+        monkeypatch.setattr(loading, "_cpu_has_amx", lambda amx=amx: amx)
+        assert demo.precision_args() == ["--bf16", flag]
 
 
 @pytest.mark.parametrize("flag, value, message", [("--steps", "-1", "--steps must be >= 0, got -1"),

@@ -32,7 +32,8 @@ import torch
 
 from ..config import InfiniConfig, MSConfig, SelfExtendConfig
 
-__all__ = ["DENSE", "CHECKPOINT_META", "DTYPES", "HFTokenizer", "fast_dtype", "parse_dtype", "install_rope", "load", "method_meta", "write_checkpoint_meta", "load_tokenizer", "method_names", "read_checkpoint_meta",
+__all__ = ["DENSE", "CHECKPOINT_META", "DTYPES", "HFTokenizer", "fast_dtype", "parse_dtype", "install_rope", "load",
+           "method_meta", "write_checkpoint_meta", "load_tokenizer", "method_names", "read_checkpoint_meta",
            "ms_config_from_dict", "settings_from_meta", "save_checkpoint", "Settings", "prepare", "is_patched",
            "model_device", "auto_batch_size", "reset_peak_rss", "rss_mb", "peak_rss_mb"]
 
