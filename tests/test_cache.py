@@ -293,17 +293,22 @@ def test_prefill_continues_a_cache_with_a_padding_mask(config):
     assert torch.allclose(got[valid], ref[valid], rtol=1e-5, atol=1e-5)
 
 
-def _resident_kb(tensor: torch.Tensor) -> int:
-    """The resident kB of the mapping that starts at ``tensor``'s first byte (/proc/self/smaps)."""
+def _smaps(tensor: torch.Tensor, name: str) -> list[str]:
+    """Field ``name`` of the mapping that starts at ``tensor``'s first byte (/proc/self/smaps), split."""
     start = f"{tensor.data_ptr():x}-"
     with open("/proc/self/smaps") as f:
         lines = f.read().splitlines()
     for i, line in enumerate(lines):
         if line.startswith(start):
             for field in lines[i + 1:]:
-                if field.startswith("Rss:"):
-                    return int(field.split()[1])
+                if field.startswith(name + ":"):
+                    return field.split()[1:]
     raise AssertionError(f"no mapping starts at {start}")
+
+
+def _resident_kb(tensor: torch.Tensor) -> int:
+    """The resident kB of the mapping that starts at ``tensor``'s first byte."""
+    return int(_smaps(tensor, "Rss")[0])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
@@ -350,6 +355,8 @@ def test_kv_dir_beam_search_and_release(tmp_path):
     assert resident[0] == resident[1] == 0 and resident[2] >= 2 * 4096 * 2 * 16 * 4 // 1024  # K+V of layer 2
     cache.layers[2].release()
     assert _resident_kb(cache.layers[2]._k) == 0
+    # advised random access ("rr"): a fault reads its page, not the device's read-ahead around it
+    assert all("rr" in _smaps(layer._k, "VmFlags") and "rr" in _smaps(layer._v, "VmFlags") for layer in cache.layers)
     assert torch.isfinite(cache.layers[0].keys).all()  # the data is still there: read back from the files
 
 
