@@ -4,17 +4,18 @@
         --block-q 16 --block-k 16 --merge 64 --topk 448 --local 0 --rope selected
 
 For each prompt of ``run_passkey`` (the same seed, key, depth and real-text filler; ``--filler`` as in
-``python -m msattn.eval``), the MS model (RoPE on selected tokens: the ``q_proj`` / ``k_proj`` outputs
-are what the kernel selects with) answers the prompt as ``--decode exact`` does (``greedy_generate``:
-each new token's group is run again with the tokens so far). For every layer and KV head the key regions
-that ``msattn.ms_select`` gives each group that predicted a token of the answer are compared with the
-regions holding the key (both occurrences). It prints, per prompt, the answer, whether it is right, in
+``python -m msattn.eval``), the MS model (RoPE on selected tokens) answers the prompt as ``--decode
+exact`` does (``greedy_generate``: each new token's group is run again with the tokens so far), and
+:class:`Probe` reads inside its attention function what each layer did. For every layer and KV head the
+key regions the model selected for each group that predicted a token of the answer (its own
+``ms_select`` call on the cache's region sums) are compared with the regions holding the key (both
+occurrences). It prints, per prompt, the answer, whether it is right, in
 how many of the layer x KV-head selections of the prompt's last group (the one predicting the answer's
 first token, a space) a whole occurrence of the key is held, and per answer token (the space, then one
 token per digit) in how many selections of the group that predicted it the region holding that token
 of the key is held, by layer and KV head (a copy reads the key through a few heads: held elsewhere is
 not enough). And where the attention of the query that predicted each digit went, measured by running the
-kernel again on indicator values (:class:`AttentionProbe`): the largest softmax mass any layer and head
+kernel again on indicator values: the largest softmax mass any layer and head
 puts on that token of the key, that head's mass on the whole key and on the answer so far, and per
 layer the best head's mass on the token (a copy head of a working copy puts nearly all of it there).
 Per layer, for the prompt's last group: the share of prompts and heads holding the key and the
@@ -24,8 +25,8 @@ it), by MS attention's score (the region's mean key), by Quest's upper bound of 
 region (per-channel min and max keys; msattn does not implement it) and by the mean over the slow
 rotary channels only (``MSConfig(score_channels="slow")``).
 
-Memory: every layer's keys for the whole prompt (float32: 6 GiB at 256K for SmolLM2-135M) and the
-queries of the last group only; ``--kv-dir`` keeps the model's own KV cache in files.
+Memory: the model's own KV cache (in files with ``--kv-dir``, as ``python -m msattn.eval --kv-dir``),
+so it runs at every length the eval runs at, 1M included; Quest's bound reads each layer's keys once.
 """
 
 from __future__ import annotations
@@ -47,78 +48,78 @@ from msattn.hf import decoder
 from msattn.rope import compact_rope_tables, slow_rotary_channels
 
 
-class Capture:
-    """Forward hooks on every layer's ``q_proj`` and ``k_proj`` during :func:`greedy_generate` with
-    ``exact=True``: the prefill's keys at all ``n`` positions and queries from ``keep_from`` on (the last
-    group's: all a selection needs, so a 256K prompt holds every layer's keys but no other queries), then each
-    decode step's whole output (the step's group, re-fed). Outputs are ``(B, positions, heads*D)``."""
+class Probe:
+    """What each layer's attention did on the steps that predict the answer, read inside the model's own
+    ``"msattn"`` attention function while installed. Step ``s`` is the forward whose keys end at ``n + s``
+    (it predicts the answer's token ``s``; step 0 is the prefill's last chunk); ``steps(s)`` is False to
+    skip step ``s``, None to read its selection only, or its marks (lists of positions).
 
-    def __init__(self, model, n: int, keep_from: int):
-        self.n, self.keep_from = n, keep_from
-        self.prefill: dict = {}  # (name, layer) -> chunks
-        self.steps: dict = {}  # (name, layer) -> one output per decode forward
-        self.seen: dict = {}
-        self.handles = []
-        for i, attn in enumerate(layer.self_attn for layer in decoder(model).layers):
-            for name in ("q", "k"):
-                self.handles.append(getattr(attn, f"{name}_proj").register_forward_hook(self._hook((name, i))))
+    - ``index[(step, layer)]``: ``(Hkv, topk)``, the key regions the step's last group attends to besides
+      its own, as the model selected them (``msattn.hf.ms.ms_select`` is wrapped: the selection from the
+      cache's region sums that the kernel then attends with).
+    - ``scores[layer]`` (step 0): ``(3, Hkv, nk)``, every candidate region before the last group scored for
+      its last query region (``qbar``, summed over each KV head's query heads) by the region's mean key
+      (from the cache's sums), by Quest's upper bound of ``q . k`` over the region (arXiv 2406.10774:
+      ``sum_d max(q_d min_d, q_d max_d)`` with per-channel min and max keys; one pass over the keys) and by
+      the mean over the ``slow`` channels only.
+    - ``mass[(step, layer)]`` (steps >= 1 with marks): ``(Hq, len(marks))``, the softmax mass of the last
+      query on each set of positions: the kernel runs again with indicator values (channel ``c`` of ``v``
+      is 1 at the positions of ``marks[c]``), with the model's own selection, compact positions and scale.
 
-    def _hook(self, key):
-        def hook(module, args, out):
-            out = out.detach()
-            pos = self.seen.get(key, 0)
-            if pos >= self.n:  # a decode step
-                self.steps.setdefault(key, []).append(out)
-                return
-            self.seen[key] = pos + out.shape[1]
-            lo = max(self.keep_from - pos, 0) if key[0] == "q" else 0
-            if lo < out.shape[1]:
-                self.prefill.setdefault(key, []).append(out[:, lo:].clone())
-        return hook
+    Memory: nothing but the model's cache (in files with ``--kv-dir``), one value-sized tensor at a time
+    for the marks, and the scores.
+    """
 
-    def remove(self):
-        for h in self.handles:
-            h.remove()
-
-    def groups(self, layer: int):
-        """Per generated token ``s`` (0: predicted by the prefill), ``(q, k)``: the queries of the group
-        that predicted it ``(1, m, Hq*D)`` and the keys up to its last position ``(1, end, Hkv*D)``, as that
-        forward saw them (earlier positions from the forward that last wrote them to the cache)."""
-        k = torch.cat(self.prefill[("k", layer)], 1)
-        yield torch.cat(self.prefill[("q", layer)], 1), k
-        for step, (q_s, k_s) in enumerate(zip(self.steps.get(("q", layer), []), self.steps.get(("k", layer), [])), 1):
-            start = self.n + step - q_s.shape[1]
-            k = torch.cat([k[:, :start], k_s], 1)
-            yield q_s, k
-
-
-class AttentionProbe:
-    """Where each decode step's last query puts its attention, measured by the kernel itself: while
-    installed, the ``"msattn"`` attention function runs a second time on each decode step with indicator
-    values (channel ``c`` of ``v`` is 1 at the positions of ``marks(step)[c]``, 0 elsewhere), so output
-    channel ``c`` is the softmax mass on those positions, with the model's own selection, compact
-    positions and scale. ``mass[(step, layer)]``: ``(Hq, len(marks))`` for the last query; step ``s`` is
-    the forward whose keys end at ``n + s`` (it predicts the answer's token ``s``)."""
-
-    def __init__(self, n: int, marks):
-        self.n, self.marks, self.mass = n, marks, {}
-        self.original = msattn.hf.ms.attention_forward
+    def __init__(self, n: int, start: int, steps, *, slow: torch.Tensor, block_q: int, block_k: int):
+        self.n, self.start, self.steps, self.slow, self.block_q, self.block_k = n, start, steps, slow, block_q, block_k
+        self.index, self.scores, self.mass = {}, {}, {}
+        self.selected = None
+        self.original, self.original_select = msattn.hf.ms.attention_forward, msattn.hf.ms.ms_select
+        msattn.hf.ms.ms_select = self._select
         AttentionInterface.register("msattn", self)
 
     def remove(self):
         AttentionInterface.register("msattn", self.original)
+        msattn.hf.ms.ms_select = self.original_select
+
+    def _select(self, *args, **kwargs):
+        self.selected = self.original_select(*args, **kwargs)
+        return self.selected
 
     def __call__(self, module, query, key, value, attention_mask, *args, **kwargs):
+        self.selected = None
         out = self.original(module, query, key, value, attention_mask, *args, **kwargs)
-        step = key.shape[2] - self.n
-        marks = self.marks(step) if step > 0 else None
-        if marks:
+        step, layer = key.shape[2] - self.n, module.layer_idx
+        marks = self.steps(step) if step >= 0 else False
+        if marks is False:
+            return out
+        if self.selected is None:
+            raise RuntimeError("the probe reads the selection the model made from an MSCache's region sums: "
+                               "run the model with one (greedy_generate does)")
+        self.index[(step, layer)] = self.selected[0, :, -1].clone()
+        if step == 0:
+            self.scores[layer] = self._scores(query, key)
+        elif marks:
             v = torch.zeros_like(value)  # (B, Hkv, N, D)
             for c, positions in enumerate(marks):
                 v[:, :, positions, c] = 1
             probe = self.original(module, query, key, v, attention_mask, *args, **kwargs)[0]  # (B, Nq, Hq, D)
-            self.mass[(step, module.layer_idx)] = probe[0, -1, :, :len(marks)].float()
+            self.mass[(step, layer)] = probe[0, -1, :, :len(marks)].float()
         return out
+
+    def _scores(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        """``(3, Hkv, nk)``: the candidates before the last group, scored for its last query region."""
+        sums, counts = key._msattn_layer().region_sums(None)
+        (hq, nq, d), hkv = query.shape[1:], key.shape[1]
+        nk, bk = self.start // self.block_k, self.block_k
+        last = (self.n - 1) // self.block_q * self.block_q - (self.n - nq)  # the last query region in the chunk
+        assert last >= 0, "the prefill's last chunk holds the last query region"
+        qbar = query[0, :, last:].float().mean(1).view(hkv, hq // hkv, d).sum(1)  # (Hkv, D)
+        kbar = sums[0, :, :nk] / counts[0, :, :nk, None]  # (Hkv, nk, D)
+        blocks = key[0, :, :nk * bk].float().reshape(hkv, nk, bk, d)
+        lo, hi = blocks.amin(2), blocks.amax(2)
+        bound = torch.maximum(qbar[:, None] * lo, qbar[:, None] * hi).sum(-1)
+        return torch.stack([(kbar @ qbar[..., None])[..., 0], bound, ((kbar * self.slow) @ qbar[..., None])[..., 0]])
 
 
 def main(argv=None):
@@ -171,56 +172,38 @@ def main(argv=None):
         # every occurrence of the answer's token run in the prompt; token s of the answer sits at run[s]
         runs = [range(p, p + len(a)) for p in range(len(ids) - len(a)) if ids[p:p + len(a)] == a]
         key_positions = [p for run in runs for p in run]
-        cap = Capture(model, n, start)
         # the step predicting answer token s: its mass on that token of the key (either occurrence), on
         # the whole key (both occurrences) and on the answer written so far (positions n on)
-        probe = AttentionProbe(n, lambda s: [[run[s] for run in runs], key_positions, list(range(n, n + s))]
-                               if s < len(a) else None)
-        out = greedy_generate(model, torch.tensor([ids]), len(a) + 2, chunk_size=cfg.span * max(1, 8192 // cfg.span),
-                              exact=True, kv_dir=args.kv_dir)
-        cap.remove()
-        probe.remove()
+        probe = Probe(n, start, lambda s: ([[run[s] for run in runs], key_positions, list(range(n, n + s))]
+                                           if s < len(a) else False),
+                      slow=slow, block_q=cfg.block_q, block_k=cfg.block_k)
+        try:
+            out = greedy_generate(model, torch.tensor([ids]), len(a) + 2,
+                                  chunk_size=cfg.span * max(1, 8192 // cfg.span), exact=True, kv_dir=args.kv_dir)
+        finally:
+            probe.remove()
         gen = out[0].tolist()
         text = tok.decode(gen)
         key_regions = [{t // cfg.block_k for t in run} for run in runs]
         count = 0
         token_held = [[0] * layers for _ in a]  # [answer token][layer]: bit h set if KV head h's selection holds it
+        nk = start // cfg.block_k
         for layer in range(layers):
-            for s, (q_s, k_s) in enumerate(cap.groups(layer)):
-                if s >= len(a):
-                    break
-                end = k_s.shape[1]
-                q_s = q_s.float().view(1, -1, hq, d).transpose(1, 2)
-                k_s = k_s.float().view(1, end, hkv, d).transpose(1, 2)
-                sel = msattn.ms_select(q_s.contiguous(), k_s.contiguous(), block_q=cfg.block_q,
-                                       block_k=cfg.block_k, merge=cfg.merge, topk=cfg.topk, local=cfg.local,
-                                       score_channels=slow if cfg.score_channels == "slow" else None)[0, :, -1]
-                first = (end - q_s.shape[2]) // cfg.block_k  # the group's own regions are always attended
-                for h in range(hkv):
-                    chosen = set(sel[h].tolist()) | set(range(first, (end - 1) // cfg.block_k + 1))
+            for s in range(len(a)):
+                end = n + s
+                first = (end - 1) // cfg.span * cfg.span // cfg.block_k  # the group's own regions are always attended
+                for h, sel in enumerate(probe.index[(s, layer)].tolist()):
+                    chosen = set(sel) | set(range(first, (end - 1) // cfg.block_k + 1))
                     token_held[s][layer] |= any(run[s] // cfg.block_k in chosen for run in runs) << h
                     if s == 0:
                         ok = any(r <= chosen for r in key_regions)
                         held[layer].append(ok)
                         count += ok
-                if s:
-                    continue
-                # the rank of the best key region for the last query region, by qbar . kbar summed over query heads
-                nk = start // cfg.block_k
-                kbar = k_s[0, :, :nk * cfg.block_k].reshape(hkv, nk, cfg.block_k, -1).mean(2)
-                qbar = q_s[0, :, (n - 1) // cfg.block_q * cfg.block_q - start:].mean(1).view(hkv, hq // hkv, -1).sum(1)
-                scores = (kbar @ qbar[..., None])[..., 0]  # (hkv, nk)
-                # Quest's bound (arXiv 2406.10774): per region and channel the min and max key; the upper
-                # bound of q . k over the region's keys is sum_d max(q_d min_d, q_d max_d)
-                blocks = k_s[0, :, :nk * cfg.block_k].reshape(hkv, nk, cfg.block_k, -1)
-                lo, hi = blocks.amin(2), blocks.amax(2)
-                bound = torch.maximum(qbar[:, None] * lo, qbar[:, None] * hi).sum(-1)  # (hkv, nk)
-                slow_scores = (kbar * slow @ qbar[..., None])[..., 0]
+            # the rank of the best key region for the last query region (0: the key lies in the group)
+            for table, score in zip((ranks, bound_ranks, slow_ranks), probe.scores[layer]):
                 for h in range(hkv):
-                    for table, score in ((ranks, scores), (bound_ranks, bound), (slow_ranks, slow_scores)):
-                        order = score[h].argsort(descending=True).tolist()
-                        table[layer].append(min((order.index(j) for r in key_regions for j in r if j < nk), default=0))
-        del cap
+                    order = score[h].argsort(descending=True).tolist()
+                    table[layer].append(min((order.index(j) for r in key_regions for j in r if j < nk), default=0))
         per_token = []
         for s, want in enumerate(a):
             got = gen[s] if s < len(gen) else None
@@ -250,7 +233,8 @@ def main(argv=None):
                       f"{statistics.median(bound_ranks[layer]):g}",
                       f"{statistics.median(slow_ranks[layer]):g}"])
     table.append(["all", f"{sum(map(sum, held.values())) / sum(map(len, held.values())):.2f}",
-                  f"{statistics.median(sum(ranks.values(), [])):g}", f"{statistics.median(sum(bound_ranks.values(), [])):g}",
+                  f"{statistics.median(sum(ranks.values(), [])):g}",
+                  f"{statistics.median(sum(bound_ranks.values(), [])):g}",
                   f"{statistics.median(sum(slow_ranks.values(), [])):g}"])
     print(f"{args.model}, {n} tokens, {cfg}, filler {args.filler}; slow rotary channels: {int(slow.sum())} of {d}")
     print(markdown_table(prompts, left=3))

@@ -515,33 +515,94 @@ def test_trial_plan_and_criterion():
     assert not retrieved("12345", "123456") and not retrieved("12345", "1234") and not retrieved("12345", "")
 
 
-def test_passkey_selection_probe_reads_the_attention_weights():
-    # benchmarks/passkey_selection.py's AttentionProbe runs the kernel on indicator values; with every
-    # region selected MS attention is exact attention, so the mass it reads must equal eager attention's
-    # weights of the last query summed over each mark
+def _passkey_selection_script():
     import importlib.util
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "passkey_selection.py"
     spec = importlib.util.spec_from_file_location("passkey_selection", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def _tiny_llama():
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=97,
-                                         max_position_embeddings=4096, attn_implementation="eager")).eval()
+    return LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=97,
+                                        max_position_embeddings=4096, attn_implementation="eager")).eval()
+
+
+def test_passkey_selection_probe_reads_the_attention_weights():
+    # benchmarks/passkey_selection.py's Probe runs the kernel on indicator values; with every region
+    # selected MS attention is exact attention, so the mass it reads must equal eager attention's
+    # weights of the last query summed over each mark
+    from msattn.hf import MSCache
+
+    script = _passkey_selection_script()
+    model = _tiny_llama()
     ids = torch.randint(3, 97, (1, 65))
     n, marks = 64, [[5, 40], [0, 1, 2, 3], [63, 64]]
     with torch.no_grad():
         ref = model(ids, output_attentions=True).attentions  # per layer (1, Hq, N, N)
     msattn.hf.patch(model, msattn.MSConfig(block_q=4, block_k=8, merge=4, topk=64, rope="selected"))
-    probe = script.AttentionProbe(n, lambda step: marks if step == 1 else None)  # keys end at n + 1: step 1
+    # keys end at n + 1: step 1
+    probe = script.Probe(n, 48, lambda step: marks if step == 1 else False, slow=torch.ones(16), block_q=4,
+                         block_k=8)
     try:
         with torch.no_grad():
-            model(ids)
+            model(ids, use_cache=True, **{msattn.hf.cache_argument(model): MSCache(block_k=8)})
     finally:
         probe.remove()
-    assert sorted(probe.mass) == [(1, 0), (1, 1)]
+    assert sorted(probe.mass) == [(1, 0), (1, 1)] and sorted(probe.index) == [(1, 0), (1, 1)]
     for layer, weights in enumerate(ref):
         want = torch.stack([weights[0, :, -1, m].sum(-1) for m in marks], -1)  # (Hq, marks)
         assert want[:, 0].min() > 0.01  # the marks carry weight: the comparison means something
         torch.testing.assert_close(probe.mass[(1, layer)], want, rtol=0, atol=1e-5)
+    # without a cache there is no selection from region sums to read: a clear error, not a wrong table
+    probe = script.Probe(n, 48, lambda step: None, slow=torch.ones(16), block_q=4, block_k=8)
+    try:
+        with pytest.raises(RuntimeError, match="MSCache"), torch.no_grad():
+            model(ids)
+    finally:
+        probe.remove()
+
+
+def test_passkey_selection_probe_reads_the_models_selection_and_scores():
+    # the prefill's last chunk (step 0): the selection the model made for its last group equals
+    # ms_select on the same queries and keys, and the scores equal the region means, Quest's bound and
+    # the slow channels' means computed here from the keys
+    from msattn.hf import MSCache
+
+    script = _passkey_selection_script()
+    model = _tiny_llama()
+    msattn.hf.patch(model, msattn.MSConfig(block_q=4, block_k=4, merge=2, topk=3, rope="selected"))
+    captured = {}
+    hooks = [getattr(layer.self_attn, f"{name}_proj").register_forward_hook(
+        lambda m, a, out, key=(name, i): captured.__setitem__(key, out.detach()))
+        for i, layer in enumerate(model.model.layers) for name in ("q", "k")]
+    n, start = 64, 56  # the last group: positions 56-63; 14 candidate regions, 3 kept
+    slow = (torch.arange(16) % 3 == 0).float()
+    probe = script.Probe(n, start, lambda step: None if step == 0 else False, slow=slow, block_q=4, block_k=4)
+    try:
+        with torch.no_grad():
+            model(torch.randint(3, 97, (1, n)), use_cache=True,
+                  **{msattn.hf.cache_argument(model): MSCache(block_k=4)})
+    finally:
+        probe.remove()
+        for h in hooks:
+            h.remove()
+    assert sorted(probe.index) == [(0, 0), (0, 1)] and sorted(probe.scores) == [0, 1]
+    for layer in range(2):
+        q = captured[("q", layer)].view(1, n, 4, 16).transpose(1, 2).contiguous()
+        k = captured[("k", layer)].view(1, n, 2, 16).transpose(1, 2).contiguous()
+        want = msattn.ms_select(q, k, block_q=4, block_k=4, merge=2, topk=3)[0, :, -1]  # (Hkv, 3)
+        assert torch.equal(probe.index[(0, layer)], want)
+        qbar = q[0, :, 60:].mean(1).view(2, 2, 16).sum(1)  # the last query region, summed per KV head
+        blocks = k[0, :, :start].reshape(2, 14, 4, 16)
+        kbar = blocks.mean(2)
+        bound = torch.maximum(qbar[:, None] * blocks.amin(2), qbar[:, None] * blocks.amax(2)).sum(-1)
+        for got, ref in zip(probe.scores[layer], (kbar @ qbar[..., None], bound, (kbar * slow) @ qbar[..., None])):
+            torch.testing.assert_close(got, ref.reshape(2, 14), rtol=1e-5, atol=1e-5)
+        # the interleave takes each query region's best first: the last region's best is selected
+        for h in range(2):
+            assert int(probe.scores[layer][0][h].argmax()) in want[h].tolist()
