@@ -21,7 +21,8 @@ from msattn import cli  # noqa: E402
 from msattn.eval.loading import load, prepare, read_checkpoint_meta, settings_from_meta  # noqa: E402
 from msattn.rope import CRDNTKCallback, CRDNTKRotaryEmbedding  # noqa: E402
 from msattn.config import ConfigError  # noqa: E402
-from msattn.workflow.data import PasskeyMix, TokenChunks, byte_tokenizer, make_tokenizer, text_dataset  # noqa: E402
+from msattn.workflow.data import (PasskeyMix, TokenChunks, byte_tokenizer, collate_labelled, make_tokenizer,  # noqa: E402
+                                  text_dataset)
 from msattn.eval.passkey import KEY_SENTENCE, QUESTION  # noqa: E402
 from msattn.workflow.losscurve import keys_per_query, parse_budget  # noqa: E402
 from msattn.workflow.arguments import AttentionArguments  # noqa: E402
@@ -247,6 +248,43 @@ def test_token_chunks_and_the_byte_tokenizer(tmp_path):
 
     again = AutoTokenizer.from_pretrained(tmp_path)
     assert again(text)["input_ids"] == ids and again.decode(ids, skip_special_tokens=True) == text
+
+
+def test_the_collator_keeps_logits_where_a_loss_is_taken_with_the_same_loss_and_gradients():
+    # a text item (every label) would keep all positions; two pass-key-like items (labels on a few tokens,
+    # at different places) keep the union of their positions, each row -100 at the other's
+    import msattn.lora
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=61,
+                                         tie_word_embeddings=True, max_position_embeddings=64))
+    model = msattn.lora.apply(model, r=4, alpha=8)  # the fine-tune's model: PEFT hands the keys through
+    ids = torch.randint(3, 61, (3, 24))
+    labels = torch.full_like(ids, -100)
+    labels[0] = ids[0]
+    labels[1, 9:12], labels[2, 20:23] = ids[1, 9:12], ids[2, 20:23]
+
+    def loss_and_grads(**batch):
+        model.zero_grad()
+        out = model(**batch)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return out.loss.detach(), grads, out.logits.shape[1]
+
+    for rows in ([1, 2], [0, 1]):
+        batch = collate_labelled([{"input_ids": ids[r], "labels": labels[r]} for r in rows])
+        keep = sorted({p - 1 for r in rows for p in range(1, 24) if labels[r, p] != -100})
+        assert batch["logits_to_keep"].tolist() == keep
+        loss, grads, positions = loss_and_grads(**batch)
+        want_loss, want_grads, all_positions = loss_and_grads(input_ids=ids[rows], labels=labels[rows])
+        assert positions == len(keep) < all_positions == 24
+        assert grads.keys() == want_grads.keys() and len(grads) > 3  # LoRA, the embedding, the norms
+        torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+        for name in grads:
+            torch.testing.assert_close(grads[name], want_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert collate_labelled([{"input_ids": ids[0], "labels": labels[0]}])["logits_to_keep"].tolist() == list(range(23))
 
 
 def test_passkey_share_hides_keys_in_the_text_and_trains_on_them_only(files, pretrained, tmp_path):

@@ -8,6 +8,7 @@
 - :class:`TokenChunks`: consecutive ``seq_len`` chunks of the tokenized files, as a map-style dataset.
 - :class:`PasskeyMix`: those chunks with a share replaced by pass-key prompts hidden in the same text,
   the loss on the key's digits only: what teaches a model to retrieve (``passkey_share``).
+- :func:`collate_labelled`: the Trainer's collator, asking the model for logits only where a loss is taken.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from ..eval.passkey import (HELD_OUT, TextFiller, austen_files, passkey_prompt, 
 from ..config import ConfigError
 
 __all__ = ["BYTE_OFFSET", "byte_tokenizer", "make_tokenizer", "corpus_files", "TokenChunks", "PasskeyMix",
-           "text_dataset"]
+           "text_dataset", "collate_labelled"]
 
 BYTE_OFFSET = 3  # ids 0..2 are <unk>, <s>, </s>
 
@@ -169,3 +170,22 @@ def text_dataset(tokenizer, paths, seq_len: int, max_tokens: int | None = None, 
     except ValueError as e:  # too little text
         raise ConfigError(f"passkey_share: {e}") from None
     return PasskeyMix(chunks, tokenizer, filler, passkey_share, seed)
+
+
+def collate_labelled(items: list[dict]) -> dict:
+    """The items ``{"input_ids", "labels"}`` (int64 ``(N,)`` each) as a batch that computes the loss of
+    transformers' causal LM on only the positions that have one.
+
+    Returns ``input_ids`` and ``labels`` ``(B, N)``, ``logits_to_keep``: int64 ``(K,)``, the positions
+    ``p`` whose next token carries a label in some row, and ``shift_labels`` ``(B, K)``: those next
+    tokens' labels (-100 in a row without one). The causal-LM loss takes ``shift_labels`` as they are,
+    and the Trainer counts the loss's tokens from them, so the loss and its gradients are the ones of
+    logits at every position; a pass-key item (labels on the key's few tokens) no longer projects its
+    other positions onto the vocabulary (49,152 x 576 multiply-adds a position for SmolLM2, three times
+    with the backward of a trained, tied embedding), and a text item keeps all positions but the last.
+    """
+    input_ids = torch.stack([item["input_ids"] for item in items])
+    labels = torch.stack([item["labels"] for item in items])
+    following = labels[:, 1:]
+    keep = (following != -100).any(0).nonzero()[:, 0]
+    return {"input_ids": input_ids, "labels": labels, "logits_to_keep": keep, "shift_labels": following[:, keep]}

@@ -25,7 +25,7 @@ from ..eval.loading import (CHECKPOINT_META, install_rope, load, method_meta, pr
                             save_checkpoint, write_checkpoint_meta)
 from ..rope import CRDNTK, CRDNTKCallback, CRDNTKRotaryEmbedding
 from ..config import ConfigError
-from .data import make_tokenizer, text_dataset
+from .data import collate_labelled, make_tokenizer, text_dataset
 
 __all__ = ["build_llama", "make_trainer", "resume_point", "last_complete_checkpoint", "pretrain", "finetune",
            "crd_config"]
@@ -47,9 +47,11 @@ def build_llama(arch, tokenizer, seq_len: int) -> LlamaForCausalLM:
 
 
 def make_trainer(model, dataset, training, callbacks=()) -> Trainer:
-    """The Trainer of a phase; a model with CRD NTK positions gets the callback that grows their scale."""
+    """The Trainer of a phase (logits only where a loss is taken: :func:`collate_labelled`); a model with
+    CRD NTK positions gets the callback that grows their scale."""
     crd = [CRDNTKCallback()] if any(isinstance(m, CRDNTKRotaryEmbedding) for m in model.modules()) else []
-    return Trainer(model=model, args=training, train_dataset=dataset, callbacks=[*crd, *callbacks])
+    return Trainer(model=model, args=training, train_dataset=dataset, data_collator=collate_labelled,
+                   callbacks=[*crd, *callbacks])
 
 
 def last_complete_checkpoint(out) -> str:
