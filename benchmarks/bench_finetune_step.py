@@ -41,7 +41,7 @@ GROUPS = {"matrix products (aten::mm, addmm, bmm)": ("aten::mm", "aten::addmm", 
 
 def collate_all(items: list[dict]) -> dict:
     """The default collation: logits at every position."""
-    return {"input_ids": torch.stack([i["input_ids"] for i in items]), "labels": torch.stack([i["labels"] for i in items])}
+    return {name: torch.stack([item[name] for item in items]) for name in ("input_ids", "labels")}
 
 
 def main(argv=None):
