@@ -35,8 +35,10 @@ GROUPS = {"matrix products (aten::mm, addmm, bmm)": ("aten::mm", "aten::addmm", 
           "MS attention forward": ("GeneratedBackwardFor_msattn_ms_fwd_default", "msattn::ms_fwd"),
           "MS attention backward (msattn::ms_bwd)": ("msattn::ms_bwd",),
           "selection (msattn::ms_select)": ("msattn::ms_select",),
-          "optimizer (AdamW)": ("Optimizer.step#AdamW.step", "aten::addcdiv_", "aten::addcmul_", "aten::lerp_",
-                                "aten::sqrt", "aten::mul_", "aten::div")}
+          # AdamW's own frame and the elementwise ops it runs (which the model's norms run too: an upper bound)
+          "optimizer (AdamW; every mul_, div, sqrt)": ("Optimizer.step#AdamW.step", "aten::addcdiv_",
+                                                      "aten::addcmul_", "aten::lerp_", "aten::sqrt", "aten::mul_",
+                                                      "aten::div")}
 
 
 def collate_all(items: list[dict]) -> dict:
