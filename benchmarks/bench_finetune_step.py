@@ -22,6 +22,7 @@ import statistics
 import time
 
 import torch
+from transformers import default_data_collator
 
 import msattn
 import msattn.lora
@@ -41,11 +42,6 @@ GROUPS = {"matrix products (aten::mm, addmm, bmm)": ("aten::mm", "aten::addmm", 
                                                       "aten::div")}
 
 
-def collate_all(items: list[dict]) -> dict:
-    """The default collation: logits at every position."""
-    return {name: torch.stack([item[name] for item in items]) for name in ("input_ids", "labels")}
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -63,7 +59,8 @@ def main(argv=None):
     model = msattn.lora.apply(model, r=8, alpha=16).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
     data = text_dataset(tok, [], args.seq_len, 50 * args.seq_len, passkey_share=0.75, seed=0)
-    collations = {"every position": collate_all, "where a label follows": collate_labelled}
+    # the Trainer's default (the items stacked: logits at every position) and msattn's
+    collations = {"every position": default_data_collator, "where a label follows": collate_labelled}
 
     def step(batch):
         model(**batch).loss.backward()
