@@ -151,6 +151,34 @@ def test_select_ties_go_to_the_lower_region():
     torch.testing.assert_close(got.cpu(), want, rtol=0, atol=0)
 
 
+# the screened selection (at least four ranking query regions, tensor-core bounds, exact scores for the
+# survivors): the bounds decide only who is scored exactly, so the index must still be the CPU's bit for bit
+SCREEN_CASES = {
+    # name: (B, Hq, Hkv, N, Nq, D, block_q, block_k, merge, topk, pad, keys)
+    "the benchmark's": (1, 8, 2, 8192, 8192, 64, 16, 16, 16, 64, 0, "random"),
+    "odd dims, two batches of regions": (1, 6, 2, 4096, 4096, 59, 8, 8, 20, 9, 0, "random"),
+    "queries a suffix, padding": (2, 8, 2, 6000, 1500, 64, 16, 16, 16, 32, 37, "random"),
+    "near-ties below bf16": (1, 4, 1, 4096, 4096, 64, 8, 8, 8, 16, 0, "near-ties"),
+    "all tied: more survivors than a warp ranks": (1, 2, 1, 12288, 12288, 16, 4, 4, 4, 3, 0, "tied"),
+}
+
+
+@needs_gpu
+@pytest.mark.parametrize("case", SCREEN_CASES.values(), ids=SCREEN_CASES.keys())
+@pytest.mark.parametrize("local", [0, 2])
+def test_screened_select_matches_cpu_bit_for_bit(case, local):
+    B, Hq, Hkv, N, Nq, D, bq, bk, merge, topk, pad, keys = case
+    q, k, _, mask = _tensors(B, Hq, Hkv, N, Nq, D, pad=pad)
+    if keys == "near-ties":  # every key region the same up to a relative 1e-6: bounds overlap, scores decide
+        k = k[:, :, :bk].repeat(1, 1, N // bk, 1) * (1 + 1e-6 * torch.randn(B, Hkv, N, D))
+    elif keys == "tied":
+        k = k[:, :, :bk].repeat(1, 1, N // bk, 1)
+    params = (bq, bk, merge, topk, True, local)
+    want = _select_cpu_scalar(q, k, mask, *params)
+    got = ops.ms_select(*_cuda(q, k, mask), None, None, *params)
+    torch.testing.assert_close(got.cpu(), want, rtol=0, atol=0)
+
+
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=["f16", "bf16", "f64"])
 def test_select_dtypes_match_cpu(dtype):

@@ -67,6 +67,46 @@ __device__ __forceinline__ bool ms_key_valid(const uint8_t *mask, int64_t mask_s
 }
 
 // ----------------------------------------------------------------------------------------------
+// tensor cores (sm_80 and later): 16-bit rounding and packing, and mma.sync m16n8k16 with fp32
+// accumulators, shared by the attention kernels (ms_attention.cu) and the selection's screen (select.cu)
+
+template <bool BF16>
+__device__ __forceinline__ uint16_t ms_to16(float x) {
+    if constexpr (BF16) return __bfloat16_as_ushort(__float2bfloat16_rn(x));
+    else return __half_as_ushort(__float2half_rn(x));
+}
+
+template <bool BF16>
+__device__ __forceinline__ uint32_t ms_pack16(float lo, float hi) {
+    return (uint32_t)ms_to16<BF16>(lo) | ((uint32_t)ms_to16<BF16>(hi) << 16);
+}
+
+/* d[0..3] += A (16x16, row) * B (16x8, col), fp32 accumulate */
+template <bool BF16>
+__device__ __forceinline__ void ms_mma16816(float *d, const uint32_t *a, uint32_t b0, uint32_t b1) {
+    if constexpr (BF16)
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+                     "{%8,%9}, {%0,%1,%2,%3};"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    else
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+                     "{%8,%9}, {%0,%1,%2,%3};"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+/* A fragment (16 x 16, row-major) of a 16-bit shared tile: rows [r0, r0 + 16), columns [c0, c0 + 16) */
+__device__ __forceinline__ void ms_frag_a(uint32_t *a, const uint16_t *t, int ld, int r0, int c0) {
+    const int g = (threadIdx.x & 31) >> 2, t4 = threadIdx.x & 3;
+    const uint16_t *p0 = t + (r0 + g) * ld + c0 + 2 * t4, *p8 = p0 + 8 * ld;
+    a[0] = *reinterpret_cast<const uint32_t *>(p0);
+    a[1] = *reinterpret_cast<const uint32_t *>(p8);
+    a[2] = *reinterpret_cast<const uint32_t *>(p0 + 8);
+    a[3] = *reinterpret_cast<const uint32_t *>(p8 + 8);
+}
+
+// ----------------------------------------------------------------------------------------------
 // warp reductions: butterflies, so every lane gets the result and the order of the additions is
 // fixed (lane-independent), which keeps results deterministic
 

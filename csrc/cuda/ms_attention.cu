@@ -335,42 +335,6 @@ __global__ void __launch_bounds__(MS_WARPS * 32, 1) ms_fwd_kernel(const msattn_m
 #define MS_TC_KEYS 64  /* key slots of a staged tile */
 #define MS_TC_PAD 8    /* 16-bit elements of padding per shared row: conflict-free fragment loads */
 
-template <bool BF16>
-__device__ __forceinline__ uint16_t ms_to16(float x) {
-    if constexpr (BF16) return __bfloat16_as_ushort(__float2bfloat16_rn(x));
-    else return __half_as_ushort(__float2half_rn(x));
-}
-
-template <bool BF16>
-__device__ __forceinline__ uint32_t ms_pack16(float lo, float hi) {
-    return (uint32_t)ms_to16<BF16>(lo) | ((uint32_t)ms_to16<BF16>(hi) << 16);
-}
-
-/* d[0..3] += A (16x16, row) * B (16x8, col), fp32 accumulate */
-template <bool BF16>
-__device__ __forceinline__ void ms_mma16816(float *d, const uint32_t *a, uint32_t b0, uint32_t b1) {
-    if constexpr (BF16)
-        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-                     "{%8,%9}, {%0,%1,%2,%3};"
-                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    else
-        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-                     "{%8,%9}, {%0,%1,%2,%3};"
-                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-/* A fragment (16 x 16, row-major) of a 16-bit shared tile: rows [r0, r0 + 16), columns [c0, c0 + 16) */
-__device__ __forceinline__ void ms_frag_a(uint32_t *a, const uint16_t *t, int ld, int r0, int c0) {
-    const int g = (threadIdx.x & 31) >> 2, t4 = threadIdx.x & 3;
-    const uint16_t *p0 = t + (r0 + g) * ld + c0 + 2 * t4, *p8 = p0 + 8 * ld;
-    a[0] = *reinterpret_cast<const uint32_t *>(p0);
-    a[1] = *reinterpret_cast<const uint32_t *>(p8);
-    a[2] = *reinterpret_cast<const uint32_t *>(p0 + 8);
-    a[3] = *reinterpret_cast<const uint32_t *>(p8 + 8);
-}
-
 /* B fragment (16 x 8) with B[k][n] = t[n0 + n][k0 + k]: the tile's rows are B's columns */
 __device__ __forceinline__ void ms_frag_b_rows(uint32_t *b, const uint16_t *t, int ld, int n0, int k0) {
     const int g = (threadIdx.x & 31) >> 2, t4 = threadIdx.x & 3;

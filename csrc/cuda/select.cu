@@ -25,12 +25,20 @@
  * Algorithm of one (b, h, g) item, one thread block, everything in candidate space (candidate c is
  * the c-th candidate region in ascending order, so "lower c" is "lower region"):
  *   1. candidates by a block compaction; at most T of them: written as they are (dense).
- *   2. scores of SEL_QR query regions at a time (a warp each, a lane per candidate) against tiles
- *      of candidates' key sums staged in shared memory, into the slot's key array.
- *   3. per query region, its exact top T: an MSB-first radix select on the 64-bit keys (8 passes
- *      of 8 bits, shared-memory histogram) gives the T-th key K; winners are the keys above K and
- *      the lowest-c keys equal to K (block scan in c order); a bitonic sort orders the T winners
- *      by (key desc, c asc) -- the list, rank by rank.
+ *   2, 3. each ranking query region's top T, its list rank by rank:
+ *      screened (at least SEL_SCREEN_MIN ranking regions, T <= SEL_SCREEN_TMAX; sel_screen): SEL_SR
+ *      regions at a time against tiles of 8 candidates on tensor cores (mma.sync m16n8k16, bf16x3:
+ *      about fp32 accuracy), each score bounded from below and above; a limit that T candidates
+ *      provably reach rules out the rest, and only the survivors (a few T on real data) get exact
+ *      double scores and are ranked, a warp per region, by counting. The bounds decide nothing but
+ *      who is scored exactly, so the selection is the CPU's bit for bit however the tensor cores
+ *      round; a region with more than SEL_SURV survivors (near-ties by the thousand) goes the exact way.
+ *      exact (a decode step's single query region; a region the screen overflowed): scores of up to
+ *      SEL_QR regions at a time (a warp each, a lane per candidate) against tiles of candidates' key
+ *      sums staged in shared memory, into the slot's key array; then per region an MSB-first radix
+ *      select on the 64-bit keys (8 passes of 8 bits, shared-memory histogram) gives the T-th key K;
+ *      winners are the keys above K and the lowest-c keys equal to K (block scan in c order); a
+ *      bitonic sort orders the T winners by (key desc, c asc).
  *   4. the interleave: list l's rank r sits at position r*nl + l of the CPU's walk; firstpos[c] =
  *      the smallest position holding c (atomicMin: order-free), -1 for the nloc local regions
  *      (p.local), which the CPU takes before the walk. The CPU then keeps the first T - nloc
@@ -55,6 +63,12 @@
 #define SEL_DC 32       /* dims per staged chunk of key sums */
 #define SEL_DMAX 256    /* largest head dim (the glue checks D <= 256) */
 static_assert(SEL_DC % 8 == 0 && SEL_DMAX % 8 == 0, "a chunk of dims must hold whole groups of the eight partials");
+#define SEL_SR 16          /* query regions of a screen: the rows of mma m16n8k16 */
+#define SEL_SCREEN_MIN 4   /* fewer ranking query regions (a decode step) score every candidate exactly */
+#define SEL_SURV 2048      /* survivors a warp ranks by itself; a region with more is scored exactly */
+#define SEL_SCREEN_TMAX 512 /* a region keeps at least T survivors: above this T the screen saves nothing */
+#define SEL_QLD (SEL_DMAX + 8) /* 16-bit elements per row of the screen's query tile (+8: conflict-free fragments) */
+static_assert(SEL_QR * sizeof(uint64_t) >= SEL_SR * sizeof(float), "the screen's upper bounds live in the keys");
 
 // ----------------------------------------------------------------------------------------------
 // dimensions and the per-block workspace
@@ -93,20 +107,26 @@ struct SelSlot {
     uint64_t *keys;    /* (SEL_QR, NK) order keys of the scores of the regions being ranked */
     uint64_t *wkey;    /* (P2T)       the winners of one region, then sorted: keys */
     int32_t *wc;       /* (P2T)       ... and their candidate indices */
+    uint32_t *cls;     /* (SEL_SR, T) the screen: per region, the largest lower bound of the candidates c = i (mod T) */
+    int32_t *sid;      /* (8, SEL_SURV) each warp's survivors of one region, ascending candidate indices */
+    uint64_t *skey;    /* (8, SEL_SURV) ... and the order keys of their exact scores */
 };
 
 __host__ __device__ static inline size_t sel_piece(int64_t n, size_t esize) {
     return ((size_t)n * esize + 255) / 256 * 256;
 }
 
+#define SEL_PIECES 10
+
 /* offsets of the pieces; returns the slot size */
-__host__ __device__ static inline size_t sel_layout(const SelDims &d, size_t off[7]) {
-    const int64_t p2t = sel_pow2_at_least(d.T);
-    const size_t sz[7] = {sel_piece(d.NK, 4), sel_piece(d.NK, 4), sel_piece(d.merge, 4),
-                          sel_piece((int64_t)d.merge * d.T, 4), sel_piece((int64_t)SEL_QR * d.NK, 8),
-                          sel_piece(p2t, 8), sel_piece(p2t, 4)};
+__host__ __device__ static inline size_t sel_layout(const SelDims &d, size_t off[SEL_PIECES]) {
+    const int64_t p2t = sel_pow2_at_least(d.T), nw = SEL_THREADS / 32;
+    const size_t sz[SEL_PIECES] = {sel_piece(d.NK, 4), sel_piece(d.NK, 4), sel_piece(d.merge, 4),
+                                   sel_piece((int64_t)d.merge * d.T, 4), sel_piece((int64_t)SEL_QR * d.NK, 8),
+                                   sel_piece(p2t, 8), sel_piece(p2t, 4), sel_piece((int64_t)SEL_SR * d.T, 4), sel_piece(nw * SEL_SURV, 4),
+                                   sel_piece(nw * SEL_SURV, 8)};
     size_t total = 0;
-    for (int i = 0; i < 7; ++i) {
+    for (int i = 0; i < SEL_PIECES; ++i) {
         off[i] = total;
         total += sz[i];
     }
@@ -114,7 +134,7 @@ __host__ __device__ static inline size_t sel_layout(const SelDims &d, size_t off
 }
 
 __device__ static inline SelSlot sel_slot(const SelDims &d, char *base) {
-    size_t off[7];
+    size_t off[SEL_PIECES];
     sel_layout(d, off);
     SelSlot s;
     s.cand = (int32_t *)(base + off[0]);
@@ -124,6 +144,9 @@ __device__ static inline SelSlot sel_slot(const SelDims &d, char *base) {
     s.keys = (uint64_t *)(base + off[4]);
     s.wkey = (uint64_t *)(base + off[5]);
     s.wc = (int32_t *)(base + off[6]);
+    s.cls = (uint32_t *)(base + off[7]);
+    s.sid = (int32_t *)(base + off[8]);
+    s.skey = (uint64_t *)(base + off[9]);
     return s;
 }
 
@@ -326,6 +349,193 @@ __device__ static void sel_top_list(const uint64_t *keys, int nc, int T, int p2t
 }
 
 // ----------------------------------------------------------------------------------------------
+// pass 2 helpers: the screen on tensor cores
+
+/* order-preserving image of a float (0 only for the NaN of all ones bits; below every other float's) */
+__device__ __forceinline__ uint32_t sel_fkey(float x) {
+    const uint32_t u = __float_as_uint(x);
+    return (u >> 31) ? ~u : (u | 0x80000000u);
+}
+
+__device__ __forceinline__ float sel_fkey_inv(uint32_t k) {
+    return __uint_as_float((k >> 31) ? (k & 0x7fffffffu) : ~k);
+}
+
+__device__ __forceinline__ float sel_bf16_value(uint16_t h) { return __uint_as_float((uint32_t)h << 16); }
+
+/* x = hi + lo + r, hi = bf16(x), lo = bf16(x - hi), |r| <= 2^-16 |x| (subnormal parts may flush: qabs) */
+__device__ __forceinline__ void sel_split(float x, uint16_t *hi, uint16_t *lo) {
+    *hi = ms_to16<true>(x);
+    *lo = ms_to16<true>(__fsub_rn(x, sel_bf16_value(*hi)));
+}
+
+__device__ __forceinline__ double sel_warp_sum_f64(double x) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) x = __dadd_rn(x, __shfl_xor_sync(MS_FULL_MASK, x, o));
+    return x;
+}
+
+/* The top lists of the ranking regions l0 .. l0 + nr - 1 (nr <= SEL_SR), screened. Every thread must call.
+ *  1. Tensor cores score the regions' means against every candidate's sum in bf16x3 (both split into bf16
+ *     parts hi + lo; q_hi k_hi + q_lo k_hi + q_hi k_lo, fp32 accumulators), and bound each exact score:
+ *     f = acc / count, e = qbound * kscale + qabs / count, exact in [f - e, f + e] (the margin below),
+ *     kscale = |sum| / count rounded up (|sum| in double from the same loads as the products).
+ *     Upper bounds go to the keys buffer (SEL_SR x NK floats); per region, the largest lower bound of
+ *     the candidates c = i (mod T) goes to cls[i] (atomicMax of order images: order-free).
+ *  2. lim = the smallest of a region's T class maxima: T distinct candidates have exact scores >= lim,
+ *     so a candidate whose upper bound is below lim cannot be in the top T (NaN bounds always survive;
+ *     a lower bound that is NaN or +inf bounds nothing and is left out; a class without one gives
+ *     lim = -inf: every candidate survives). At least T survive (the class maxima).
+ *  3. A warp per region: its survivors, ascending, get exact scores in the CPU's order (lanes 8v + u
+ *     hold partial u of survivor v; the shuffles xor 1, 2, 4 are the CPU's tree), and each survivor's
+ *     rank is the number of survivors ranking before it; ranks below T are the list. More than
+ *     SEL_SURV survivors: the region's bit in *overflow, for exact_rows.
+ * The margin. What bf16x3 leaves out (q_lo k_lo and the residuals) is at most 3.1 2^-16 sum |q_i k_i|.
+ * Tensor cores add exact products but align and round (or truncate) inside an mma to fp32: each of the
+ * m = 3 dp / 16 mma instructions of the chain errs by at most 18 2^-23 of (1.02) sum |q_i k_i| (17
+ * addends and the result, an ulp each), the float mean and the division add 4 2^-23. Cauchy-Schwarz:
+ * |f - exact| <= gamma |q| |k| / count, gamma = 3.2 2^-16 + (18.4 m + 4) 2^-23 (2^-12.6 at D = 256);
+ * qbound = 2 gamma |q| (the 2 covers the rounding of the bound itself). Subnormal parts and results
+ * may flush to zero (tensor cores, and --use_fast_math's ftz): at most 2^-126 an element or addition,
+ * covered by 2^-100 sqrt(dp) in qbound and qabs = 2^-90 (sqrt(dp) |q| + dp), far above them. */
+__device__ static void sel_screen(const SelSlot &s, const double *qbar, const float *ksum, const int32_t *kcount,
+                                  int nc, int64_t NK, int D, int d8, int T, int l0, int nr, int nl,
+                                  uint16_t (*q16)[SEL_SR][SEL_QLD], float *qbound, float *qabs, unsigned *overflow) {
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nw = blockDim.x >> 5;
+    const int dp = (D + 15) & ~15; /* the products' dims: D rounded up to the mma's 16, zeros past D */
+
+    // the regions' means as bf16 parts (zeros past D and past nr), their margins, empty classes
+    for (int e = tid; e < SEL_SR * dp; e += blockDim.x) {
+        const int r = e / dp, dd = e % dp;
+        const float x = r < nr && dd < D ? __double2float_rn(qbar[(int64_t)s.alist[l0 + r] * D + dd]) : 0.0f;
+        sel_split(x, &q16[0][r][dd], &q16[1][r][dd]);
+    }
+    for (int r = warp; r < nr; r += nw) {
+        const double *qr = qbar + (int64_t)s.alist[l0 + r] * D;
+        double ss = 0.0;
+        for (int dd = lane; dd < D; dd += 32) ss = __fma_rn(qr[dd], qr[dd], ss);
+        ss = sel_warp_sum_f64(ss);
+        if (lane == 0) {
+            const double qn = sqrt(ss), rd = sqrt((double)dp), m = 3.0 * (dp / 16);
+            const double gamma = 3.2 * 0x1p-16 + (18.4 * m + 4.0) * 0x1p-23;
+            qbound[r] = __double2float_ru(2.0 * (gamma * qn + 0x1p-100 * rd));
+            qabs[r] = __double2float_ru(0x1p-90 * (rd * qn + dp));
+        }
+    }
+    for (int e = tid; e < nr * T; e += blockDim.x) s.cls[e] = 0u;
+    if (tid == 0) *overflow = 0u;
+    __syncthreads();
+
+    // 1. bounds, a warp per tile of 8 candidates: B[k][n] = sum of candidate n0 + n, dim k0 + k
+    float *ub = reinterpret_cast<float *>(s.keys); /* (SEL_SR, NK) upper bounds */
+    const int g = lane >> 2, t4 = lane & 3;
+    for (int n0 = 8 * warp; n0 < nc; n0 += 8 * nw) {
+        const bool have = n0 + g < nc;
+        const float *kp = have ? ksum + (int64_t)s.cand[n0 + g] * D : nullptr;
+        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        double ss = 0.0; /* this lane's part of |sum|^2 of candidate n0 + g */
+        for (int k0 = 0; k0 < dp; k0 += 16) {
+            uint32_t bhi[2], blo[2];
+#pragma unroll
+            for (int i = 0; i < 2; ++i) { /* b[i]: dims k0 + 8i + 2 t4 and the next one */
+                const int d0 = k0 + 8 * i + 2 * t4;
+                const float x0 = have && d0 < D ? kp[d0] : 0.0f, x1 = have && d0 + 1 < D ? kp[d0 + 1] : 0.0f;
+                ss = __fma_rn((double)x0, (double)x0, __fma_rn((double)x1, (double)x1, ss));
+                uint16_t h0, lo0, h1, lo1;
+                sel_split(x0, &h0, &lo0);
+                sel_split(x1, &h1, &lo1);
+                bhi[i] = (uint32_t)h0 | ((uint32_t)h1 << 16);
+                blo[i] = (uint32_t)lo0 | ((uint32_t)lo1 << 16);
+            }
+            uint32_t ahi[4], alo[4];
+            ms_frag_a(ahi, &q16[0][0][0], SEL_QLD, 0, k0);
+            ms_frag_a(alo, &q16[1][0][0], SEL_QLD, 0, k0);
+            ms_mma16816<true>(acc, ahi, bhi[0], bhi[1]);
+            ms_mma16816<true>(acc, alo, bhi[0], bhi[1]);
+            ms_mma16816<true>(acc, ahi, blo[0], blo[1]);
+        }
+        // candidate n0 + g's scales: its four lanes' parts summed, then the columns' from their lanes
+        ss = __dadd_rn(ss, __shfl_xor_sync(MS_FULL_MASK, ss, 1));
+        ss = __dadd_rn(ss, __shfl_xor_sync(MS_FULL_MASK, ss, 2));
+        const int32_t n = have ? kcount[s.cand[n0 + g]] : 1;
+        const float kinv_g = __fdiv_rn(1.0f, (float)n), kscale_g = __double2float_ru(sqrt(ss) / (double)n);
+        const float kinv[2] = {__shfl_sync(MS_FULL_MASK, kinv_g, 8 * t4), __shfl_sync(MS_FULL_MASK, kinv_g, 8 * t4 + 4)};
+        const float kscale[2] = {__shfl_sync(MS_FULL_MASK, kscale_g, 8 * t4),
+                                 __shfl_sync(MS_FULL_MASK, kscale_g, 8 * t4 + 4)};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) { /* accumulator i: region g + 8 (i / 2), candidate n0 + 2 t4 + i % 2 */
+            const int r = g + 8 * (i >> 1), c = n0 + 2 * t4 + (i & 1);
+            if (r >= nr || c >= nc) continue;
+            const float ki = kinv[i & 1], f = __fmul_rn(acc[i], ki);
+            const float e = __fmaf_rn(qbound[r], kscale[i & 1], __fmul_rn(qabs[r], ki));
+            const float down = __fsub_rn(f, e);
+            ub[r * NK + c] = __fadd_rn(f, e);
+            if (down < INFINITY) atomicMax(&s.cls[r * T + c % T], sel_fkey(down)); /* false for NaN */
+        }
+    }
+    __syncthreads();
+
+    // 2, 3. a warp per region: its limit, survivors, exact scores and ranks
+    const uint32_t below = (1u << lane) - 1u; /* the lanes before this one */
+    int32_t *sid = s.sid + warp * SEL_SURV;
+    uint64_t *skey = s.skey + warp * SEL_SURV;
+    for (int r = warp; r < nr; r += nw) {
+        const int l = l0 + r;
+        uint32_t m = UINT32_MAX;
+        for (int i = lane; i < T; i += 32) m = min(m, s.cls[r * T + i]);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) m = min(m, __shfl_xor_sync(MS_FULL_MASK, m, o));
+        const float lim = m == 0u ? -INFINITY : sel_fkey_inv(m);
+        int ns = 0;
+        for (int c0 = 0; c0 < nc; c0 += 32) {
+            const int c = c0 + lane;
+            const bool keep = c < nc && !(ub[r * NK + c] < lim); /* NaN survives */
+            const uint32_t bal = __ballot_sync(MS_FULL_MASK, keep);
+            const int pos = ns + __popc(bal & below);
+            if (keep && pos < SEL_SURV) sid[pos] = c;
+            ns += __popc(bal);
+        }
+        if (ns > SEL_SURV) { /* warp-uniform */
+            if (lane == 0) atomicOr(overflow, 1u << r);
+            continue;
+        }
+        __syncwarp();
+        const double *qr = qbar + (int64_t)s.alist[l] * D;
+        for (int i0 = 0; i0 < ns; i0 += 4) {
+            const int i = i0 + (lane >> 3), u = lane & 7;
+            double part = 0.0;
+            int32_t j = 0;
+            if (i < ns) {
+                j = s.cand[sid[i]];
+                const float *kp = ksum + (int64_t)j * D;
+                for (int dd = u; dd < d8; dd += 8)
+                    part = __fma_rn(dd < D ? qr[dd] : 0.0, dd < D ? (double)kp[dd] : 0.0, part);
+            }
+            part = __dadd_rn(part, __shfl_xor_sync(MS_FULL_MASK, part, 1));
+            part = __dadd_rn(part, __shfl_xor_sync(MS_FULL_MASK, part, 2));
+            part = __dadd_rn(part, __shfl_xor_sync(MS_FULL_MASK, part, 4));
+            if (i < ns && u == 0) skey[i] = sel_order_key(__ddiv_rn(part, (double)kcount[j]));
+        }
+        __syncwarp();
+        for (int i = lane; i < ns; i += 32) {
+            const uint64_t ki = skey[i];
+            int rank = 0;
+            for (int x = 0; x < ns && rank < T; ++x) { /* ascending candidates: x < i is the lower region */
+                const uint64_t kx = skey[x];
+                rank += kx > ki || (kx == ki && x < i);
+            }
+            if (rank < T) {
+                const int c = sid[i];
+                s.lists[(int64_t)l * T + rank] = c;
+                atomicMin(&s.firstpos[c], rank * nl + l);
+            }
+        }
+        __syncwarp(); /* the next region reuses sid and skey */
+    }
+    __syncthreads();
+}
+
+// ----------------------------------------------------------------------------------------------
 // pass 2: selection, SEL_THREADS threads, one (b, h, g) item at a time per block
 
 /* grid: p.cuda_slots blocks, block i striding over the B * Hkv * G items with workspace slot i.
@@ -338,6 +548,10 @@ __global__ void __launch_bounds__(SEL_THREADS, 1) ms_select_kernel(const msattn_
     __shared__ int hist[256];
     __shared__ int red[33];
     __shared__ int misc[4];
+    __shared__ int rows[SEL_QR];                      /* the regions (list indices) exact_rows scores */
+    __shared__ __align__(16) uint16_t q16[2][SEL_SR][SEL_QLD]; /* the screen's means as bf16 parts (hi, lo) */
+    __shared__ float qbound[SEL_SR], qabs[SEL_SR];   /* ... and their margins */
+    __shared__ unsigned overflow[1];                 /* ... and its regions with too many survivors */
     const SelDims d = sel_dims(p);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int T = (int)d.T, p2t = (int)sel_pow2_at_least(d.T);
@@ -393,14 +607,19 @@ __global__ void __launch_bounds__(SEL_THREADS, 1) ms_select_kernel(const msattn_
             continue;
         }
 
-        // 3. scores of SEL_QR regions at a time, then each region's top T
+        // 3. each ranking region's top T: screened on tensor cores SEL_SR regions at a time where
+        // enough regions rank (survivors scored exactly), else every candidate scored exactly
         const int d8 = ((int)d.D + 7) & ~7; /* D rounded up to the eight partials; dims D..d8-1 are zeros */
-        for (int l0 = 0; l0 < nl; l0 += SEL_QR) {
+        const double *qbar = p.qbar + bh * d.NA * d.D;
+
+        /* exact scores of the regions rows[0..nr) (list indices, nr <= SEL_QR: a warp each) against
+           every candidate, then each region's top list. Every thread must call. */
+        auto exact_rows = [&](const int *rows, int nr) {
             for (int e = tid; e < SEL_QR * d8; e += blockDim.x) { /* zero from D to d8: the padding */
                 const int r = e / d8, dd = e % d8;
-                qs[r][dd] = l0 + r < nl && dd < d.D ? p.qbar[(bh * d.NA + s.alist[l0 + r]) * d.D + dd] : 0.0;
+                qs[r][dd] = r < nr && dd < d.D ? qbar[(int64_t)s.alist[rows[r]] * d.D + dd] : 0.0;
             }
-            const bool scoring = l0 + warp < nl; /* warp-uniform */
+            const bool scoring = warp < nr; /* warp-uniform */
             for (int c0 = 0; c0 < nc; c0 += SEL_CT) {
                 // the CPU's score_block: eight partials (dim d into partial d % 8), then a fixed tree
                 double part[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
@@ -431,8 +650,33 @@ __global__ void __launch_bounds__(SEL_THREADS, 1) ms_select_kernel(const msattn_
                 }
             }
             __syncthreads();
-            for (int l = l0; l < nl && l < l0 + SEL_QR; ++l)
-                sel_top_list(s.keys + (int64_t)(l - l0) * d.NK, nc, T, p2t, l, nl, s, hist, red, misc);
+            for (int r = 0; r < nr; ++r)
+                sel_top_list(s.keys + (int64_t)r * d.NK, nc, T, p2t, rows[r], nl, s, hist, red, misc);
+        };
+
+        if (nl < SEL_SCREEN_MIN || T > SEL_SCREEN_TMAX) {
+            for (int l0 = 0; l0 < nl; l0 += SEL_QR) {
+                const int nr = (int)msattn_min64(SEL_QR, nl - l0);
+                if (tid < SEL_QR) rows[tid] = l0 + tid;
+                __syncthreads();
+                exact_rows(rows, nr);
+            }
+        } else {
+            for (int l0 = 0; l0 < nl; l0 += SEL_SR) {
+                const int nr = (int)msattn_min64(SEL_SR, nl - l0);
+                sel_screen(s, qbar, ksum, kcount, nc, d.NK, (int)d.D, d8, T, l0, nr, nl, q16, qbound, qabs, overflow);
+                // regions with more survivors than a warp ranks: every candidate scored exactly (rare:
+                // near-ties by the thousand)
+                unsigned ov = *overflow; /* sel_screen ends with a barrier */
+                __syncthreads();         /* ... and the next one resets it */
+                while (ov != 0u) {
+                    int nr2 = 0;
+                    for (; ov != 0u && nr2 < SEL_QR; ++nr2, ov &= ov - 1u)
+                        if (tid == 0) rows[nr2] = l0 + __ffs((int)ov) - 1;
+                    __syncthreads();
+                    exact_rows(rows, nr2);
+                }
+            }
         }
 
         // 4. the walk position where the (T - nloc)-th distinct region not local appears (-1: none
@@ -476,7 +720,7 @@ __global__ void __launch_bounds__(SEL_THREADS, 1) ms_select_kernel(const msattn_
 
 size_t msattn_select_cuda_slot_bytes(const msattn_select_params *p) {
     const SelDims d = sel_dims(*p);
-    size_t off[7];
+    size_t off[SEL_PIECES];
     return sel_layout(d, off);
 }
 
