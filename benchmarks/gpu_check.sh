@@ -9,7 +9,8 @@
 # 2. runs tests/test_cuda.py (the CUDA kernels against the CPU ones);
 # 3. times, bf16, B=1, Hq=8, Hkv=2, D=64, block 16/16, merge 16, topk 64, at 16K, 64K, 256K:
 #    MS attention forward and forward+backward against flash SDPA (and flash-attn when importable),
-#    in bench_attention.py; the selection, the forward and the backward alone, in bench_ops.py;
+#    in bench_attention.py; the selection (exact, and multi-scale with 64 regions a coarse region, 4 kept),
+#    the forward and the backward alone, in bench_ops.py;
 #    packed sequences (cu_seqlens: one launch sequence per sequence) against a padded batch, for 8 long
 #    and 64 short sequences, in bench_packed.py.
 # Each step has its own time limit (645 s in all, most of it the build's and the tests' margins); every
@@ -55,7 +56,8 @@ SHAPE=(--heads 8 --kv-heads 2 --head-dim 64 --block-q 16 --block-k 16 --merge 16
 step attention 150 $PY benchmarks/bench_attention.py --device cuda --lengths 16384,65536,262144 --impls $IMPLS \
     "${SHAPE[@]}" --warmup 2 --repeats 5 --json "$OUT/attention.json"
 tail -n 12 "$OUT/attention.txt" >> "$SUMMARY"
-step ops 60 $PY benchmarks/bench_ops.py --device cuda --lengths 16384,65536,262144 "${SHAPE[@]}" --warmup 3 --repeats 10
+step ops 60 $PY benchmarks/bench_ops.py --device cuda --lengths 16384,65536,262144 "${SHAPE[@]}" --warmup 3 --repeats 10 \
+    --coarse-regions 64 --coarse-topk 4
 tail -n 5 "$OUT/ops.txt" >> "$SUMMARY"
 SHORT=$($PY -c 'import random; r = random.Random(0); print(",".join(str(r.randint(64, 512)) for _ in range(64)))')
 step packed 45 bash -c "$PY benchmarks/bench_packed.py --device cuda ${SHAPE[*]} --repeats 10 --json $OUT/packed_long.json \

@@ -319,6 +319,8 @@ int msattn_infini_bwd_ref_cpu(const msattn_infini_params *p, int64_t begin, int6
 // Each launches over all items (the grid spreads them) and returns a status, never aborts.
 
 int msattn_region_means_cuda(const msattn_select_params *p, void *stream);
+/* multi-scale only, after msattn_region_means_cuda: the coarse regions' sums (msattn_coarse_sums_cpu's) */
+int msattn_coarse_sums_cuda(const msattn_select_params *p, void *stream);
 int msattn_select_cuda(const msattn_select_params *p, void *stream);
 /* msattn_region_sums_append_cpu on the GPU (same arguments, device pointers; B * Hkv items at once) */
 int msattn_region_sums_append_cuda(msattn_region_sums s, msattn_view k, msattn_dtype dtype, const uint8_t *mask,

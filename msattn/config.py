@@ -38,7 +38,7 @@ class MSConfig:
         coarse_regions, coarse_topk: multi-scale selection (see :func:`msattn.ms_select`): each group
             ranks coarse regions of ``coarse_regions`` key regions by its mean query, keeps the best
             ``coarse_topk``, and its query regions rank only the key regions inside them. ``0, 0``:
-            exact selection (the authors'). CPU only for now.
+            exact selection (the authors'). CPU and CUDA, the same index on both.
         rope: ``"inputs"``: the model rotates q and k before attention (fine-tuning a pretrained
             model; selection sees rotated vectors). ``"selected"``: q and k reach the kernel
             un-rotated; selection uses un-rotated means and the kernel rotates selected tokens with

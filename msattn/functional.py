@@ -110,7 +110,7 @@ def ms_select(
             them (a list may then hold fewer than ``topk`` regions). Scores per group:
             ``N/(block_k*s) + merge*coarse_topk*s`` instead of ``merge*N/block_k``: the ranking of
             fine regions no longer grows with ``N``. Keeping every coarse region gives the exact
-            selection. CPU only for now.
+            selection. CPU and CUDA, the same index on both.
         coarse_topk: coarse regions each ranking group keeps (``>= 1`` with ``coarse_regions``).
         key_padding_mask: bool ``(B, N)``, True for real tokens (HF's ``attention_mask``). Padded
             keys do not count in means; padded queries do not rank; empty regions are never chosen.

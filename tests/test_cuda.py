@@ -179,6 +179,29 @@ def test_screened_select_matches_cpu_bit_for_bit(case, local):
     torch.testing.assert_close(got.cpu(), want, rtol=0, atol=0)
 
 
+# multi-scale selection (coarse_regions, coarse_topk): the coarse ranking by the group's mean query, the
+# fine ranking inside the kept coarse regions, lists shorter than topk, local regions outside them
+MULTISCALE_CASES = {
+    # name: (B, Hq, Hkv, N, Nq, D, block_q, block_k, merge, topk, causal, pad, coarse_regions, coarse_topk)
+    "the benchmark's shape": (1, 8, 2, 8192, 8192, 64, 16, 16, 16, 64, True, 0, 8, 16),
+    "lists shorter than topk": (1, 4, 2, 2048, 2048, 32, 8, 8, 8, 24, True, 0, 4, 3),
+    "partial coarse regions, padding, a suffix": (2, 6, 3, 1500, 700, 24, 4, 8, 4, 10, True, 29, 5, 4),
+    "non-causal": (1, 4, 2, 1024, 1024, 16, 8, 8, 4, 12, False, 0, 4, 5),
+}
+
+
+@needs_gpu
+@pytest.mark.parametrize("case", MULTISCALE_CASES.values(), ids=MULTISCALE_CASES.keys())
+@pytest.mark.parametrize("local", [0, 2])
+def test_multiscale_select_matches_cpu_bit_for_bit(case, local):
+    B, Hq, Hkv, N, Nq, D, bq, bk, merge, topk, causal, pad, cr, ct = case
+    q, k, _, mask = _tensors(B, Hq, Hkv, N, Nq, D, pad=pad)
+    params = (bq, bk, merge, topk, causal, local, cr, ct)
+    want = _select_cpu_scalar(q, k, mask, *params)
+    got = ops.ms_select(*_cuda(q, k, mask), None, None, *params)
+    torch.testing.assert_close(got.cpu(), want, rtol=0, atol=0)
+
+
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=["f16", "bf16", "f64"])
 def test_select_dtypes_match_cpu(dtype):

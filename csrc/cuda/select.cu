@@ -25,7 +25,10 @@
  * Algorithm of one (b, h, g) item, one thread block, everything in candidate space (candidate c is
  * the c-th candidate region in ascending order, so "lower c" is "lower region"):
  *   1. candidates by a block compaction; at most T of them: written as they are (dense).
- *   2, 3. each ranking query region's top T, its list rank by rank:
+ *   2b. multi-scale (coarse_regions > 0): the group's mean query scores the coarse regions holding a
+ *      candidate (sums from ms_coarse_sums_kernel), exactly; the best coarse_topk (sel_winners) are
+ *      kept and the candidates become the regions inside them, so a list may hold TL < T regions.
+ *   2, 3. each ranking query region's top T (TL), its list rank by rank:
  *      screened (at least SEL_SCREEN_MIN ranking regions, T <= SEL_SCREEN_TMAX; sel_screen): SEL_SR
  *      regions at a time against tiles of 8 candidates on tensor cores (mma.sync m16n8k16, bf16x3:
  *      about fp32 accuracy), each score bounded from below and above; a limit that T candidates
@@ -75,6 +78,7 @@ static_assert(SEL_QR * sizeof(uint64_t) >= SEL_SR * sizeof(float), "the screen's
 
 struct SelDims {
     int64_t N, Nq, D, T, hg, span, NK, NA, a0, G, g0, BH;
+    int64_t NC, CT; /* multi-scale: coarse regions, and the most a group keeps (0, 0 without) */
     int block_q, block_k, merge;
 };
 
@@ -89,6 +93,8 @@ __host__ __device__ static inline SelDims sel_dims(const msattn_select_params &p
     d.G = msattn_num_groups(p.N, p.Nq, d.span);
     d.g0 = msattn_first_group(p.N, p.Nq, d.span);
     d.BH = (int64_t)p.B * p.Hkv;
+    d.NC = p.coarse_regions > 0 ? msattn_cdiv(d.NK, p.coarse_regions) : 0;
+    d.CT = msattn_min64(p.coarse_topk, d.NC);
     return d;
 }
 
@@ -105,8 +111,9 @@ struct SelSlot {
     int32_t *alist;    /* (merge)     ranking query regions (index into qbar, a - a0), ascending */
     int32_t *lists;    /* (merge, T)  each ranking region's top T, as candidate indices, by rank */
     uint64_t *keys;    /* (SEL_QR, NK) order keys of the scores of the regions being ranked */
-    uint64_t *wkey;    /* (P2T)       the winners of one region, then sorted: keys */
-    int32_t *wc;       /* (P2T)       ... and their candidate indices */
+    uint64_t *wkey;    /* (W)         the winners of one region, then sorted: keys; W = max(P2T, CT) */
+    int32_t *wc;       /* (W)         ... and their candidate indices (multi-scale: then the kept coarse regions) */
+    int32_t *ccand;    /* (NC)        multi-scale: the group's coarse candidates, ascending */
     uint32_t *cls;     /* (SEL_SR, T) the screen: per region, the largest lower bound of the candidates c = i (mod T) */
     int32_t *sid;      /* (8, SEL_SURV) each warp's survivors of one region, ascending candidate indices */
     uint64_t *skey;    /* (8, SEL_SURV) ... and the order keys of their exact scores */
@@ -116,15 +123,15 @@ __host__ __device__ static inline size_t sel_piece(int64_t n, size_t esize) {
     return ((size_t)n * esize + 255) / 256 * 256;
 }
 
-#define SEL_PIECES 10
+#define SEL_PIECES 11
 
 /* offsets of the pieces; returns the slot size */
 __host__ __device__ static inline size_t sel_layout(const SelDims &d, size_t off[SEL_PIECES]) {
-    const int64_t p2t = sel_pow2_at_least(d.T), nw = SEL_THREADS / 32;
+    const int64_t W = msattn_max64(sel_pow2_at_least(d.T), d.CT), nw = SEL_THREADS / 32;
     const size_t sz[SEL_PIECES] = {sel_piece(d.NK, 4), sel_piece(d.NK, 4), sel_piece(d.merge, 4),
                                    sel_piece((int64_t)d.merge * d.T, 4), sel_piece((int64_t)SEL_QR * d.NK, 8),
-                                   sel_piece(p2t, 8), sel_piece(p2t, 4), sel_piece((int64_t)SEL_SR * d.T, 4), sel_piece(nw * SEL_SURV, 4),
-                                   sel_piece(nw * SEL_SURV, 8)};
+                                   sel_piece(W, 8), sel_piece(W, 4), sel_piece((int64_t)SEL_SR * d.T, 4), sel_piece(nw * SEL_SURV, 4),
+                                   sel_piece(nw * SEL_SURV, 8), sel_piece(d.NC, 4)};
     size_t total = 0;
     for (int i = 0; i < SEL_PIECES; ++i) {
         off[i] = total;
@@ -147,6 +154,7 @@ __device__ static inline SelSlot sel_slot(const SelDims &d, char *base) {
     s.cls = (uint32_t *)(base + off[7]);
     s.sid = (int32_t *)(base + off[8]);
     s.skey = (uint64_t *)(base + off[9]);
+    s.ccand = (int32_t *)(base + off[10]);
     return s;
 }
 
@@ -240,13 +248,34 @@ __global__ void ms_region_sums_append_kernel(const msattn_region_sums s, const m
     if (threadIdx.x == 0) *count = before + added;
 }
 
+/* grid: B * Hkv * NC blocks, a thread per dim. Multi-scale: coarse region J's sum, its regions' float sums
+ * added in double in ascending order and rounded to float once, and its count (the CPU's order) */
+__global__ void ms_coarse_sums_kernel(const msattn_select_params p) {
+    const SelDims d = sel_dims(p);
+    const int64_t S = p.coarse_regions, w = blockIdx.x, J = w % d.NC, bh = w / d.NC, b = bh / p.Hkv, h = bh % p.Hkv;
+    const float *sum = p.ksum.sum + b * p.ksum.sum_sb + h * p.ksum.sum_sh;
+    const int32_t *count = p.ksum.count + b * p.ksum.count_sb + h * p.ksum.count_sh;
+    const int64_t j1 = msattn_min64((J + 1) * S, d.NK);
+    for (int64_t dd = threadIdx.x; dd < d.D; dd += blockDim.x) {
+        double acc = 0.0;
+        for (int64_t j = J * S; j < j1; ++j)
+            if (count[j] > 0) acc = __dadd_rn(acc, (double)sum[j * d.D + dd]);
+        p.csum.sum[b * p.csum.sum_sb + h * p.csum.sum_sh + J * d.D + dd] = __double2float_rn(acc);
+    }
+    if (threadIdx.x == 0) {
+        int64_t n = 0;
+        for (int64_t j = J * S; j < j1; ++j) n += count[j];
+        p.csum.count[b * p.csum.count_sb + h * p.csum.count_sh + J] = (int32_t)n;
+    }
+}
+
 // ----------------------------------------------------------------------------------------------
 // pass 2 helpers: exact top T of one query region, and the bitonic sort of its winners
 
-/* keys (nc): order keys of one region's scores, nc > T. Writes lists[l*T + r] = the candidate of
- * rank r and lowers firstpos of each to its walk position r*nl + l. Every thread must call. */
-__device__ static void sel_top_list(const uint64_t *keys, int nc, int T, int p2t, int l, int nl, const SelSlot &s,
-                                    int *hist, int *red, int *misc) {
+/* keys (nc): order keys, nc >= T. Writes the top T (key desc, index asc) to wkey / wc in index order.
+ * Every thread must call. */
+__device__ static void sel_winners(const uint64_t *keys, int nc, int T, const SelSlot &s, int *hist, int *red,
+                                   int *misc) {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
 
     // radix select, most significant byte first: after the pass at `shift`, prefix holds the top
@@ -315,7 +344,16 @@ __device__ static void sel_top_list(const uint64_t *keys, int nc, int T, int p2t
         neq += teq;
         nwin += twin;
     }
-    // nwin == T; pad to a power of two with entries that rank after every real one
+    __syncthreads(); /* nwin == T */
+}
+
+/* keys (nc): order keys of one region's scores, nc >= T. Writes lists[l*ld + r] = the candidate of
+ * rank r < T and lowers firstpos of each to its walk position r*nl + l. Every thread must call. */
+__device__ static void sel_top_list(const uint64_t *keys, int nc, int T, int ld, int l, int nl, const SelSlot &s,
+                                    int *hist, int *red, int *misc) {
+    const int tid = threadIdx.x, p2t = (int)sel_pow2_at_least(T);
+    sel_winners(keys, nc, T, s, hist, red, misc);
+    // pad to a power of two with entries that rank after every real one
     for (int i = T + tid; i < p2t; i += blockDim.x) {
         s.wkey[i] = 0;
         s.wc[i] = INT_MAX;
@@ -342,7 +380,7 @@ __device__ static void sel_top_list(const uint64_t *keys, int nc, int T, int p2t
     }
     for (int r = tid; r < T; r += blockDim.x) {
         const int c = s.wc[r];
-        s.lists[(int64_t)l * T + r] = c;
+        s.lists[(int64_t)l * ld + r] = c;
         atomicMin(&s.firstpos[c], r * nl + l);
     }
     __syncthreads();
@@ -375,7 +413,8 @@ __device__ __forceinline__ double sel_warp_sum_f64(double x) {
     return x;
 }
 
-/* The top lists of the ranking regions l0 .. l0 + nr - 1 (nr <= SEL_SR), screened. Every thread must call.
+/* The top T lists (row stride ld) of the ranking regions l0 .. l0 + nr - 1 (nr <= SEL_SR), screened, nc >= T.
+ * Every thread must call.
  *  1. Tensor cores score the regions' means against every candidate's sum in bf16x3 (both split into bf16
  *     parts hi + lo; q_hi k_hi + q_lo k_hi + q_hi k_lo, fp32 accumulators), and bound each exact score:
  *     f = acc / count, e = qbound * kscale + qabs / count, exact in [f - e, f + e] (the margin below),
@@ -399,7 +438,7 @@ __device__ __forceinline__ double sel_warp_sum_f64(double x) {
  * may flush to zero (tensor cores, and --use_fast_math's ftz): at most 2^-126 an element or addition,
  * covered by 2^-100 sqrt(dp) in qbound and qabs = 2^-90 (sqrt(dp) |q| + dp), far above them. */
 __device__ static void sel_screen(const SelSlot &s, const double *qbar, const float *ksum, const int32_t *kcount,
-                                  int nc, int64_t NK, int D, int d8, int T, int l0, int nr, int nl,
+                                  int nc, int64_t NK, int D, int d8, int T, int ld, int l0, int nr, int nl,
                                   uint16_t (*q16)[SEL_SR][SEL_QLD], float *qbound, float *qabs, unsigned *overflow) {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nw = blockDim.x >> 5;
     const int dp = (D + 15) & ~15; /* the products' dims: D rounded up to the mma's 16, zeros past D */
@@ -526,7 +565,7 @@ __device__ static void sel_screen(const SelSlot &s, const double *qbar, const fl
             }
             if (rank < T) {
                 const int c = sid[i];
-                s.lists[(int64_t)l * T + rank] = c;
+                s.lists[(int64_t)l * ld + rank] = c;
                 atomicMin(&s.firstpos[c], rank * nl + l);
             }
         }
@@ -554,7 +593,7 @@ __global__ void __launch_bounds__(SEL_THREADS, 1) ms_select_kernel(const msattn_
     __shared__ unsigned overflow[1];                 /* ... and its regions with too many survivors */
     const SelDims d = sel_dims(p);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int T = (int)d.T, p2t = (int)sel_pow2_at_least(d.T);
+    const int T = (int)d.T;
     const SelSlot s = sel_slot(d, (char *)p.cuda_scratch + (size_t)blockIdx.x * slot_bytes);
     const int64_t items = d.BH * d.G;
 
@@ -595,39 +634,25 @@ __global__ void __launch_bounds__(SEL_THREADS, 1) ms_select_kernel(const msattn_
             if (flag) s.alist[nl + pos] = (int32_t)(a - d.a0);
             nl += total;
         }
-        // the local regions (msattn_local_regions) come before the walk: walk position -1
-        const msattn_range loc = msattn_local_regions(ga, d.span, p.block_k, p.local);
-        int nloc = 0;
-        for (int64_t j = loc.begin; j < loc.end; ++j) nloc += kcount[j] > 0;
-        for (int c = tid; c < nc; c += blockDim.x)
-            s.firstpos[c] = s.cand[c] >= loc.begin && s.cand[c] < loc.end ? -1 : INT_MAX;
-        __syncthreads();
         if (nl == 0) { /* no valid query in the group: nothing ranks, nothing is selected */
             for (int i = tid; i < T; i += blockDim.x) out[i] = -1;
             continue;
         }
-
-        // 3. each ranking region's top T: screened on tensor cores SEL_SR regions at a time where
-        // enough regions rank (survivors scored exactly), else every candidate scored exactly
         const int d8 = ((int)d.D + 7) & ~7; /* D rounded up to the eight partials; dims D..d8-1 are zeros */
         const double *qbar = p.qbar + bh * d.NA * d.D;
 
-        /* exact scores of the regions rows[0..nr) (list indices, nr <= SEL_QR: a warp each) against
-           every candidate, then each region's top list. Every thread must call. */
-        auto exact_rows = [&](const int *rows, int nr) {
-            for (int e = tid; e < SEL_QR * d8; e += blockDim.x) { /* zero from D to d8: the padding */
-                const int r = e / d8, dd = e % d8;
-                qs[r][dd] = r < nr && dd < d.D ? qbar[(int64_t)s.alist[rows[r]] * d.D + dd] : 0.0;
-            }
+        /* exact scores of qs rows [0, nr) (staged by the caller, zeros from D to d8; a warp each) against
+           the sums of list[0..n), into rows [0, nr) of the keys. Every thread must call. */
+        auto score_rows = [&](int nr, const float *sums, const int32_t *counts, const int32_t *list, int n) {
             const bool scoring = warp < nr; /* warp-uniform */
-            for (int c0 = 0; c0 < nc; c0 += SEL_CT) {
+            for (int c0 = 0; c0 < n; c0 += SEL_CT) {
                 // the CPU's score_block: eight partials (dim d into partial d % 8), then a fixed tree
                 double part[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
                 for (int d0 = 0; d0 < d8; d0 += SEL_DC) {
                     __syncthreads(); /* the previous chunk is consumed (and qs is staged) */
                     for (int e = tid; e < SEL_CT * SEL_DC; e += blockDim.x) {
                         const int r = e / SEL_DC, dd = e % SEL_DC, c = c0 + r;
-                        kt[r][dd] = c < nc && d0 + dd < d.D ? (double)ksum[(int64_t)s.cand[c] * d.D + d0 + dd] : 0.0;
+                        kt[r][dd] = c < n && d0 + dd < d.D ? (double)sums[(int64_t)list[c] * d.D + d0 + dd] : 0.0;
                     }
                     __syncthreads();
                     if (scoring) {
@@ -643,18 +668,96 @@ __global__ void __launch_bounds__(SEL_THREADS, 1) ms_select_kernel(const msattn_
                     }
                 }
                 const int c = c0 + lane;
-                if (scoring && c < nc) {
+                if (scoring && c < n) {
                     const double dot = __dadd_rn(__dadd_rn(__dadd_rn(part[0], part[1]), __dadd_rn(part[2], part[3])),
                                                  __dadd_rn(__dadd_rn(part[4], part[5]), __dadd_rn(part[6], part[7])));
-                    s.keys[(int64_t)warp * d.NK + c] = sel_order_key(__ddiv_rn(dot, (double)kcount[s.cand[c]]));
+                    s.keys[(int64_t)warp * d.NK + c] = sel_order_key(__ddiv_rn(dot, (double)counts[list[c]]));
                 }
             }
             __syncthreads();
-            for (int r = 0; r < nr; ++r)
-                sel_top_list(s.keys + (int64_t)r * d.NK, nc, T, p2t, rows[r], nl, s, hist, red, misc);
         };
 
-        if (nl < SEL_SCREEN_MIN || T > SEL_SCREEN_TMAX) {
+        // 2b. multi-scale: the group ranks the coarse regions holding one of its candidates by its mean
+        // query (its ranking regions' means added in order, / nl), keeps the best coarse_topk, and its
+        // regions rank only the candidates inside them: TL = min(T, their number) a list
+        int TL = T;
+        if (p.coarse_regions > 0) {
+            const int64_t S = p.coarse_regions, limit = p.causal ? ga * d.span / p.block_k : d.NK;
+            const msattn_range own = msattn_group_own_regions(ga, d.span, p.block_k, d.N);
+            const float *csum = p.csum.sum + b * p.csum.sum_sb + h * p.csum.sum_sh;
+            const int32_t *ccount = p.csum.count + b * p.csum.count_sb + h * p.csum.count_sh;
+            for (int dd = tid; dd < d8; dd += blockDim.x) {
+                double acc = 0.0;
+                for (int i = 0; i < nl && dd < d.D; ++i) acc = __dadd_rn(acc, qbar[(int64_t)s.alist[i] * d.D + dd]);
+                qs[0][dd] = dd < d.D ? __ddiv_rn(acc, (double)nl) : 0.0;
+            }
+            int ncc = 0;
+            for (int64_t J0 = 0; J0 < d.NC; J0 += blockDim.x) {
+                const int64_t J = J0 + tid, lo = J * S, hi = msattn_min64(lo + S, d.NK);
+                int holds = 0;
+                if (J < d.NC && lo < limit) {
+                    if (hi <= limit && (p.causal || hi <= own.begin || lo >= own.end)) {
+                        holds = ccount[J] > 0; /* every region of J is a candidate position */
+                    } else {
+                        for (int64_t j = lo; j < hi && !holds; ++j)
+                            holds = kcount[j] > 0 && msattn_is_candidate(j, ga, d.span, p.block_k, d.N, p.causal);
+                    }
+                }
+                int total;
+                const int pos = ms_block_excl_scan(holds, &total, red);
+                if (holds) s.ccand[ncc + pos] = (int32_t)J;
+                ncc += total;
+            }
+            __syncthreads();
+            const int ct = (int)msattn_min64(p.coarse_topk, ncc);
+            const int32_t *kept = s.ccand; /* ascending */
+            if (ncc > ct) {
+                score_rows(1, csum, ccount, s.ccand, ncc);
+                sel_winners(s.keys, ncc, ct, s, hist, red, misc); /* wc: the winners' indices, ascending */
+                for (int i = tid; i < ct; i += blockDim.x) s.wc[i] = s.ccand[s.wc[i]];
+                __syncthreads();
+                kept = s.wc;
+            }
+            nc = 0;
+            for (int64_t x0 = 0; x0 < (int64_t)ct * S; x0 += blockDim.x) {
+                const int64_t x = x0 + tid, j = x < (int64_t)ct * S ? (int64_t)kept[x / S] * S + x % S : d.NK;
+                const int flag = j < d.NK && kcount[j] > 0 &&
+                                 msattn_is_candidate(j, ga, d.span, p.block_k, d.N, p.causal);
+                int total;
+                const int pos = ms_block_excl_scan(flag, &total, red);
+                if (flag) s.cand[nc + pos] = (int32_t)j;
+                nc += total;
+            }
+            __syncthreads();
+            TL = (int)msattn_min64(T, nc);
+        }
+
+        // the local regions (msattn_local_regions) come before the walk: walk position -1 (multi-scale:
+        // those among the ranked candidates; step 5 adds every valid one)
+        const msattn_range loc = msattn_local_regions(ga, d.span, p.block_k, p.local);
+        int nloc = 0;
+        for (int64_t j = loc.begin; j < loc.end; ++j) nloc += kcount[j] > 0;
+        for (int c = tid; c < nc; c += blockDim.x)
+            s.firstpos[c] = s.cand[c] >= loc.begin && s.cand[c] < loc.end ? -1 : INT_MAX;
+        __syncthreads();
+
+        // 3. each ranking region's top TL: screened on tensor cores SEL_SR regions at a time where
+        // enough regions rank (survivors scored exactly), else every candidate scored exactly
+
+        /* the exact way for the regions rows[0..nr) (list indices, nr <= SEL_QR). Every thread must call. */
+        auto exact_rows = [&](const int *rows, int nr) {
+            for (int e = tid; e < SEL_QR * d8; e += blockDim.x) { /* zero from D to d8: the padding */
+                const int r = e / d8, dd = e % d8;
+                qs[r][dd] = r < nr && dd < d.D ? qbar[(int64_t)s.alist[rows[r]] * d.D + dd] : 0.0;
+            }
+            score_rows(nr, ksum, kcount, s.cand, nc);
+            for (int r = 0; r < nr; ++r)
+                sel_top_list(s.keys + (int64_t)r * d.NK, nc, TL, T, rows[r], nl, s, hist, red, misc);
+        };
+
+        if (TL == 0) {
+            /* multi-scale left no candidate: every list empty */
+        } else if (nl < SEL_SCREEN_MIN || TL > SEL_SCREEN_TMAX) {
             for (int l0 = 0; l0 < nl; l0 += SEL_QR) {
                 const int nr = (int)msattn_min64(SEL_QR, nl - l0);
                 if (tid < SEL_QR) rows[tid] = l0 + tid;
@@ -664,7 +767,8 @@ __global__ void __launch_bounds__(SEL_THREADS, 1) ms_select_kernel(const msattn_
         } else {
             for (int l0 = 0; l0 < nl; l0 += SEL_SR) {
                 const int nr = (int)msattn_min64(SEL_SR, nl - l0);
-                sel_screen(s, qbar, ksum, kcount, nc, d.NK, (int)d.D, d8, T, l0, nr, nl, q16, qbound, qabs, overflow);
+                sel_screen(s, qbar, ksum, kcount, nc, d.NK, (int)d.D, d8, TL, T, l0, nr, nl, q16, qbound, qabs,
+                           overflow);
                 // regions with more survivors than a warp ranks: every candidate scored exactly (rare:
                 // near-ties by the thousand)
                 unsigned ov = *overflow; /* sel_screen ends with a barrier */
@@ -678,6 +782,9 @@ __global__ void __launch_bounds__(SEL_THREADS, 1) ms_select_kernel(const msattn_
                 }
             }
         }
+        for (int64_t e = tid; e < (int64_t)nl * (T - TL); e += blockDim.x) /* short lists end in -1 */
+            s.lists[(e / (T - TL)) * T + TL + e % (T - TL)] = -1;
+        __syncthreads();
 
         // 4. the walk position where the (T - nloc)-th distinct region not local appears (-1: none
         // needed, the local regions fill the set)
@@ -691,7 +798,8 @@ __global__ void __launch_bounds__(SEL_THREADS, 1) ms_select_kernel(const msattn_
             int fresh = 0;
             if (x < npos) {
                 const int64_t r = x / nl, l = x % nl;
-                fresh = s.firstpos[s.lists[l * T + r]] == (int)x;
+                const int c = s.lists[l * T + r]; /* -1: past a short list's end */
+                fresh = c >= 0 && s.firstpos[c] == (int)x;
             }
             int total;
             const int before = ms_block_excl_scan(fresh, &total, red);
@@ -701,17 +809,28 @@ __global__ void __launch_bounds__(SEL_THREADS, 1) ms_select_kernel(const msattn_
         __syncthreads();
         const int pT = misc[2];
 
-        // 5. the chosen candidates, ascending
+        // 5. the chosen regions, ascending: the ranked candidates the walk reached before pT, with the
+        // valid local regions (which multi-scale may not have among its candidates) in their place
+        int below = 0; /* chosen ranked candidates below the local regions */
+        for (int c0 = 0; c0 < nc; c0 += blockDim.x) {
+            const int c = c0 + tid;
+            below += ms_block_sum_int(c < nc && s.cand[c] < loc.begin && s.firstpos[c] != INT_MAX &&
+                                      s.firstpos[c] <= pT, red);
+        }
         int n = 0;
         for (int c0 = 0; c0 < nc; c0 += blockDim.x) {
             const int c = c0 + tid;
-            const int flag = c < nc && s.firstpos[c] != INT_MAX && s.firstpos[c] <= pT;
+            const int flag = c < nc && s.firstpos[c] != INT_MAX && s.firstpos[c] <= pT &&
+                             !(s.cand[c] >= loc.begin && s.cand[c] < loc.end);
             int total;
             const int pos = ms_block_excl_scan(flag, &total, red);
-            if (flag) out[n + pos] = s.cand[c];
+            if (flag) out[n + pos + (s.cand[c] >= loc.end ? nloc : 0)] = s.cand[c];
             n += total;
         }
-        for (int i = n + tid; i < T; i += blockDim.x) out[i] = -1;
+        if (tid == 0)
+            for (int64_t j = loc.begin, i = below; j < loc.end; ++j)
+                if (kcount[j] > 0) out[i++] = (int32_t)j;
+        for (int i = n + nloc + tid; i < T; i += blockDim.x) out[i] = -1;
     }
 }
 
@@ -745,6 +864,17 @@ int msattn_region_sums_append_cuda(msattn_region_sums s, msattn_view k, msattn_d
     const int threads = (int)msattn_min64(256, ms_round_up(D, 32));
     ms_region_sums_append_kernel<<<(unsigned)blocks, threads, 0, (cudaStream_t)stream>>>(
         s, k, dtype, mask, mask_sb, Hkv, D, block_k, t0, t1, j0, nr);
+    return ms_launch_status();
+}
+
+int msattn_coarse_sums_cuda(const msattn_select_params *p, void *stream) {
+    if (p->D < 1 || p->Hkv < 1 || p->coarse_regions < 1) return MSATTN_ERR_ARG;
+    const SelDims d = sel_dims(*p);
+    const int64_t blocks = d.BH * d.NC;
+    if (blocks == 0) return MSATTN_OK;
+    if (blocks > INT_MAX) return MSATTN_ERR_ARG;
+    const int threads = (int)msattn_min64(256, ms_round_up(d.D, 32));
+    ms_coarse_sums_kernel<<<(unsigned)blocks, threads, 0, (cudaStream_t)stream>>>(*p);
     return ms_launch_status();
 }
 

@@ -65,7 +65,8 @@ at::Tensor ms_select_one(const at::Tensor &q,                            // (B, 
                           const c10::optional<at::Tensor> &key_sums,      // float32 (B, Hkv, >= NK, D)
                           const c10::optional<at::Tensor> &key_counts,    // int32 (B, Hkv, >= NK)
                           int64_t block_q, int64_t block_k, int64_t merge, int64_t topk, bool causal,
-                          int64_t local) {  // the regions before the group taken first
+                          int64_t local,    // the regions before the group taken first
+                          int64_t coarse_regions, int64_t coarse_topk) {  // multi-scale (0, 0: exact)
     check_qkv(q, k, nullptr);
     check_blocks(block_q, block_k, merge, topk);
     check_local(local, topk);
@@ -95,12 +96,19 @@ at::Tensor ms_select_one(const at::Tensor &q,                            // (B, 
     p.block_q = (int)block_q; p.block_k = (int)block_k; p.merge = (int)merge; p.topk = (int)topk;
     p.causal = causal;
     p.local = (int)local;
+    p.coarse_regions = (int)coarse_regions;
+    p.coarse_topk = (int)coarse_topk;
     p.dtype = dtype_of(q);
     p.q = view_of(q);
     p.k = view_of(k);
     p.key_mask = mask_data(mask);
     p.mask_sb = mask_stride(mask);
     p.ksum = sums_view(sums, counts, k, NK, "ms_select");
+    const int64_t NC = coarse_regions > 0 ? msattn_cdiv(NK, coarse_regions) : 0;
+    at::Tensor csums = at::empty({B, Hkv, NC, D}, q.options().dtype(at::kFloat));  // (B, Hkv, NC, D)
+    at::Tensor ccounts = at::empty({B, Hkv, NC}, q.options().dtype(at::kInt));     // (B, Hkv, NC)
+    p.csum = msattn_region_sums{csums.data_ptr<float>(), csums.stride(0), csums.stride(1), ccounts.data_ptr<int32_t>(),
+                                ccounts.stride(0), ccounts.stride(1)};
     p.sums_given = key_sums.has_value();
     p.qbar = qbar.data_ptr<double>();
     p.qcount = qcount.data_ptr<int32_t>();
@@ -116,6 +124,7 @@ at::Tensor ms_select_one(const at::Tensor &q,                            // (B, 
     p.cuda_slots = (int)slots;
 
     check_status(msattn_region_means_cuda(&p, stream_of()), "ms_select (region means)");
+    if (NC > 0) check_status(msattn_coarse_sums_cuda(&p, stream_of()), "ms_select (coarse sums)");
     check_status(msattn_select_cuda(&p, stream_of()), "ms_select");
     return index;
 }
@@ -127,12 +136,10 @@ at::Tensor ms_select_cuda(const at::Tensor &q, const at::Tensor &k, const c10::o
                          const c10::optional<at::Tensor> &cu_seqlens_q,    // int32 (S + 1), packed.h
                          const c10::optional<at::Tensor> &cu_seqlens_k) {  // int32 (S + 1)
     check_coarse(coarse_regions, coarse_topk);
-    TORCH_CHECK(coarse_regions == 0, "msattn: ms_select: multi-scale selection (coarse_regions > 0) runs on the CPU "
-                "only for now; select on the CPU (the index is the same on every device) or use coarse_regions=0");
     return select_maybe_packed(cu_seqlens_q, cu_seqlens_k, q, k, mask, key_sums, key_counts,
                                [&](auto q_s, auto k_s, auto mask_s, auto sums_s, auto counts_s) {
                                    return ms_select_one(q_s, k_s, mask_s, sums_s, counts_s, block_q, block_k, merge,
-                                                        topk, causal, local);
+                                                        topk, causal, local, coarse_regions, coarse_topk);
                                });
 }
 
