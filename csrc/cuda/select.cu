@@ -606,18 +606,25 @@ __global__ void __launch_bounds__(SEL_THREADS, 1) ms_select_kernel(const msattn_
         const int32_t *kcount = p.ksum.count + b * p.ksum.count_sb + h * p.ksum.count_sh;
         const float *ksum = p.ksum.sum + b * p.ksum.sum_sb + h * p.ksum.sum_sh;
 
+        /* the group's candidates among the regions region(x), x < n ascending, into s.cand (in that order);
+           returns their number. Every thread must call. */
+        auto gather = [&](int64_t n, auto region) {
+            int m = 0;
+            for (int64_t x0 = 0; x0 < n; x0 += blockDim.x) {
+                const int64_t x = x0 + tid, j = x < n ? region(x) : d.NK;
+                const int flag = j < d.NK && kcount[j] > 0 &&
+                                 msattn_is_candidate(j, ga, d.span, p.block_k, d.N, p.causal);
+                int total;
+                const int pos = ms_block_excl_scan(flag, &total, red);
+                if (flag) s.cand[m + pos] = (int32_t)j;
+                m += total;
+            }
+            __syncthreads();
+            return m;
+        };
+
         // 1. candidates, ascending
-        int nc = 0;
-        for (int64_t j0 = 0; j0 < d.NK; j0 += blockDim.x) {
-            const int64_t j = j0 + tid;
-            const int flag = j < d.NK && kcount[j] > 0 &&
-                             msattn_is_candidate(j, ga, d.span, p.block_k, d.N, p.causal);
-            int total;
-            const int pos = ms_block_excl_scan(flag, &total, red);
-            if (flag) s.cand[nc + pos] = (int32_t)j;
-            nc += total;
-        }
-        __syncthreads();
+        int nc = gather(d.NK, [](int64_t x) { return x; });
         if (nc <= T) { /* few enough: take them all (dense) */
             for (int i = tid; i < T; i += blockDim.x) out[i] = i < nc ? s.cand[i] : -1;
             continue;
@@ -718,17 +725,7 @@ __global__ void __launch_bounds__(SEL_THREADS, 1) ms_select_kernel(const msattn_
                 __syncthreads();
                 kept = s.wc;
             }
-            nc = 0;
-            for (int64_t x0 = 0; x0 < (int64_t)ct * S; x0 += blockDim.x) {
-                const int64_t x = x0 + tid, j = x < (int64_t)ct * S ? (int64_t)kept[x / S] * S + x % S : d.NK;
-                const int flag = j < d.NK && kcount[j] > 0 &&
-                                 msattn_is_candidate(j, ga, d.span, p.block_k, d.N, p.causal);
-                int total;
-                const int pos = ms_block_excl_scan(flag, &total, red);
-                if (flag) s.cand[nc + pos] = (int32_t)j;
-                nc += total;
-            }
-            __syncthreads();
+            nc = gather((int64_t)ct * S, [&](int64_t x) { return (int64_t)kept[x / S] * S + x % S; });
             TL = (int)msattn_min64(T, nc);
         }
 
