@@ -213,13 +213,15 @@ def test_select_dtypes_match_cpu(dtype):
 
 
 @needs_gpu
-def test_select_with_region_sums_given():
-    # a cache's sums (float64 (B, Hkv, NKcap, D), int32 counts), here computed on the CPU
+@pytest.mark.parametrize("coarse", [(0, 0), (2, 1)], ids=["exact", "multi-scale"])
+def test_select_with_region_sums_given(coarse):
+    # a cache's sums (float64 (B, Hkv, NKcap, D), int32 counts), here computed on the CPU; multi-scale
+    # takes its coarse sums from them (a decode step's path)
     q, k, _, _ = _tensors(1, 4, 2, 96, 20, 16)
     NK = 96 // 8
     sums = k.view(1, 2, NK, 8, 16).sum(3)  # float32, like a cache's; both devices get the same sums
     counts = torch.full((1, 2, NK), 8, dtype=torch.int32)
-    params = (4, 8, 4, 3, True)
+    params = (4, 8, 4, 3, True, 0, *coarse)
     want = _select_cpu_scalar(q, k, None, *params, sums=sums, counts=counts)
     got = ops.ms_select(*_cuda(q, k), None, *_cuda(sums, counts), *params)
     torch.testing.assert_close(got.cpu(), want, rtol=0, atol=0)
