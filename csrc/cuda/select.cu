@@ -109,8 +109,9 @@ struct SelSlot {
     int32_t *cand;     /* (NK)        candidate regions of the item, ascending */
     int32_t *firstpos; /* (NK)        first walk position of candidate c, INT_MAX: never listed */
     int32_t *alist;    /* (merge)     ranking query regions (index into qbar, a - a0), ascending */
-    int32_t *lists;    /* (merge, T)  each ranking region's top T, as candidate indices, by rank */
-    uint64_t *keys;    /* (SEL_QR, NK) order keys of the scores of the regions being ranked */
+    int32_t *lists;    /* (merge, T)  each ranking region's top T (TL, then -1), as candidate indices, by rank */
+    uint64_t *keys;    /* (SEL_QR, NK) order keys of the scores of the regions being ranked (the screen:
+                          its (SEL_SR, NK) float upper bounds) */
     uint64_t *wkey;    /* (W)         the winners of one region, then sorted: keys; W = max(P2T, CT) */
     int32_t *wc;       /* (W)         ... and their candidate indices (multi-scale: then the kept coarse regions) */
     int32_t *ccand;    /* (NC)        multi-scale: the group's coarse candidates, ascending */
