@@ -76,6 +76,13 @@ __device__ __forceinline__ uint16_t ms_to16(float x) {
     else return __half_as_ushort(__float2half_rn(x));
 }
 
+/* a 16-bit element (the low 16 bits of x) as float: exact */
+template <bool BF16>
+__device__ __forceinline__ float ms_from16(uint32_t x) {
+    if constexpr (BF16) return __uint_as_float(x << 16);
+    else return __half2float(__ushort_as_half((unsigned short)x));
+}
+
 template <bool BF16>
 __device__ __forceinline__ uint32_t ms_pack16(float lo, float hi) {
     return (uint32_t)ms_to16<BF16>(lo) | ((uint32_t)ms_to16<BF16>(hi) << 16);
@@ -113,6 +120,13 @@ __device__ __forceinline__ void ms_frag_a(uint32_t *a, const uint16_t *t, int ld
 __device__ __forceinline__ float ms_warp_sum(float x) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(MS_FULL_MASK, x, o);
+    return x;
+}
+
+/* the double sum, every addition rounded to nearest (nothing contracted) */
+__device__ __forceinline__ double ms_warp_sum_f64(double x) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) x = __dadd_rn(x, __shfl_xor_sync(MS_FULL_MASK, x, o));
     return x;
 }
 

@@ -360,12 +360,6 @@ __device__ __forceinline__ void ms_frag_a_of(uint32_t *a, const float *c0, const
     a[3] = ms_pack16<BF16>(c1[2], c1[3]);
 }
 
-template <bool BF16>
-__device__ __forceinline__ float ms_from16(uint32_t x) {
-    if constexpr (BF16) return __uint_as_float(x << 16);
-    else return __half2float(__ushort_as_half((unsigned short)x));
-}
-
 /* 8 16-bit elements from a uint4, as floats */
 template <bool BF16>
 __device__ __forceinline__ void ms_unpack8(float *x, uint4 u) {

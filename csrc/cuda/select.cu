@@ -400,18 +400,10 @@ __device__ __forceinline__ float sel_fkey_inv(uint32_t k) {
     return __uint_as_float((k >> 31) ? (k & 0x7fffffffu) : ~k);
 }
 
-__device__ __forceinline__ float sel_bf16_value(uint16_t h) { return __uint_as_float((uint32_t)h << 16); }
-
 /* x = hi + lo + r, hi = bf16(x), lo = bf16(x - hi), |r| <= 2^-16 |x| (subnormal parts may flush: qabs) */
 __device__ __forceinline__ void sel_split(float x, uint16_t *hi, uint16_t *lo) {
     *hi = ms_to16<true>(x);
-    *lo = ms_to16<true>(__fsub_rn(x, sel_bf16_value(*hi)));
-}
-
-__device__ __forceinline__ double sel_warp_sum_f64(double x) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) x = __dadd_rn(x, __shfl_xor_sync(MS_FULL_MASK, x, o));
-    return x;
+    *lo = ms_to16<true>(__fsub_rn(x, ms_from16<true>(*hi)));
 }
 
 /* The top T lists (row stride ld) of the ranking regions l0 .. l0 + nr - 1 (nr <= SEL_SR), screened, nc >= T.
@@ -454,7 +446,7 @@ __device__ static void sel_screen(const SelSlot &s, const double *qbar, const fl
         const double *qr = qbar + (int64_t)s.alist[l0 + r] * D;
         double ss = 0.0;
         for (int dd = lane; dd < D; dd += 32) ss = __fma_rn(qr[dd], qr[dd], ss);
-        ss = sel_warp_sum_f64(ss);
+        ss = ms_warp_sum_f64(ss);
         if (lane == 0) {
             const double qn = sqrt(ss), rd = sqrt((double)dp), m = 3.0 * (dp / 16);
             const double gamma = 3.2 * 0x1p-16 + (18.4 * m + 4.0) * 0x1p-23;
@@ -809,17 +801,12 @@ __global__ void __launch_bounds__(SEL_THREADS, 1) ms_select_kernel(const msattn_
 
         // 5. the chosen regions, ascending: the ranked candidates the walk reached before pT, with the
         // valid local regions (which multi-scale may not have among its candidates) in their place
-        int below = 0; /* chosen ranked candidates below the local regions */
-        for (int c0 = 0; c0 < nc; c0 += blockDim.x) {
-            const int c = c0 + tid;
-            below += ms_block_sum_int(c < nc && s.cand[c] < loc.begin && s.firstpos[c] != INT_MAX &&
-                                      s.firstpos[c] <= pT, red);
-        }
-        int n = 0;
+        int n = 0, below = 0; /* chosen ranked candidates; those below the local regions */
         for (int c0 = 0; c0 < nc; c0 += blockDim.x) {
             const int c = c0 + tid;
             const int flag = c < nc && s.firstpos[c] != INT_MAX && s.firstpos[c] <= pT &&
                              !(s.cand[c] >= loc.begin && s.cand[c] < loc.end);
+            below += ms_block_sum_int(flag && s.cand[c] < loc.begin, red);
             int total;
             const int pos = ms_block_excl_scan(flag, &total, red);
             if (flag) out[n + pos + (s.cand[c] >= loc.end ? nloc : 0)] = s.cand[c];
