@@ -114,8 +114,8 @@ inline const uint8_t *mask_data(const at::Tensor &mask) {
 }
 inline int64_t mask_stride(const at::Tensor &mask) { return mask.defined() ? mask.stride(0) : 0; }
 
-// a cache's region sums: float32 (B, Hkv, >= NK, D) and int32 (B, Hkv, >= NK), region and dim
-// unit-strided, on k's device
+// region sums (a cache's, or a workspace such as multi-scale's coarse sums): float32 (B, Hkv, >= NK, D)
+// and int32 (B, Hkv, >= NK), region and dim unit-strided, on k's device
 inline msattn_region_sums sums_view(const at::Tensor &sums, const at::Tensor &counts, const at::Tensor &k, int64_t nk,
                                     const char *who) {
     TORCH_CHECK(sums.scalar_type() == at::kFloat && sums.dim() == 4 && sums.size(0) == k.size(0) &&

@@ -107,8 +107,7 @@ at::Tensor ms_select_one(const at::Tensor &q,                            // (B, 
     const int64_t NC = coarse_regions > 0 ? msattn_cdiv(NK, coarse_regions) : 0;
     at::Tensor csums = at::empty({B, Hkv, NC, D}, q.options().dtype(at::kFloat));  // (B, Hkv, NC, D)
     at::Tensor ccounts = at::empty({B, Hkv, NC}, q.options().dtype(at::kInt));     // (B, Hkv, NC)
-    p.csum = msattn_region_sums{csums.data_ptr<float>(), csums.stride(0), csums.stride(1), ccounts.data_ptr<int32_t>(),
-                                ccounts.stride(0), ccounts.stride(1)};
+    p.csum = sums_view(csums, ccounts, k, NC, "ms_select (coarse sums)");
     p.sums_given = key_sums.has_value();
     p.qbar = qbar.data_ptr<double>();
     p.qcount = qcount.data_ptr<int32_t>();
