@@ -4,10 +4,11 @@ time goes.
 
     python benchmarks/bench_finetune_step.py --model smollm2-135m --seq-len 1024 --items 8 --profile
 
-The model is prepared as the demo's fine-tune prepares it (``msattn.demo.FINETUNE``: MS attention 16/16,
-merge 16, topk 64, local 2, RoPE on the selected tokens; reduced LoRA r 8) in ``--dtype``; the items are
-the first ``--items`` of the demo's data (``text_dataset(..., passkey_share=0.75)``: three in four are
-pass-key prompts with labels on the key only, the others text with every label). Each item is one
+The model gets the attention method and reduced LoRA of the demo's fine-tune (``msattn.demo.FINETUNE``, read
+through ``msattn finetune``'s own parser: MS attention 16/16, merge 16, topk 64, local 2, RoPE on the
+selected tokens; LoRA r 8) in ``--dtype``, but not its CRD NTK rotary (RESULTS' timings were measured
+without it); the items are the first ``--items`` of the demo's data (its ``passkey_share``: three in
+four are pass-key prompts with labels on the key only, the others text with every label). Each item is one
 optimizer step (forward, backward, AdamW at learning rate 0, so the weights stay put), once with each
 collation in turn, after one warm-up step of each. It prints the median seconds a step per collation and
 kind of item, the ratio, and with ``--profile`` one step of each kind and collation under torch.profiler,
@@ -24,9 +25,9 @@ import time
 import torch
 from transformers import default_data_collator
 
-import msattn
 import msattn.lora
-from msattn.eval.loading import Settings, load, prepare
+from msattn import cli, demo
+from msattn.eval.loading import load, prepare
 from msattn.eval.report import markdown_table
 from msattn.models.gguf import resolve
 from msattn.workflow.data import collate_labelled, text_dataset
@@ -52,13 +53,13 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.items < 1:
         ap.error(f"--items must be >= 1, got {args.items}")
+    _, attn, _, lora, recipe, _ = cli.parse("finetune", demo.FINETUNE[1:] + ["--model", args.model])
     torch.manual_seed(0)
     model, tok = load(model=resolve(args.model), dtype=getattr(torch, args.dtype))
-    prepare(model, "ms", Settings(ms=msattn.MSConfig(block_q=16, block_k=16, merge=16, topk=64, local=2,
-                                                     rope="selected")))
-    model = msattn.lora.apply(model, r=8, alpha=16).train()
+    prepare(model, attn.method(None), attn.settings())
+    model = msattn.lora.apply(model, r=lora.lora_r, alpha=lora.lora_alpha).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
-    data = text_dataset(tok, [], args.seq_len, 50 * args.seq_len, passkey_share=0.75, seed=0)
+    data = text_dataset(tok, [], args.seq_len, 50 * args.seq_len, passkey_share=recipe.passkey_share, seed=0)
     # the Trainer's default (the items stacked: logits at every position) and msattn's
     collations = {"every position": default_data_collator, "where a label follows": collate_labelled}
 
